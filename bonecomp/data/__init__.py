@@ -1,0 +1,1 @@
+"""Data layer: layout discovery, annotation parsing, rasterizing, folds, cache, Dataset."""

@@ -1,0 +1,129 @@
+"""Read one competition annotation JSON into polygons keyed by class.
+
+FORMAT.md: polygons are mapped by ``label`` (never by list position); ``filename`` and
+``metadata`` are wrong for the PNG and are ignored; extra keys are tolerated.
+``check_annotation`` lists every problem of a document (the integrity check reports them
+all); ``parse_annotation`` refuses a document that has any.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonecomp.classes import CLASS_TO_INDEX, CLASSES
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be turned into 29 polygons; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Polygons:
+    """The 29 polygons of one image, in class order, as one flat array plus offsets.
+
+    ``points[offsets[c]:offsets[c + 1]]`` is class ``c``'s (n, 2) array of ``x, y`` pixel
+    coordinates in the source frame. One flat array keeps rasterizing vectorised and
+    makes the cache small.
+    """
+
+    points: np.ndarray  # (N, 2) int32
+    offsets: np.ndarray  # (C + 1,) int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, c: int) -> np.ndarray:
+        return self.points[self.offsets[c] : self.offsets[c + 1]]
+
+    @classmethod
+    def from_list(cls, polys: list[np.ndarray]) -> Polygons:
+        offsets = np.zeros(len(polys) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(p) for p in polys])
+        pts = [np.asarray(p, np.int32).reshape(-1, 2) for p in polys]
+        points = np.concatenate(pts) if offsets[-1] else np.zeros((0, 2), np.int32)
+        return cls(np.ascontiguousarray(points, np.int32), offsets)
+
+
+def read_json(path: Path | str) -> dict:
+    """Parse a JSON file; a read or parse error names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnnotationError(f"{path}: cannot read JSON ({e})") from e
+
+
+def check_annotation(doc: object, image_hw: tuple[int, int] | None = None) -> list[str]:
+    """Every problem of an annotation document, as short messages (empty when valid).
+
+    Checks: an ``annotations`` list; known, unique labels covering all 29 classes; each
+    polygon >= 3 points of finite integer ``[x, y]`` pairs, inside the image if its
+    (height, width) is given.
+    """
+    anns = doc.get("annotations") if isinstance(doc, dict) else None
+    if not isinstance(anns, list):
+        return ["missing 'annotations' list"]
+    problems: list[str] = []
+    labels = [a.get("label") if isinstance(a, dict) else None for a in anns]
+    for k, (ann, label) in enumerate(zip(anns, labels, strict=True)):
+        if label not in CLASS_TO_INDEX:
+            problems.append(f"annotation {k}: unknown label {label!r}")
+            continue
+        problems += [f"{label}: {p}" for p in _point_problems(ann.get("points"), image_hw)]
+    dups = sorted(lab for lab, n in Counter(labels).items() if n > 1 and lab in CLASS_TO_INDEX)
+    if dups:
+        problems.append(f"duplicate label(s) {dups}")
+    missing = [c for c in CLASSES if c not in set(labels)]
+    if missing:
+        problems.append(f"missing class(es) {missing}")
+    return problems
+
+
+def _point_problems(points: object, image_hw: tuple[int, int] | None) -> list[str]:
+    if not isinstance(points, list) or not all(
+        isinstance(p, list | tuple) and len(p) == 2 for p in points
+    ):
+        return ["points are not a list of [x, y] pairs"]
+    problems = []
+    if len(points) < 3:
+        problems.append(f"polygon has {len(points)} point(s), needs at least 3")
+    values = [v for p in points for v in p]
+    if any(not isinstance(v, int | float) or isinstance(v, bool) for v in values):
+        return [*problems, "points hold non-numbers"]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        problems.append("non-finite point coordinates")
+    elif any(isinstance(v, float) and not v.is_integer() for v in values):
+        problems.append("non-integer point coordinates")
+    elif image_hw is not None and values:
+        h, w = image_hw
+        xs, ys = values[0::2], values[1::2]
+        if min(xs) < 0 or min(ys) < 0 or max(xs) > w - 1 or max(ys) > h - 1:
+            problems.append(
+                f"points outside the {w}x{h} image (x {min(xs)}..{max(xs)}, y {min(ys)}..{max(ys)})"
+            )
+    return problems
+
+
+def parse_annotation(doc: object, path: Path | str = "<json>") -> Polygons:
+    """Turn a parsed annotation document into 29 polygons in class order.
+
+    Raises ``AnnotationError`` naming the file and its problems when the document is not
+    valid (see ``check_annotation``).
+    """
+    problems = check_annotation(doc)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise AnnotationError(f"{path}: " + "; ".join(problems[:3]) + more)
+    by_label = {a["label"]: a["points"] for a in doc["annotations"]}  # type: ignore[index]
+    return Polygons.from_list([np.asarray(by_label[c]) for c in CLASSES])
+
+
+def load_annotation(path: Path | str) -> Polygons:
+    """Read and parse one annotation JSON file."""
+    return parse_annotation(read_json(path), path)
