@@ -1,0 +1,225 @@
+"""Training cache: every image at the training resolution plus its masks, built once.
+
+    cache_dir/train_<size>/
+        images.npy    (N, S, S) uint8 grey images (INTER_AREA from the PNG)
+        masks.npy     (N, C, S, ceil(S/8)) uint8, the 29 masks at S, bit-packed on width
+        points.npy    (M, 2) int32 all polygon points; offsets.npy (N, C+1) int64 into it
+        index.csv     rel, patient, name, src_h, src_w
+        manifest.json version, size, fingerprint of the sources, byte size + hash per file
+
+The big arrays are memory-mapped, so DataLoader workers share the page cache. The cache
+is reused while the sources' (size, mtime) and the resolution match, and rebuilt
+otherwise. It is built in a temporary folder and moved into place whole, with the
+manifest written last, so a crash never leaves a cache that loads as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bonecomp.classes import NUM_CLASSES
+from bonecomp.data.annotations import Polygons, load_annotation
+from bonecomp.data.images import read_image
+from bonecomp.data.rasterize import rasterize
+
+CACHE_VERSION = 1
+_ARRAYS = ("images.npy", "masks.npy", "points.npy", "offsets.npy")
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be used; the message says why."""
+
+
+@dataclass
+class TrainCache:
+    """Read access to a built cache; arrays are memory-mapped."""
+
+    dir: Path
+    size: int
+    index: pd.DataFrame
+    images: np.ndarray
+    packed: np.ndarray
+    points: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def image(self, i: int) -> np.ndarray:
+        return np.array(self.images[i])  # a writable copy (the memmap is read-only)
+
+    def mask(self, i: int) -> np.ndarray:
+        """(C, S, S) uint8 in {0, 1}."""
+        return np.unpackbits(self.packed[i], axis=-1, count=self.size)
+
+    def polygons(self, i: int) -> Polygons:
+        off = np.asarray(self.offsets[i])
+        return Polygons(np.asarray(self.points[off[0] : off[-1]]), off - off[0])
+
+    def src_hw(self, i: int) -> tuple[int, int]:
+        row = self.index.iloc[i]
+        return int(row["src_h"]), int(row["src_w"])
+
+
+def open_cache(
+    df: pd.DataFrame,
+    cache_dir: Path | str,
+    size: int,
+    workers: int | None = None,
+    progress: bool = True,
+) -> TrainCache:
+    """The cache of ``df`` (a training table from ``layout.discover``) at ``size``.
+
+    Loads it when valid for these sources and this size, else (re)builds it.
+    """
+    folder = Path(cache_dir) / f"train_{size}"
+    fingerprint = source_fingerprint(df, size)
+    problem = check_cache(folder, fingerprint)
+    if problem is None:
+        return load_cache(folder)
+    if folder.exists():
+        print(f"cache {folder}: {problem}; rebuilding")
+    build_cache(df, folder, size, fingerprint, workers, progress)
+    return load_cache(folder)
+
+
+def source_fingerprint(df: pd.DataFrame, size: int) -> str:
+    """Hash of the sources' paths, sizes and mtimes, the resolution and the cache version."""
+    h = hashlib.sha256(f"v{CACHE_VERSION} size={size}".encode())
+    for rel, img, js in zip(df["rel"], df["image_path"], df["json_path"], strict=True):
+        si, sj = os.stat(img), os.stat(js)
+        h.update(f"|{rel}:{si.st_size}:{si.st_mtime_ns}:{sj.st_size}:{sj.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def check_cache(folder: Path, fingerprint: str) -> str | None:
+    """None when the cache in ``folder`` is complete and matches; else the reason it is not."""
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest (never built or interrupted)"
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unreadable manifest"
+    if meta.get("version") != CACHE_VERSION:
+        return f"cache version {meta.get('version')} != {CACHE_VERSION}"
+    if meta.get("fingerprint") != fingerprint:
+        return "source files or resolution changed"
+    for name, info in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return f"{name} missing or truncated"
+        if _file_hash(path) != info["hash"]:
+            return f"{name} is corrupt (hash mismatch)"
+    if set(meta.get("files", {})) != {*_ARRAYS, "index.csv"}:
+        return "manifest lists the wrong files"
+    return None
+
+
+def load_cache(folder: Path) -> TrainCache:
+    meta = json.loads((folder / "manifest.json").read_text())
+    index = pd.read_csv(folder / "index.csv", dtype={"rel": str, "patient": str, "name": str})
+    arr = {n: np.load(folder / n, mmap_mode="r") for n in _ARRAYS}
+    return TrainCache(
+        folder, meta["size"], index,
+        arr["images.npy"], arr["masks.npy"], arr["points.npy"], arr["offsets.npy"],
+    )
+
+
+def build_cache(
+    df: pd.DataFrame,
+    folder: Path,
+    size: int,
+    fingerprint: str,
+    workers: int | None = None,
+    progress: bool = True,
+) -> None:
+    """Build the cache into a temporary folder, then move it into place whole."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    n, packed_w = len(df), (size + 7) // 8
+    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
+    masks = np.lib.format.open_memmap(
+        tmp / "masks.npy", "w+", np.uint8, (n, NUM_CLASSES, size, packed_w)
+    )
+    polys: list[Polygons] = []
+    src_hw: list[tuple[int, int]] = []
+    jobs = [(img, js, size) for img, js in zip(df["image_path"], df["json_path"], strict=True)]
+    workers = max(1, min(workers or os.cpu_count() or 1, n))
+    bar = tqdm(total=n, desc=f"cache {size}px", unit="img", disable=not progress)
+    try:
+        if workers == 1:
+            results = map(_cache_item, jobs)
+        else:
+            pool = ProcessPoolExecutor(workers, get_context("spawn"), initializer=_worker_init)
+            results = pool.map(_cache_item, jobs, chunksize=4)
+        for i, (img, packed, poly, hw) in enumerate(results):
+            images[i], masks[i] = img, packed
+            polys.append(poly)
+            src_hw.append(hw)
+            bar.update()
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.shutdown(cancel_futures=True)
+    images.flush()
+    masks.flush()
+    del images, masks
+    counts = np.array([p.offsets for p in polys], np.int64).reshape(n, NUM_CLASSES + 1)
+    starts = np.concatenate([[0], np.cumsum(counts[:, -1])[:-1]])
+    np.save(tmp / "offsets.npy", counts + starts[:, None])
+    np.save(tmp / "points.npy", np.concatenate([p.points for p in polys]))
+    index = df[["rel", "patient", "name"]].copy()
+    index["src_h"], index["src_w"] = zip(*src_hw, strict=True)
+    index.to_csv(tmp / "index.csv", index=False)
+    files = {
+        name: {"bytes": (tmp / name).stat().st_size, "hash": _file_hash(tmp / name)}
+        for name in (*_ARRAYS, "index.csv")
+    }
+    meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
+    (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=1))
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _worker_init() -> None:
+    # One thread per process: the pool already uses every core.
+    cv2.setNumThreads(1)
+    import numba
+
+    numba.set_num_threads(1)
+
+
+def _cache_item(job: tuple[str, str, int]) -> tuple[np.ndarray, np.ndarray, Polygons, tuple]:
+    image_path, json_path, size = job
+    img = read_image(image_path)
+    hw = img.shape[:2]
+    small = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    poly = load_annotation(json_path)
+    packed = np.packbits(rasterize(poly, hw, (size, size)), axis=-1)
+    return small, packed, poly, hw
+
+
+def _file_hash(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,89 @@
+"""Torch Dataset over the training cache, with albumentations transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from bonecomp.data.cache import TrainCache
+from bonecomp.data.images import read_image
+from bonecomp.data.rasterize import coverage, rasterize
+
+
+class BoneDataset(Dataset):
+    """Items of a training cache: ``{"image": (3,S,S) float in [0,1], "mask": (C,S,S) float,
+    "index": cache row}``.
+
+    With ``soft_targets`` the mask is each class's fractional pixel coverage (polygons
+    re-drawn with ``soft_k`` x ``soft_k`` sub-samples, about a millisecond), else the cached
+    binary mask. ``full_mask(i)`` gives the ground truth at the source size (2048), drawn
+    on demand, for Dice at the size the leaderboard uses.
+    """
+
+    def __init__(
+        self,
+        cache: TrainCache,
+        indices: Sequence[int] | None = None,
+        transform: A.BasicTransform | None = None,
+        soft_targets: bool = False,
+        soft_k: int = 4,
+    ) -> None:
+        self.cache = cache
+        self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
+        self.transform = transform
+        self.soft_targets = soft_targets
+        self.soft_k = soft_k
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        idx = int(self.indices[i])
+        image = self.cache.image(idx)
+        if self.soft_targets:
+            s = self.cache.size
+            mask = coverage(self.cache.polygons(idx), self.cache.src_hw(idx), (s, s), self.soft_k)
+        else:
+            mask = self.cache.mask(idx)
+        mask = np.ascontiguousarray(mask.transpose(1, 2, 0))  # HWC for albumentations
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        scale = 1 / 255 if self.soft_targets else 1.0
+        img_t = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
+        mask_t = torch.from_numpy(mask).permute(2, 0, 1)
+        mask_t = mask_t.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
+        return {"image": img_t.expand(3, -1, -1).contiguous(), "mask": mask_t, "index": idx}
+
+    def full_mask(self, i: int) -> np.ndarray:
+        """Ground truth (C, H, W) uint8 at the source resolution, exact (cv2.fillPoly)."""
+        idx = int(self.indices[i])
+        return rasterize(self.cache.polygons(idx), self.cache.src_hw(idx))
+
+
+class TestImages(Dataset):
+    """Test PNGs for inference: each item holds the image resized to every size the
+    ensemble needs (INTER_AREA, as the training cache), as uint8 tensors (S, S), plus
+    ``name`` and the source ``hw``. Decoding and resizing run in DataLoader workers.
+    """
+
+    def __init__(self, table, sizes: Sequence[int]) -> None:
+        self.table = table.reset_index(drop=True)
+        self.sizes = sorted(set(int(s) for s in sizes))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.table.iloc[i]
+        img = read_image(row["image_path"])
+        out: dict = {"name": row["name"], "hw": torch.tensor(img.shape[:2])}
+        for s in self.sizes:
+            small = img if img.shape == (s, s) else cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
+            out[f"image{s}"] = torch.from_numpy(np.ascontiguousarray(small))
+        return out

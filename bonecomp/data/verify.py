@@ -1,0 +1,151 @@
+"""Integrity check of a data root: every problem, each with its file, reported together.
+
+Read-only. Checks the layout (pairs, two images per patient, duplicate stems across
+patients), every PNG (decodes, complete, same size as the others) and every annotation
+(see ``annotations.check_annotation``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+from tqdm.auto import tqdm
+
+from bonecomp.data.annotations import AnnotationError, check_annotation, read_json
+from bonecomp.data.layout import PHANTOM_HINT, find_images, find_jsons
+
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+@dataclass
+class Problem:
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+@dataclass
+class Report:
+    root: Path
+    problems: list[Problem] = field(default_factory=list)
+    patients: int = 0
+    images: int = 0
+    annotations: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        state = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        return (
+            f"{state}: {self.root}: {self.patients} patients, {self.images} images, "
+            f"{self.annotations} annotations"
+        )
+
+
+def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) -> Report:
+    """Check a data root laid out as in FORMAT.md; never modifies it."""
+    root = Path(root)
+    report = Report(root)
+    if not root.is_dir():
+        report.problems.append(Problem(str(root), f"not a directory. {PHANTOM_HINT}"))
+        return report
+    splits = [s for s in ("train", "test") if (root / s / "DCM").is_dir()]
+    if "train" not in splits:
+        report.problems.append(Problem(str(root / "train" / "DCM"), f"missing. {PHANTOM_HINT}"))
+    jdir = root / "train" / "outputs_json"
+    if "train" in splits and not jdir.is_dir():
+        report.problems.append(Problem(str(jdir), "missing (training annotations)"))
+
+    images: list[tuple[str, Path]] = []  # (split, path)
+    for split in splits:
+        dcm = root / split / "DCM"
+        rels = find_images(root, split)
+        images += [(split, dcm / r) for r in rels]
+        per_patient = Counter(r.parts[0] for r in rels)
+        for d in sorted(p for p in dcm.iterdir() if p.is_dir()):
+            if per_patient[d.name] != 2:
+                report.problems.append(
+                    Problem(str(d), f"holds {per_patient[d.name]} PNG image(s), expected 2")
+                )
+        stray = [p for p in dcm.iterdir() if p.is_file()]
+        report.problems += [Problem(str(p), "file outside a patient folder") for p in stray]
+
+    pairs: dict[Path, Path] = {}
+    if "train" in splits and jdir.is_dir():
+        dcm = root / "train" / "DCM"
+        img_keys = {p.relative_to(dcm).with_suffix(""): p for s, p in images if s == "train"}
+        json_keys = {r.with_suffix(""): jdir / r for r in find_jsons(jdir)}
+        for key in sorted(img_keys.keys() - json_keys.keys()):
+            report.problems.append(Problem(str(img_keys[key]), "image without annotation JSON"))
+        for key in sorted(json_keys.keys() - img_keys.keys()):
+            report.problems.append(Problem(str(json_keys[key]), "annotation JSON without image"))
+        pairs = {img_keys[k]: json_keys[k] for k in img_keys.keys() & json_keys.keys()}
+
+    stems: dict[str, set[str]] = defaultdict(set)
+    for _, p in images:
+        stems[p.stem].add(p.parent.name)
+    for stem, patients in sorted(stems.items()):
+        if len(patients) > 1:
+            report.problems.append(
+                Problem(stem, f"image stem used by several patients: {sorted(patients)}")
+            )
+
+    paths = [p for _, p in images]
+    with ThreadPoolExecutor(workers) as pool:  # cv2 decodes without the GIL
+        shapes = list(
+            tqdm(pool.map(_check_png, paths), total=len(paths), desc="verify images",
+                 unit="img", disable=not progress)
+        )
+    sizes = Counter(s for s, _ in shapes if s is not None)
+    common = sizes.most_common(1)[0][0] if sizes else None
+    for p, (shape, problem) in zip(paths, shapes, strict=True):
+        if problem:
+            report.problems.append(Problem(str(p), problem))
+        elif shape != common:
+            report.problems.append(Problem(str(p), f"image size {shape} differs from {common}"))
+
+    shape_of = dict(zip(paths, (s for s, _ in shapes), strict=True))
+    for img, js in sorted(pairs.items()):
+        try:
+            doc = read_json(js)
+        except AnnotationError as e:
+            report.problems.append(Problem(str(js), str(e).removeprefix(f"{js}: ")))
+            continue
+        hw = shape_of[img]
+        report.problems += [Problem(str(js), m) for m in check_annotation(doc, hw)]
+        anns = doc.get("annotations") if isinstance(doc, dict) else None
+        report.annotations += len(anns) if isinstance(anns, list) else 0
+
+    report.patients = len({(s, p.parent.name) for s, p in images})
+    report.images = len(images)
+    return report
+
+
+def _check_png(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """(height, width) of a decodable, complete PNG, else (None, what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(os.path.getsize(path) - 8, 0))
+            tail = f.read(8)
+    except OSError as e:
+        return None, f"unreadable ({e})"
+    if head != b"\x89PNG\r\n\x1a\n":
+        return None, "not a PNG file"
+    if tail != _PNG_END:
+        return None, "truncated PNG (no IEND chunk at the end)"
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        return None, "PNG does not decode"
+    if img.dtype != "uint8":
+        return None, f"PNG is {img.dtype}, expected 8-bit"
+    return img.shape[:2], None

@@ -1,0 +1,116 @@
+"""Training cache: built once, reused, rebuilt on change, never trusted when damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bonecomp.data import cache as cache_mod
+from bonecomp.data.cache import check_cache, open_cache, source_fingerprint
+from bonecomp.data.layout import discover
+from bonecomp.data.rasterize import rasterize
+
+SIZE = 64
+
+
+@pytest.fixture
+def built(tiny_copy, tmp_path):
+    df = discover(tiny_copy)
+    cache = open_cache(df, tmp_path / "cache", SIZE, workers=1, progress=False)
+    return df, cache, tmp_path / "cache"
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = cache_mod.build_cache
+    monkeypatch.setattr(cache_mod, "build_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_contents(built):
+    df, cache, _ = built
+    assert len(cache) == len(df) == 10
+    assert cache.images.shape == (10, SIZE, SIZE) and cache.images.dtype == np.uint8
+    assert cache.packed.shape == (10, 29, SIZE, SIZE // 8)
+    for i in (0, 7):
+        polys = cache.polygons(i)
+        assert np.array_equal(cache.mask(i), rasterize(polys, (128, 128), (SIZE, SIZE)))
+        assert cache.src_hw(i) == (128, 128)
+    assert cache.index["rel"].tolist() == df["rel"].tolist()
+
+
+def test_reused_when_unchanged(built, monkeypatch):
+    df, _, folder = built
+    calls = _counting(monkeypatch)
+    open_cache(df, folder, SIZE, workers=1, progress=False)
+    assert calls == []
+
+
+def test_rebuilt_when_a_source_changes_or_size_differs(built, monkeypatch):
+    df, _, folder = built
+    calls = _counting(monkeypatch)
+    js = df["json_path"].iloc[3]
+    st = os.stat(js)
+    os.utime(js, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    open_cache(df, folder, SIZE, workers=1, progress=False)
+    assert calls == [1]
+    open_cache(df, folder, 32, workers=1, progress=False)
+    assert (
+        calls == [1, 1] and (folder / "train_32").is_dir() and (folder / f"train_{SIZE}").is_dir()
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing"])
+def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
+    df, _, folder = built
+    sub = folder / f"train_{SIZE}"
+    fp = source_fingerprint(df, SIZE)
+    assert check_cache(sub, fp) is None
+    masks = sub / "masks.npy"
+    if damage == "truncate":
+        masks.write_bytes(masks.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(masks.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        masks.write_bytes(bytes(data))
+    elif damage == "manifest":
+        (sub / "manifest.json").write_text("{")
+    else:
+        (sub / "points.npy").unlink()
+    assert check_cache(sub, fp) is not None
+    calls = _counting(monkeypatch)
+    cache = open_cache(df, folder, SIZE, workers=1, progress=False)
+    assert calls == [1] and check_cache(sub, fp) is None and len(cache) == 10
+
+
+def test_crash_during_build_leaves_nothing_valid(tiny_copy, tmp_path, monkeypatch):
+    df = discover(tiny_copy)
+    real = cache_mod._cache_item
+    seen = []
+
+    def crash_on_fifth(job):
+        seen.append(1)
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(cache_mod, "_cache_item", crash_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)
+    sub = tmp_path / "c" / f"train_{SIZE}"
+    assert check_cache(sub, source_fingerprint(df, SIZE)) is not None
+    monkeypatch.setattr(cache_mod, "_cache_item", real)
+    assert len(open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)) == 10
+
+
+def test_parallel_build_equals_serial(tiny_copy, tmp_path):
+    df = discover(tiny_copy)
+    a = open_cache(df, tmp_path / "a", SIZE, workers=1, progress=False)
+    b = open_cache(df, tmp_path / "b", SIZE, workers=2, progress=False)
+    for name in ("images.npy", "masks.npy", "points.npy", "offsets.npy"):
+        assert (a.dir / name).read_bytes() == (b.dir / name).read_bytes()
+    meta = json.loads((b.dir / "manifest.json").read_text())
+    assert meta["size"] == SIZE and meta["n"] == 10

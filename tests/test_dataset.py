@@ -1,0 +1,72 @@
+"""The cached Dataset: shapes, dtypes, soft targets, augmentation, full-size truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bonecomp.config import AugmentConfig
+from bonecomp.data.augment import train_transform
+from bonecomp.data.cache import open_cache
+from bonecomp.data.dataset import BoneDataset
+from bonecomp.data.layout import discover
+from bonecomp.data.rasterize import rasterize
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_root, tmp_path_factory):
+    return open_cache(
+        discover(tiny_root), tmp_path_factory.mktemp("c"), 64, workers=1, progress=False
+    )
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_item_shapes_and_types(cache, soft):
+    ds = BoneDataset(cache, [0, 3], None, soft_targets=soft)
+    item = ds[1]
+    assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
+    assert item["mask"].shape == (29, 64, 64) and item["mask"].dtype == torch.float32
+    assert item["index"] == 3 and item["mask"].is_contiguous()
+    assert item["image"].min() >= 0 and item["image"].max() <= 1
+    assert torch.equal(item["image"][0], item["image"][2])  # grey as RGB
+    m = item["mask"]
+    assert m.min() >= 0 and m.max() <= 1
+    if soft:
+        assert ((m > 0) & (m < 1)).any()  # fractional edges
+    else:
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(m.byte(), torch.from_numpy(cache.mask(3)))
+
+
+def test_soft_targets_agree_with_hard_masks(cache):
+    soft = BoneDataset(cache, None, None, soft_targets=True)[2]["mask"]
+    hard = BoneDataset(cache, None, None, soft_targets=False)[2]["mask"]
+    agree = ((soft >= 0.5) == (hard > 0)).float().mean()
+    assert agree > 0.99
+
+
+def test_train_augmentation_changes_image_and_mask_together(cache):
+    cfg = AugmentConfig(hflip=1.0, affine_p=0.0, brightness_contrast_p=0.0)
+    ds = BoneDataset(cache, [0], train_transform(cfg), soft_targets=False)
+    plain = BoneDataset(cache, [0], None, soft_targets=False)[0]
+    flipped = ds[0]
+    assert torch.equal(flipped["image"], plain["image"].flip(-1))
+    assert torch.equal(flipped["mask"], plain["mask"].flip(-1))
+
+
+def test_augmentation_is_seedable(cache):
+    t = train_transform(AugmentConfig(affine_p=1.0), soft_targets=True)
+    ds = BoneDataset(cache, [1], t, soft_targets=True)
+    t.set_random_seed(7)
+    a = ds[0]
+    t.set_random_seed(7)
+    b = ds[0]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_full_mask_is_exact_source_truth(cache):
+    ds = BoneDataset(cache, [4])
+    full = ds.full_mask(0)
+    assert full.shape == (29, 128, 128)
+    assert np.array_equal(full, rasterize(cache.polygons(4), (128, 128)))
