@@ -1,0 +1,1 @@
+"""Inference: exact upsample + threshold, TTA, sliding windows, streaming ensembles."""

@@ -1,0 +1,225 @@
+"""The submission CSV: write it atomically, validate it, score it.
+
+Format (FORMAT.md): header ``image_name,class,rle``; test images in sorted relative-path
+order, each with 29 consecutive rows in class order; bare file names; RLE as in
+``bonecomp.rle`` (empty field for an empty mask).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bonecomp import rle
+from bonecomp.classes import CLASSES, NUM_CLASSES
+from bonecomp.data.annotations import AnnotationError, load_annotation
+from bonecomp.data.layout import find_jsons
+from bonecomp.data.rasterize import class_crop
+from bonecomp.metrics import DiceTable, dice_from_counts, summarize
+
+HEADER = ("image_name", "class", "rle")
+
+
+class SubmissionWriter:
+    """Streams rows to a temporary file and renames it into place on ``close``.
+
+    Used as a context manager: if the block raises, the temporary file is removed and no
+    file appears under the final name.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._f = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()/abort()
+        self._w = csv.writer(self._f, lineterminator="\n")
+        self._w.writerow(HEADER)
+        self.rows = 0
+
+    def add(self, image_name: str, rles: Sequence[str]) -> None:
+        """The 29 rows of one image, ``rles`` in class order."""
+        if len(rles) != NUM_CLASSES:
+            raise ValueError(f"{image_name}: {len(rles)} RLE strings, expected {NUM_CLASSES}")
+        self._w.writerows((image_name, name, r) for name, r in zip(CLASSES, rles, strict=True))
+        self.rows += NUM_CLASSES
+
+    def close(self) -> Path:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> SubmissionWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_submission(path: Path | str, rows: Sequence[tuple[str, Sequence[str]]]) -> Path:
+    """Write (image_name, 29 RLE strings) pairs atomically."""
+    with SubmissionWriter(path) as w:
+        for name, rles in rows:
+            w.add(name, rles)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- validation
+@dataclass
+class CheckReport:
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    rows: int = 0
+    images: int = 0
+    empty: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"INVALID {self.path}: {len(self.problems)} problem(s)"
+        return f"OK {self.path}: {self.rows} rows, {self.images} images, {self.empty} empty masks"
+
+
+def read_submission(path: Path | str) -> pd.DataFrame:
+    """The CSV as strings; an empty RLE field stays "" (pandas would make it NaN)."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+
+
+def validate_submission(
+    path: Path | str,
+    image_names: Sequence[str],
+    shapes: list[tuple[int, int]] | tuple[int, int] = (2048, 2048),
+    max_problems: int = 200,
+) -> CheckReport:
+    """Check a CSV against the expected test images (in submission order).
+
+    Every problem is reported with its line number (the header is line 1): header,
+    row count, image names and their order, class order, duplicate rows, malformed RLE
+    or runs outside the image (``shapes``: one (H, W) or one per image).
+    """
+    path = Path(path)
+    report = CheckReport(path)
+    add = report.problems.append
+    try:
+        df = read_submission(path)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        add(f"cannot read CSV: {e}")
+        return report
+    if tuple(df.columns) != HEADER:
+        add(f"line 1: header {','.join(map(str, df.columns))!r}, expected {','.join(HEADER)!r}")
+        return report
+    n_expected = len(image_names) * NUM_CLASSES
+    report.rows = len(df)
+    if len(df) != n_expected:
+        add(
+            f"{len(df)} rows, expected {n_expected} "
+            f"({len(image_names)} test images x {NUM_CLASSES} classes)"
+        )
+    per_image = isinstance(shapes, list)
+    names, classes, rles = df["image_name"].tolist(), df["class"].tolist(), df["rle"].tolist()
+    dup = df.duplicated(["image_name", "class"], keep="first").to_numpy()
+    for i, (name, cls, code) in enumerate(zip(names, classes, rles, strict=True)):
+        line = i + 2
+        k, c = divmod(i, NUM_CLASSES)
+        if dup[i]:
+            add(f"line {line}: duplicate row for {name} {cls}")
+        if k < len(image_names) and name != image_names[k]:
+            add(f"line {line}: image_name {name!r}, expected {image_names[k]!r}")
+        if cls != CLASSES[c]:
+            add(f"line {line}: class {cls!r}, expected {CLASSES[c]!r} (class order)")
+        shape = shapes[min(k, len(shapes) - 1)] if per_image else shapes
+        try:
+            starts, _ = rle.string_to_runs(code, shape)
+        except rle.RLEError as e:
+            add(f"line {line}: bad RLE for {name} {cls}: {e}")
+            continue
+        report.empty += len(starts) == 0
+        if len(report.problems) >= max_problems:
+            add(f"... stopped after {max_problems} problems")
+            break
+    report.images = len(dict.fromkeys(names))
+    missing = [n for n in image_names if n not in set(names)]
+    if missing:
+        add(f"{len(missing)} test image(s) have no rows, e.g. {missing[:3]}")
+    return report
+
+
+# ---------------------------------------------------------------------------- scoring
+def label_index(labels_dir: Path | str) -> dict[str, Path]:
+    """Bare image file name (``<stem>.png``) -> annotation JSON under ``labels_dir/ID*/``."""
+    index: dict[str, Path] = {}
+    for rel in find_jsons(labels_dir):
+        index[rel.with_suffix(".png").name] = Path(labels_dir) / rel
+    return index
+
+
+def score_submission(
+    path: Path | str,
+    labels_dir: Path | str,
+    shapes: dict[str, tuple[int, int]] | tuple[int, int] = (2048, 2048),
+    progress: bool = True,
+) -> tuple[DiceTable, np.ndarray]:
+    """Competition Dice of a valid CSV against ground-truth JSONs.
+
+    Works in run space: the truth of each class is drawn exactly in its bounding box and
+    turned into runs; the intersection with the predicted runs is counted directly, so no
+    full-size mask is ever made. Returns the table and the (images, classes) Dice array.
+    """
+    df = read_submission(path)
+    labels = label_index(labels_dir)
+    names = list(dict.fromkeys(df["image_name"]))
+    missing = [n for n in names if n not in labels]
+    if missing:
+        raise FileNotFoundError(
+            f"{labels_dir}: no label JSON for {len(missing)} image(s), e.g. {missing[:3]}"
+        )
+    if len(df) != len(names) * NUM_CLASSES:
+        raise ValueError(f"{path}: not {NUM_CLASSES} rows per image; validate it first")
+    codes = df["rle"].to_numpy().reshape(len(names), NUM_CLASSES)
+    dice = np.zeros((len(names), NUM_CLASSES))
+    for k, name in enumerate(tqdm(names, desc="score", unit="img", disable=not progress)):
+        shape = shapes[name] if isinstance(shapes, dict) else shapes
+        try:
+            polys = load_annotation(labels[name])
+        except AnnotationError as e:
+            raise AnnotationError(f"scoring {name}: {e}") from e
+        for c in range(NUM_CLASSES):
+            pred = rle.string_to_runs(codes[k, c], shape)
+            y0, x0, crop = class_crop(polys[c], shape)
+            gt = rle.crop_to_runs(crop, y0, x0, shape)
+            inter = rle.runs_overlap(pred, gt)
+            dice[k, c] = dice_from_counts(inter, pred[1].sum(), gt[1].sum())
+    return summarize(dice), dice
+
+
+def compare_submissions(
+    path_a: Path | str, path_b: Path | str, shape: tuple[int, int] = (2048, 2048)
+) -> DiceTable:
+    """Per-class Dice of submission A against submission B (same images, same order)."""
+    a, b = read_submission(path_a), read_submission(path_b)
+    if a[["image_name", "class"]].values.tolist() != b[["image_name", "class"]].values.tolist():
+        raise ValueError(f"{path_a} and {path_b} do not list the same image/class rows")
+    dice = np.zeros(len(a))
+    for i, (ra, rb) in enumerate(zip(a["rle"], b["rle"], strict=True)):
+        runs_a, runs_b = rle.string_to_runs(ra, shape), rle.string_to_runs(rb, shape)
+        inter = rle.runs_overlap(runs_a, runs_b)
+        dice[i] = dice_from_counts(inter, runs_a[1].sum(), runs_b[1].sum())
+    return summarize(dice.reshape(-1, NUM_CLASSES))
