@@ -1,0 +1,201 @@
+"""One epoch of training, one pass of validation: plain functions returning metric dicts.
+
+Validation scores the leaderboard's way: logits at the model's resolution are upsampled
+exactly to each image's original size (2048) and thresholded sparsely, then compared with
+the ground truth drawn exactly in each class's bounding box. Only counts are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from bonecomp.data.cache import TrainCache
+from bonecomp.data.rasterize import truth_crops
+from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
+from bonecomp.metrics import DiceAccumulator
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss; the message names the batch and its images."""
+
+
+@dataclass
+class StepContext:
+    """What a training step needs besides model, data and optimizer."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA, None for float32
+    scaler: torch.amp.GradScaler | None = None
+    accum_steps: int = 1
+    grad_clip: float | None = None
+    channels_last: bool = False
+    ema: nn.Module | None = None
+    progress: bool = True
+
+
+def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
+    if ctx.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype)
+
+
+def to_device(batch: dict, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    images = batch["image"].to(ctx.device, non_blocking=True, memory_format=fmt)
+    return images, batch["mask"].to(ctx.device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,  # timm scheduler with step_update(num_updates)
+    loss_fn: nn.Module,
+    ctx: StepContext,
+    epoch: int,
+    num_updates: int,
+    image_names: Callable[[Sequence[int]], list[str]] = lambda idx: [str(i) for i in idx],
+    deadline: float | None = None,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns mean losses, lr, img/s and updates done.
+
+    Gradients accumulate over ``ctx.accum_steps`` batches. A non-finite loss raises
+    ``NonFiniteLossError`` before any weight is touched. Stops early at ``deadline``
+    (``time.monotonic()``), finishing the current update.
+    """
+    model.train()
+    sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0}
+    seen, batches, t0 = 0, 0, time.monotonic()
+    n_batches = len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not ctx.progress)
+    optimizer.zero_grad(set_to_none=True)
+    for b, batch in enumerate(bar):
+        images, masks = to_device(batch, ctx)
+        last_of_update = (b + 1) % ctx.accum_steps == 0 or b + 1 == n_batches
+        sync = (
+            contextlib.nullcontext()
+            if last_of_update or not hasattr(model, "no_sync")
+            else model.no_sync()
+        )
+        with sync:
+            with autocast(ctx):
+                logits = model(images)
+            loss, parts = loss_fn(logits, masks)
+            if not torch.isfinite(loss):
+                names = image_names(batch["index"].tolist())
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {b}; images: {names}"
+                )
+            scaled = loss / ctx.accum_steps
+            (ctx.scaler.scale(scaled) if ctx.scaler else scaled).backward()
+        if last_of_update:
+            _optimizer_step(model, optimizer, ctx)
+            num_updates += 1
+            scheduler.step_update(num_updates)
+            if ctx.ema is not None:
+                ctx.ema.update(_unwrap(model), step=num_updates)
+        n = images.shape[0]
+        seen += n
+        batches += 1
+        sums["loss"] += loss.item()
+        sums["bce"] += parts["bce"]
+        sums["dice"] += parts["dice"]
+        rate = seen / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}", img_s=f"{rate:.1f}")
+        if deadline is not None and last_of_update and time.monotonic() > deadline:
+            break
+    elapsed = time.monotonic() - t0
+    out = {k: v / max(batches, 1) for k, v in sums.items()}
+    out.update(
+        lr=optimizer.param_groups[0]["lr"],
+        img_s=seen / max(elapsed, 1e-9),
+        train_time=elapsed,
+        num_updates=num_updates,
+        complete=float(batches == n_batches),
+    )
+    return out
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepContext) -> None:
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(optimizer)
+    if ctx.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+    if ctx.scaler is not None:
+        ctx.scaler.step(optimizer)
+        ctx.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class OOFWriter:
+    """Out-of-fold probabilities, downsampled to ``size`` and stored as float16 rows."""
+
+    def __init__(self, array: np.ndarray, row_of: dict[int, int], size: int) -> None:
+        self.array, self.row_of, self.size = array, row_of, size
+
+    def write(self, cache_index: int, probs: torch.Tensor) -> None:
+        small = F.interpolate(probs[None].float(), size=(self.size, self.size), mode="area")[0]
+        self.array[self.row_of[cache_index]] = small.half().cpu().numpy()
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    loader: DataLoader,
+    cache: TrainCache,
+    loss_fn: nn.Module,
+    ctx: StepContext,
+    thresholds: float | Sequence[float] = 0.5,
+    oof: OOFWriter | None = None,
+) -> dict:
+    """Loss at the model's resolution and the competition Dice at each image's source size.
+
+    Returns ``val_loss``, ``dice`` (mean), ``per_class`` (array) and ``n_images``. Under
+    DDP the Dice sums are reduced across ranks (each rank validates its own images).
+    """
+    model.eval()
+    acc = DiceAccumulator(device=ctx.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    n_batches = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not ctx.progress):
+        images, masks = to_device(batch, ctx)
+        with autocast(ctx):
+            logits = model(images)
+        loss_sum += loss_fn(logits, masks)[0].double()
+        n_batches += 1
+        for i, idx in enumerate(batch["index"].tolist()):
+            x = logits[i].float()
+            src_hw = cache.src_hw(idx)
+            sparse = upsample_threshold(x, src_hw, thresholds)
+            counts = overlap_counts(sparse.masks, truth_crops(cache.polygons(idx), src_hw))
+            acc.update(*(torch.as_tensor(c, device=ctx.device) for c in counts))
+            if oof is not None:
+                oof.write(idx, torch.sigmoid(x))
+    acc.all_reduce()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(n_batches)
+    table = acc.compute()
+    return {
+        "val_loss": float(loss_sum / n_batches.clamp(min=1)),
+        "dice": table.mean if table.n_images else math.nan,
+        "per_class": table.per_class,
+        "n_images": table.n_images,
+    }

@@ -1,0 +1,104 @@
+"""Model factory: ``create_model(cfg)`` keyed by ``model.arch``.
+
+``fcn32s``/``fcn16s``/``fcn8s`` are ours (``fcn.py``); ``unet``, ``unetplusplus``,
+``deeplabv3``, ``deeplabv3plus`` and any other segmentation_models_pytorch architecture
+come from smp. Every model takes images in [0, 1] (3 channels) and returns one logit per
+class at the input resolution (sides divisible by 32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from bonecomp.classes import NUM_CLASSES
+from bonecomp.config import ModelConfig
+from bonecomp.models.fcn import FCN, STRIDES
+from bonecomp.models.weights import load_encoder_weights, with_imagenet_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SMP = {
+    "unet": smp.Unet,
+    "unetplusplus": smp.UnetPlusPlus,
+    "deeplabv3": smp.DeepLabV3,
+    "deeplabv3plus": smp.DeepLabV3Plus,
+}
+# Any other smp architecture passes through by its lower-case class name.
+_SMP_ALL = {**smp.MODEL_ARCHITECTURES_MAPPING, **_SMP}
+ARCHS: tuple[str, ...] = (*STRIDES, *_SMP, *sorted(set(_SMP_ALL) - set(_SMP)))
+
+
+class SegModel(nn.Module):
+    """Normalises [0, 1] input with ImageNet statistics, then runs the network.
+
+    Keeping normalisation inside the model makes a checkpoint self-describing: inference
+    feeds images in [0, 1] whatever the encoder.
+    """
+
+    def __init__(self, net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    @property
+    def output_bias(self) -> torch.Tensor:
+        if isinstance(self.net, FCN):
+            return self.net.decoder.output_bias
+        return self.net.segmentation_head[0].bias
+
+
+def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
+    """Build the configured model; an unknown arch or encoder lists the valid names."""
+    arch = cfg.arch.lower()
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: {list(ARCHS)}")
+    _check_encoder(cfg.encoder)
+    weights = cfg.encoder_weights
+    pretrained = weights == "imagenet"
+    build = _builder(arch, cfg, num_classes)
+    net = (
+        with_imagenet_weights(lambda: build("imagenet"), cfg.encoder) if pretrained else build(None)
+    )
+    if weights not in (None, "imagenet"):
+        load_encoder_weights(net.encoder, weights)
+    model = SegModel(net)
+    if cfg.init_bias is not None:
+        with torch.no_grad():
+            model.output_bias.fill_(cfg.init_bias)
+    return model
+
+
+def _builder(arch: str, cfg: ModelConfig, num_classes: int) -> Callable[[str | None], nn.Module]:
+    def build(weights: str | None) -> nn.Module:
+        if arch in STRIDES:
+            w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
+            enc = smp.encoders.get_encoder(cfg.encoder, in_channels=3, depth=5, weights=w)
+            return FCN(enc, num_classes, arch, cfg.fcn_upsample)
+        w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
+        return _SMP_ALL[arch](encoder_name=cfg.encoder, encoder_weights=w, classes=num_classes)
+
+    return build
+
+
+def _check_encoder(name: str) -> None:
+    if name.startswith("tu-"):
+        import timm
+
+        if not timm.list_models(name[3:]):
+            raise ValueError(f"unknown timm encoder {name!r} (see timm.list_models())")
+        return
+    valid = smp.encoders.get_encoder_names()
+    if name not in valid:
+        raise ValueError(
+            f"unknown model.encoder {name!r}; valid smp encoders: {valid}, "
+            "or any timm model as 'tu-<name>'"
+        )

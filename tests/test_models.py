@@ -1,0 +1,112 @@
+"""Every architecture of the factory passes the same checks; FCN strides; weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bonecomp.config import ModelConfig
+from bonecomp.models import ARCHS, SegModel, create_model
+from bonecomp.models import weights as weights_mod
+from bonecomp.models.weights import WeightsError
+
+# DPT only accepts timm ViT encoders; PAN needs larger inputs than the others.
+SHARED = [a for a in ARCHS if a != "dpt"]
+
+
+class TestEveryArchitecture:
+    """The same shape / backward / eval checks for each architecture (smp-style base)."""
+
+    @pytest.fixture(params=SHARED, scope="class")
+    def model(self, request):
+        torch.manual_seed(0)
+        return create_model(ModelConfig(arch=request.param, encoder="resnet18"))
+
+    @pytest.fixture
+    def size(self, model):
+        return (192, 160) if type(model.net).__name__ == "PAN" else (128, 96)
+
+    def test_forward_shape(self, model, size):
+        model.train()
+        y = model(torch.rand(2, 3, *size))
+        assert y.shape == (2, 29, *size)
+
+    def test_backward_reaches_encoder_and_head(self, model, size):
+        model.train()
+        model.zero_grad()
+        model(torch.rand(2, 3, *size)).mean().backward()
+        first = next(p for p in model.net.encoder.parameters() if p.requires_grad)
+        assert first.grad is not None and first.grad.abs().sum() > 0
+        assert model.output_bias.grad is not None
+
+    def test_eval_is_deterministic_and_starts_at_the_prior(self, model, size):
+        model.eval()
+        x = torch.rand(1, 3, *size)
+        with torch.no_grad():
+            a, b = model(x), model(x)
+        assert torch.equal(a, b)
+        assert torch.allclose(model.output_bias, torch.full_like(model.output_bias, -4.0))
+
+
+def test_timm_universal_encoder():
+    model = create_model(ModelConfig(arch="unet", encoder="tu-resnet10t"))
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 29, 64, 64)
+
+
+@pytest.mark.parametrize("arch", ["fcn32s", "fcn16s", "fcn8s"])
+@pytest.mark.parametrize("upsample", ["bilinear", "learned"])
+def test_fcn_variants(arch, upsample):
+    model = create_model(ModelConfig(arch=arch, encoder="resnet18", fcn_upsample=upsample))
+    strides = {"fcn32s": ["32"], "fcn16s": ["32", "16"], "fcn8s": ["32", "16", "8"]}[arch]
+    assert list(model.net.decoder.score) == strides
+    for size in [(64, 64), (96, 160)]:
+        assert model(torch.rand(2, 3, *size)).shape == (2, 29, *size)
+
+
+def test_fcn8s_uses_the_stride8_features():
+    model = create_model(ModelConfig(arch="fcn8s", encoder="resnet18", init_bias=None))
+    model(torch.rand(2, 3, 64, 64)).square().mean().backward()
+    assert model.net.decoder.score["8"].weight.grad.abs().sum() > 0
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match="fcn8s"):
+        create_model(ModelConfig(arch="segnet"))
+    with pytest.raises(ValueError, match="resnet34"):
+        create_model(ModelConfig(encoder="resnet35"))
+
+
+def test_local_weights_file_loads_into_the_encoder(tmp_path):
+    torch.manual_seed(1)
+    donor = create_model(ModelConfig(arch="unet", encoder="resnet18"))
+    path = tmp_path / "enc.pth"
+    torch.save(
+        {"state_dict": {f"encoder.{k}": v for k, v in donor.net.encoder.state_dict().items()}}, path
+    )
+    torch.manual_seed(2)
+    model = create_model(ModelConfig(arch="fcn8s", encoder="resnet18", encoder_weights=str(path)))
+    for k, v in donor.net.encoder.state_dict().items():
+        assert torch.equal(model.net.encoder.state_dict()[k], v), k
+
+
+def test_bad_weights_file(tmp_path):
+    with pytest.raises(WeightsError, match="not a file"):
+        create_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "none.pth")))
+    path = tmp_path / "other.pth"
+    torch.save({"foo.weight": torch.zeros(3)}, path)
+    with pytest.raises(WeightsError, match="no tensor matches"):
+        create_model(ModelConfig(encoder="resnet18", encoder_weights=str(path)))
+
+
+def test_imagenet_offline_fails_fast_naming_alternatives(monkeypatch):
+    monkeypatch.setattr(weights_mod, "_reachable", lambda *a: False)
+    with pytest.raises(WeightsError) as e:
+        create_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"))
+    msg = str(e.value)
+    assert "encoder_weights=null" in msg and "local file" in msg and "unreachable" in msg
+
+
+def test_normalisation_lives_in_the_model():
+    model = create_model(ModelConfig(encoder="resnet18"))
+    assert isinstance(model, SegModel)
+    assert {"mean", "std"} <= set(dict(model.named_buffers()))

@@ -1,0 +1,170 @@
+"""Training runs on the tiny phantom: the run directory, resume, failures, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from bonecomp import engine, training
+from bonecomp.checkpoint import load_checkpoint
+from bonecomp.config import load_config
+from bonecomp.training import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_root: Path, work: Path, **extra) -> list[str]:
+    values = {
+        "data.root": str(data_root),
+        "data.cache_dir": str(work / "cache"),
+        "data.image_size": 64,
+        "data.num_workers": 0,
+        "model.arch": "unet",
+        "model.encoder": "resnet18",
+        "model.encoder_weights": None,
+        "train.output_dir": str(work / "runs"),
+        "train.experiment": "tiny",
+        "train.epochs": 2,
+        "train.batch_size": 4,
+        "train.oof_size": 32,
+        "train.val_every": 1,
+        "train.device": "cpu",
+        **extra,
+    }
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in values.items()
+    ]
+
+
+def tiny_config(data_root, work, **extra):
+    return load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(data_root, work, **extra))
+
+
+def test_two_epochs_write_the_whole_run_dir(tiny_root, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--fold", "1", "--quiet"]
+    # two DataLoader workers: the data path must survive forked workers
+    assert (
+        train_script.main(args + tiny_overrides(tiny_root, tmp_path, **{"data.num_workers": 2}))
+        == 0
+    )
+    run = tmp_path / "runs" / "tiny" / "fold1"
+    for name in [
+        "config.yaml",
+        "summary.csv",
+        "dice_per_class.csv",
+        "dice_per_class.png",
+        "best.pt",
+        "last.pt",
+        "oof.npy",
+        "oof_index.csv",
+    ]:
+        assert (run / name).is_file(), name
+    summary = pd.read_csv(run / "summary.csv")
+    assert summary["epoch"].tolist() == [0, 1]
+    assert {"loss", "val_dice", "lr", "img_s", "elapsed"} <= set(summary.columns)
+    assert summary["val_dice"].between(0, 1).all()
+    best = load_checkpoint(run / "best.pt")
+    assert best["fold"] == 1 and best["input_size"] == 64 and len(best["per_class"]) == 29
+    assert best["config"]["model"]["arch"] == "unet" and best["thresholds"] is None
+    assert "optimizer" not in best
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(last)
+    oof = np.load(run / "oof.npy")
+    index = pd.read_csv(run / "oof_index.csv")
+    assert oof.dtype == np.float16 and oof.shape == (len(index), 29, 32, 32)
+    assert 0 <= oof.min() and oof.max() <= 1
+    assert load_config(run / "config.yaml").data.image_size == 64
+
+
+def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 3})
+    real = engine.train_one_epoch
+    calls = []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(kwargs.get("epoch", args[6]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # like kill -9 mid-epoch: last.pt is from epoch 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, 0, progress=False)
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_training(cfg, 0, progress=False)
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    resumed = []
+    monkeypatch.setattr(
+        training, "train_one_epoch", lambda *a, **k: resumed.append(a[6]) or real(*a, **k)
+    )
+    result = run_training(cfg, 0, resume=True, progress=False)
+    assert resumed == [2] and result.epochs_done == 3
+    assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0, 1, 2]
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["num_updates"] == 3 * 2  # 8 train images / batch 4
+
+
+def test_non_finite_loss_stops_naming_the_images(tiny_root, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 2})
+    real_loss = training.BceDiceLoss.forward
+    epochs_seen = []
+
+    def nan_in_second_epoch(self, logits, target):
+        loss, parts = real_loss(self, logits, target)
+        if self.training and epochs_seen and len(epochs_seen) > 2:
+            return loss * float("nan"), parts
+        epochs_seen.append(1)
+        return loss, parts
+
+    monkeypatch.setattr(training.BceDiceLoss, "forward", nan_in_second_epoch)
+    with pytest.raises(engine.NonFiniteLossError, match=r"epoch \d+, batch \d+; images: \['ID"):
+        run_training(cfg, 0, progress=False)
+    last = load_checkpoint(tmp_path / "runs" / "tiny" / "fold0" / "last.pt")
+    assert torch.isfinite(torch.cat([v.flatten().float() for v in last["model"].values()])).all()
+
+
+def test_missing_data_message(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    code = train_script.main(["--fold", "0", f"data.root={tmp_path / 'nothing'}", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing" in err and "make_phantom.py" in err
+
+
+def test_two_process_ddp_with_gloo(tiny_root, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        str(ROOT / "scripts" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--fold",
+        "0",
+        "--quiet",
+        *tiny_overrides(tiny_root, tmp_path, **{"train.epochs": 1}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0]
+    assert load_checkpoint(run / "best.pt")["metric"] >= 0
+    assert np.load(run / "oof.npy").shape[0] == len(pd.read_csv(run / "oof_index.csv"))
