@@ -52,7 +52,8 @@ def plot_dice_bars(
 def class_colors() -> np.ndarray:
     """A distinct BGR colour per class (for cv2 drawing)."""
     hsv = np.zeros((NUM_CLASSES, 1, 3), np.uint8)
-    hsv[:, 0, 0] = (np.arange(NUM_CLASSES) * 180 // NUM_CLASSES * 7) % 180
+    golden = 0.618033988749895  # neighbouring classes get far-apart hues
+    hsv[:, 0, 0] = (np.arange(NUM_CLASSES) * golden % 1.0 * 180).astype(np.uint8)
     hsv[:, 0, 1:] = 255
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[:, 0]
 

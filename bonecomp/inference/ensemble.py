@@ -1,0 +1,103 @@
+"""Streaming soft-vote ensembles: any mix of checkpoints, each at its own input size.
+
+Per batch of test images, every member runs its TTA views (optionally as a sliding
+window), its sigmoid probabilities are brought to a common grid (the largest member
+size) and averaged with the members' weights. Only one batch of probabilities is ever in
+memory, whatever the number of test images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bonecomp.checkpoint import load_checkpoint
+from bonecomp.config import Config, from_dict
+from bonecomp.inference.sliding import sliding_window
+from bonecomp.inference.tta import View, tta_mean
+from bonecomp.models import create_model
+
+
+@dataclass
+class Member:
+    """One model of the ensemble, as its checkpoint describes it."""
+
+    name: str
+    model: nn.Module
+    input_size: int
+    weight: float = 1.0
+
+
+def load_member(
+    path: Path | str, weight: float = 1.0, device: torch.device | str = "cpu"
+) -> Member:
+    """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
+    ckpt = load_checkpoint(path, "cpu")
+    cfg = from_dict(Config, ckpt["config"], where=str(path))
+    cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
+    cfg.model.init_bias = None
+    model = create_model(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    return Member(str(path), model, int(ckpt["input_size"]), float(weight))
+
+
+class Ensemble:
+    """Weighted mean of members' TTA-averaged probabilities on a common grid."""
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        tta: Sequence[View],
+        tile: int | None = None,
+        overlap: float = 0.25,
+        amp: bool = True,
+    ) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if any(m.weight <= 0 for m in members):
+            raise ValueError("ensemble weights must be positive")
+        self.members, self.tta, self.tile, self.overlap, self.amp = members, tta, tile, overlap, amp
+        self.size = max(m.input_size for m in members)
+        self.sizes = sorted({m.input_size for m in members})
+
+    @property
+    def single_view(self) -> bool:
+        """One model, one view: keep logits so the result is the baseline's definition."""
+        return len(self.members) == 1 and len(self.tta) == 1
+
+    @torch.no_grad()
+    def __call__(self, images: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(B, C, S, S) on the common grid: logits if ``single_view`` else probabilities.
+
+        ``images[size]`` is the (B, 3, size, size) float batch in [0, 1] for each member size.
+        """
+        total, weights = None, 0.0
+        for m in self.members:
+            x = images[m.input_size]
+            y = tta_mean(self._predictor(m, x.device), x, self.tta, sigmoid=not self.single_view)
+            if y.shape[-1] != self.size:
+                y = F.interpolate(
+                    y, size=(self.size, self.size), mode="bilinear", align_corners=False
+                )
+            total = y * m.weight if total is None else total.add_(y, alpha=m.weight)
+            weights += m.weight
+        return total / weights
+
+    def _predictor(self, m: Member, device: torch.device):
+        use_amp = self.amp and device.type == "cuda"
+        dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+                return m.model(x).float()
+
+        if self.tile and self.tile < m.input_size:
+            return lambda x: sliding_window(run, x, self.tile, self.overlap)
+        return run
