@@ -121,7 +121,7 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     train_ds = BoneDataset(
         cache,
         train_idx,
-        train_transform(cfg.data.augment, cfg.data.soft_targets),
+        train_transform(cfg.data.augment),
         cfg.data.soft_targets,
         cfg.data.soft_k,
     )

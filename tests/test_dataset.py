@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -56,13 +57,30 @@ def test_train_augmentation_changes_image_and_mask_together(cache):
 
 
 def test_augmentation_is_seedable(cache):
-    t = train_transform(AugmentConfig(affine_p=1.0), soft_targets=True)
+    t = train_transform(AugmentConfig(affine_p=1.0))
     ds = BoneDataset(cache, [1], t, soft_targets=True)
     t.set_random_seed(7)
     a = ds[0]
     t.set_random_seed(7)
     b = ds[0]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_masks_drawn_at_the_augmented_pose_match_the_warped_image(cache):
+    """Keypoints and image move together: the mask drawn from the moved polygons equals
+    the unaugmented coverage warped like an image (up to interpolation blur)."""
+    warp = A.Compose(
+        [A.Affine(rotate=(17, 17), scale=(1.1, 1.1), translate_percent=(0.06, 0.06), p=1)],
+        keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
+    )
+    plain = BoneDataset(cache, [2], None, soft_targets=True)[0]["mask"]
+    ds = BoneDataset(cache, [2], warp, soft_targets=True)
+    moved = ds[0]["mask"]
+    warped = warp(image=plain.permute(1, 2, 0).numpy(), keypoints=np.zeros((0, 2)))["image"]
+    warped = torch.from_numpy(warped).permute(2, 0, 1)
+    assert (moved - warped).abs().mean() < 0.01
+    assert ((moved > 0.5) == (warped > 0.5)).float().mean() > 0.995
+    assert not torch.equal(moved, plain)
 
 
 def test_full_mask_is_exact_source_truth(cache):

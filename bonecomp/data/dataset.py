@@ -12,24 +12,25 @@ from torch.utils.data import Dataset
 
 from bonecomp.data.cache import TrainCache
 from bonecomp.data.images import read_image
-from bonecomp.data.rasterize import coverage, rasterize
+from bonecomp.data.rasterize import draw, outline, rasterize, to_frame
 
 
 class BoneDataset(Dataset):
     """Items of a training cache: ``{"image": (3,S,S) float in [0,1], "mask": (C,S,S) float,
     "index": cache row}``.
 
-    With ``soft_targets`` the mask is each class's fractional pixel coverage (polygons
-    re-drawn with ``soft_k`` x ``soft_k`` sub-samples, about a millisecond), else the cached
-    binary mask. ``full_mask(i)`` gives the ground truth at the source size (2048), drawn
-    on demand, for Dice at the size the leaderboard uses.
+    Masks are the cached binary masks, or with ``soft_targets`` each class's fractional
+    pixel coverage (``soft_k`` x ``soft_k`` sub-samples). With a ``transform`` (see
+    ``augment.train_transform``) the polygons move with the image as keypoints and the
+    masks are drawn at the new pose. ``full_mask(i)`` gives the ground truth at the
+    source size (2048), drawn on demand, for Dice at the size the leaderboard uses.
     """
 
     def __init__(
         self,
         cache: TrainCache,
         indices: Sequence[int] | None = None,
-        transform: A.BasicTransform | None = None,
+        transform: A.Compose | None = None,
         soft_targets: bool = False,
         soft_k: int = 4,
     ) -> None:
@@ -44,20 +45,22 @@ class BoneDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         idx = int(self.indices[i])
+        s = self.cache.size
         image = self.cache.image(idx)
-        if self.soft_targets:
-            s = self.cache.size
-            mask = coverage(self.cache.polygons(idx), self.cache.src_hw(idx), (s, s), self.soft_k)
-        else:
+        k = self.soft_k if self.soft_targets else 1
+        if self.transform is None and k == 1:
             mask = self.cache.mask(idx)
-        mask = np.ascontiguousarray(mask.transpose(1, 2, 0))  # HWC for albumentations
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        scale = 1 / 255 if self.soft_targets else 1.0
+        else:
+            polys, src_hw = self.cache.polygons(idx), self.cache.src_hw(idx)
+            points = to_frame(polys.points, src_hw, (s, s))
+            if self.transform is not None:
+                out = self.transform(image=image, keypoints=points)
+                image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
+            mask = draw(points, polys.offsets, (s, s), outline(src_hw, (s, s)), k)
         img_t = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
-        mask_t = torch.from_numpy(mask).permute(2, 0, 1)
-        mask_t = mask_t.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
+        mask_t = torch.from_numpy(mask).float()
+        if k > 1:
+            mask_t.div_(255)
         return {"image": img_t.expand(3, -1, -1).contiguous(), "mask": mask_t, "index": idx}
 
     def full_mask(self, i: int) -> np.ndarray:

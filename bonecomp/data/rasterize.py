@@ -41,12 +41,13 @@ def rasterize(
     ``out`` may be a preallocated zeroed (C, H, W) uint8 array to avoid an allocation.
     """
     out_hw = tuple(src_hw) if out_hw is None else tuple(out_hw)
-    out = _output(polygons, out_hw, out)
+    out = _output(len(polygons), out_hw, out)
     if out_hw == tuple(src_hw):
         for c in range(len(polygons)):
             cv2.fillPoly(out[c], [polygons[c]], 1)
         return out
-    return _draw(polygons, src_hw, out_hw, 1, out)
+    return draw(to_frame(polygons.points, src_hw, out_hw), polygons.offsets, out_hw,
+                outline(src_hw, out_hw), 1, out)
 
 
 def coverage(
@@ -59,9 +60,47 @@ def coverage(
 
     255 means all k*k sub-samples of the pixel lie inside the class's ground-truth region.
     """
+    return draw(to_frame(polygons.points, src_hw, out_hw), polygons.offsets, tuple(out_hw),
+                outline(src_hw, out_hw), k)
+
+
+def to_frame(points: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+    """Source pixel coordinates -> target ones (pixel centres at integers), float64 (N, 2)."""
+    (sh, sw), (th, tw) = src_hw, out_hw
+    if min(sh, sw, th, tw) <= 0:
+        raise ValueError(f"rasterize: sizes must be positive, got src {src_hw} out {out_hw}")
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    return (pts + 0.5) * np.array([tw / sw, th / sh]) - 0.5
+
+
+def outline(src_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[float, float]:
+    """The half source pixel OpenCV paints around a polygon, in target pixels (x, y)."""
+    return _OUTLINE * out_hw[1] / src_hw[1], _OUTLINE * out_hw[0] / src_hw[0]
+
+
+def draw(
+    points: np.ndarray,
+    offsets: np.ndarray,
+    out_hw: tuple[int, int],
+    grow: tuple[float, float] = (0.0, 0.0),
+    k: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Draw float polygons given in the target frame (e.g. after augmentation).
+
+    ``points[offsets[c]:offsets[c+1]]`` is class c's outline; ``grow`` widens it by a
+    diamond of (dx, dy) target pixels. k = 1 gives {0, 1} masks; k > 1 gives coverage in
+    0..255 from k x k sub-samples per pixel.
+    """
     if k < 1:
-        raise ValueError(f"coverage: k must be >= 1, got {k}")
-    return _draw(polygons, src_hw, tuple(out_hw), k, _output(polygons, tuple(out_hw), None))
+        raise ValueError(f"rasterize: k must be >= 1, got {k}")
+    out = _output(len(offsets) - 1, tuple(out_hw), out)
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    # Sub-sample count -> stored value: {0, 1} for masks, 0..255 for coverage.
+    lut = np.round(np.arange(k * k + 1) * (255.0 / (k * k))).astype(np.uint8)
+    _draw_all(np.ascontiguousarray(pts[:, 0]), np.ascontiguousarray(pts[:, 1]),
+              np.asarray(offsets, np.int64), k, float(grow[0]), float(grow[1]), lut, out)
+    return out
 
 
 def class_crop(points: np.ndarray, src_hw: tuple[int, int]) -> tuple[int, int, np.ndarray]:
@@ -86,29 +125,12 @@ def truth_crops(polygons: Polygons, src_hw: tuple[int, int]) -> list[tuple[int, 
     return [class_crop(polygons[c], src_hw) for c in range(len(polygons))]
 
 
-def _output(polygons: Polygons, out_hw: tuple[int, int], out: np.ndarray | None) -> np.ndarray:
-    shape = (len(polygons), *out_hw)
+def _output(channels: int, out_hw: tuple[int, int], out: np.ndarray | None) -> np.ndarray:
+    shape = (channels, *out_hw)
     if out is None:
         return np.zeros(shape, np.uint8)
     if out.shape != shape or out.dtype != np.uint8:
         raise ValueError(f"rasterize: out must be uint8 {shape}, got {out.dtype} {out.shape}")
-    return out
-
-
-def _draw(
-    polygons: Polygons, src_hw: tuple[int, int], out_hw: tuple[int, int], k: int, out: np.ndarray
-) -> np.ndarray:
-    (sh, sw), (th, tw) = src_hw, out_hw
-    if min(sh, sw, th, tw) <= 0:
-        raise ValueError(f"rasterize: sizes must be positive, got src {src_hw} out {out_hw}")
-    sy, sx = th / sh, tw / sw
-    pts = polygons.points.astype(np.float64)
-    xs = (pts[:, 0] + 0.5) * sx - 0.5
-    ys = (pts[:, 1] + 0.5) * sy - 0.5
-    # Sub-sample count -> stored value: {0, 1} for masks, 0..255 for coverage.
-    lut = np.round(np.arange(k * k + 1) * (255.0 / (k * k))).astype(np.uint8) if k > 1 else None
-    _draw_all(xs, ys, polygons.offsets, k, _OUTLINE * sx, _OUTLINE * sy,
-              np.arange(2, dtype=np.uint8) if lut is None else lut, out)
     return out
 
 
