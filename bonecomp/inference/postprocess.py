@@ -148,13 +148,19 @@ def upsample_threshold(
         a, b = _down(max(i0 - 1, 0), gy), _up(min(i1 + 2, h), gy)
         cs, ce = _down(max(j0 - 1, 0), gx), _up(min(j1 + 2, w), gx)
         v = _upsample(x[c, a:b, cs:ce], ((b - a) * H // h, (ce - cs) * W // w))
+        # Small per-crop work runs in numpy on CPU: torch's thread pool only adds
+        # overhead here (and spins badly when DataLoader workers compete for cores).
+        on_cpu = not v.is_cuda
+        v = v.numpy() if on_cpu else v
         y0, x0 = a * H // h, cs * W // w
         (lo, hi), e = cuts[c], tol[c]
         mask = v > hi + e
         amb = (v >= lo - e) & ~mask
-        if bool(amb.any()):
-            ys, xs = torch.nonzero(amb, as_tuple=True)
-            mask[ys, xs] = _decide(x[c], ys + y0, xs + x0, (H, W), (gy, gx), ts[c], logits)
+        if amb.any():
+            ys, xs = _nonzero(amb)
+            ty, tx = (torch.as_tensor(i, device=x.device) for i in (ys, xs))
+            decided = _decide(x[c], ty + y0, tx + x0, (H, W), (gy, gx), ts[c], logits)
+            mask[ys, xs] = decided.numpy() if on_cpu else decided
         masks.append(_trim(mask, y0, x0))
     return SparseMasks((H, W), masks)
 
@@ -281,11 +287,16 @@ def _empty(device: torch.device) -> SparseMask:
     return SparseMask(0, 0, torch.zeros((0, 0), dtype=torch.bool, device=device))
 
 
-def _trim(mask: torch.Tensor, y0: int, x0: int) -> SparseMask:
-    rows, cols = mask.any(dim=1), mask.any(dim=0)
-    if not bool(rows.any()):
-        return _empty(mask.device)
-    r = torch.nonzero(rows, as_tuple=True)[0]
-    c = torch.nonzero(cols, as_tuple=True)[0]
+def _nonzero(a: np.ndarray | torch.Tensor) -> tuple:
+    return torch.nonzero(a, as_tuple=True) if isinstance(a, torch.Tensor) else np.nonzero(a)
+
+
+def _trim(mask: np.ndarray | torch.Tensor, y0: int, x0: int) -> SparseMask:
+    """The mask cut to its bounding box (numpy on CPU, torch on CUDA)."""
+    (r,), (c,) = _nonzero(mask.any(1)), _nonzero(mask.any(0))
+    if len(r) == 0:
+        return _empty(mask.device if isinstance(mask, torch.Tensor) else "cpu")
     r0, r1, c0, c1 = int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1
-    return SparseMask(y0 + r0, x0 + c0, mask[r0:r1, c0:c1].contiguous())
+    crop = mask[r0:r1, c0:c1]
+    crop = crop.contiguous() if isinstance(crop, torch.Tensor) else torch.from_numpy(crop.copy())
+    return SparseMask(y0 + r0, x0 + c0, crop)
