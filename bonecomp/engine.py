@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bonecomp.data.cache import TrainCache
+from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.rasterize import truth_crops
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceAccumulator
@@ -42,6 +43,7 @@ class StepContext:
     channels_last: bool = False
     ema: nn.Module | None = None
     progress: bool = True
+    soft_targets: bool = False  # compact uint8 masks hold coverage 0..255
 
 
 def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
@@ -51,9 +53,15 @@ def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
 
 
 def to_device(batch: dict, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (B, 3, H, W) and masks (B, C, H, W) as float on the device; compact uint8
+    batches (see ``BoneDataset``) are converted there, after the cheap transfer."""
+    images = batch["image"].to(ctx.device, non_blocking=True)
+    masks = batch["mask"].to(ctx.device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = to_float_image(images)
+        masks = to_float_mask(masks, ctx.soft_targets)
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    images = batch["image"].to(ctx.device, non_blocking=True, memory_format=fmt)
-    return images, batch["mask"].to(ctx.device, non_blocking=True)
+    return images.contiguous(memory_format=fmt), masks
 
 
 def train_one_epoch(

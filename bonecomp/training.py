@@ -118,16 +118,9 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise ValueError(f"fold {fold} leaves no training or no validation images")
 
-    train_ds = BoneDataset(
-        cache,
-        train_idx,
-        train_transform(cfg.data.augment),
-        cfg.data.soft_targets,
-        cfg.data.soft_k,
-    )
-    val_ds = BoneDataset(
-        cache, val_idx[dd.rank :: dd.world], None, cfg.data.soft_targets, cfg.data.soft_k
-    )
+    soft, k = cfg.data.soft_targets, cfg.data.soft_k
+    train_ds = BoneDataset(cache, train_idx, train_transform(cfg.data.augment), soft, k, True)
+    val_ds = BoneDataset(cache, val_idx[dd.rank :: dd.world], None, soft, k, True)
     gen = torch.Generator()
     if dd.world > 1:
         sampler = DistributedSampler(
@@ -178,7 +171,7 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
         ids = [device.index] if cuda else None
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ctx = StepContext(
-        device, amp_dtype, scaler, t.accum_steps, t.grad_clip, channels_last, ema, progress
+        device, amp_dtype, scaler, t.accum_steps, t.grad_clip, channels_last, ema, progress, soft
     )
     loss_fn = BceDiceLoss(cfg.loss)
 
@@ -233,7 +226,7 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
         last = epoch == t.epochs - 1 or out_of_time
         if (epoch + 1) % t.val_every == 0 or last:
             eval_model = ema.module if ema is not None else model
-            oof = _oof_writer(cfg, run_dir, cache, val_idx, val_ds, dd) if t.save_oof else None
+            oof = _oof_writer(cfg, run_dir, cache, val_idx, dd) if t.save_oof else None
             val = validate(eval_model, val_loader, cache, loss_fn, ctx, 0.5, oof)
             row.update(val_loss=val["val_loss"], val_dice=val["dice"])
             improved = val["dice"] > state["best_dice"]
@@ -376,7 +369,7 @@ def _save_last(run_dir, cfg, fold, model, optimizer, scheduler, scaler, ema, sta
     )
 
 
-def _oof_writer(cfg, run_dir: Path, cache: TrainCache, val_idx, val_ds, dd: Dist) -> OOFWriter:
+def _oof_writer(cfg, run_dir: Path, cache: TrainCache, val_idx, dd: Dist) -> OOFWriter:
     """A float16 memmap of all validation images of the fold, shared by the ranks."""
     size = cfg.train.oof_size
     path = run_dir / ".oof.tmp.npy"

@@ -10,7 +10,7 @@ import torch
 from bonecomp.config import AugmentConfig
 from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import open_cache
-from bonecomp.data.dataset import BoneDataset
+from bonecomp.data.dataset import BoneDataset, to_float_image, to_float_mask
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
 
@@ -88,3 +88,13 @@ def test_full_mask_is_exact_source_truth(cache):
     full = ds.full_mask(0)
     assert full.shape == (29, 128, 128)
     assert np.array_equal(full, rasterize(cache.polygons(4), (128, 128)))
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_compact_items_convert_to_the_float_items(cache, soft):
+    plain = BoneDataset(cache, [3], None, soft_targets=soft)[0]
+    small = BoneDataset(cache, [3], None, soft_targets=soft, compact=True)[0]
+    assert small["image"].dtype == torch.uint8 and small["image"].shape == (64, 64)
+    assert small["mask"].dtype == torch.uint8
+    assert torch.equal(to_float_image(small["image"][None])[0], plain["image"])
+    assert torch.equal(to_float_mask(small["mask"], soft), plain["mask"])

@@ -15,6 +15,18 @@ from bonecomp.data.images import read_image
 from bonecomp.data.rasterize import draw, outline, rasterize, to_frame
 
 
+def to_float_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 grey (..., H, W) -> float (..., 3, H, W) in [0, 1] (grey as RGB)."""
+    x = image.float().div_(255).unsqueeze(-3)
+    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
+
+
+def to_float_mask(mask: torch.Tensor, soft: bool) -> torch.Tensor:
+    """uint8 masks -> float in [0, 1]: {0, 1} as they are, coverage 0..255 scaled."""
+    m = mask.float()
+    return m.div_(255) if soft else m
+
+
 class BoneDataset(Dataset):
     """Items of a training cache: ``{"image": (3,S,S) float in [0,1], "mask": (C,S,S) float,
     "index": cache row}``.
@@ -24,6 +36,8 @@ class BoneDataset(Dataset):
     ``augment.train_transform``) the polygons move with the image as keypoints and the
     masks are drawn at the new pose. ``full_mask(i)`` gives the ground truth at the
     source size (2048), drawn on demand, for Dice at the size the leaderboard uses.
+    With ``compact`` the image stays uint8 (S, S) and the mask uint8 (C, S, S), and
+    ``to_float_image`` / ``to_float_mask`` convert them on the device (training does).
     """
 
     def __init__(
@@ -33,12 +47,14 @@ class BoneDataset(Dataset):
         transform: A.Compose | None = None,
         soft_targets: bool = False,
         soft_k: int = 4,
+        compact: bool = False,
     ) -> None:
         self.cache = cache
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
         self.transform = transform
         self.soft_targets = soft_targets
         self.soft_k = soft_k
+        self.compact = compact
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -57,11 +73,10 @@ class BoneDataset(Dataset):
                 out = self.transform(image=image, keypoints=points)
                 image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
             mask = draw(points, polys.offsets, (s, s), outline(src_hw, (s, s)), k)
-        img_t = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
-        mask_t = torch.from_numpy(mask).float()
-        if k > 1:
-            mask_t.div_(255)
-        return {"image": img_t.expand(3, -1, -1).contiguous(), "mask": mask_t, "index": idx}
+        img, mask_t = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask)
+        if self.compact:  # uint8 through worker IPC and to the device: 4-12x fewer bytes
+            return {"image": img, "mask": mask_t, "index": idx}
+        return {"image": to_float_image(img), "mask": to_float_mask(mask_t, k > 1), "index": idx}
 
     def full_mask(self, i: int) -> np.ndarray:
         """Ground truth (C, H, W) uint8 at the source resolution, exact (cv2.fillPoly)."""
