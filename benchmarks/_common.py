@@ -67,6 +67,15 @@ def print_machine(extra: str = "") -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {load} (1/5/15 min){extra}")
 
 
+def status_mib(key: str) -> float:
+    """A ``/proc/self/status`` memory figure (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time (s) of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
     for _ in range(warmup):

@@ -39,7 +39,7 @@ from _common import (
     print_table,
 )
 
-from bonecomp.classes import CLASSES
+from bonecomp.classes import CLASS_TO_INDEX, CLASSES
 from bonecomp.config import AugmentConfig
 from bonecomp.data.annotations import Polygons, load_annotation
 from bonecomp.data.augment import train_transform
@@ -49,7 +49,6 @@ from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
 
 SRC = (2048, 2048)
-CLASS2IND = {c: i for i, c in enumerate(CLASSES)}
 
 
 # ------------------------------------------------------------------ the public baseline
@@ -81,7 +80,7 @@ class BaselineDataset:
         for ann in annotations:
             class_label = np.zeros(image.shape[:2], dtype=np.uint8)
             cv2.fillPoly(class_label, [np.array(ann["points"])], 1)
-            label[..., CLASS2IND[ann["label"]]] = class_label
+            label[..., CLASS_TO_INDEX[ann["label"]]] = class_label
         s = self.size
         image = cv2.resize(image, (s, s), interpolation=cv2.INTER_LINEAR)
         label = cv2.resize(label, (s, s), interpolation=cv2.INTER_NEAREST)

@@ -41,6 +41,7 @@ from _common import (
     phantom_root,
     print_machine,
     print_table,
+    status_mib,
 )
 
 from bonecomp.data.annotations import Polygons, load_annotation
@@ -104,13 +105,6 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------- peak memory
-def _status_mib(key: str) -> float:
-    """A ``/proc/self/status`` memory figure (VmRSS, VmHWM) in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def _peak_child(path: str, which: str, threads: int) -> tuple[float, bool]:
@@ -125,7 +119,7 @@ def _peak_child(path: str, which: str, threads: int) -> tuple[float, bool]:
     fn = ours if which == "ours" else baseline
     x = torch.from_numpy(np.load(path))
     fn(x[:, :64, :64].contiguous(), (256, 256))  # compile / load kernels, init thread pools
-    before = _status_mib("VmRSS")
+    before = status_mib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -133,7 +127,7 @@ def _peak_child(path: str, which: str, threads: int) -> tuple[float, bool]:
     except OSError:
         exact = False
     fn(x)
-    return _status_mib("VmHWM") - (before if exact else 0.0), exact
+    return status_mib("VmHWM") - (before if exact else 0.0), exact
 
 
 def peak_mib(x: torch.Tensor, which: str) -> tuple[float, bool]:

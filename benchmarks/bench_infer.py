@@ -1,0 +1,199 @@
+"""Streaming ensemble inference: time per image and peak memory as the image count grows.
+
+    .venv/bin/python benchmarks/bench_infer.py [--quick] [--train-seconds 20]
+
+A 2-architecture x 2-fold ensemble (U-Net and FPN on ResNet-18 at 256 px, each fold
+trained briefly on the phantom) with hflip TTA, over 10 and over 40 phantom test images
+at 2048 px, each configuration in a fresh process:
+- ours: the path of scripts/infer.py (``predict_submission``): DataLoader prefetch,
+  batched TTA, probabilities averaged per batch on the 256 grid, exact sparse upsample
+  to 2048, thresholds, RLE, atomic CSV, validation.
+- baseline-style loop: per image and model, the TTA-mean probabilities upsampled to 2048
+  in float32 (``F.interpolate``) and summed into a full-size map, then > 0.5 and the
+  classic RLE per class. Upsampling is linear, so both compute the same masks; the
+  table's last row is the Dice between the two CSVs.
+Peak memory is the main process's peak RSS above its RSS before the run (VmHWM after a
+``clear_refs`` reset); on a GPU the peak allocated GPU memory is printed too.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _common import Row, base_parser, print_machine, print_table, status_mib
+
+from bonecomp.config import load_config
+from bonecomp.data.dataset import TestImages
+from bonecomp.data.layout import discover
+from bonecomp.data.phantom import make_phantom
+from bonecomp.inference.ensemble import load_member
+from bonecomp.inference.predict import find_checkpoints, predict_submission
+from bonecomp.inference.tta import tta_mean, views
+from bonecomp.submission import compare_submissions, write_submission
+from bonecomp.training import run_training
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+ARCHS = ("unet", "fpn")
+
+
+def classic_encode(mask: np.ndarray) -> str:
+    pixels = np.concatenate([[0], mask.flatten(), [0]])
+    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
+    runs[1::2] -= runs[::2]
+    return " ".join(str(x) for x in runs)
+
+
+def overrides(work: Path, root: Path, **extra) -> list[str]:
+    values = {
+        "data.root": str(root),
+        "data.cache_dir": str(work / "cache"),
+        "data.n_splits": 2,
+        "train.output_dir": str(work / "runs"),
+        "infer.num_workers": 2,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def train_members(work: Path, root: Path, seconds: float) -> None:
+    for arch in ARCHS:
+        for fold in (0, 1):
+            cfg = load_config(
+                CONFIG,
+                overrides(
+                    work,
+                    root,
+                    **{
+                        "model.arch": arch,
+                        "train.experiment": arch,
+                        "train.epochs": 100,
+                        "train.val_every": 100,
+                        "train.max_train_minutes": seconds / 60,
+                    },
+                ),
+            )
+            run_training(cfg, fold, progress=False)
+
+
+def ensemble_config(work: Path, root: Path):
+    members = "[" + ",".join(f"{{experiment: {a}, folds: [0, 1]}}" for a in ARCHS) + "]"
+    return load_config(
+        CONFIG, overrides(work, root, **{"infer.ensemble": members, "infer.tta": "[none, hflip]"})
+    )
+
+
+def subset_root(root: Path, tmp: Path, n_images: int) -> Path:
+    """A data root whose test split holds the first n_images / 2 patients (symlinks)."""
+    sub = tmp / f"test{n_images}"
+    (sub / "test" / "DCM").mkdir(parents=True)
+    for d in sorted((root / "test" / "DCM").iterdir())[: n_images // 2]:
+        (sub / "test" / "DCM" / d.name).symlink_to(d.resolve())
+    return sub
+
+
+def baseline_loop(cfg, data_root: Path, out: Path) -> None:
+    checkpoints = find_checkpoints(cfg, ensemble=True)
+    members = [load_member(p, w) for p, w in checkpoints]
+    tta = views(cfg.infer.tta)
+    test = discover(data_root, "test")
+    rows = []
+    with torch.no_grad():
+        for item in TestImages(test, [256]):
+            x = item["image256"][None, None].float().div(255).expand(-1, 3, -1, -1)
+            total = None
+            for m in members:
+                probs = tta_mean(m.model, x, tta)
+                up = F.interpolate(
+                    probs, size=tuple(item["hw"].tolist()), mode="bilinear", align_corners=False
+                )[0]
+                total = up if total is None else total + up
+            masks = (total / len(members) > 0.5).numpy()
+            rows.append((item["name"], [classic_encode(m) for m in masks]))
+    write_submission(out, rows)
+
+
+def _run(which: str, work: str, root: str, data_root: str, out: str, threads: int) -> tuple:
+    """In a fresh process: (seconds, peak MiB above the start, peak GPU GiB)."""
+    torch.set_num_threads(threads)
+    cfg = ensemble_config(Path(work), Path(root))
+    before = status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    t0 = time.perf_counter()
+    if which == "ours":
+        res = predict_submission(cfg, find_checkpoints(cfg, True), out, data_root, progress=False)
+        assert res.report.ok, res.report.problems[:3]
+    else:
+        baseline_loop(cfg, Path(data_root), Path(out))
+    seconds = time.perf_counter() - t0
+    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    return seconds, status_mib("VmHWM") - before, gpu
+
+
+def main() -> None:
+    ap = base_parser(__doc__, repeats=1, patients=4)
+    ap.add_argument("--train-seconds", type=float, default=20, help="training per member")
+    ap.add_argument("--counts", nargs="+", type=int, default=[10, 40], help="test image counts")
+    args = ap.parse_args()
+    counts = [4, 8] if args.quick else args.counts
+    print_machine(f", torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
+        tmp = Path(tmp)
+        root = args.data or tmp / "phantom"
+        if not (root / "test" / "DCM").is_dir():
+            t0 = time.perf_counter()
+            make_phantom(root, args.patients, max(counts) // 2, 2048, args.seed, progress=False)
+            print(f"phantom in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        train_members(tmp, root, 5 if args.quick else args.train_seconds)
+        print(f"trained {2 * len(ARCHS)} members in {time.perf_counter() - t0:.0f} s")
+        rows: list[Row] = []
+        ctx = mp.get_context("spawn")
+        agreement = []
+        for n in counts:
+            data_root = subset_root(root, tmp, n)
+            result = {}
+            for which in ("ours", "base"):
+                out = tmp / f"{which}{n}.csv"
+                # a non-daemonic worker process: ours starts DataLoader workers itself
+                with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                    job = pool.submit(
+                        _run,
+                        which,
+                        str(tmp),
+                        str(root),
+                        str(data_root),
+                        str(out),
+                        torch.get_num_threads(),
+                    )
+                    result[which] = job.result()
+            (t_o, m_o, g_o), (t_b, m_b, _) = result["ours"], result["base"]
+            rows.append(Row(f"{n} images: time per image", t_o / n, t_b / n, "s", False, 1.0))
+            rows.append(Row(f"{n} images: peak RSS", m_o, m_b, "MiB"))
+            if g_o == g_o:
+                print(f"{n} images: peak GPU memory (ours) {g_o:.2f} GiB")
+            agreement.append(compare_submissions(tmp / f"ours{n}.csv", tmp / f"base{n}.csv").mean)
+        print_table(
+            "Ensemble inference, 2 models x 2 folds x hflip TTA: ours vs baseline loop", rows
+        )
+        peaks = [r.ours for r in rows if "peak" in r.what]
+        print(
+            f"our peak RSS from {counts[0]} to {counts[-1]} images: "
+            + " -> ".join(f"{p:.0f} MiB" for p in peaks)
+            + (" (flat)" if max(peaks) <= 1.2 * min(peaks) + 50 else " (GROWS)")
+        )
+        print(
+            "Dice between our CSV and the baseline's: " + ", ".join(f"{a:.6f}" for a in agreement)
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
