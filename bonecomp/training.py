@@ -133,7 +133,7 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     loader_kw = dict(
         num_workers=workers,
         pin_memory=cuda,
-        persistent_workers=cuda and workers > 0,
+        persistent_workers=workers > 0,  # no re-fork per epoch (~2 s each on CPU)
         worker_init_fn=_seed_worker,
     )
     train_loader = DataLoader(
@@ -151,7 +151,7 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     amp_dtype = None
     if cuda and t.amp:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    channels_last = t.channels_last  # also ~1.8x faster on CPU (oneDNN kernels)
+    channels_last = t.channels_last  # also on CPU: oneDNN is 5-20% faster with it here
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema) if t.ema else None

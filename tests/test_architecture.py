@@ -1,0 +1,60 @@
+"""Dependencies point one way (ARCHITECTURE): low-level modules never import higher ones,
+and nothing in the library imports ``viz`` (a leaf for scripts)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "bonecomp"
+
+# Lower numbers may be imported by higher ones, never the reverse.
+LAYERS = {
+    "bonecomp.classes": 0,
+    "bonecomp.config": 0,
+    "bonecomp.rle": 0,
+    "bonecomp.data": 1,
+    "bonecomp.models": 1,
+    "bonecomp.losses": 1,
+    "bonecomp.metrics": 1,
+    "bonecomp.checkpoint": 1,
+    "bonecomp.submission": 2,
+    "bonecomp.engine": 2,
+    "bonecomp.inference": 2,
+    "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
+    "bonecomp.training": 3,  # wiring: one fold end to end
+    "bonecomp.viz": 4,
+}
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LAYERS:
+            return LAYERS[".".join(parts[:n])]
+    raise KeyError(f"{module} has no layer: add it to LAYERS")
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {m for m in found if m.startswith("bonecomp.")}
+
+
+MODULES = sorted(p for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.parent != PKG)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down(path):
+    name = "bonecomp." + ".".join(path.relative_to(PKG).with_suffix("").parts)
+    name = name.removesuffix(".__init__")
+    for dep in imports(path):
+        assert "bonecomp.viz" not in dep or name == "bonecomp.viz", f"{name} imports viz"
+        assert layer(dep) <= layer(name), f"{name} (layer {layer(name)}) imports {dep}"
