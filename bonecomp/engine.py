@@ -64,6 +64,26 @@ def to_device(batch: dict, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor
     return images.contiguous(memory_format=fmt), masks
 
 
+def all_ranks_true(flag: torch.Tensor | bool) -> bool:
+    """``flag`` on this rank and on every other (one all-reduce under DDP).
+
+    Decisions that change what a rank does next (stop, raise) must be the same on every
+    rank, or the others wait forever in a collective.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)
+    t = torch.as_tensor(flag, dtype=torch.int32).reshape(1)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def past(deadline: float) -> bool:
+    """Has any rank passed ``deadline`` (``time.monotonic()``)? Same answer on all ranks."""
+    return not all_ranks_true(time.monotonic() <= deadline)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -100,7 +120,7 @@ def train_one_epoch(
             with autocast(ctx):
                 logits = model(images)
             loss, parts = loss_fn(logits, masks)
-            if not torch.isfinite(loss):
+            if not all_ranks_true(torch.isfinite(loss)):  # every rank stops together
                 names = image_names(batch["index"].tolist())
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {b}; images: {names}"
@@ -121,7 +141,7 @@ def train_one_epoch(
         sums["dice"] += parts["dice"]
         rate = seen / max(time.monotonic() - t0, 1e-9)
         bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}", img_s=f"{rate:.1f}")
-        if deadline is not None and last_of_update and time.monotonic() > deadline:
+        if deadline is not None and last_of_update and past(deadline):
             break
     elapsed = time.monotonic() - t0
     out = {k: v / max(batches, 1) for k, v in sums.items()}
@@ -130,7 +150,6 @@ def train_one_epoch(
         img_s=seen / max(elapsed, 1e-9),
         train_time=elapsed,
         num_updates=num_updates,
-        complete=float(batches == n_batches),
     )
     return out
 

@@ -35,11 +35,11 @@ from bonecomp.checkpoint import load_checkpoint, save_checkpoint
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, save_config, to_dict
 from bonecomp.data.augment import train_transform
-from bonecomp.data.cache import TrainCache, open_cache
+from bonecomp.data.cache import TrainCache, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.folds import folds_path, load_or_make_folds
 from bonecomp.data.layout import discover
-from bonecomp.engine import OOFWriter, StepContext, train_one_epoch, validate
+from bonecomp.engine import OOFWriter, StepContext, past, train_one_epoch, validate
 from bonecomp.losses import BceDiceLoss
 from bonecomp.metrics import DiceTable
 from bonecomp.models import create_model
@@ -89,28 +89,37 @@ def run_training(
     if not 0 <= fold < cfg.data.n_splits:
         raise ValueError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
     dist_info = _setup_distributed(cfg.train.device)
-    try:
-        return _run(cfg, fold, resume, progress and dist_info.main, on_best, dist_info)
-    finally:
-        if dist_info.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    return _run(cfg, fold, resume, progress and dist_info.main, on_best, dist_info)
+
+
+def shutdown_distributed() -> None:
+    """End the torchrun process group (once, after the last fold)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     t = cfg.train
     device = _device(t.device, dd)
-    _seed_everything(t.seed + dd.rank)
     run_dir = run_dir_for(cfg, fold)
     say = tqdm.write if dd.main else (lambda *_: None)
+    if resume:
+        _check_resumable(cfg, run_dir)
+    elif (run_dir / "last.pt").exists():  # every rank checks: no rank waits in a collective
+        raise FileExistsError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+            "train.experiment / delete the folder"
+        )
 
     # Data: table -> folds (written once) -> cache (built once); rank 0 first.
     df = discover(cfg.data.root, "train", cfg.data.exclude)
-    fpath = folds_path(cfg.data.cache_dir, cfg.data.n_splits, cfg.data.fold_seed)
+    cache_dir = data_cache_dir(cfg.data.cache_dir, cfg.data.root)
+    fpath = folds_path(cache_dir, cfg.data.n_splits, cfg.data.fold_seed)
     cache = None
     for turn in ("main", "others"):
         if (turn == "main") == dd.main:
             folds = load_or_make_folds(df, fpath, cfg.data.n_splits, cfg.data.fold_seed)
-            cache = open_cache(df, cfg.data.cache_dir, cfg.data.image_size, progress=progress)
+            cache = open_cache(df, cache_dir, cfg.data.image_size, progress=progress)
         dd.barrier()
     assert cache is not None
     is_val = (folds["fold"] == fold).to_numpy()
@@ -146,8 +155,11 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     )
     val_loader = DataLoader(val_ds, t.batch_size, shuffle=False, **loader_kw)
 
-    # Model, optimisation.
+    # Model, optimisation. The same seed on every rank gives the same initial weights, so
+    # each rank's EMA copy starts from what DDP broadcasts; data randomness differs by rank.
+    _seed_everything(t.seed)
     model = create_model(cfg.model).to(device)
+    _seed_everything(t.seed + dd.rank)
     amp_dtype = None
     if cuda and t.amp:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -188,11 +200,6 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
         _set_rng(ckpt["rng"])
         state = {k: ckpt[k] for k in state}
         say(f"resumed {run_dir} after epoch {state['epoch']} (best Dice {state['best_dice']:.4f})")
-    elif dd.main and (run_dir / "last.pt").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-            "train.experiment / delete the folder"
-        )
     if dd.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -200,64 +207,99 @@ def _run(cfg, fold, resume, progress, on_best, dd: Dist) -> TrainResult:
     logger = _Logger(cfg, run_dir) if dd.main else None
     names = lambda idx: cache.index["rel"].iloc[idx].tolist()  # noqa: E731
 
-    deadline = None
-    if t.max_train_minutes:
-        deadline = time.monotonic() + 60 * t.max_train_minutes
-    start = time.monotonic()
-    epochs = range(state["epoch"] + 1, t.epochs)
-    for epoch in tqdm(epochs, desc=f"fold {fold}", unit="epoch", disable=not progress):
-        gen.manual_seed(t.seed + epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        row = train_one_epoch(
-            train_model,
-            train_loader,
-            optimizer,
-            scheduler,
-            loss_fn,
-            ctx,
-            epoch,
-            state["num_updates"],
-            names,
-            deadline,
-        )
-        state["num_updates"] = int(row.pop("num_updates"))
-        out_of_time = deadline is not None and time.monotonic() > deadline
-        last = epoch == t.epochs - 1 or out_of_time
-        if (epoch + 1) % t.val_every == 0 or last:
-            eval_model = ema.module if ema is not None else model
-            oof = _oof_writer(cfg, run_dir, cache, val_idx, dd) if t.save_oof else None
-            val = validate(eval_model, val_loader, cache, loss_fn, ctx, 0.5, oof)
-            row.update(val_loss=val["val_loss"], val_dice=val["dice"])
-            improved = val["dice"] > state["best_dice"]
-            if improved:
-                state.update(best_dice=val["dice"], best_epoch=epoch)
-            if dd.main:
-                say(
-                    f"epoch {epoch}: val Dice {val['dice']:.4f} (best {state['best_dice']:.4f} "
-                    f"at epoch {state['best_epoch']})\n"
-                    + DiceTable(val["per_class"], val["n_images"]).format_compact()
-                )
+    try:
+        deadline = None
+        if t.max_train_minutes:
+            deadline = time.monotonic() + 60 * t.max_train_minutes
+        start = time.monotonic()
+        epochs = range(state["epoch"] + 1, t.epochs)
+        for epoch in tqdm(epochs, desc=f"fold {fold}", unit="epoch", disable=not progress):
+            # Order and worker seeds per (seed, epoch, rank): reproducible, different by rank.
+            gen.manual_seed((t.seed * 1_000_003 + epoch) * 1009 + dd.rank)
+            if workers == 0:  # no worker to seed the augmentations: seed them here
+                train_ds.transform.set_random_seed(int(torch.randint(2**31, (1,), generator=gen)))
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            row = train_one_epoch(
+                train_model,
+                train_loader,
+                optimizer,
+                scheduler,
+                loss_fn,
+                ctx,
+                epoch,
+                state["num_updates"],
+                names,
+                deadline,
+            )
+            state["num_updates"] = int(row.pop("num_updates"))
+            out_of_time = deadline is not None and past(deadline)
+            last = epoch == t.epochs - 1 or out_of_time
+            if (epoch + 1) % t.val_every == 0 or last:
+                eval_model = ema.module if ema is not None else model
+                oof = _oof_writer(cfg, run_dir, cache, val_idx, dd) if t.save_oof else None
+                val = validate(eval_model, val_loader, cache, loss_fn, ctx, 0.5, oof)
+                row.update(val_loss=val["val_loss"], val_dice=val["dice"])
+                improved = val["dice"] > state["best_dice"]
                 if improved:
-                    _save_best(run_dir, cfg, fold, epoch, eval_model, val, oof is not None)
+                    state.update(best_dice=val["dice"], best_epoch=epoch)
+                if dd.main:
+                    say(
+                        f"epoch {epoch}: val Dice {val['dice']:.4f} (best {state['best_dice']:.4f} "
+                        f"at epoch {state['best_epoch']})\n"
+                        + DiceTable(val["per_class"], val["n_images"]).format_compact()
+                    )
+                    if improved:
+                        _save_best(run_dir, cfg, fold, epoch, eval_model, val, oof is not None)
+                dd.barrier()
+                if dd.main and improved and on_best is not None:
+                    on_best(run_dir)
+            state["epoch"] = epoch
+            if dd.main:
+                row.update(epoch=epoch, elapsed=time.monotonic() - start)
+                logger.log(row)
+                _save_last(run_dir, cfg, fold, model, optimizer, scheduler, scaler, ema, state)
             dd.barrier()
-            if dd.main and improved and on_best is not None:
-                on_best(run_dir)
-        state["epoch"] = epoch
-        if dd.main:
-            row.update(epoch=epoch, elapsed=time.monotonic() - start)
-            logger.log(row)
-            _save_last(run_dir, cfg, fold, model, optimizer, scheduler, scaler, ema, state)
-        dd.barrier()
-        if out_of_time:
-            say(f"stopping: train.max_train_minutes={t.max_train_minutes} reached")
-            break
-    if logger:
-        logger.close()
+            if out_of_time:
+                say(f"stopping: train.max_train_minutes={t.max_train_minutes} reached")
+                break
+    finally:  # TensorBoard / W&B flushed even when training fails
+        if logger:
+            logger.close()
     return TrainResult(run_dir, state["best_dice"], state["best_epoch"], state["epoch"] + 1)
 
 
 # ----------------------------------------------------------------------------- helpers
+# Keys that may change when resuming: they do not alter what the run computes.
+RESUME_MAY_CHANGE = {
+    "data.num_workers", "train.max_train_minutes", "train.tensorboard", "train.wandb",
+    "train.device", "data.cache_dir", "data.root",
+}  # fmt: skip
+
+
+def _check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume with a config that changes the run (the LR schedule, the data,
+    the model...): the checkpoint's optimizer and schedule would silently disagree."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    old, new = _flatten(ckpt["config"]), _flatten(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)  # fmt: skip
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise ValueError(
+            f"cannot resume {run_dir} with a different config ({diffs}); resume with the "
+            f"saved one ({run_dir / 'config.yaml'}) or start a new train.experiment"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
 def _setup_distributed(device_pref: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -274,14 +316,21 @@ def _device(pref: str, dd: Dist) -> torch.device:
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"train.device={pref!r} but CUDA is not available")
+        if dd.world > 1 and ":" in pref:
+            raise ValueError(
+                f"train.device={pref!r} under torchrun: use 'cuda' (each rank takes its "
+                "LOCAL_RANK GPU); pick GPUs with CUDA_VISIBLE_DEVICES"
+            )
         dev = torch.device(pref if ":" in pref else f"cuda:{dd.local_rank}")
         torch.cuda.set_device(dev)
         return dev
     return torch.device(pref)
 
 
-# Libraries (albumentations, user code) draw from the global RNGs, so those are what we
-# seed and checkpoint: hence the legacy numpy API below (ruff NPY002 is silenced there).
+# torch, numpy and random global generators are seeded and checkpointed (user code and
+# some libraries draw from them: hence the legacy numpy API, ruff NPY002 silenced below).
+# albumentations 2 has its own generator per Compose: _seed_worker and the epoch loop
+# seed it.
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002
@@ -341,7 +390,6 @@ def _save_best(
             "model": model.state_dict(),
             "metric": val["dice"],
             "per_class": [float(v) for v in val["per_class"]],
-            "thresholds": None,
         },
     )
     DiceTable(val["per_class"], val["n_images"]).to_frame().to_csv(

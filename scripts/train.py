@@ -14,7 +14,7 @@ import sys
 
 from bonecomp.config import ConfigError, load_config
 from bonecomp.data.layout import DataLayoutError
-from bonecomp.training import run_training
+from bonecomp.training import run_training, shutdown_distributed
 from bonecomp.viz import plot_dice_bars
 
 
@@ -33,16 +33,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     folds = range(cfg.data.n_splits) if args.fold == "all" else [int(args.fold)]
     on_best = lambda run_dir: plot_dice_bars(run_dir / "dice_per_class.csv")  # noqa: E731
-    for fold in folds:
-        try:
+    try:
+        for fold in folds:
             result = run_training(cfg, fold, args.resume, not args.quiet, on_best)
-        except DataLayoutError as e:
-            print(f"no training data: {e}", file=sys.stderr)
-            return 2
-        print(
-            f"fold {fold}: best val Dice {result.best_dice:.4f} at epoch {result.best_epoch} "
-            f"-> {result.run_dir / 'best.pt'}"
-        )
+            print(
+                f"fold {fold}: best val Dice {result.best_dice:.4f} at epoch "
+                f"{result.best_epoch} -> {result.run_dir / 'best.pt'}"
+            )
+    except DataLayoutError as e:
+        print(f"no training data: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
     return 0
 
 

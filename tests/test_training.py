@@ -79,7 +79,7 @@ def test_two_epochs_write_the_whole_run_dir(tiny_root, tmp_path):
     assert summary["val_dice"].between(0, 1).all()
     best = load_checkpoint(run / "best.pt")
     assert best["fold"] == 1 and best["input_size"] == 64 and len(best["per_class"]) == 29
-    assert best["config"]["model"]["arch"] == "unet" and best["thresholds"] is None
+    assert best["config"]["model"]["arch"] == "unet"
     assert "optimizer" not in best
     last = load_checkpoint(run / "last.pt")
     assert last["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(last)
@@ -109,6 +109,9 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
     with pytest.raises(FileExistsError, match="--resume"):
         run_training(cfg, 0, progress=False)
     monkeypatch.setattr(training, "train_one_epoch", real)
+    changed = tiny_config(tiny_root, tmp_path, **{"train.epochs": 5})
+    with pytest.raises(ValueError, match=r"train\.epochs: 3 -> 5"):
+        run_training(changed, 0, resume=True, progress=False)  # would keep the old schedule
     resumed = []
     monkeypatch.setattr(
         training, "train_one_epoch", lambda *a, **k: resumed.append(a[6]) or real(*a, **k)
