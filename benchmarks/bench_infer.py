@@ -33,6 +33,7 @@ from _common import Row, base_parser, print_machine, print_table, status_mib
 
 from bonecomp.config import load_config
 from bonecomp.data.dataset import TestImages
+from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.phantom import make_phantom
 from bonecomp.inference.ensemble import load_member
@@ -184,7 +185,10 @@ def main() -> None:
             rows.append(Row(f"{n} images: peak RSS", m_o, m_b, "MiB"))
             if g_o == g_o:
                 print(f"{n} images: peak GPU memory (ours) {g_o:.2f} GiB")
-            agreement.append(compare_submissions(tmp / f"ours{n}.csv", tmp / f"base{n}.csv").mean)
+            pair = (tmp / f"ours{n}.csv", tmp / f"base{n}.csv")
+            agreement.append(
+                compare_submissions(*pair, png_shapes(discover(data_root, "test"))).mean
+            )
         print_table(
             "Ensemble inference, 2 models x 2 folds x hflip TTA: ours vs baseline loop", rows
         )

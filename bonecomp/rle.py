@@ -115,11 +115,14 @@ def string_to_runs(rle: str | float | None, shape: tuple[int, int]) -> tuple[np.
         return empty, empty
     if len(tokens) % 2:
         raise RLEError(f"odd number of values ({len(tokens)}): expected start/length pairs")
-    try:
-        vals = np.array(tokens, dtype=np.int64)  # parses in C; rejects "1.5", "x"
-    except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not _is_int(t))
-        raise RLEError(f"non-integer value {bad!r}") from None
+    bad = next((t for t in tokens if not (t.isascii() and t.isdigit())), None)
+    if bad is not None:  # plain digits only: not "1.5", "x", "+1", "1_0", "-3"
+        if bad.startswith("-") and bad[1:].isdigit():
+            raise RLEError(f"start or length {bad} is not positive")
+        raise RLEError(f"non-integer value {bad!r}")
+    if any(len(t) > 18 for t in tokens):
+        raise RLEError(f"value {max(tokens, key=len)} is out of range")
+    vals = np.array(tokens, dtype=np.int64)  # validated digits: parses in C
     starts, lengths = vals[0::2], vals[1::2]
     size = int(np.prod(shape))
     if (starts < 1).any():
@@ -170,14 +173,6 @@ def runs_overlap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarr
 
 
 # ---------------------------------------------------------------------------- internals
-def _is_int(t: str) -> bool:
-    try:
-        int(t)
-    except ValueError:
-        return False
-    return True
-
-
 def _bytes(mask: np.ndarray) -> np.ndarray:
     """The mask as contiguous, 8-byte aligned uint8, nonzero for foreground.
 

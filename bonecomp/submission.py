@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,10 @@ from bonecomp.metrics import DiceTable, dice_from_counts, summarize
 HEADER = ("image_name", "class", "rle")
 
 
+class SubmissionError(ValueError):
+    """A submission CSV that does not follow the format; the message lists the problems."""
+
+
 class SubmissionWriter:
     """Streams rows to a temporary file and renames it into place on ``close``.
 
@@ -42,6 +46,7 @@ class SubmissionWriter:
         self._w = csv.writer(self._f, lineterminator="\n")
         self._w.writerow(HEADER)
         self.rows = 0
+        self.report: CheckReport | None = None
 
     def add(self, image_name: str, rles: Sequence[str]) -> None:
         """The 29 rows of one image, ``rles`` in class order."""
@@ -50,10 +55,23 @@ class SubmissionWriter:
         self._w.writerows((image_name, name, r) for name, r in zip(CLASSES, rles, strict=True))
         self.rows += NUM_CLASSES
 
-    def close(self) -> Path:
+    def close(self, check: Callable[[Path], CheckReport] | None = None) -> Path:
+        """Finish the file and rename it into place.
+
+        With ``check``, the finished temporary file is validated first; an invalid one is
+        kept as ``<name>.invalid.csv`` (never under the final, uploadable name) and
+        ``SubmissionError`` lists its problems.
+        """
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        report = self.report = check(self.tmp) if check else None
+        if report is not None and not report.ok:
+            bad = self.path.with_suffix(".invalid.csv")
+            os.replace(self.tmp, bad)
+            raise SubmissionError(
+                f"{bad}: the written CSV is invalid:\n  " + "\n  ".join(report.problems[:20])
+            )
         os.replace(self.tmp, self.path)
         return self.path
 
@@ -137,6 +155,9 @@ def validate_submission(
     names, classes, rles = df["image_name"].tolist(), df["class"].tolist(), df["rle"].tolist()
     dup = df.duplicated(["image_name", "class"], keep="first").to_numpy()
     for i, (name, cls, code) in enumerate(zip(names, classes, rles, strict=True)):
+        if len(report.problems) >= max_problems:
+            add(f"... stopped after {max_problems} problems")
+            break
         line = i + 2
         k, c = divmod(i, NUM_CLASSES)
         if dup[i]:
@@ -152,11 +173,9 @@ def validate_submission(
             add(f"line {line}: bad RLE for {name} {cls}: {e}")
             continue
         report.empty += len(starts) == 0
-        if len(report.problems) >= max_problems:
-            add(f"... stopped after {max_problems} problems")
-            break
     report.images = len(dict.fromkeys(names))
-    missing = [n for n in image_names if n not in set(names)]
+    present = set(names)
+    missing = [n for n in image_names if n not in present]
     if missing:
         add(f"{len(missing)} test image(s) have no rows, e.g. {missing[:3]}")
     return report
@@ -174,10 +193,14 @@ def label_index(labels_dir: Path | str) -> dict[str, Path]:
 def score_submission(
     path: Path | str,
     labels_dir: Path | str,
-    shapes: dict[str, tuple[int, int]] | tuple[int, int] = (2048, 2048),
+    shapes: dict[str, tuple[int, int]] | tuple[int, int],
     progress: bool = True,
 ) -> tuple[DiceTable, np.ndarray]:
-    """Competition Dice of a valid CSV against ground-truth JSONs.
+    """Competition Dice of a CSV against ground-truth JSONs.
+
+    ``shapes``: each image's (H, W) by name (the PNGs' shapes, ``png_shape``), or one
+    shape for all. Rows must be in the submission's order (``validate_submission``);
+    anything else is refused rather than scored against the wrong class.
 
     Works in run space: the truth of each class is drawn exactly in its bounding box and
     turned into runs; the intersection with the predicted runs is counted directly, so no
@@ -191,8 +214,9 @@ def score_submission(
         raise FileNotFoundError(
             f"{labels_dir}: no label JSON for {len(missing)} image(s), e.g. {missing[:3]}"
         )
-    if len(df) != len(names) * NUM_CLASSES:
-        raise ValueError(f"{path}: not {NUM_CLASSES} rows per image; validate it first")
+    expected = [(n, c) for n in names for c in CLASSES]
+    if list(zip(df["image_name"], df["class"], strict=True)) != expected:
+        raise SubmissionError(f"{path}: rows are not 29 per image in class order; validate it")
     codes = df["rle"].to_numpy().reshape(len(names), NUM_CLASSES)
     dice = np.zeros((len(names), NUM_CLASSES))
     for k, name in enumerate(tqdm(names, desc="score", unit="img", disable=not progress)):
@@ -211,14 +235,19 @@ def score_submission(
 
 
 def compare_submissions(
-    path_a: Path | str, path_b: Path | str, shape: tuple[int, int] = (2048, 2048)
+    path_a: Path | str,
+    path_b: Path | str,
+    shapes: dict[str, tuple[int, int]] | tuple[int, int],
 ) -> DiceTable:
-    """Per-class Dice of submission A against submission B (same images, same order)."""
+    """Per-class Dice of submission A against submission B (same images, same order);
+    ``shapes`` as in ``score_submission``."""
     a, b = read_submission(path_a), read_submission(path_b)
     if a[["image_name", "class"]].values.tolist() != b[["image_name", "class"]].values.tolist():
-        raise ValueError(f"{path_a} and {path_b} do not list the same image/class rows")
+        raise SubmissionError(f"{path_a} and {path_b} do not list the same image/class rows")
     dice = np.zeros(len(a))
-    for i, (ra, rb) in enumerate(zip(a["rle"], b["rle"], strict=True)):
+    rows = zip(a["image_name"], a["rle"], b["rle"], strict=True)
+    for i, (name, ra, rb) in enumerate(rows):
+        shape = shapes[name] if isinstance(shapes, dict) else shapes
         runs_a, runs_b = rle.string_to_runs(ra, shape), rle.string_to_runs(rb, shape)
         inter = rle.runs_overlap(runs_a, runs_b)
         dice[i] = dice_from_counts(inter, runs_a[1].sum(), runs_b[1].sum())

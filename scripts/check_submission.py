@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bonecomp.data.images import png_shape
+from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.submission import compare_submissions, score_submission, validate_submission
 
@@ -25,21 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     test = discover(args.data, "test")
-    shapes = [png_shape(p) for p in test["image_path"]]
-    report = validate_submission(args.csv, test["name"].tolist(), shapes)
+    shapes = png_shapes(test)
+    report = validate_submission(args.csv, test["name"].tolist(), list(shapes.values()))
     for problem in report.problems:
         print(problem)
     print(report.summary())
     if not report.ok:
         return 1
     if args.labels:
-        table, _ = score_submission(
-            args.csv, args.labels, dict(zip(test["name"], shapes, strict=True))
-        )
+        table, _ = score_submission(args.csv, args.labels, shapes)
         print(table.format())
         print(f"mean Dice {table.mean:.4f} over {table.n_images} images")
     if args.compare:
-        table = compare_submissions(args.csv, args.compare, shapes[0])
+        table = compare_submissions(args.csv, args.compare, shapes)
         print(table.format(labels=("vs other", "")))
         print(f"mean Dice against {args.compare}: {table.mean:.4f}")
     return 0

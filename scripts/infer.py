@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from bonecomp.config import ConfigError, load_config
-from bonecomp.data.layout import DataLayoutError
+from bonecomp.data.images import png_shapes
+from bonecomp.data.layout import DataLayoutError, discover
 from bonecomp.inference.predict import find_checkpoints, predict_submission
-from bonecomp.submission import score_submission
+from bonecomp.submission import SubmissionError, score_submission
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,18 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     except DataLayoutError as e:
         print(f"no test data: {e}", file=sys.stderr)
         return 2
+    except SubmissionError as e:
+        print(e, file=sys.stderr)
+        return 1
     print(f"thresholds: {res.thresholds_from}")
-    for problem in res.report.problems:
-        print(problem)
     print(res.report.summary())
     print(
         f"wrote {res.path}: {res.rows} rows, {res.images} images, "
         f"{res.seconds_per_image:.3f} s per image"
     )
-    if not res.report.ok:
-        return 1
     if args.labels:
-        table, _ = score_submission(res.path, args.labels, progress=not args.quiet)
+        shapes = png_shapes(discover(args.data or cfg.data.root, "test"))
+        table, _ = score_submission(res.path, args.labels, shapes, progress=not args.quiet)
         print(table.format_compact())
     return 0
 

@@ -14,8 +14,14 @@ import sys
 from pathlib import Path
 
 from bonecomp.config import ConfigError, load_config
-from bonecomp.inference.predict import default_thresholds_path, write_thresholds
-from bonecomp.inference.thresholds import GRID, choose, grid_dice, oof_items
+from bonecomp.inference.thresholds import (
+    GRID,
+    choose,
+    default_thresholds_path,
+    grid_dice,
+    oof_items,
+    write_thresholds,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

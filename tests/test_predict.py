@@ -13,13 +13,14 @@ from bonecomp import rle
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
-from bonecomp.inference.predict import (
+from bonecomp.inference.predict import find_checkpoints, predict_submission
+from bonecomp.inference.thresholds import (
+    choose,
     default_thresholds_path,
-    find_checkpoints,
-    predict_submission,
+    grid_dice,
+    oof_items,
     read_thresholds,
 )
-from bonecomp.inference.thresholds import choose, grid_dice, oof_items
 from bonecomp.metrics import dice_counts, dice_from_counts, summarize
 from bonecomp.submission import read_submission, score_submission, validate_submission
 from bonecomp.training import run_training
@@ -97,4 +98,4 @@ def test_tuning_never_lowers_oof_dice_and_is_picked_up(trained, tiny_root, capsy
     out = capsys.readouterr().out
     assert "tuned" in out and "OOF mean Dice" in out
     path = Path(work / "runs" / "thresholds_demo.json")
-    assert path == default_thresholds_path(cfg) and len(read_thresholds(path)) == 29
+    assert path == default_thresholds_path(cfg) and len(read_thresholds(path)[0]) == 29

@@ -122,6 +122,9 @@ def test_runs_overlap_counts_intersection(a, b):
         ("5 1 5 1", "not increasing"),
         ("1 5 3 2", "overlap"),
         ("19 3", "past the end"),
+        ("99999999999999999999 1", "out of range"),
+        ("+1 2", "non-integer"),
+        ("1_0 2", "non-integer"),
     ],
 )
 def test_malformed_rle_errors(text, fragment):

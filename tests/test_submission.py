@@ -15,6 +15,7 @@ from bonecomp.data.rasterize import rasterize
 from bonecomp.metrics import dice_counts, dice_from_counts
 from bonecomp.submission import (
     HEADER,
+    SubmissionError,
     SubmissionWriter,
     compare_submissions,
     read_submission,
@@ -126,3 +127,22 @@ def test_compare_two_submissions(tmp_path):
     table = compare_submissions(a, b, SHAPE)
     assert table.mean == pytest.approx((2 * 5 + 1e-4) / (20 + 1e-4))
     assert compare_submissions(a, a, SHAPE).mean == 1.0
+
+
+def test_invalid_file_never_takes_the_final_name(tmp_path):
+    final = tmp_path / "s.csv"
+    w = SubmissionWriter(final)
+    w.add(NAMES[0], ["1 3"] * 29)  # the second image is missing
+    with pytest.raises(SubmissionError, match="expected 58"):
+        w.close(check=lambda tmp: validate_submission(tmp, NAMES, SHAPE))
+    assert not final.exists() and (tmp_path / "s.invalid.csv").exists()
+
+
+def test_scorer_refuses_rows_out_of_order(tiny_root, tmp_path):
+    names = discover(tiny_root, "test")["name"].tolist()
+    path = write_submission(tmp_path / "s.csv", [(n, [""] * 29) for n in names])
+    df = read_submission(path)
+    df.iloc[[0, 1]] = df.iloc[[1, 0]].to_numpy()  # swap two classes of the first image
+    df.to_csv(path, index=False)
+    with pytest.raises(SubmissionError, match="class order"):
+        score_submission(path, tiny_root / "test_labels", (128, 128), progress=False)

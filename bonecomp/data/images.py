@@ -32,3 +32,8 @@ def png_shape(path: str | Path) -> tuple[int, int]:
         raise ImageReadError(f"{path}: not a PNG file")
     width, height = struct.unpack(">II", head[16:24])
     return int(height), int(width)
+
+
+def png_shapes(table) -> dict[str, tuple[int, int]]:
+    """Bare file name -> (height, width) for a table from ``layout.discover``."""
+    return {name: png_shape(p) for name, p in zip(table["name"], table["image_path"], strict=True)}

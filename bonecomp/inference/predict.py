@@ -7,24 +7,23 @@ load (DataLoader workers) -> ensemble (TTA x sliding window x models x folds)
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.config import Config
-from bonecomp.data.dataset import TestImages
+from bonecomp.data.dataset import TestImages, to_float_image
+from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.inference.ensemble import Ensemble, load_member
-from bonecomp.inference.postprocess import as_thresholds, upsample_threshold
+from bonecomp.inference.postprocess import upsample_threshold
+from bonecomp.inference.thresholds import resolve_thresholds
 from bonecomp.inference.tta import views
 from bonecomp.submission import CheckReport, SubmissionWriter, validate_submission
 
@@ -42,11 +41,15 @@ class InferResult:
 def find_checkpoints(
     cfg: Config, ensemble: bool, explicit: Sequence[str] = ()
 ) -> list[tuple[Path, float]]:
-    """(checkpoint, weight) pairs: explicit paths, the config's ensemble section, or every
-    ``best.pt`` under the runs folder; without ``ensemble``, just one checkpoint."""
+    """(checkpoint, weight) pairs: the explicit paths; else without ``ensemble`` the
+    ``best.pt`` of ``train.experiment`` (its first fold); else the config's ensemble
+    section, or every ``best.pt`` under the runs folder when that is empty."""
     runs = Path(cfg.train.output_dir)
     if explicit:
         found = [(Path(p), 1.0) for p in explicit]
+    elif not ensemble:  # one model: this config's own experiment
+        own = sorted((runs / cfg.train.experiment).glob("fold*/best.pt"))
+        found = [(own[0] if own else runs / cfg.train.experiment / "fold0" / "best.pt", 1.0)]
     elif cfg.infer.ensemble:
         found = [
             (runs / m.experiment / f"fold{k}" / m.checkpoint, m.weight)
@@ -55,8 +58,6 @@ def find_checkpoints(
         ]
     else:
         found = [(p, 1.0) for p in sorted(runs.glob("*/fold*/best.pt"))]
-    if not ensemble and not explicit:
-        found = found[:1]
     missing = [str(p) for p, _ in found if not p.is_file()]
     if missing or not found:
         have = sorted(str(p) for p in runs.glob("*/fold*/*.pt"))
@@ -65,29 +66,6 @@ def find_checkpoints(
             f"{have or 'none (train first: python scripts/train.py --fold 0)'}"
         )
     return found
-
-
-def resolve_thresholds(cfg: Config) -> tuple[list[float], str]:
-    """Per-class thresholds: infer.thresholds, else the tuned file for infer.name, else
-    infer.threshold for every class. Returns them and where they came from."""
-    path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else default_thresholds_path(cfg)
-    if cfg.infer.thresholds or path.is_file():
-        return read_thresholds(path), str(path)
-    return as_thresholds(cfg.infer.threshold, NUM_CLASSES), f"{cfg.infer.threshold} for all classes"
-
-
-def default_thresholds_path(cfg: Config) -> Path:
-    return Path(cfg.train.output_dir) / f"thresholds_{cfg.infer.name}.json"
-
-
-def read_thresholds(path: Path) -> list[float]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"thresholds file {path}: cannot read ({e})") from e
-    if doc.get("classes") != list(CLASSES):
-        raise ValueError(f"thresholds file {path}: classes differ from the competition's 29")
-    return as_thresholds(doc["thresholds"], NUM_CLASSES)
 
 
 def predict_submission(
@@ -106,7 +84,7 @@ def predict_submission(
     inf = cfg.infer
     tile = inf.tile if inf.sliding_window else None
     ens = Ensemble(members, views(inf.tta, inf.scales), tile, inf.overlap, cfg.train.amp)
-    thresholds, source = resolve_thresholds(cfg)
+    thresholds, source = resolve_thresholds(cfg, [p for p, _ in checkpoints])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"
     loader = DataLoader(
@@ -115,36 +93,24 @@ def predict_submission(
         num_workers=inf.num_workers,
         pin_memory=device.type == "cuda",
     )
+    names = test["name"].tolist()
+    shapes = list(png_shapes(test).values())
     t0 = time.monotonic()
-    with SubmissionWriter(path) as writer:
+    writer = SubmissionWriter(path)
+    try:
         for batch in tqdm(loader, desc="infer", unit="batch", disable=not progress):
-            images = {s: _to_float(batch[f"image{s}"], device) for s in ens.sizes}
+            images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
             pred = ens(images)
             for i, name in enumerate(batch["name"]):
                 hw = tuple(int(v) for v in batch["hw"][i])
                 masks = upsample_threshold(pred[i], hw, thresholds, logits=ens.single_view)
                 writer.add(name, masks.rle())
+    except BaseException:
+        writer.abort()  # nothing half-written under any name
+        raise
     elapsed = time.monotonic() - t0
-    shapes = [tuple(int(v) for v in s) for s in _shapes(test)]
-    report = validate_submission(path, test["name"].tolist(), shapes)
-    return InferResult(path, report.rows, len(test), elapsed / max(len(test), 1), report, source)
-
-
-def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = images.to(device, non_blocking=True).float().div_(255)
-    return x[:, None].expand(-1, 3, -1, -1)
-
-
-def _shapes(test) -> list[tuple[int, int]]:
-    from bonecomp.data.images import png_shape
-
-    return [png_shape(p) for p in test["image_path"]]
-
-
-def write_thresholds(path: Path, thresholds: Sequence[float], **info) -> Path:
-    doc = {"classes": list(CLASSES), "thresholds": [float(t) for t in thresholds], **info}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=lambda v: np.asarray(v).tolist()))
-    tmp.replace(path)
-    return path
+    # Validated before it takes its final name; an invalid file becomes *.invalid.csv.
+    path = writer.close(check=lambda tmp: validate_submission(tmp, names, shapes))
+    return InferResult(
+        path, writer.report.rows, len(test), elapsed / max(len(test), 1), writer.report, source
+    )

@@ -10,6 +10,9 @@ lowers the OOF Dice.
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +22,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from bonecomp.classes import CLASSES
+from bonecomp.config import Config
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.rasterize import truth_crops
-from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
+from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceTable, dice_from_counts
 
 GRID: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
@@ -104,3 +109,48 @@ def oof_items(
         hw = entries[0][3]
         polys = load_annotation(jdir / Path(rel).with_suffix(".json"))
         yield probs / total, truth_crops(polys, hw), hw
+
+
+def default_thresholds_path(cfg: Config) -> Path:
+    """Where tune_thresholds writes and infer looks by default: runs/thresholds_<name>.json."""
+    return Path(cfg.train.output_dir) / f"thresholds_{cfg.infer.name}.json"
+
+
+def write_thresholds(path: Path, thresholds: Sequence[float], **info) -> Path:
+    """Thresholds file (JSON: classes, thresholds, and what they were tuned on), atomic."""
+    doc = {"classes": list(CLASSES), "thresholds": [float(t) for t in thresholds], **info}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1, default=lambda v: np.asarray(v).tolist()))
+    tmp.replace(path)
+    return path
+
+
+def read_thresholds(path: Path | str) -> tuple[list[float], list[str]]:
+    """(per-class thresholds, the run folders they were tuned on) from a thresholds file."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"thresholds file {path}: cannot read ({e})") from e
+    if doc.get("classes") != list(CLASSES):
+        raise ValueError(f"thresholds file {path}: classes differ from the competition's 29")
+    return as_thresholds(doc["thresholds"], len(CLASSES)), list(doc.get("runs", []))
+
+
+def resolve_thresholds(cfg: Config, checkpoints: Sequence[Path] = ()) -> tuple[list[float], str]:
+    """Per-class thresholds: ``infer.thresholds``, else the tuned file of ``infer.name``,
+    else ``infer.threshold`` for every class; and a line saying where they came from.
+
+    A file tuned on other runs than ``checkpoints`` is still used, with a warning.
+    """
+    path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else default_thresholds_path(cfg)
+    if not (cfg.infer.thresholds or path.is_file()):
+        ts = as_thresholds(cfg.infer.threshold, len(CLASSES))
+        return ts, f"{cfg.infer.threshold} for all classes"
+    ts, runs = read_thresholds(path)
+    members = {str(Path(p).parent) for p in checkpoints}
+    if runs and members and members != set(runs):
+        msg = f"{path} was tuned on {sorted(runs)}, not on these models {sorted(members)}"
+        warnings.warn(msg, stacklevel=2)
+        return ts, f"{path} (WARNING: {msg})"
+    return ts, str(path)
