@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bonecomp.data import cache as cache_mod
-from bonecomp.data.cache import check_cache, open_cache, source_fingerprint
+from bonecomp.data.cache import check_cache, data_cache_dir, open_cache, source_fingerprint
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
 
@@ -68,7 +68,7 @@ def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
     df, _, folder = built
     sub = folder / f"train_{SIZE}"
     fp = source_fingerprint(df, SIZE)
-    assert check_cache(sub, fp) is None
+    assert check_cache(sub, fp) is None and check_cache(sub, fp, verify=True) is None
     masks = sub / "masks.npy"
     if damage == "truncate":
         masks.write_bytes(masks.read_bytes()[:-100])
@@ -80,9 +80,11 @@ def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
         (sub / "manifest.json").write_text("{")
     else:
         (sub / "points.npy").unlink()
-    assert check_cache(sub, fp) is not None
+    # a flipped byte inside a big array needs the full check; the rest is always caught
+    assert check_cache(sub, fp, verify=True) is not None
+    assert (check_cache(sub, fp) is None) == (damage == "flip")
     calls = _counting(monkeypatch)
-    cache = open_cache(df, folder, SIZE, workers=1, progress=False)
+    cache = open_cache(df, folder, SIZE, workers=1, progress=False, verify=True)
     assert calls == [1] and check_cache(sub, fp) is None and len(cache) == 10
 
 
@@ -102,6 +104,7 @@ def test_crash_during_build_leaves_nothing_valid(tiny_copy, tmp_path, monkeypatc
         open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)
     sub = tmp_path / "c" / f"train_{SIZE}"
     assert check_cache(sub, source_fingerprint(df, SIZE)) is not None
+    assert not [p for p in (tmp_path / "c").iterdir() if "tmp" in p.name]  # cleaned up
     monkeypatch.setattr(cache_mod, "_cache_item", real)
     assert len(open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)) == 10
 
@@ -114,3 +117,12 @@ def test_parallel_build_equals_serial(tiny_copy, tmp_path):
         assert (a.dir / name).read_bytes() == (b.dir / name).read_bytes()
     meta = json.loads((b.dir / "manifest.json").read_text())
     assert meta["size"] == SIZE and meta["n"] == 10
+
+
+def test_cache_dirs_differ_by_data_root(tmp_path):
+    a = data_cache_dir(tmp_path / "cache", tmp_path / "phantom")
+    b = data_cache_dir(tmp_path / "cache", tmp_path / "other" / "phantom")
+    assert a != b and a.parent == b.parent == tmp_path / "cache" and a.name.startswith("phantom-")
+    assert data_cache_dir("cache", tmp_path / "phantom") == data_cache_dir(
+        "cache", tmp_path / "phantom"
+    )

@@ -9,16 +9,18 @@
 
 The big arrays are memory-mapped, so DataLoader workers share the page cache. The cache
 is reused while the sources' (size, mtime) and the resolution match, and rebuilt
-otherwise. It is built in a temporary folder and moved into place whole, with the
+otherwise; ``data_cache_dir`` keeps one data root's caches apart from another's. It is built in a temporary folder and moved into place whole, with the
 manifest written last, so a crash never leaves a cache that loads as valid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -36,6 +38,7 @@ from bonecomp.data.rasterize import rasterize
 
 CACHE_VERSION = 1
 _ARRAYS = ("images.npy", "masks.npy", "points.npy", "offsets.npy")
+_BIG = ("images.npy", "masks.npy")  # hashed on open only with verify=True
 
 
 class CacheError(RuntimeError):
@@ -79,20 +82,48 @@ def open_cache(
     size: int,
     workers: int | None = None,
     progress: bool = True,
+    verify: bool = False,
 ) -> TrainCache:
     """The cache of ``df`` (a training table from ``layout.discover``) at ``size``.
 
-    Loads it when valid for these sources and this size, else (re)builds it.
+    Loads it when valid for these sources and this size, else (re)builds it. A lock
+    file serialises jobs sharing the folder. ``verify`` re-hashes the big arrays too
+    (seconds per GB); by default their sizes and headers are checked.
     """
     folder = Path(cache_dir) / f"train_{size}"
-    fingerprint = source_fingerprint(df, size)
-    problem = check_cache(folder, fingerprint)
-    if problem is None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder.with_name(f".{folder.name}.lock")):
+        fingerprint = source_fingerprint(df, size)
+        problem = check_cache(folder, fingerprint, verify)
+        if problem is not None:
+            if folder.exists():
+                print(f"cache {folder}: {problem}; rebuilding")
+            build_cache(df, folder, size, fingerprint, workers, progress)
         return load_cache(folder)
-    if folder.exists():
-        print(f"cache {folder}: {problem}; rebuilding")
-    build_cache(df, folder, size, fingerprint, workers, progress)
-    return load_cache(folder)
+
+
+def data_cache_dir(cache_dir: Path | str, root: Path | str) -> Path:
+    """The part of ``cache_dir`` that belongs to one data root (phantom and real data
+    never share a cache or a folds file): ``cache_dir/<root name>-<hash of its path>``."""
+    resolved = Path(root).resolve()
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+    return Path(cache_dir) / f"{resolved.name}-{digest}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def source_fingerprint(df: pd.DataFrame, size: int) -> str:
@@ -104,27 +135,38 @@ def source_fingerprint(df: pd.DataFrame, size: int) -> str:
     return h.hexdigest()
 
 
-def check_cache(folder: Path, fingerprint: str) -> str | None:
-    """None when the cache in ``folder`` is complete and matches; else the reason it is not."""
+def check_cache(folder: Path, fingerprint: str, verify: bool = False) -> str | None:
+    """None when the cache in ``folder`` is complete and matches; else the reason it is not.
+
+    Small files are always hashed; the big arrays are checked by size and .npy header,
+    or hashed too with ``verify``.
+    """
     manifest = folder / "manifest.json"
     if not manifest.is_file():
         return "no manifest (never built or interrupted)"
     try:
         meta = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "unreadable manifest"
+        files = {name: (int(info["bytes"]), str(info["hash"])) for name, info in meta["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "unreadable or malformed manifest"
     if meta.get("version") != CACHE_VERSION:
         return f"cache version {meta.get('version')} != {CACHE_VERSION}"
     if meta.get("fingerprint") != fingerprint:
         return "source files or resolution changed"
-    for name, info in meta.get("files", {}).items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            return f"{name} missing or truncated"
-        if _file_hash(path) != info["hash"]:
-            return f"{name} is corrupt (hash mismatch)"
-    if set(meta.get("files", {})) != {*_ARRAYS, "index.csv"}:
+    if set(files) != {*_ARRAYS, "index.csv"}:
         return "manifest lists the wrong files"
+    for name, (size, digest) in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name} missing or truncated"
+        big = name in _BIG
+        if big and not verify:
+            try:
+                np.load(path, mmap_mode="r")  # header and size agree
+            except ValueError:
+                return f"{name} has a damaged header"
+        elif _file_hash(path) != digest:
+            return f"{name} is corrupt (hash mismatch)"
     return None
 
 
@@ -161,6 +203,7 @@ def build_cache(
     jobs = [(img, js, size) for img, js in zip(df["image_path"], df["json_path"], strict=True)]
     workers = max(1, min(workers or os.cpu_count() or 1, n))
     bar = tqdm(total=n, desc=f"cache {size}px", unit="img", disable=not progress)
+    pool = None
     try:
         if workers == 1:
             results = map(_cache_item, jobs)
@@ -172,9 +215,13 @@ def build_cache(
             polys.append(poly)
             src_hw.append(hw)
             bar.update()
+    except BaseException:
+        del images, masks
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
+        raise
     finally:
         bar.close()
-        if workers > 1:
+        if pool is not None:
             pool.shutdown(cancel_futures=True)
     images.flush()
     masks.flush()
