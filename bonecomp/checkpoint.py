@@ -1,7 +1,8 @@
 """Self-describing checkpoints, written atomically and loaded with ``weights_only=True``.
 
 A checkpoint carries everything inference needs: weights, the resolved config, class
-names, fold, input size, epoch, metric and (after tuning) per-class thresholds.
+names, fold, input size, epoch and metric. (Tuned thresholds live in their own JSON file,
+see ``inference.thresholds``.)
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a torn file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:

@@ -65,6 +65,7 @@ def test_loads_phantom_json(tiny_root):
             "non-finite",
         ),
         (lambda d: d["annotations"][0].update(points="abc"), "pairs"),
+        (lambda d: d["annotations"][0].update(label=["Radius"]), "unknown label"),
     ],
 )
 def test_problems_are_reported(mutate, fragment):

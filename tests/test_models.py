@@ -14,13 +14,14 @@ from bonecomp.models.weights import WeightsError
 SHARED = [a for a in ARCHS if a != "dpt"]
 
 
+@pytest.fixture(params=SHARED, scope="module")
+def model(request):
+    torch.manual_seed(0)
+    return create_model(ModelConfig(arch=request.param, encoder="resnet18"))
+
+
 class TestEveryArchitecture:
     """The same shape / backward / eval checks for each architecture (smp-style base)."""
-
-    @pytest.fixture(params=SHARED, scope="class")
-    def model(self, request):
-        torch.manual_seed(0)
-        return create_model(ModelConfig(arch=request.param, encoder="resnet18"))
 
     @pytest.fixture
     def size(self, model):

@@ -82,6 +82,14 @@ def test_non_square_and_out_buffer():
         rasterize(polys, (512, 512), (100, 60), out=np.zeros((29, 10, 10), np.uint8))
 
 
+def test_sub_sample_counts_must_fit_uint8():
+    square = Polygons.from_list([np.array([[0, 0], [63, 0], [63, 63], [0, 63]])])
+    full = coverage(square, (64, 64), (16, 16), k=15)
+    assert full[:, 1:-1, 1:-1].min() == 255 and full.min() > 240  # no uint8 wrap-around
+    with pytest.raises(ValueError, match=r"1\.\.15"):
+        coverage(square, (64, 64), (16, 16), k=16)
+
+
 def test_coverage_bounds_and_full_pixels():
     square = Polygons.from_list([np.array([[0, 0], [63, 0], [63, 63], [0, 63]])])
     cov = coverage(square, (64, 64), (16, 16), k=4)

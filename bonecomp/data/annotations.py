@@ -71,6 +71,7 @@ def check_annotation(doc: object, image_hw: tuple[int, int] | None = None) -> li
         return ["missing 'annotations' list"]
     problems: list[str] = []
     labels = [a.get("label") if isinstance(a, dict) else None for a in anns]
+    labels = [lab if isinstance(lab, str) else repr(lab) for lab in labels]  # e.g. a list
     for k, (ann, label) in enumerate(zip(anns, labels, strict=True)):
         if label not in CLASS_TO_INDEX:
             problems.append(f"annotation {k}: unknown label {label!r}")

@@ -92,8 +92,8 @@ def draw(
     diamond of (dx, dy) target pixels. k = 1 gives {0, 1} masks; k > 1 gives coverage in
     0..255 from k x k sub-samples per pixel.
     """
-    if k < 1:
-        raise ValueError(f"rasterize: k must be >= 1, got {k}")
+    if not 1 <= k <= 15:  # counts live in uint8: 15 x 15 = 225 sub-samples at most
+        raise ValueError(f"rasterize: k (data.soft_k) must be in 1..15, got {k}")
     out = _output(len(offsets) - 1, tuple(out_hw), out)
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     # Sub-sample count -> stored value: {0, 1} for masks, 0..255 for coverage.

@@ -51,9 +51,19 @@ class SegModel(nn.Module):
 
     @property
     def output_bias(self) -> torch.Tensor:
+        """The bias added to every logit: where the foreground prior goes."""
         if isinstance(self.net, FCN):
             return self.net.decoder.output_bias
-        return self.net.segmentation_head[0].bias
+        convs = [
+            m
+            for m in self.net.segmentation_head.modules()
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and m.bias is not None
+        ]
+        if not convs:
+            raise ValueError(
+                f"{type(self.net).__name__}: no output conv with a bias; set model.init_bias=null"
+            )
+        return convs[-1].bias
 
 
 def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
@@ -79,11 +89,11 @@ def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
 
 def _builder(arch: str, cfg: ModelConfig, num_classes: int) -> Callable[[str | None], nn.Module]:
     def build(weights: str | None) -> nn.Module:
+        # timm ("tu-") encoders take True/None; smp encoders take the weights' name.
+        w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
         if arch in STRIDES:
-            w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
             enc = smp.encoders.get_encoder(cfg.encoder, in_channels=3, depth=5, weights=w)
             return FCN(enc, num_classes, arch, cfg.fcn_upsample)
-        w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
         return _SMP_ALL[arch](encoder_name=cfg.encoder, encoder_weights=w, classes=num_classes)
 
     return build
