@@ -8,14 +8,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
+from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
+from bonecomp.config import load_config
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.images import png_shapes, read_image
+from bonecomp.data.layout import discover
+from bonecomp.data.rasterize import rasterize, truth_crops
+from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
+from bonecomp.metrics import dice_from_counts, summarize
+from bonecomp.submission import label_index, read_submission, score_submission
 
 
 def plot_dice_bars(
@@ -26,7 +33,8 @@ def plot_dice_bars(
     png_path = Path(png_path) if png_path else csv_path.with_suffix(".png")
     df = pd.read_csv(csv_path)
     cols = [c for c in df.columns if c != "class"]
-    fig, ax = plt.subplots(figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax = fig.add_subplot()
     width = 0.8 / len(cols)
     x = np.arange(len(df))
     for i, col in enumerate(cols):
@@ -45,7 +53,6 @@ def plot_dice_bars(
     ax.set_title(title or csv_path.parent.as_posix())
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
-    plt.close(fig)
     return png_path
 
 
@@ -99,3 +106,77 @@ def _contours(mask: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
         m = cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     return contours
+
+
+def submission_overlays(
+    csv: Path | str,
+    data_root: Path | str,
+    out: Path,
+    labels_dir: Path | str | None = None,
+    images: list[str] | None = None,
+    n: int = 4,
+    scale: float = 0.5,
+) -> list[Path]:
+    """Overlays of a submission's masks (and truth, with labels: then the worst images
+    first, and a per-class Dice chart)."""
+    test = discover(data_root, "test")
+    shapes = png_shapes(test)
+    paths = dict(zip(test["name"], test["image_path"], strict=True))
+    sub = read_submission(csv)
+    names = list(dict.fromkeys(sub["image_name"]))
+    labels = label_index(labels_dir) if labels_dir else {}
+    written = []
+    if labels_dir:
+        table, dice = score_submission(csv, labels_dir, shapes, progress=False)
+        table.to_frame().to_csv(out / "dice_per_class.csv", index=False)
+        title = f"{csv}: mean Dice {table.mean:.4f}"
+        written.append(plot_dice_bars(out / "dice_per_class.csv", title=title))
+        names = [names[i] for i in np.argsort(dice.mean(axis=1))]
+    for name in images or names[:n]:
+        image = read_image(paths[name])
+        codes = sub.loc[sub["image_name"] == name, "rle"]
+        pred = np.stack([rle.decode(code, image.shape) for code in codes])
+        truth = rasterize(load_annotation(labels[name]), image.shape) if name in labels else None
+        written.append(
+            _save(out / f"{Path(name).stem}_overlay.png", overlay(image, pred, truth, scale=scale))
+        )
+    return written
+
+
+def run_overlays(
+    run: Path | str, out: Path, images: list[str] | None = None, n: int = 4, scale: float = 0.5
+) -> list[Path]:
+    """Overlays of a validation fold from its saved out-of-fold probabilities (threshold
+    0.5), worst images first, plus the run's per-class Dice chart. Prints per image."""
+    run = Path(run)
+    cfg = load_config(run / "config.yaml")
+    index = pd.read_csv(run / "oof_index.csv", dtype={"rel": str})
+    oof = np.load(run / "oof.npy", mmap_mode="r")
+    written = [plot_dice_bars(run / "dice_per_class.csv", out / "dice_per_class.png")]
+    root = Path(cfg.data.root) / "train"
+    rows = []
+    for r in index.itertuples():
+        if images and r.name not in images:
+            continue
+        hw = (int(r.src_h), int(r.src_w))
+        probs = torch.from_numpy(np.asarray(oof[r.row], np.float32))
+        masks = upsample_threshold(probs, hw, 0.5, logits=False)
+        polys = load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json"))
+        d = dice_from_counts(*overlap_counts(masks.masks, truth_crops(polys, hw)))
+        rows.append((d, r, masks, polys))
+    rows.sort(key=lambda t: t[0].mean())
+    for d, r, masks, polys in rows if images else rows[:n]:
+        image = read_image(root / "DCM" / r.rel)
+        worst = ", ".join(f"{CLASSES[c]} {d[c]:.3f}" for c in np.argsort(d)[:3])
+        print(f"{r.rel}: mean Dice {d.mean():.4f}; worst {worst}")
+        picture = overlay(image, masks.dense().numpy(), rasterize(polys, image.shape), scale=scale)
+        written.append(_save(out / f"{Path(r.name).stem}_overlay.png", picture))
+    if rows:
+        table = summarize(np.stack([t[0] for t in rows]))
+        print(f"fold mean Dice (OOF, threshold 0.5) {table.mean:.4f} over {len(rows)} images")
+    return written
+
+
+def _save(path: Path, picture: np.ndarray) -> Path:
+    cv2.imwrite(str(path), picture)
+    return path
