@@ -1,4 +1,4 @@
-"""Augmentation presets (albumentations), applied jointly to the grey image and its masks."""
+"""Augmentation presets (albumentations): the grey image and the polygon points move together."""
 
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ def _exact_ratio(n: int, N: int) -> bool:
     """Do crops compute torch's source coordinates exactly, as the full upsample does?
 
     True when the scale n / N is a dyadic fraction and scale * (j + 0.5) stays exact in
-    float32 (24-bit mantissa) for every output index j < N: e.g. any n for N = 2048.
+    float32 (24-bit mantissa) for every output index j < N: e.g. any n < 4096 for N = 2048.
     """
     g = math.gcd(n, N)
     q = N // g
