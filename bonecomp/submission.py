@@ -73,6 +73,8 @@ class SubmissionWriter:
                 f"{bad}: the written CSV is invalid:\n  " + "\n  ".join(report.problems[:20])
             )
         os.replace(self.tmp, self.path)
+        if report is not None:
+            report.path = self.path
         return self.path
 
     def abort(self) -> None:
