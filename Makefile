@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := data/phantom
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo smoke test lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,22 @@ demo: $(STAMP)
 	$(BIN)/python scripts/infer.py --config configs/demo.yaml --ensemble
 	$(BIN)/python scripts/check_submission.py "$$(ls -t submissions/demo_*.csv | head -n 1)" \
 		--data $(DEMO) --labels $(DEMO)/test_labels
+
+# A one-minute end-to-end run in the repository's own folders (CI runs it before the
+# tests, which must not be affected by what it leaves in runs/, cache/, data/, submissions/).
+SMOKE := data/smoke
+SMOKE_SET := data.root=$(SMOKE) data.image_size=64 data.num_workers=0 train.epochs=1 \
+	train.experiment=smoke infer.name=smoke "infer.ensemble=[{experiment: smoke, folds: [0]}]"
+smoke: $(STAMP)
+	$(BIN)/python scripts/make_phantom.py --out $(SMOKE) --train-patients 5 --test-patients 2 \
+		--size 256 --overwrite
+	$(BIN)/python scripts/verify_data.py $(SMOKE) --quiet
+	rm -rf runs/smoke
+	$(BIN)/python scripts/train.py --config configs/demo.yaml --fold 0 --quiet $(SMOKE_SET)
+	$(BIN)/python scripts/infer.py --config configs/demo.yaml --ensemble --quiet $(SMOKE_SET) \
+		--out submissions/smoke.csv
+	$(BIN)/python scripts/check_submission.py submissions/smoke.csv --data $(SMOKE) \
+		--labels $(SMOKE)/test_labels
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -37,8 +37,9 @@ from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.phantom import make_phantom
 from bonecomp.inference.ensemble import load_member
-from bonecomp.inference.predict import find_checkpoints, predict_submission
+from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.tta import tta_mean, views
+from bonecomp.runs import ensemble_members
 from bonecomp.submission import compare_submissions, write_submission
 from bonecomp.training import run_training
 
@@ -105,8 +106,7 @@ def subset_root(root: Path, tmp: Path, n_images: int) -> Path:
 
 
 def baseline_loop(cfg, data_root: Path, out: Path) -> None:
-    checkpoints = find_checkpoints(cfg, ensemble=True)
-    members = [load_member(p, w) for p, w in checkpoints]
+    members = [load_member(m.checkpoint, m.weight) for m in ensemble_members(cfg)]
     tta = views(cfg.infer.tta)
     test = discover(data_root, "test")
     rows = []
@@ -134,7 +134,7 @@ def _run(which: str, work: str, root: str, data_root: str, out: str, threads: in
         f.write("5")
     t0 = time.perf_counter()
     if which == "ours":
-        res = predict_submission(cfg, find_checkpoints(cfg, True), out, data_root, progress=False)
+        res = predict_submission(cfg, ensemble_members(cfg), out, data_root, progress=False)
         assert res.report.ok, res.report.problems[:3]
     else:
         baseline_loop(cfg, Path(data_root), Path(out))

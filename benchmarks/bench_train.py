@@ -21,16 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _common import Row, base_parser, phantom_root, print_machine, print_table
-from torch.utils.data import DataLoader, RandomSampler
 
 from bonecomp.config import load_config
-from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import open_cache
-from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
 from bonecomp.models import create_model
+from bonecomp.training.data import build_loaders
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ["demo", "fcn8s_r50_512", "unetpp_effb4_1024", "deeplabv3p_r101_1024", "unet_effb0_2048"]
@@ -92,26 +91,21 @@ def estimated_gib(cfg, batch: int) -> float:
 
 
 def loader_rate(cfg, root: Path, cache_dir: Path, batches: int) -> float:
-    df = discover(root, "train")
-    cache = open_cache(df, cache_dir, cfg.data.image_size, progress=False)
-    ds = BoneDataset(
-        cache,
-        None,
-        train_transform(cfg.data.augment),
-        cfg.data.soft_targets,
-        cfg.data.soft_k,
-        compact=True,
-    )  # as training loads it
-    workers = min(cfg.data.num_workers, os.cpu_count() or 1)
-    batch = cfg.train.batch_size
-    # Sampling with replacement: a few phantom images feed any number of batches.
-    sampler = RandomSampler(ds, replacement=True, num_samples=(batches + 1) * batch)
-    loader = DataLoader(ds, batch, sampler=sampler, num_workers=workers)
-    it = iter(loader)
-    next(it)  # workers started, first batch ready
-    t0 = time.perf_counter()
-    seen = sum(len(b["image"]) for b in it)
-    return seen / (time.perf_counter() - t0)
+    """Samples/s of the training loader the trainer builds (``build_loaders``), over
+    as many epochs of the phantom as ``batches`` needs."""
+    cfg.data.num_workers = min(cfg.data.num_workers, os.cpu_count() or 1)
+    cache = open_cache(discover(root, "train"), cache_dir, cfg.data.image_size, progress=False)
+    rows = np.arange(len(cache))
+    loader = build_loaders(cfg, cache, rows, rows[:1]).train_loader
+    seen, t0 = 0, None
+    while True:
+        for batch in loader:
+            if t0 is None:  # workers started, first batch ready
+                t0 = time.perf_counter()
+                continue
+            seen += len(batch["image"])
+            if seen >= batches * cfg.train.batch_size:
+                return seen / (time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,15 +21,27 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bonecomp.data.cache import TrainCache
+from bonecomp.data.annotations import Polygons
 from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.rasterize import truth_crops
+from bonecomp.distributed import all_ranks_true, all_reduce_sum
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceAccumulator
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the message names the batch and its images."""
+
+
+class GroundTruth(Protocol):
+    """Where validation finds each item's truth: its polygons and source (H, W).
+
+    The training cache is one (``TrainCache``); any table of images and JSONs can be.
+    """
+
+    def polygons(self, i: int) -> Polygons: ...
+
+    def src_hw(self, i: int) -> tuple[int, int]: ...
 
 
 @dataclass
@@ -62,21 +75,6 @@ def to_device(batch: dict, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor
         masks = to_float_mask(masks, ctx.soft_targets)
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     return images.contiguous(memory_format=fmt), masks
-
-
-def all_ranks_true(flag: torch.Tensor | bool) -> bool:
-    """``flag`` on this rank and on every other (one all-reduce under DDP).
-
-    Decisions that change what a rank does next (stop, raise) must be the same on every
-    rank, or the others wait forever in a collective.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return bool(flag)
-    t = torch.as_tensor(flag, dtype=torch.int32).reshape(1)
-    if torch.distributed.get_backend() == "nccl":
-        t = t.cuda()
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
 
 
 def past(deadline: float) -> bool:
@@ -186,7 +184,7 @@ class OOFWriter:
 def validate(
     model: nn.Module,
     loader: DataLoader,
-    cache: TrainCache,
+    truth: GroundTruth,
     loss_fn: nn.Module,
     ctx: StepContext,
     thresholds: float | Sequence[float] = 0.5,
@@ -209,16 +207,14 @@ def validate(
         n_batches += 1
         for i, idx in enumerate(batch["index"].tolist()):
             x = logits[i].float()
-            src_hw = cache.src_hw(idx)
+            src_hw = truth.src_hw(idx)
             sparse = upsample_threshold(x, src_hw, thresholds)
-            counts = overlap_counts(sparse.masks, truth_crops(cache.polygons(idx), src_hw))
+            counts = overlap_counts(sparse.masks, truth_crops(truth.polygons(idx), src_hw))
             acc.update(*(torch.as_tensor(c, device=ctx.device) for c in counts))
             if oof is not None:
                 oof.write(idx, torch.sigmoid(x))
     acc.all_reduce()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(loss_sum)
-        torch.distributed.all_reduce(n_batches)
+    all_reduce_sum(loss_sum, n_batches)
     table = acc.compute()
     return {
         "val_loss": float(loss_sum / n_batches.clamp(min=1)),

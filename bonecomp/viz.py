@@ -22,6 +22,7 @@ from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.metrics import dice_from_counts, summarize
+from bonecomp.runs import DICE_CSV, RunDir
 from bonecomp.submission import label_index, read_submission, score_submission
 
 
@@ -128,9 +129,9 @@ def submission_overlays(
     written = []
     if labels_dir:
         table, dice = score_submission(csv, labels_dir, shapes, progress=False)
-        table.to_frame().to_csv(out / "dice_per_class.csv", index=False)
+        table.to_frame().to_csv(out / DICE_CSV, index=False)
         title = f"{csv}: mean Dice {table.mean:.4f}"
-        written.append(plot_dice_bars(out / "dice_per_class.csv", title=title))
+        written.append(plot_dice_bars(out / DICE_CSV, title=title))
         names = [names[i] for i in np.argsort(dice.mean(axis=1))]
     for name in images or names[:n]:
         image = read_image(paths[name])
@@ -148,11 +149,11 @@ def run_overlays(
 ) -> list[Path]:
     """Overlays of a validation fold from its saved out-of-fold probabilities (threshold
     0.5), worst images first, plus the run's per-class Dice chart. Prints per image."""
-    run = Path(run)
-    cfg = load_config(run / "config.yaml")
-    index = pd.read_csv(run / "oof_index.csv", dtype={"rel": str})
-    oof = np.load(run / "oof.npy", mmap_mode="r")
-    written = [plot_dice_bars(run / "dice_per_class.csv", out / "dice_per_class.png")]
+    run = RunDir(Path(run))
+    cfg = load_config(run.config)
+    index = pd.read_csv(run.oof_index, dtype={"rel": str})
+    oof = np.load(run.oof, mmap_mode="r")
+    written = [plot_dice_bars(run.dice_csv, out / run.dice_png.name)]
     root = Path(cfg.data.root) / "train"
     rows = []
     for r in index.itertuples():

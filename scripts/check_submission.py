@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bonecomp import cli
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.submission import compare_submissions, score_submission, validate_submission
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", help="folder of ground-truth JSONs (ID*/<stem>.json) to score")
     ap.add_argument("--compare", help="a second CSV: per-class Dice of CSV against it")
     args = ap.parse_args(argv)
+    return cli.run(lambda: check(args))
 
+
+def check(args) -> int:
     test = discover(args.data, "test")
     shapes = png_shapes(test)
     report = validate_submission(args.csv, test["name"].tolist(), list(shapes.values()))

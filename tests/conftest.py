@@ -29,3 +29,37 @@ def tiny_copy(tiny_root: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(tiny_root, dst)
     return dst
+
+
+# ----------------------------------------------------------------------- isolation
+REPO = Path(__file__).resolve().parents[1]
+GUARDED = ("runs", "submissions", "cache", "data")  # what `make demo` writes
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    files = {}
+    for name in GUARDED:
+        for p in (REPO / name).rglob("*"):
+            if p.is_file():
+                st = p.stat()
+                files[str(p.relative_to(REPO))] = (st.st_size, st.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_folders_untouched():
+    """The suite leaves the repository's runs/, submissions/, cache/ and data/ as it found
+    them (a demo run before or after the tests must not change what they see)."""
+    before = _snapshot()
+    yield
+    after = _snapshot()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the tests changed files of the repository: {changed[:10]}"
+
+
+@pytest.fixture(autouse=True)
+def in_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test runs in its own empty working folder: relative paths such as the
+    default runs/, cache/ or data/competition never reach the repository's."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

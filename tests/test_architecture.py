@@ -15,6 +15,9 @@ LAYERS = {
     "bonecomp.classes": 0,
     "bonecomp.config": 0,
     "bonecomp.rle": 0,
+    "bonecomp.fileio": 0,
+    "bonecomp.distributed": 0,
+    "bonecomp.runs": 1,  # the run folder's names (config + file helpers only)
     "bonecomp.data": 1,
     "bonecomp.models": 1,
     "bonecomp.losses": 1,
@@ -26,6 +29,7 @@ LAYERS = {
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.training": 3,  # wiring: one fold end to end
     "bonecomp.viz": 4,
+    "bonecomp.cli": 5,  # what the scripts share
 }
 
 

@@ -4,7 +4,6 @@ metric, thresholds that move the masks, tuning that never lowers the OOF Dice.""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +12,16 @@ from bonecomp import rle
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
-from bonecomp.inference.predict import find_checkpoints, predict_submission
+from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import (
     choose,
-    default_thresholds_path,
     grid_dice,
     oof_items,
     read_thresholds,
+    write_thresholds,
 )
 from bonecomp.metrics import dice_counts, dice_from_counts, summarize
+from bonecomp.runs import MemberSpec, RunError, ensemble_members, thresholds_path
 from bonecomp.submission import read_submission, score_submission, validate_submission
 from bonecomp.training import run_training
 from tests.test_training import ROOT, tiny_config, tiny_overrides
@@ -42,7 +42,7 @@ def _areas(path):
 
 def test_submission_is_valid_and_scores_like_the_metric(trained, tiny_root, tmp_path):
     cfg, _ = trained
-    ckpts = find_checkpoints(cfg, ensemble=True)
+    ckpts = ensemble_members(cfg, ensemble=True)
     res = predict_submission(cfg, ckpts, tmp_path / "sub.csv", progress=False)
     assert res.report.ok and res.rows == 4 * 29 and res.images == 4
     test = discover(tiny_root, "test")
@@ -63,7 +63,7 @@ def test_submission_is_valid_and_scores_like_the_metric(trained, tiny_root, tmp_
 
 def test_thresholds_move_the_masks(trained, tmp_path):
     cfg, _ = trained
-    ckpts = find_checkpoints(cfg, ensemble=False)
+    ckpts = ensemble_members(cfg, ensemble=False)
     areas = {}
     for t in (0.01, 0.5, 0.9):
         cfg.infer.threshold = t
@@ -77,8 +77,8 @@ def test_thresholds_move_the_masks(trained, tmp_path):
 
 def test_tuning_never_lowers_oof_dice_and_is_picked_up(trained, tiny_root, capsys):
     cfg, work = trained
-    run = work / "runs" / "tiny" / "fold0"
-    dice, n = grid_dice(oof_items([run], tiny_root, progress=False))
+    member = MemberSpec(work / "runs" / "tiny" / "fold0" / "best.pt")
+    dice, n = grid_dice(oof_items([member], tiny_root, progress=False))
     res = choose(dice)
     assert n == 2 and (res.after.per_class >= res.before.per_class).all()
     assert res.after.mean >= res.before.mean
@@ -86,16 +86,43 @@ def test_tuning_never_lowers_oof_dice_and_is_picked_up(trained, tiny_root, capsy
     sys.path.insert(0, str(ROOT / "scripts"))
     import tune_thresholds
 
-    args = [
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--quiet",
-        *tiny_overrides(
-            tiny_root, work, **{"infer.ensemble": [{"experiment": "tiny", "folds": [0]}]}
-        ),
-    ]
-    assert tune_thresholds.main(args) == 0
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--quiet"]
+    assert tune_thresholds.main(args + tiny_overrides(tiny_root, work)) == 0
     out = capsys.readouterr().out
     assert "tuned" in out and "OOF mean Dice" in out
-    path = Path(work / "runs" / "thresholds_demo.json")
-    assert path == default_thresholds_path(cfg) and len(read_thresholds(path)[0]) == 29
+    path = thresholds_path(cfg)
+    assert path == work / "runs" / "thresholds_demo.json"
+    tuned, runs = read_thresholds(path)
+    assert runs == [str(work / "runs" / "tiny" / "fold0")]
+    # Inference resolves the same members and applies exactly the tuned values.
+    res = predict_submission(cfg, ensemble_members(cfg), work / "t.csv", progress=False)
+    assert res.thresholds == tuned and res.thresholds_from == str(path)
+
+
+def test_inference_applies_the_thresholds_file_it_names(trained, tmp_path):
+    cfg, _ = trained
+    path = write_thresholds(tmp_path / "thr.json", [0.3] * 28 + [0.8])
+    cfg.infer.thresholds = str(path)
+    try:
+        res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "s.csv", progress=False)
+    finally:
+        cfg.infer.thresholds = None
+    assert res.thresholds == [0.3] * 28 + [0.8]
+    assert "WARNING" not in res.thresholds_from  # no runs recorded: nothing to compare
+
+
+def test_ensemble_members_refuse_duplicates_and_missing_files(trained):
+    cfg, _ = trained
+    cfg.infer.ensemble[0].folds = [0, 1]  # fold 1 was never trained
+    try:
+        with pytest.raises(RunError, match=r"fold1/best\.pt"):
+            ensemble_members(cfg)
+    finally:
+        cfg.infer.ensemble[0].folds = [0]
+    twice = [cfg.infer.ensemble[0], cfg.infer.ensemble[0]]
+    cfg.infer.ensemble, saved = twice, cfg.infer.ensemble
+    try:
+        with pytest.raises(RunError, match=r"\['tiny'\] more than once"):
+            ensemble_members(cfg)
+    finally:
+        cfg.infer.ensemble = saved

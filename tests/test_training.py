@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,12 @@ import pytest
 import torch
 import yaml
 
-from bonecomp import engine, training
+from bonecomp import engine
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import load_config
+from bonecomp.losses import BceDiceLoss
+from bonecomp.runs import RunDir, RunError
+from bonecomp.training import fold as training
 from bonecomp.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +110,11 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
         run_training(cfg, 0, progress=False)
     run = tmp_path / "runs" / "tiny" / "fold0"
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         run_training(cfg, 0, progress=False)
     monkeypatch.setattr(training, "train_one_epoch", real)
     changed = tiny_config(tiny_root, tmp_path, **{"train.epochs": 5})
-    with pytest.raises(ValueError, match=r"train\.epochs: 3 -> 5"):
+    with pytest.raises(RunError, match=r"train\.epochs: 3 -> 5"):
         run_training(changed, 0, resume=True, progress=False)  # would keep the old schedule
     resumed = []
     monkeypatch.setattr(
@@ -120,12 +124,12 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
     assert resumed == [2] and result.epochs_done == 3
     assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0, 1, 2]
     last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 2 and last["num_updates"] == 3 * 2  # 8 train images / batch 4
+    assert last["epoch"] == 2 and last["progress"]["num_updates"] == 3 * 2  # 8 images / batch 4
 
 
 def test_non_finite_loss_stops_naming_the_images(tiny_root, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 2})
-    real_loss = training.BceDiceLoss.forward
+    real_loss = BceDiceLoss.forward
     epochs_seen = []
 
     def nan_in_second_epoch(self, logits, target):
@@ -135,20 +139,81 @@ def test_non_finite_loss_stops_naming_the_images(tiny_root, tmp_path, monkeypatc
         epochs_seen.append(1)
         return loss, parts
 
-    monkeypatch.setattr(training.BceDiceLoss, "forward", nan_in_second_epoch)
+    monkeypatch.setattr(BceDiceLoss, "forward", nan_in_second_epoch)
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch \d+, batch \d+; images: \['ID"):
         run_training(cfg, 0, progress=False)
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "fold0" / "last.pt")
     assert torch.isfinite(torch.cat([v.flatten().float() for v in last["model"].values()])).all()
 
 
-def test_missing_data_message(tmp_path, capsys):
+def test_default_config_without_data_says_where_it_looked(tmp_path, capsys):
+    """`python scripts/train.py --fold 0` runs the competition recipe on data/competition;
+    without data it says where it looked and how to run the demo, even when a run folder
+    of that recipe exists (data problems come before run-folder problems)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import train as train_script
 
-    code = train_script.main(["--fold", "0", f"data.root={tmp_path / 'nothing'}", "--quiet"])
+    stale = tmp_path / "runs" / "unetpp_effb4_1024" / "fold0"
+    stale.mkdir(parents=True)
+    (stale / "last.pt").write_bytes(b"")
+    code = train_script.main(["--fold", "0", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "nothing" in err and "make_phantom.py" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(tmp_path / "data" / "competition") in err
+    assert "configs/demo.yaml" in err and "make demo" in err and "already holds" not in err
+
+
+def test_bad_fold_is_one_line(tiny_root, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--fold", "7", "--quiet"]
+    assert train_script.main(args + tiny_overrides(tiny_root, tmp_path)) == 2
+    assert "--fold '7'" in capsys.readouterr().err
+
+
+def test_a_fold_in_training_is_not_started_twice(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root, tmp_path)
+    run = RunDir(tmp_path / "runs" / "tiny" / "fold0")
+    with run.lock(), pytest.raises(RunError, match=f"being trained by pid {os.getpid()}"):
+        run_training(cfg, 0, progress=False)
+    assert not run.last.exists() and not run.summary.exists()
+
+
+def test_resume_keeps_a_better_best_and_works_after_the_folder_moved(
+    tiny_root, tmp_path, monkeypatch
+):
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 3})
+    real, calls = engine.train_one_epoch, []
+
+    def killed_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, 0, progress=False)
+    monkeypatch.setattr(training, "train_one_epoch", real)
+    # The folder is moved: paths that only say where the run lives do not block a resume.
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "runs").rename(moved)
+    # best.pt is better than anything last.pt knows of (as when a kill hit last.pt's save).
+    best_path = moved / "tiny" / "fold0" / "best.pt"
+    best = torch.load(best_path, weights_only=True)
+    best["metric"] = 2.0
+    torch.save(best, best_path)
+    cfg.train.output_dir = str(moved)
+    result = run_training(cfg, 0, resume=True, progress=False)
+    assert result.epochs_done == 3 and result.best_dice == 2.0
+    assert load_checkpoint(best_path)["metric"] == 2.0  # not replaced by a worse epoch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_process_ddp_with_gloo(tiny_root, tmp_path):
@@ -157,7 +222,7 @@ def test_two_process_ddp_with_gloo(tiny_root, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29517",
+        f"--master_port={free_port()}",
         str(ROOT / "scripts" / "train.py"),
         "--config",
         str(ROOT / "configs" / "demo.yaml"),

@@ -17,8 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 PHANTOM_HINT = (
-    "To get data: download the competition data set into that folder, or make the "
-    "synthetic phantom with `python scripts/make_phantom.py --out data/phantom`."
+    "Expected the competition layout (docs/format.md): <root>/train/DCM/ID*/*.png, "
+    "<root>/train/outputs_json/ID*/*.json, <root>/test/DCM/ID*/*.png. Put the data there "
+    "or set data.root=<folder>; or run the demo on the built-in phantom: `make demo` (or "
+    "`python scripts/make_phantom.py --out data/phantom` then "
+    "`python scripts/train.py --config configs/demo.yaml --fold 0`)."
 )
 COLUMNS = ["patient", "rel", "name", "image_path", "json_path"]
 
@@ -53,7 +56,9 @@ def discover(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataLayoutError(f"data root {root} does not exist. {PHANTOM_HINT}")
+        raise DataLayoutError(
+            f"data root {root} ({root.resolve()}) does not exist. {PHANTOM_HINT}"
+        )
     images = find_images(root, split)
     dcm = root / split / "DCM"
     empty = sorted(d.name for d in dcm.iterdir() if d.is_dir() and not any(d.glob("*.png")))

@@ -25,6 +25,7 @@ from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
 from bonecomp.inference.tta import views
+from bonecomp.runs import MemberSpec
 from bonecomp.submission import CheckReport, SubmissionWriter, validate_submission
 
 
@@ -36,55 +37,30 @@ class InferResult:
     seconds_per_image: float
     report: CheckReport
     thresholds_from: str
-
-
-def find_checkpoints(
-    cfg: Config, ensemble: bool, explicit: Sequence[str] = ()
-) -> list[tuple[Path, float]]:
-    """(checkpoint, weight) pairs: the explicit paths; else without ``ensemble`` the
-    ``best.pt`` of ``train.experiment`` (its first fold); else the config's ensemble
-    section, or every ``best.pt`` under the runs folder when that is empty."""
-    runs = Path(cfg.train.output_dir)
-    if explicit:
-        found = [(Path(p), 1.0) for p in explicit]
-    elif not ensemble:  # one model: this config's own experiment
-        own = sorted((runs / cfg.train.experiment).glob("fold*/best.pt"))
-        found = [(own[0] if own else runs / cfg.train.experiment / "fold0" / "best.pt", 1.0)]
-    elif cfg.infer.ensemble:
-        found = [
-            (runs / m.experiment / f"fold{k}" / m.checkpoint, m.weight)
-            for m in cfg.infer.ensemble
-            for k in m.folds
-        ]
-    else:
-        found = [(p, 1.0) for p in sorted(runs.glob("*/fold*/best.pt"))]
-    missing = [str(p) for p, _ in found if not p.is_file()]
-    if missing or not found:
-        have = sorted(str(p) for p in runs.glob("*/fold*/*.pt"))
-        raise FileNotFoundError(
-            f"checkpoints not found: {missing or 'none configured'}; available under {runs}: "
-            f"{have or 'none (train first: python scripts/train.py --fold 0)'}"
-        )
-    return found
+    thresholds: list[float]  # the per-class thresholds applied
 
 
 def predict_submission(
     cfg: Config,
-    checkpoints: Sequence[tuple[Path, float]],
+    members: Sequence[MemberSpec],
     out: Path | str | None = None,
     data_root: Path | str | None = None,
     progress: bool = True,
 ) -> InferResult:
-    """Write the submission CSV for the test set and validate it."""
+    """Write the submission CSV for the test set and validate it.
+
+    ``members`` come from ``runs.ensemble_members`` (the same resolution threshold tuning
+    uses).
+    """
     device = torch.device(
         "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     )
     test = discover(data_root or cfg.data.root, "test")
-    members = [load_member(p, w, device) for p, w in checkpoints]
+    models = [load_member(m.checkpoint, m.weight, device) for m in members]
     inf = cfg.infer
     tile = inf.tile if inf.sliding_window else None
-    ens = Ensemble(members, views(inf.tta, inf.scales), tile, inf.overlap, cfg.train.amp)
-    thresholds, source = resolve_thresholds(cfg, [p for p, _ in checkpoints])
+    ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, cfg.train.amp)
+    thresholds, source = resolve_thresholds(cfg, members)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"
     loader = DataLoader(
@@ -112,5 +88,11 @@ def predict_submission(
     # Validated before it takes its final name; an invalid file becomes *.invalid.csv.
     path = writer.close(check=lambda tmp: validate_submission(tmp, names, shapes))
     return InferResult(
-        path, writer.report.rows, len(test), elapsed / max(len(test), 1), writer.report, source
+        path,
+        writer.report.rows,
+        len(test),
+        elapsed / max(len(test), 1),
+        writer.report,
+        source,
+        thresholds,
     )

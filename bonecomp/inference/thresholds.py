@@ -11,23 +11,25 @@ lowers the OOF Dice.
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.rasterize import truth_crops
+from bonecomp.fileio import write_text
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceTable, dice_from_counts
+from bonecomp.runs import MemberSpec, RunError, thresholds_path
 
 GRID: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 DEFAULT = 0.5
@@ -77,53 +79,77 @@ def choose(dice: np.ndarray, grid: Sequence[float] = GRID, min_gain: float = 1e-
 
 
 def oof_items(
-    run_dirs: Sequence[Path],
-    data_root: Path | str,
-    weights: Sequence[float] | None = None,
-    progress: bool = True,
-):
-    """(probs, truth crops, hw) per OOF image, averaging experiments that share images.
+    members: Sequence[MemberSpec], data_root: Path | str, progress: bool = True
+) -> Iterator[tuple[torch.Tensor, list, tuple[int, int]]]:
+    """(probs, truth crops, hw) per OOF image: the members' weighted mean probability.
 
-    ``run_dirs`` are fold folders holding ``oof.npy`` and ``oof_index.csv``; folds of one
-    experiment cover disjoint images, experiments of an ensemble cover the same ones.
+    Folds of one experiment cover disjoint images; experiments of an ensemble cover the
+    same ones. Members saved at different ``train.oof_size`` are brought to the largest
+    size (bilinear) before averaging.
     """
-    weights = list(weights) if weights else [1.0] * len(run_dirs)
-    parts = []
-    for d, w in zip(run_dirs, weights, strict=True):
-        index = pd.read_csv(Path(d) / "oof_index.csv", dtype={"rel": str})
-        arr = np.load(Path(d) / "oof.npy", mmap_mode="r")
-        parts += [
-            (rel, arr, int(r), w, (int(h), int(wd)))
-            for rel, r, h, wd in zip(
-                index["rel"], index["row"], index["src_h"], index["src_w"], strict=True
+    parts: dict[str, list] = {}
+    size = 0
+    for m in members:
+        run = m.run
+        if not (run.oof.is_file() and run.oof_index.is_file()):
+            raise RunError(
+                f"{run}: no out-of-fold predictions ({run.oof.name}); train with "
+                "train.save_oof=true first"
             )
-        ]
-    by_image: dict[str, list] = {}
-    for rel, arr, row, w, hw in parts:
-        by_image.setdefault(rel, []).append((arr, row, w, hw))
+        index = pd.read_csv(run.oof_index, dtype={"rel": str})
+        arr = np.load(run.oof, mmap_mode="r")
+        size = max(size, arr.shape[-1])
+        for rel, r, h, w in zip(
+            index["rel"], index["row"], index["src_h"], index["src_w"], strict=True
+        ):
+            parts.setdefault(rel, []).append((arr, int(r), m.weight, (int(h), int(w))))
     jdir = Path(data_root) / "train" / "outputs_json"
-    for rel in tqdm(sorted(by_image), desc="tune", unit="img", disable=not progress):
-        entries = by_image[rel]
-        total = sum(w for *_, w, _ in entries)
-        probs = sum(torch.from_numpy(np.asarray(a[r], np.float32)) * w for a, r, w, _ in entries)
+    for rel in tqdm(sorted(parts), desc="tune", unit="img", disable=not progress):
+        entries = parts[rel]
+        total = sum(w for _, _, w, _ in entries)
+        probs = sum(_at_size(a[r], size) * w for a, r, w, _ in entries) / total
         hw = entries[0][3]
         polys = load_annotation(jdir / Path(rel).with_suffix(".json"))
-        yield probs / total, truth_crops(polys, hw), hw
+        yield probs, truth_crops(polys, hw), hw
 
 
-def default_thresholds_path(cfg: Config) -> Path:
-    """Where tune_thresholds writes and infer looks by default: runs/thresholds_<name>.json."""
-    return Path(cfg.train.output_dir) / f"thresholds_{cfg.infer.name}.json"
+def _at_size(a: np.ndarray, size: int) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(a, np.float32))
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def tune_thresholds(
+    cfg: Config,
+    members: Sequence[MemberSpec],
+    grid: Sequence[float] = GRID,
+    min_gain: float = 1e-3,
+    out: Path | str | None = None,
+    progress: bool = True,
+) -> tuple[TuneResult, Path]:
+    """Tune per-class thresholds on the members' OOF probabilities and write the file
+    inference reads (``runs.thresholds_path(cfg)`` unless ``out``)."""
+    dice, n = grid_dice(oof_items(members, cfg.data.root, progress), grid)
+    result = choose(dice, grid, min_gain)
+    result.before.n_images = result.after.n_images = n
+    path = Path(out) if out else thresholds_path(cfg)
+    write_thresholds(
+        path,
+        result.thresholds,
+        grid=list(grid),
+        oof_images=n,
+        dice_before=result.before.mean,
+        dice_after=result.after.mean,
+        runs=[str(m.run) for m in members],
+    )
+    return result, path
 
 
 def write_thresholds(path: Path, thresholds: Sequence[float], **info) -> Path:
     """Thresholds file (JSON: classes, thresholds, and what they were tuned on), atomic."""
     doc = {"classes": list(CLASSES), "thresholds": [float(t) for t in thresholds], **info}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, default=lambda v: np.asarray(v).tolist()))
-    tmp.replace(path)
-    return path
+    return write_text(path, json.dumps(doc, indent=1, default=lambda v: np.asarray(v).tolist()))
 
 
 def read_thresholds(path: Path | str) -> tuple[list[float], list[str]]:
@@ -137,20 +163,20 @@ def read_thresholds(path: Path | str) -> tuple[list[float], list[str]]:
     return as_thresholds(doc["thresholds"], len(CLASSES)), list(doc.get("runs", []))
 
 
-def resolve_thresholds(cfg: Config, checkpoints: Sequence[Path] = ()) -> tuple[list[float], str]:
+def resolve_thresholds(cfg: Config, members: Sequence[MemberSpec] = ()) -> tuple[list[float], str]:
     """Per-class thresholds: ``infer.thresholds``, else the tuned file of ``infer.name``,
     else ``infer.threshold`` for every class; and a line saying where they came from.
 
-    A file tuned on other runs than ``checkpoints`` is still used, with a warning.
+    A file tuned on other runs than ``members`` is still used, with a warning.
     """
-    path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else default_thresholds_path(cfg)
+    path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
     if not (cfg.infer.thresholds or path.is_file()):
         ts = as_thresholds(cfg.infer.threshold, len(CLASSES))
         return ts, f"{cfg.infer.threshold} for all classes"
     ts, runs = read_thresholds(path)
-    members = {str(Path(p).parent) for p in checkpoints}
-    if runs and members and members != set(runs):
-        msg = f"{path} was tuned on {sorted(runs)}, not on these models {sorted(members)}"
+    used = {str(m.run) for m in members}
+    if runs and used and used != set(runs):
+        msg = f"{path} was tuned on {sorted(runs)}, not on these models {sorted(used)}"
         warnings.warn(msg, stacklevel=2)
         return ts, f"{path} (WARNING: {msg})"
     return ts, str(path)

@@ -1,0 +1,82 @@
+"""What every script shares: the ``--config`` / overrides arguments, the default recipe,
+and one-line errors for users' mistakes (a traceback only for our bugs).
+
+Scripts stay thin: parse arguments here, call one library function, print its result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bonecomp.checkpoint import CheckpointError
+from bonecomp.config import Config, ConfigError, load_config
+from bonecomp.data.annotations import AnnotationError
+from bonecomp.data.folds import FoldsError
+from bonecomp.data.images import ImageReadError
+from bonecomp.data.layout import DataLayoutError
+from bonecomp.engine import NonFiniteLossError
+from bonecomp.models.weights import WeightsError
+from bonecomp.runs import RunError
+from bonecomp.submission import SubmissionError
+
+# The competition recipe (configs/default.yaml names it); the demo passes its own config.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+# Mistakes in the user's data, config or files: one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataLayoutError, RunError, CheckpointError, FoldsError, AnnotationError,
+    ImageReadError, WeightsError, NonFiniteLossError,
+)  # fmt: skip
+
+
+def parser(doc: str | None, config: bool = True) -> argparse.ArgumentParser:
+    """An argument parser with ``--quiet`` and, with ``config``, ``--config`` and
+    dotted overrides (``train.epochs=50``) anywhere on the line."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    if config:
+        ap.add_argument(
+            "--config", default=str(DEFAULT_CONFIG), help="recipe YAML (default: %(default)s)"
+        )
+        ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=50")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after flags
+
+
+def load(args: argparse.Namespace) -> Config:
+    """The recipe of ``--config`` with the command line's overrides applied."""
+    return load_config(args.config, args.overrides)
+
+
+def folds(value: str, cfg: Config) -> list[int]:
+    """``--fold``: an index in range, or ``all``."""
+    n = cfg.data.n_splits
+    if value == "all":
+        return list(range(n))
+    if not value.isdigit() or int(value) >= n:
+        raise ConfigError(f"--fold {value!r}: expected 0..{n - 1} (data.n_splits={n}) or 'all'")
+    return [int(value)]
+
+
+def run(body: Callable[[], int]) -> int:
+    """Run a script's body; a user's mistake ends in one line on stderr, not a traceback.
+
+    Exit codes: 0 done, 1 an invalid submission, 2 a problem in the input, 130 interrupted.
+    """
+    try:
+        return body()
+    except SubmissionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,175 @@
+"""The run folder contract: every file name under ``runs/`` and how an ensemble section
+resolves into checkpoints. Training, tuning, inference, pictures and scripts ask this
+module; no other file spells these names.
+
+    <train.output_dir>/<experiment>/fold<k>/
+        config.yaml          the resolved config
+        summary.csv          one row per epoch: loss parts, val Dice, lr, img/s, time
+        dice_per_class.csv   per-class Dice of the best epoch (and .png, its chart)
+        best.pt, last.pt     self-describing checkpoints (last.pt also resumes)
+        oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
+        .lock                held while a process trains this fold
+    <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonecomp.config import Config
+from bonecomp.fileio import pid_alive
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.csv"
+DICE_CSV = "dice_per_class.csv"
+DICE_PNG = "dice_per_class.png"
+BEST = "best.pt"
+LAST = "last.pt"
+OOF = "oof.npy"
+OOF_INDEX = "oof_index.csv"
+LOCK = ".lock"
+CHECKPOINTS = (BEST, LAST)
+
+
+class RunError(RuntimeError):
+    """A run folder that cannot be used as asked; the message names it and what to do."""
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One fold's run folder and the paths of its files."""
+
+    path: Path
+
+    @property
+    def experiment(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def fold(self) -> int:
+        return int(self.path.name.removeprefix("fold"))
+
+    config = property(lambda self: self.path / CONFIG)
+    summary = property(lambda self: self.path / SUMMARY)
+    dice_csv = property(lambda self: self.path / DICE_CSV)
+    dice_png = property(lambda self: self.path / DICE_PNG)
+    best = property(lambda self: self.path / BEST)
+    last = property(lambda self: self.path / LAST)
+    oof = property(lambda self: self.path / OOF)
+    oof_index = property(lambda self: self.path / OOF_INDEX)
+
+    def staged(self, name: str) -> Path:
+        """Where a file is prepared before it replaces ``name`` (e.g. OOF of a new best)."""
+        return self.path / f".{name}.staged"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this fold's lock; a second process training it is refused at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / LOCK
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise RunError(
+                    f"{self.path} is being trained by {holder}; wait for it to finish or stop "
+                    "it, or choose another train.experiment"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.seek(0)
+                f.truncate()
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def runs_root(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir)
+
+
+def run_dir(cfg: Config, fold: int, experiment: str | None = None) -> RunDir:
+    """The folder of ``fold`` of ``experiment`` (default: the config's own)."""
+    return RunDir(runs_root(cfg) / (experiment or cfg.train.experiment) / f"fold{fold}")
+
+
+def thresholds_path(cfg: Config) -> Path:
+    """Per-class thresholds of the config's ensemble: ``runs/thresholds_<infer.name>.json``."""
+    return runs_root(cfg) / f"thresholds_{cfg.infer.name}.json"
+
+
+def lock_holder_alive(run: RunDir) -> bool:
+    """Is the pid written in the fold's lock file a live process? (for messages and tests)"""
+    try:
+        text = (run.path / LOCK).read_text().split()
+    except OSError:
+        return False
+    return len(text) == 2 and text[1].isdigit() and pid_alive(int(text[1]))
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One checkpoint of an ensemble and its weight."""
+
+    checkpoint: Path
+    weight: float = 1.0
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.checkpoint.parent)
+
+
+def ensemble_members(
+    cfg: Config, ensemble: bool = True, explicit: Sequence[str | Path] = ()
+) -> list[MemberSpec]:
+    """The checkpoints a command uses, the same for threshold tuning and inference.
+
+    ``explicit`` paths win (weight 1 each). Else, with ``ensemble``, the ``infer.ensemble``
+    section (experiments x folds x checkpoint name, with weights); an empty section means
+    every fold of the config's own experiment that has a ``best.pt``. Without
+    ``ensemble``: the first trained fold of the config's own experiment. An experiment
+    listed twice is an error (it would be silently weighted twice); so is a missing file.
+    """
+    root = runs_root(cfg)
+    if explicit:
+        found = [MemberSpec(Path(p)) for p in explicit]
+    elif ensemble and cfg.infer.ensemble:
+        names = [m.experiment for m in cfg.infer.ensemble]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise RunError(f"infer.ensemble lists experiment(s) {dups} more than once; merge them")
+        found = [
+            MemberSpec(run_dir(cfg, k, m.experiment).path / m.checkpoint, m.weight)
+            for m in cfg.infer.ensemble
+            for k in m.folds
+        ]
+    else:
+        own = sorted((root / cfg.train.experiment).glob(f"fold*/{BEST}"))
+        if not ensemble:
+            own = own[:1]
+        found = [MemberSpec(p) for p in own] or [MemberSpec(run_dir(cfg, 0).best)]
+    missing = [str(m.checkpoint) for m in found if not m.checkpoint.is_file()]
+    if missing:
+        have = sorted(str(p) for p in root.glob("*/fold*/*.pt"))
+        raise RunError(
+            f"checkpoint(s) not found: {', '.join(missing)}; available under {root}: "
+            f"{', '.join(have) or 'none (train first: python scripts/train.py --fold 0)'}"
+        )
+    return found

@@ -1,0 +1,173 @@
+"""Train one fold: the orchestration over the builders of this package.
+
+check config -> find data -> lock the run folder -> folds + cache -> loaders
+-> model/optimiser/schedule/EMA -> (resume) -> epochs of train, validate, save
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bonecomp import distributed
+from bonecomp.config import Config, save_config
+from bonecomp.data.layout import discover
+from bonecomp.distributed import Dist
+from bonecomp.engine import past, train_one_epoch, validate
+from bonecomp.losses import BceDiceLoss
+from bonecomp.metrics import DiceTable
+from bonecomp.runs import RunDir, RunError, run_dir
+from bonecomp.training.data import build_loaders, fold_split, prepare_cache
+from bonecomp.training.records import SummaryLog, commit_oof, stage_oof
+from bonecomp.training.state import (
+    Progress,
+    TrainState,
+    build_state,
+    check_fresh,
+    check_resumable,
+    load_last,
+    save_best,
+    save_last,
+    updates_per_epoch,
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_dice: float
+    best_epoch: int
+    epochs_done: int
+
+
+def run_training(
+    cfg: Config,
+    fold: int,
+    resume: bool = False,
+    progress: bool = True,
+    on_best: Callable[[RunDir], None] | None = None,
+) -> TrainResult:
+    """Train ``fold`` of ``cfg``; ``resume`` continues from the run's ``last.pt``.
+
+    Problems come in the order a user can act on them: config, then data, then the run
+    folder (held by another process, already trained, not resumable). ``on_best(run)`` is
+    called on rank 0 after each new best epoch is saved.
+    """
+    if not 0 <= fold < cfg.data.n_splits:
+        raise ValueError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
+    dd = distributed.setup(cfg.train.device)
+    device = _device(cfg.train.device, dd)
+    table = discover(cfg.data.root, "train", cfg.data.exclude)
+    run = run_dir(cfg, fold)
+    with run.lock() if dd.main else contextlib.nullcontext():
+        _agree(lambda: check_resumable(cfg, run) if resume else check_fresh(run), dd)
+        folds, cache = prepare_cache(cfg, table, dd, progress and dd.main)
+        train_idx, val_idx = fold_split(folds, fold)
+        data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda")
+        per_epoch = updates_per_epoch(len(data.train_loader), cfg.train.accum_steps)
+        state = build_state(cfg, device, dd, per_epoch, progress and dd.main)
+        start = load_last(state, run, device) if resume else Progress()
+        if dd.main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run.config)
+            if resume:
+                tqdm.write(f"resumed {run} after epoch {start.epoch} (best {start.best_dice:.4f})")
+        log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
+        try:
+            prog = _epochs(
+                cfg, fold, run, data, state, start, dd, progress and dd.main, log, on_best
+            )
+        finally:  # TensorBoard / W&B flushed even when training fails
+            if log is not None:
+                log.close()
+    return TrainResult(run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1)
+
+
+def _epochs(
+    cfg, fold, run, data, state: TrainState, prog: Progress, dd: Dist, progress, log, on_best
+):
+    """The epoch loop: train, validate every ``val_every`` epochs, save best and last."""
+    t = cfg.train
+    deadline = time.monotonic() + 60 * t.max_train_minutes if t.max_train_minutes else None
+    start = time.monotonic()
+    loss_fn = BceDiceLoss(cfg.loss)
+    say = tqdm.write if dd.main else (lambda *_: None)
+    bar = tqdm(
+        range(prog.epoch + 1, t.epochs), desc=f"fold {fold}", unit="epoch", disable=not progress
+    )
+    for epoch in bar:
+        data.start_epoch(t.seed, epoch, dd.rank)
+        row = train_one_epoch(
+            state.train_model, data.train_loader, state.optimizer, state.scheduler, loss_fn,
+            state.ctx, epoch, prog.num_updates, data.image_names, deadline,
+        )  # fmt: skip
+        prog.num_updates = int(row.pop("num_updates"))
+        out_of_time = deadline is not None and past(deadline)
+        metric = None
+        if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
+            oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
+            val = validate(
+                state.eval_model, data.val_loader, data.cache, loss_fn, state.ctx, 0.5, oof
+            )
+            metric = val["dice"]
+            row.update(val_loss=val["val_loss"], val_dice=metric)
+            improved = metric > prog.best_dice
+            if improved:
+                prog.best_dice, prog.best_epoch = metric, epoch
+            say(
+                f"epoch {epoch}: val Dice {metric:.4f} (best {prog.best_dice:.4f} at epoch "
+                f"{prog.best_epoch})\n"
+                + DiceTable(val["per_class"], val["n_images"]).format_compact()
+            )
+            if dd.main and improved:
+                save_best(run, cfg, fold, epoch, state.eval_model, val)
+                if oof is not None:
+                    commit_oof(run)
+            dd.barrier()
+            if dd.main and improved and on_best is not None:
+                on_best(run)
+        state.scheduler.step(epoch + 1, metric)  # epoch-based schedules (plateau needs metric)
+        prog.epoch = epoch
+        if dd.main:
+            log.log({"epoch": epoch, **row, "elapsed": time.monotonic() - start})
+            save_last(run, cfg, fold, state, prog)
+        dd.barrier()
+        if out_of_time:
+            say(f"stopping: train.max_train_minutes={t.max_train_minutes} reached")
+            break
+    return prog
+
+
+def _agree(check: Callable[[], None], dd: Dist) -> None:
+    """Run a check on rank 0; every rank raises if it failed (none waits in a collective)."""
+    error = None
+    if dd.main:
+        try:
+            check()
+        except RunError as e:
+            error = e
+    if not distributed.all_ranks_true(error is None):
+        raise error or RunError("rank 0 refused the run folder (see its message)")
+
+
+def _device(pref: str, dd: Dist) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={pref!r} but CUDA is not available")
+        if dd.world > 1 and ":" in pref:
+            raise ValueError(
+                f"train.device={pref!r} under torchrun: use 'cuda' (each rank takes its "
+                "LOCAL_RANK GPU); pick GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        dev = torch.device(pref if ":" in pref else f"cuda:{dd.local_rank}")
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device(pref)

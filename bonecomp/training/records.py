@@ -1,0 +1,104 @@
+"""What a run leaves besides checkpoints: ``summary.csv`` (plus TensorBoard / W&B when
+enabled) and the out-of-fold probabilities of its best epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+
+from bonecomp.classes import NUM_CLASSES
+from bonecomp.config import Config, to_dict
+from bonecomp.data.cache import TrainCache
+from bonecomp.distributed import Dist
+from bonecomp.engine import OOFWriter
+from bonecomp.fileio import atomic_write
+from bonecomp.runs import OOF, OOF_INDEX, RunDir
+
+FIRST = ("epoch", "loss")  # leading columns; the rest follow in the order they appear
+
+
+class SummaryLog:
+    """``summary.csv``: one row per epoch with whatever the loops returned.
+
+    The file is rewritten atomically on each row (it is small): a kill never leaves a
+    torn row, and a column that appears later (e.g. validation every few epochs) gets
+    its place.
+    """
+
+    def __init__(self, cfg: Config, run: RunDir, resume_after: int | None = None) -> None:
+        self.path = run.summary
+        self.rows: list[dict] = []
+        if self.path.exists():
+            old = pd.read_csv(self.path)
+            if resume_after is not None:  # rows past last.pt belong to the lost epoch
+                old = old[old["epoch"] <= resume_after]
+            self.rows = old.to_dict("records")
+        self.tb = self.wandb = None
+        if cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("train.tensorboard=true needs `pip install tensorboard`") from e
+            self.tb = SummaryWriter(str(run.path / "tb"))
+        if cfg.train.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("train.wandb=true needs `pip install wandb`") from e
+            self.wandb = wandb.init(
+                project="bonecomp", name=f"{run.experiment}/{run.path.name}",
+                config=to_dict(cfg), dir=str(run.path),
+            )  # fmt: skip
+
+    def log(self, row: dict) -> None:
+        self.rows.append(dict(row))
+        df = pd.DataFrame(self.rows)
+        cols = [c for c in FIRST if c in df] + [c for c in df if c not in FIRST]
+        with atomic_write(self.path) as f:
+            df[cols].to_csv(f, index=False)
+        step = int(row["epoch"])
+        values = {k: float(v) for k, v in row.items() if k != "epoch" and _finite(v)}
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def stage_oof(
+    cfg: Config, run: RunDir, cache: TrainCache, val_idx: np.ndarray, dd: Dist
+) -> OOFWriter:
+    """A float16 memmap for this validation pass's probabilities, shared by the ranks;
+    it replaces ``oof.npy`` only if the epoch turns out to be the best (``commit_oof``)."""
+    size = cfg.train.oof_size
+    path = run.staged(OOF)
+    shape = (len(val_idx), NUM_CLASSES, size, size)
+    if dd.main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(path, "w+", np.float16, shape).flush()
+        index = cache.index.iloc[val_idx].reset_index(drop=True)
+        index.insert(0, "row", np.arange(len(val_idx)))
+        index.to_csv(run.staged(OOF_INDEX), index=False)
+    dd.barrier()
+    array = np.load(path, mmap_mode="r+")
+    row_of = {int(i): r for r, i in enumerate(val_idx)}
+    return OOFWriter(array, row_of, size)
+
+
+def commit_oof(run: RunDir) -> None:
+    """Make the staged OOF arrays the run's ``oof.npy`` / ``oof_index.csv``."""
+    for name, target in ((OOF, run.oof), (OOF_INDEX, run.oof_index)):
+        os.replace(run.staged(name), target)

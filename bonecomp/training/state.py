@@ -1,0 +1,243 @@
+"""What training carries from update to update, how it is built, saved and resumed.
+
+``build_state`` makes the model, optimiser, schedule, grad scaler and EMA from the
+config; ``save_last`` / ``load_last`` write and restore all of it with the RNG states, so
+a resumed run continues as if never stopped (minus the epoch in progress).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from bonecomp.checkpoint import load_checkpoint, save_checkpoint
+from bonecomp.classes import CLASSES
+from bonecomp.config import Config, to_dict
+from bonecomp.distributed import Dist
+from bonecomp.engine import StepContext
+from bonecomp.fileio import atomic_write
+from bonecomp.metrics import DiceTable
+from bonecomp.models import create_model
+from bonecomp.runs import RunDir, RunError
+
+# Keys that may change when resuming: they do not alter what the run computes, or only
+# say where files live (a run folder may be moved or copied).
+RESUME_MAY_CHANGE = {
+    "data.num_workers", "data.cache_dir", "data.root", "train.max_train_minutes",
+    "train.tensorboard", "train.wandb", "train.device", "train.output_dir", "train.experiment",
+}  # fmt: skip
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in ``last.pt``."""
+
+    epoch: int = -1  # last finished epoch
+    num_updates: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = -1
+
+
+@dataclass
+class TrainState:
+    """Model and optimisation state of one fold."""
+
+    model: nn.Module  # the bare model (what checkpoints hold)
+    train_model: nn.Module  # the model wrapped for DDP, or the same
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm scheduler: step_update(num_updates), step(epoch, metric)
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEmaV3 | None
+    ctx: StepContext
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation and ``best.pt`` use: the EMA weights when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy's and Python's global generators (libraries draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def build_state(
+    cfg: Config, device: torch.device, dd: Dist, updates_per_epoch: int, progress: bool
+) -> TrainState:
+    """Model, optimiser, schedule, scaler and EMA as the config says, on ``device``.
+
+    The same seed on every rank gives the same initial weights, so each rank's EMA copy
+    starts from what DDP broadcasts; data randomness then differs by rank.
+    """
+    t = cfg.train
+    seed_everything(t.seed)
+    model = create_model(cfg.model).to(device)
+    seed_everything(t.seed + dd.rank)
+    cuda = device.type == "cuda"
+    amp_dtype = None
+    if cuda and t.amp:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    channels_last = t.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=t.ema) if t.ema else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(t.epochs * updates_per_epoch, 1),
+        lr_min=t.lr * 0.01,
+        warmup_t=int(t.warmup_epochs * updates_per_epoch),
+        warmup_lr_init=t.lr * 0.01,
+        t_in_epochs=False,
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    train_model = model
+    if dd.world > 1:
+        ids = [device.index] if cuda else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ctx = StepContext(
+        device,
+        amp_dtype,
+        scaler,
+        t.accum_steps,
+        t.grad_clip,
+        channels_last,
+        ema,
+        progress,
+        cfg.data.soft_targets,
+    )
+    return TrainState(model, train_model, optimizer, scheduler, scaler, ema, ctx)
+
+
+def updates_per_epoch(batches: int, accum_steps: int) -> int:
+    return math.ceil(batches / accum_steps)
+
+
+# ----------------------------------------------------------------------------- resume
+def check_resumable(cfg: Config, run: RunDir) -> None:
+    """Refuse to resume with a config that changes the run (the LR schedule, the data,
+    the model...): the checkpoint's optimizer and schedule would silently disagree."""
+    if not run.last.is_file():
+        raise RunError(f"{run}: nothing to resume (no {run.last.name}); start without --resume")
+    ckpt = load_checkpoint(run.last)
+    old, new = _flatten(ckpt["config"]), _flatten(to_dict(cfg))
+    changed = sorted(k for k in old.keys() | new.keys()
+                     if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)  # fmt: skip
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise RunError(
+            f"cannot resume {run} with a different config ({diffs}); resume with the "
+            f"saved one ({run.config}) or start a new train.experiment"
+        )
+
+
+def check_fresh(run: RunDir) -> None:
+    """A new run must not overwrite a finished or interrupted one."""
+    if run.last.exists():
+        raise RunError(
+            f"{run} already holds a run; pass --resume to continue it, or choose another "
+            "train.experiment / delete the folder"
+        )
+
+
+def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
+    """Restore ``last.pt`` into ``state``; the best score comes from ``best.pt`` itself
+    (a kill while ``last.pt`` was being saved must not let a worse model replace it)."""
+    ckpt = load_checkpoint(run.last, device)
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if state.ema is not None and ckpt.get("ema"):
+        state.ema.load_state_dict(ckpt["ema"])
+    set_rng_state(ckpt["rng"])
+    progress = Progress(**{k: ckpt["progress"][k] for k in asdict(Progress())})
+    if run.best.is_file():
+        best = load_checkpoint(run.best)
+        progress.best_dice, progress.best_epoch = float(best["metric"]), int(best["epoch"])
+    return progress
+
+
+# ----------------------------------------------------------------------------- saving
+def _meta(cfg: Config, fold: int, epoch: int) -> dict:
+    return {
+        "config": to_dict(cfg),
+        "classes": list(CLASSES),
+        "fold": fold,
+        "input_size": cfg.data.image_size,
+        "epoch": epoch,
+    }
+
+
+def save_best(run: RunDir, cfg: Config, fold: int, epoch: int, model: nn.Module, val: dict) -> None:
+    """``best.pt`` (weights only, self-describing) and the per-class Dice of that epoch."""
+    save_checkpoint(
+        run.best,
+        {
+            **_meta(cfg, fold, epoch),
+            "model": model.state_dict(),
+            "metric": val["dice"],
+            "per_class": [float(v) for v in val["per_class"]],
+        },
+    )
+    table = DiceTable(val["per_class"], val["n_images"]).to_frame()
+    with atomic_write(run.dice_csv) as f:
+        table.to_csv(f, index=False)
+
+
+def save_last(run: RunDir, cfg: Config, fold: int, state: TrainState, progress: Progress) -> None:
+    """``last.pt``: everything needed to resume after ``progress.epoch``."""
+    save_checkpoint(
+        run.last,
+        {
+            **_meta(cfg, fold, progress.epoch),
+            "progress": asdict(progress),
+            "metric": progress.best_dice,
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+            "ema": state.ema.state_dict() if state.ema is not None else None,
+            "rng": rng_state(),
+        },
+    )
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()  # noqa: NPY002
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))  # noqa: NPY002
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
