@@ -1,6 +1,6 @@
 """The submission CSV: write it atomically, validate it, score it.
 
-Format (FORMAT.md): header ``image_name,class,rle``; test images in sorted relative-path
+Format (docs/format.md): header ``image_name,class,rle``; test images in sorted relative-path
 order, each with 29 consecutive rows in class order; bare file names; RLE as in
 ``bonecomp.rle`` (empty field for an empty mask).
 """

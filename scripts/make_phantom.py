@@ -1,4 +1,4 @@
-"""Write the synthetic hand X-ray phantom (the FORMAT.md layout) into a folder.
+"""Write the synthetic hand X-ray phantom (the docs/format.md layout) into a folder.
 
 Example: python scripts/make_phantom.py --out data/phantom --train-patients 10 --test-patients 4
 """

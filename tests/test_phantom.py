@@ -1,4 +1,4 @@
-"""The synthetic phantom honours FORMAT.md, looks like a hand and is deterministic."""
+"""The synthetic phantom honours docs/format.md, looks like a hand and is deterministic."""
 
 from __future__ import annotations
 

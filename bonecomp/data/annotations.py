@@ -1,6 +1,6 @@
 """Read one competition annotation JSON into polygons keyed by class.
 
-FORMAT.md: polygons are mapped by ``label`` (never by list position); ``filename`` and
+docs/format.md: polygons are mapped by ``label`` (never by list position); ``filename`` and
 ``metadata`` are wrong for the PNG and are ignored; extra keys are tolerated.
 ``check_annotation`` lists every problem of a document (the integrity check reports them
 all); ``parse_annotation`` refuses a document that has any.

@@ -1,4 +1,4 @@
-"""Find the images (and their annotation JSONs) of a data root laid out as in FORMAT.md.
+"""Find the images (and their annotation JSONs) of a data root laid out as in docs/format.md.
 
     ROOT/train/DCM/ID001/image1661130828152_R.png
     ROOT/train/outputs_json/ID001/image1661130828152_R.json
@@ -27,7 +27,7 @@ COLUMNS = ["patient", "rel", "name", "image_path", "json_path"]
 
 
 class DataLayoutError(FileNotFoundError):
-    """The data root is missing, empty or not laid out as FORMAT.md says."""
+    """The data root is missing, empty or not laid out as docs/format.md says."""
 
 
 def find_images(root: Path | str, split: str = "train") -> list[Path]:

@@ -52,7 +52,7 @@ class Report:
 
 
 def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) -> Report:
-    """Check a data root laid out as in FORMAT.md; never modifies it."""
+    """Check a data root laid out as in docs/format.md; never modifies it."""
     root = Path(root)
     report = Report(root)
     if not root.is_dir():

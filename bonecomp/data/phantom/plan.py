@@ -1,0 +1,45 @@
+"""Which patients and images a phantom holds: IDs, splits and image stems, from the seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLITS: tuple[str, ...] = ("train", "test")
+
+_FIRST_STAMP = 1_661_000_000_000  # stems look like millisecond timestamps from August 2022
+_PLAN_STREAM = 7  # SeedSequence key of the data-set plan (stems, suffixes), apart from patients
+
+
+@dataclass(frozen=True)
+class PatientJob:
+    """One patient to generate: its split, index in the split, ID folder and two stems."""
+
+    split: str
+    index: int
+    patient_id: str
+    stems: tuple[str, str]  # right hand, left hand
+
+
+def plan_patients(seed: int, train_patients: int, test_patients: int) -> list[PatientJob]:
+    """Patient IDs and image stems for the whole data set, deterministic for the seed.
+
+    Stems are increasing 13-digit pseudo-timestamps, so they are unique; about half the
+    training patients (never test ones) carry ``_R``/``_L`` suffixes, as in the real data.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _PLAN_STREAM]))
+    width = max(3, len(str(train_patients + test_patients)))
+    suffixed = set(rng.permutation(train_patients)[: (train_patients + 1) // 2].tolist())
+    clock = _FIRST_STAMP + int(rng.integers(0, 10**9))
+    jobs = []
+    for split, count in zip(SPLITS, (train_patients, test_patients), strict=True):
+        for index in range(count):
+            first = clock + int(rng.integers(60_000, 86_400_000))  # next patient
+            clock = first + int(rng.integers(5_000, 120_000))  # the other hand
+            stamps = (first, clock) if rng.random() < 0.5 else (clock, first)
+            tags = ("_R", "_L") if split == "train" and index in suffixed else ("", "")
+            stems = (f"image{stamps[0]}{tags[0]}", f"image{stamps[1]}{tags[1]}")
+            number = len(jobs) + 1
+            jobs.append(PatientJob(split, index, f"ID{number:0{width}d}", stems))
+    return jobs

@@ -1,0 +1,166 @@
+"""Write a phantom to disk in the competition layout: PNGs and annotation JSONs, in parallel.
+
+Each patient is drawn from its own seed streams, so the files do not depend on the number
+of worker processes. Workers are started with ``spawn``: a script calling ``make_phantom``
+with more than one worker needs the usual ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from bonecomp.classes import CLASSES, NUM_CLASSES
+from bonecomp.data.phantom.anatomy import sample_anatomy, sample_pose
+from bonecomp.data.phantom.hand import draw_hand
+from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients
+
+MIN_SIZE = 128  # below this the distal phalanges shrink to a pixel or two
+FAKE_SIDE = 3060  # the wrong height/width the real JSON metadata carries
+
+
+@dataclass(frozen=True)
+class PhantomSummary:
+    """What ``make_phantom`` wrote."""
+
+    root: Path
+    n_train_images: int
+    n_test_images: int
+    size: int
+    seed: int
+
+
+def make_phantom(
+    out: Path | str,
+    train_patients: int = 10,
+    test_patients: int = 4,
+    size: int = 2048,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> PhantomSummary:
+    """Write a synthetic data set in the competition layout under ``out``.
+
+    The output depends only on (seed, patient counts, size): byte-identical whatever the
+    number of worker processes. Refuses to write where a previous phantom (``train/``,
+    ``test/`` or ``test_labels/``) exists unless ``overwrite``, which removes those folders only.
+    """
+    if train_patients < 0 or test_patients < 0 or train_patients + test_patients == 0:
+        raise ValueError("need a non-negative number of train and test patients, not both 0")
+    if size < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    root = Path(out)
+    _prepare_root(root, overwrite)
+    jobs = plan_patients(seed, train_patients, test_patients)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
+    with bar:
+        if workers <= 1 or len(jobs) == 1:
+            for job in jobs:
+                _write_patient(job, root, size, seed)
+                bar.update()
+        else:
+            ctx = get_context("spawn")  # safe even when the caller holds threads (torch, cv2)
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+                futures = [pool.submit(_write_patient, job, root, size, seed) for job in jobs]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+    return PhantomSummary(root, 2 * train_patients, 2 * test_patients, size, seed)
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    """Refuse to mix with an existing phantom, or remove only the folders the phantom writes."""
+    existing = [root / d for d in (*SPLITS, "test_labels") if (root / d).exists()]
+    if existing and not overwrite:
+        names = ", ".join(p.name for p in existing)
+        raise ValueError(
+            f"{root} already contains {names}; pass overwrite=True (--overwrite) to replace them"
+        )
+    for path in existing:
+        shutil.rmtree(path)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def _init_worker() -> None:
+    """One OpenCV thread per worker process: the pool already uses the cores."""
+    cv2.setNumThreads(1)
+
+
+def _write_patient(job: PatientJob, root: Path, size: int, seed: int) -> None:
+    """Draw and write both hands of one patient (PNGs and JSONs), each file atomically."""
+    streams = np.random.SeedSequence([seed, SPLITS.index(job.split), job.index]).spawn(4)
+    anatomy = sample_anatomy(np.random.default_rng(streams[0]))
+    meta_rng = np.random.default_rng(streams[3])
+    image_dir = root / job.split / "DCM" / job.patient_id
+    label_dir = root / ("train/outputs_json" if job.split == "train" else "test_labels")
+    label_dir = label_dir / job.patient_id
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    for mirrored, stream, stem in zip((False, True), streams[1:3], job.stems, strict=True):
+        rng = np.random.default_rng(stream)
+        pose = sample_pose(rng, anatomy, mirrored, bent_often=job.split == "test")
+        image, polygons = draw_hand(anatomy, pose, size, rng)
+        ok, png = cv2.imencode(".png", image)
+        if not ok:
+            raise RuntimeError(f"cannot encode {stem}.png")
+        doc = _annotation_doc(polygons, job, stem, meta_rng)
+        _write_atomic(image_dir / f"{stem}.png", png.tobytes())
+        _write_atomic(label_dir / f"{stem}.json", _dump_json(doc))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a side file and rename, so a crash never leaves a truncated final file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _dump_json(doc: dict) -> bytes:
+    return json.dumps(doc).encode("utf-8")
+
+
+def _annotation_doc(
+    polygons: Sequence[np.ndarray], job: PatientJob, stem: str, rng: np.random.Generator
+) -> dict:
+    """The annotation JSON of one image, with the real data's quirks (docs/format.md)."""
+    order = rng.permutation(NUM_CLASSES)
+    annotator = f"{int(rng.integers(16**8)):08x}"
+    annotations = [
+        {
+            "id": _fake_uuid(rng),
+            "type": "poly_seg",
+            "attributes": {},
+            "points": polygons[c].tolist(),
+            "label": CLASSES[c],
+        }
+        for c in order
+    ]
+    return {
+        "annotations": annotations,
+        "attributes": {},
+        "file_id": _fake_uuid(rng),
+        "filename": f"{stem}.jpg",
+        "parent_path": f"/{job.patient_id}",
+        "last_modifier_id": annotator,
+        "metadata": {"height": FAKE_SIDE, "width": FAKE_SIDE},
+        "last_workers": {annotator: "annotator"} if rng.random() < 0.5 else {},
+    }
+
+
+def _fake_uuid(rng: np.random.Generator) -> str:
+    return str(uuid.UUID(bytes=rng.bytes(16), version=4))
