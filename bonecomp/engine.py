@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -96,12 +97,15 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; returns mean losses, lr, img/s and updates done.
 
+    The losses are ``loss`` (the total) and every named part ``loss_fn`` returns
+    (``loss_bce``, ``loss_dice``, ...), each averaged over the batches.
+
     Gradients accumulate over ``ctx.accum_steps`` batches. A non-finite loss raises
     ``NonFiniteLossError`` before any weight is touched. Stops early at ``deadline``
     (``time.monotonic()``), finishing the current update.
     """
     model.train()
-    sums = {"loss": 0.0, "bce": 0.0, "dice": 0.0}
+    sums: dict[str, float] = defaultdict(float, loss=0.0)
     seen, batches, t0 = 0, 0, time.monotonic()
     n_batches = len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not ctx.progress)
@@ -135,8 +139,8 @@ def train_one_epoch(
         seen += n
         batches += 1
         sums["loss"] += loss.item()
-        sums["bce"] += parts["bce"]
-        sums["dice"] += parts["dice"]
+        for name, value in parts.items():
+            sums[name] += value
         rate = seen / max(time.monotonic() - t0, 1e-9)
         bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}", img_s=f"{rate:.1f}")
         if deadline is not None and last_of_update and past(deadline):

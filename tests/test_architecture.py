@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "bonecomp"
 LAYERS = {
     "bonecomp.classes": 0,
     "bonecomp.config": 0,
+    "bonecomp.device": 0,  # device, autocast dtype, memory format
     "bonecomp.rle": 0,
     "bonecomp.fileio": 0,
     "bonecomp.distributed": 0,
@@ -21,11 +22,13 @@ LAYERS = {
     "bonecomp.data": 1,
     "bonecomp.models": 1,
     "bonecomp.losses": 1,
+    "bonecomp.optim": 1,
     "bonecomp.metrics": 1,
     "bonecomp.checkpoint": 1,
     "bonecomp.submission": 2,
     "bonecomp.engine": 2,
     "bonecomp.inference": 2,
+    "bonecomp.checks": 2,  # the whole config against the registries
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.training": 3,  # wiring: one fold end to end
     "bonecomp.viz": 4,

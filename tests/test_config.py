@@ -1,14 +1,53 @@
-"""Config: YAML chains, overrides, and errors that name the key."""
+"""Config: one source of defaults, YAML chains, overrides, and errors that name the key
+and where its value came from."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from bonecomp.config import Config, ConfigError, load_config
+from bonecomp.config import (
+    Config,
+    ConfigError,
+    config_from_saved,
+    load_config,
+    source_of,
+    to_dict,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+
+
+def _flatten(d: dict, cls: type = Config, prefix: str = "") -> dict:
+    """Dotted leaves; a mapping value (loss.terms) is one leaf, as in the dataclasses."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        tp = hints.get(k)
+        if isinstance(v, dict) and dataclasses.is_dataclass(tp):
+            out.update(_flatten(v, tp, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_base_yaml_lists_every_key_with_the_dataclass_default():
+    base = yaml.safe_load(BASE.read_text())
+    assert "extends" not in base
+    in_yaml, defaults = _flatten(base), _flatten(to_dict(Config()))
+    assert sorted(set(defaults) - set(in_yaml)) == [], "keys missing from base.yaml"
+    assert sorted(set(in_yaml) - set(defaults)) == [], "base.yaml keys the dataclasses lack"
+    differ = {k: (in_yaml[k], defaults[k]) for k in defaults if in_yaml[k] != defaults[k]}
+    assert differ == {}, "base.yaml value != dataclass default (yaml, dataclass)"
+
+
+def test_base_yaml_loads_to_the_defaults():
+    assert load_config(BASE) == Config()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -17,11 +56,21 @@ def test_shipped_recipes_load(path):
     assert isinstance(cfg, Config) and cfg.data.image_size % 32 == 0
 
 
-def test_extends_merges_and_overrides_win(tmp_path):
-    (tmp_path / "base.yaml").write_text("train: {epochs: 3, lr: 0.1}\ndata: {exclude: [a]}\n")
-    (tmp_path / "r.yaml").write_text("extends: base.yaml\ntrain: {epochs: 5}\n")
+def test_extends_merges_sections_and_replaces_values(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "train: {epochs: 3, lr: 0.1}\ndata: {exclude: [a]}\nloss: {terms: {bce: 1, dice: 1}}\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        "extends: base.yaml\ntrain: {epochs: 5}\nloss: {terms: {focal: 1}}\n"
+    )
     cfg = load_config(tmp_path / "r.yaml", ["train.lr=0.5", "data.exclude=[b, c]"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.data.exclude) == (5, 0.5, ["b", "c"])
+    assert cfg.loss.terms == {"focal": 1.0}  # a mapping value is replaced, not merged
+
+
+def test_dotted_override_adds_a_loss_term(tmp_path):
+    cfg = load_config(BASE, ["loss.terms.focal=0.2"])
+    assert cfg.loss.terms == {"bce": 0.5, "dice": 0.5, "focal": 0.2}
 
 
 @pytest.mark.parametrize(
@@ -33,11 +82,21 @@ def test_extends_merges_and_overrides_win(tmp_path):
         ("model.encoder_weights=3", "model.encoder_weights"),
         ("nonsense", "key.sub=value"),
         ("infer.ensemble=[{experiment: a, foldz: [0]}]", "infer.ensemble[0].foldz"),
+        ("train.channels_last=maybe", "train.channels_last must be bool or 'auto'"),
+        ("train.scheduler=cos", "train.scheduler must be one of"),
+        ("model.fcn_upsample=nearest", "model.fcn_upsample must be one of"),
+        ("loss.terms=[bce]", "loss.terms must be a mapping"),
+        ("loss.terms={bce: x}", "loss.terms.bce must be float"),
     ],
 )
 def test_errors_name_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("value, want", [("auto", "auto"), ("true", True), ("false", False)])
+def test_channels_last_accepts_auto_true_false(value, want):
+    assert load_config(None, [f"train.channels_last={value}"]).train.channels_last == want
 
 
 def test_file_errors(tmp_path):
@@ -50,3 +109,104 @@ def test_file_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("train: {epochs: 1}\nbogus: 1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*bogus"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_errors_say_where_the_value_came_from(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 0}\n")
+    (tmp_path / "r.yaml").write_text("extends: base.yaml\ntrain: {batch_size: 0}\n")
+    with pytest.raises(ConfigError, match=r"^\S*r\.yaml: train\.batch_size must be >= 1, got 0$"):
+        load_config(tmp_path / "r.yaml", ["train.epochs=2"])
+    with pytest.raises(ConfigError, match=r"^\S*base\.yaml: train\.epochs must be >= 1"):
+        load_config(tmp_path / "r.yaml", ["train.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"^command line: train\.epochs must be >= 1"):
+        load_config(BASE, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match=r"^command line: train\.epochs must be int"):
+        load_config(BASE, ["train.epochs=x"])  # a bad override is not blamed on the file
+    with pytest.raises(ConfigError, match=r"^command line: infer\.ensemble\[0\]\.weight"):
+        load_config(BASE, ["infer.ensemble=[{experiment: a, weight: 0}]"])
+    cfg = load_config(tmp_path / "r.yaml", ["train.epochs=2", "train.batch_size=2"])
+    assert source_of(cfg, "train.epochs") == "command line"
+    assert source_of(cfg, "train.lr") == "default"
+
+
+def test_old_loss_keys_get_the_new_form(tmp_path):
+    (tmp_path / "old.yaml").write_text("loss: {bce_weight: 0.3, dice_weight: 0.7}\n")
+    with pytest.raises(
+        ConfigError, match=r"old\.yaml: loss\.bce_weight was replaced by loss\.terms"
+    ):
+        load_config(tmp_path / "old.yaml")
+
+
+def test_saved_configs_of_older_versions_still_load():
+    old = to_dict(Config())
+    old["loss"] = {"bce_weight": 1.0, "dice_weight": 0.0, "dice_smooth": 1.0}
+    old["train"]["channels_last"] = True
+    cfg = config_from_saved(old, "ckpt.pt")
+    assert cfg.loss.terms == {"bce": 1.0} and cfg.train.channels_last is True
+
+
+# ------------------------------------------------------------------------- value rules
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-1e-3", "train.lr"),
+        ("train.accum_steps=0", "train.accum_steps"),
+        ("train.oof_size=0", "train.oof_size"),
+        ("train.val_every=0", "train.val_every"),
+        ("train.ema=1.0", "train.ema"),
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("train.momentum=1.0", "train.momentum"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs"),
+        ("train.warmup_epochs=50", "train.warmup_epochs"),  # longer than train.epochs
+        ("train.min_lr=1.0", "train.min_lr"),  # above train.lr
+        ("train.decay_rate=0", "train.decay_rate"),
+        ("train.device=gpu", "train.device"),
+        ("train.experiment=a/b", "train.experiment"),
+        ("data.n_splits=1", "data.n_splits"),
+        ("data.image_size=500", "data.image_size"),
+        ("data.image_size=0", "data.image_size"),
+        ("data.soft_k=0", "data.soft_k"),
+        ("data.soft_k=16", "data.soft_k"),
+        ("data.augment.hflip=1.5", "data.augment.hflip"),
+        ("infer.overlap=1.0", "infer.overlap"),
+        ("infer.overlap=-0.1", "infer.overlap"),
+        ("infer.threshold=0", "infer.threshold"),
+        ("infer.threshold=1", "infer.threshold"),
+        ("infer.tile=1000", "infer.tile"),
+        ("infer.scales=[]", "infer.scales"),
+        ("infer.device=cuda:x", "infer.device"),
+        ("infer.tta=[hflip, hflip]", "infer.tta[1]"),
+        ("loss.terms={bce: -1, dice: 1}", "loss.terms"),
+        ("loss.terms={bce: 0}", "loss.terms"),
+        ("infer.ensemble=[{experiment: a, weight: 0}]", "infer.ensemble[0].weight"),
+        ("infer.ensemble=[{experiment: a, weight: -1}]", "infer.ensemble[0].weight"),
+        ("infer.ensemble=[{experiment: a, folds: [5]}]", "infer.ensemble[0].folds"),
+        ("infer.ensemble=[{experiment: a, folds: []}]", "infer.ensemble[0].folds"),
+        ("infer.ensemble=[{experiment: a}, {experiment: a, folds: [0]}]", "infer.ensemble[1]"),
+    ],
+)
+def test_values_out_of_range_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE, [override])
+    msg = str(info.value)
+    assert msg.startswith(f"command line: {key}") and "\n" not in msg, msg
+    assert info.value.key.startswith(key)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.ema=0.999",
+        "train.min_lr=1.0e-5",
+        "train.device=cuda:1",  # checked when the device is picked, not here
+        "infer.overlap=0",
+        "infer.ensemble=[{experiment: a, folds: [0]}, {experiment: b, weight: 2}]",
+        "infer.ensemble=[{experiment: a}, {experiment: a, checkpoint: last.pt}]",
+        "loss.terms={bce: 0, dice: 1}",
+    ],
+)
+def test_values_in_range_pass(override):
+    load_config(BASE, [override])

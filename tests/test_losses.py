@@ -1,22 +1,23 @@
-"""Loss values on known cases."""
+"""Loss values on known cases, and the registry of named terms."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 
-from bonecomp.config import LossConfig
-from bonecomp.losses import BceDiceLoss, soft_dice_loss
+from bonecomp.config import ConfigError, LossConfig
+from bonecomp.losses import TERMS, build_loss, soft_dice_loss
 
 
 def test_bce_of_zero_logits_is_log2():
-    loss, parts = BceDiceLoss(LossConfig(bce_weight=1, dice_weight=0))(
+    loss, parts = build_loss(LossConfig(terms={"bce": 1.0}))(
         torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     )
     assert loss.item() == pytest.approx(math.log(2))
-    assert parts["dice"] == 0
+    assert parts == {"loss_bce": pytest.approx(math.log(2))}
 
 
 def test_perfect_prediction_has_near_zero_dice_loss():
@@ -43,14 +44,66 @@ def test_over_batch_differs_from_per_image_with_empty_class():
     assert per_image.item() != pytest.approx(batch.item())
 
 
-def test_weighted_sum_and_soft_targets():
+def test_our_dice_penalises_a_class_absent_from_the_batch_unlike_smp():
+    """Why ``dice`` stays ours: smp's DiceLoss gives 0 for false positives of a class
+    that no image of the batch has."""
+    logits = torch.full((2, 1, 8, 8), 3.0)  # confident foreground everywhere
+    target = torch.zeros(2, 1, 8, 8)
+    theirs = smp.losses.DiceLoss("multilabel", from_logits=True)(logits, target)
+    ours = build_loss(LossConfig(terms={"dice": 1.0}))(logits, target)[0]
+    assert theirs.item() == 0 and ours.item() > 0.9
+
+
+def test_default_is_the_old_bce_dice_sum_with_soft_targets():
     logits = torch.randn(2, 3, 8, 8)
     target = torch.rand(2, 3, 8, 8)  # soft coverage
-    cfg = LossConfig(bce_weight=0.3, dice_weight=0.7)
-    loss, parts = BceDiceLoss(cfg)(logits, target)
-    assert loss.item() == pytest.approx(0.3 * parts["bce"] + 0.7 * parts["dice"], rel=1e-6)
+    loss, parts = build_loss(LossConfig())(logits, target)
+    assert set(parts) == {"loss_bce", "loss_dice"}
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    want = 0.5 * bce + 0.5 * soft_dice_loss(logits, target, 1.0, True)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert parts["loss_bce"] == pytest.approx(bce.item(), rel=1e-6)
 
 
-def test_both_weights_zero_rejected():
-    with pytest.raises(ValueError, match="both 0"):
-        BceDiceLoss(LossConfig(bce_weight=0, dice_weight=0))
+def test_weighted_sum_of_named_parts():
+    logits = torch.randn(2, 3, 8, 8)
+    target = (torch.rand(2, 3, 8, 8) > 0.5).float()
+    terms = {"bce": 0.3, "dice": 0.7, "focal": 2.0}
+    loss, parts = build_loss(LossConfig(terms=terms))(logits, target)
+    assert set(parts) == {f"loss_{t}" for t in terms}
+    want = sum(w * parts[f"loss_{t}"] for t, w in terms.items())
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_zero_weight_drops_the_term():
+    _, parts = build_loss(LossConfig(terms={"bce": 0.0, "dice": 1.0}))(
+        torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4)
+    )
+    assert set(parts) == {"loss_dice"}
+
+
+@pytest.mark.parametrize("term", sorted(TERMS))
+def test_every_term_is_finite_differentiable_and_lower_when_right(term):
+    torch.manual_seed(0)
+    target = torch.zeros(2, 29, 16, 16)
+    target[:, :, 4:12, 4:12] = 1
+    target[1, 3] = 0  # a class absent from one image
+    good = ((target * 2 - 1) * 4).requires_grad_()
+    bad = -good.detach()
+    loss_fn = build_loss(LossConfig(terms={term: 1.0}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss still runs in float32
+        loss, parts = loss_fn(good.bfloat16(), target)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert good.grad is not None and torch.isfinite(good.grad).all()
+    assert parts[f"loss_{term}"] < loss_fn(bad, target)[1][f"loss_{term}"]
+
+
+def test_unknown_term_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"loss\.terms.*'dicee'.*valid: \['bce', 'dice'"):
+        build_loss(LossConfig(terms={"dicee": 1.0}))
+
+
+def test_all_weights_zero_rejected():
+    with pytest.raises(ConfigError, match=r"loss\.terms"):
+        build_loss(LossConfig(terms={"bce": 0.0, "dice": 0.0}))

@@ -17,7 +17,7 @@ SHARED = [a for a in ARCHS if a != "dpt"]
 @pytest.fixture(params=SHARED, scope="module")
 def model(request):
     torch.manual_seed(0)
-    return create_model(ModelConfig(arch=request.param, encoder="resnet18"))
+    return create_model(ModelConfig(arch=request.param, encoder="resnet18", encoder_weights=None))
 
 
 class TestEveryArchitecture:
@@ -50,14 +50,16 @@ class TestEveryArchitecture:
 
 
 def test_timm_universal_encoder():
-    model = create_model(ModelConfig(arch="unet", encoder="tu-resnet10t"))
+    model = create_model(ModelConfig(arch="unet", encoder="tu-resnet10t", encoder_weights=None))
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 29, 64, 64)
 
 
 @pytest.mark.parametrize("arch", ["fcn32s", "fcn16s", "fcn8s"])
 @pytest.mark.parametrize("upsample", ["bilinear", "learned"])
 def test_fcn_variants(arch, upsample):
-    model = create_model(ModelConfig(arch=arch, encoder="resnet18", fcn_upsample=upsample))
+    model = create_model(
+        ModelConfig(arch=arch, encoder="resnet18", fcn_upsample=upsample, encoder_weights=None)
+    )
     strides = {"fcn32s": ["32"], "fcn16s": ["32", "16"], "fcn8s": ["32", "16", "8"]}[arch]
     assert list(model.net.decoder.score) == strides
     for size in [(64, 64), (96, 160)]:
@@ -65,7 +67,9 @@ def test_fcn_variants(arch, upsample):
 
 
 def test_fcn8s_uses_the_stride8_features():
-    model = create_model(ModelConfig(arch="fcn8s", encoder="resnet18", init_bias=None))
+    model = create_model(
+        ModelConfig(arch="fcn8s", encoder="resnet18", init_bias=None, encoder_weights=None)
+    )
     model(torch.rand(2, 3, 64, 64)).square().mean().backward()
     assert model.net.decoder.score["8"].weight.grad.abs().sum() > 0
 
@@ -79,7 +83,7 @@ def test_unknown_names_list_the_valid_ones():
 
 def test_local_weights_file_loads_into_the_encoder(tmp_path):
     torch.manual_seed(1)
-    donor = create_model(ModelConfig(arch="unet", encoder="resnet18"))
+    donor = create_model(ModelConfig(arch="unet", encoder="resnet18", encoder_weights=None))
     path = tmp_path / "enc.pth"
     torch.save(
         {"state_dict": {f"encoder.{k}": v for k, v in donor.net.encoder.state_dict().items()}}, path
@@ -108,6 +112,6 @@ def test_imagenet_offline_fails_fast_naming_alternatives(monkeypatch):
 
 
 def test_normalisation_lives_in_the_model():
-    model = create_model(ModelConfig(encoder="resnet18"))
+    model = create_model(ModelConfig(encoder="resnet18", encoder_weights=None))
     assert isinstance(model, SegModel)
     assert {"mean", "std"} <= set(dict(model.named_buffers()))

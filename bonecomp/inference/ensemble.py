@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint
-from bonecomp.config import Config, from_dict
+from bonecomp.config import config_from_saved
 from bonecomp.inference.sliding import sliding_window
 from bonecomp.inference.tta import View, tta_mean
 from bonecomp.models import create_model
@@ -38,7 +38,7 @@ def load_member(
 ) -> Member:
     """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
     ckpt = load_checkpoint(path, "cpu")
-    cfg = from_dict(Config, ckpt["config"], where=str(path))
+    cfg = config_from_saved(ckpt["config"], where=str(path))
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
     cfg.model.init_bias = None
     model = create_model(cfg.model)

@@ -8,6 +8,7 @@ class at the input resolution (sides divisible by 32).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import segmentation_models_pytorch as smp
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.config import ModelConfig
+from bonecomp.config import ConfigError, ModelConfig
 from bonecomp.models.fcn import FCN, STRIDES
 from bonecomp.models.weights import load_encoder_weights, with_imagenet_weights
 
@@ -85,6 +86,36 @@ def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
         with torch.no_grad():
             model.output_bias.fill_(cfg.init_bias)
     return model
+
+
+def check_model_config(cfg: ModelConfig, image_size: int) -> None:
+    """Check ``model.arch``, ``model.encoder`` and the input size without building anything.
+
+    Raises ``ConfigError`` naming the key: an unknown architecture or encoder (listing the
+    valid names), or ``data.image_size`` not divisible by the network's output stride
+    (32 for every encoder at depth 5; a ViT's patch size for ``dpt``).
+    """
+    arch = cfg.arch.lower()
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch: unknown {cfg.arch!r}; valid: {list(ARCHS)}", "model.arch")
+    try:
+        _check_encoder(cfg.encoder)
+    except ValueError as e:
+        raise ConfigError(f"model.encoder: {e}", "model.encoder") from e
+    stride = _output_stride(arch, cfg.encoder)
+    if image_size <= 0 or image_size % stride:
+        raise ConfigError(
+            f"data.image_size: {image_size} is not a multiple of {stride}, the output stride "
+            f"of {cfg.arch}/{cfg.encoder}",
+            "data.image_size",
+        )
+
+
+def _output_stride(arch: str, encoder: str) -> int:
+    if arch == "dpt":  # a timm ViT: the patch size, as its name says (patch16 by default)
+        m = re.search(r"patch(\d+)", encoder)
+        return int(m.group(1)) if m else 16
+    return 32
 
 
 def _builder(arch: str, cfg: ModelConfig, num_classes: int) -> Callable[[str | None], nn.Module]:
