@@ -7,13 +7,13 @@ see ``inference.thresholds``.)
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bonecomp.classes import CLASSES
+from bonecomp.fileio import atomic_write
 
 FORMAT = "bonecomp-checkpoint-1"
 
@@ -23,17 +23,9 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file."""
+    with atomic_write(path, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bonecomp.checkpoint import CheckpointError
+from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, load_config
 from bonecomp.data.annotations import AnnotationError
 from bonecomp.data.folds import FoldsError
@@ -50,8 +51,11 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
 
 
 def load(args: argparse.Namespace) -> Config:
-    """The recipe of ``--config`` with the command line's overrides applied."""
-    return load_config(args.config, args.overrides)
+    """The recipe of ``--config`` with the command line's overrides applied, checked whole
+    (names, ranges, model and input size) before any expensive work."""
+    cfg = load_config(args.config, args.overrides)
+    check_config(cfg)
+    return cfg
 
 
 def folds(value: str, cfg: Config) -> list[int]:

@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import yaml
 
+from bonecomp.fileio import write_text
+
 COMMAND_LINE = "command line"
 
 
@@ -130,7 +132,7 @@ class EnsembleMember:
     experiment: str = ""
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     weight: float = 1.0
-    checkpoint: str = "best.pt"
+    checkpoint: str = "best"  # "best", "last", or a checkpoint file name in the fold folder
 
 
 @dataclass
@@ -148,7 +150,7 @@ class InferConfig:
     thresholds: str | None = None  # thresholds file from scripts/tune_thresholds.py
     threshold: float = 0.5
     num_workers: int = 4
-    ensemble: list[EnsembleMember] = field(default_factory=list)  # empty: every best.pt
+    ensemble: list[EnsembleMember] = field(default_factory=list)  # empty: train.experiment
 
 
 @dataclass
@@ -224,7 +226,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _read_yaml_chain(path: Path, sources: Sources, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

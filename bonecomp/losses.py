@@ -101,10 +101,6 @@ class WeightedLoss(nn.Module):
         return total, parts
 
 
-# The old name, until bonecomp/training.py calls build_loss().
-BceDiceLoss = WeightedLoss
-
-
 def build_loss(cfg: LossConfig) -> nn.Module:
     """The configured loss; ``forward(logits, target) -> (total, {"loss_<term>": float})``."""
     return WeightedLoss(cfg)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonecomp.config import Config
-from bonecomp.fileio import pid_alive
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.csv"
@@ -32,7 +31,7 @@ LAST = "last.pt"
 OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
-CHECKPOINTS = (BEST, LAST)
+CHECKPOINTS = {"best": BEST, "last": LAST}  # names an ensemble section may use
 
 
 class RunError(RuntimeError):
@@ -115,13 +114,9 @@ def thresholds_path(cfg: Config) -> Path:
     return runs_root(cfg) / f"thresholds_{cfg.infer.name}.json"
 
 
-def lock_holder_alive(run: RunDir) -> bool:
-    """Is the pid written in the fold's lock file a live process? (for messages and tests)"""
-    try:
-        text = (run.path / LOCK).read_text().split()
-    except OSError:
-        return False
-    return len(text) == 2 and text[1].isdigit() and pid_alive(int(text[1]))
+def checkpoint_file(name: str) -> str:
+    """``infer.ensemble[].checkpoint``: ``best``, ``last`` or a file name in the fold folder."""
+    return CHECKPOINTS.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -156,7 +151,7 @@ def ensemble_members(
         if dups:
             raise RunError(f"infer.ensemble lists experiment(s) {dups} more than once; merge them")
         found = [
-            MemberSpec(run_dir(cfg, k, m.experiment).path / m.checkpoint, m.weight)
+            MemberSpec(run_dir(cfg, k, m.experiment).path / checkpoint_file(m.checkpoint), m.weight)
             for m in cfg.infer.ensemble
             for k in m.folds
         ]

@@ -22,6 +22,7 @@ from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.annotations import AnnotationError, load_annotation
 from bonecomp.data.layout import find_jsons
 from bonecomp.data.rasterize import class_crop
+from bonecomp.fileio import remove_stale_temps, temp_path
 from bonecomp.metrics import DiceTable, dice_from_counts, summarize
 
 HEADER = ("image_name", "class", "rle")
@@ -41,7 +42,8 @@ class SubmissionWriter:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        remove_stale_temps(self.path.parent)  # left by a killed run
+        self.tmp = temp_path(self.path)
         self._f = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()/abort()
         self._w = csv.writer(self._f, lineterminator="\n")
         self._w.writerow(HEADER)

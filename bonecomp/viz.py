@@ -11,11 +11,12 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
-from bonecomp.config import load_config
+from bonecomp.config import config_from_saved
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover
@@ -150,7 +151,7 @@ def run_overlays(
     """Overlays of a validation fold from its saved out-of-fold probabilities (threshold
     0.5), worst images first, plus the run's per-class Dice chart. Prints per image."""
     run = RunDir(Path(run))
-    cfg = load_config(run.config)
+    cfg = config_from_saved(yaml.safe_load(run.config.read_text()), str(run.config))
     index = pd.read_csv(run.oof_index, dtype={"rel": str})
     oof = np.load(run.oof, mmap_mode="r")
     written = [plot_dice_bars(run.dice_csv, out / run.dice_png.name)]

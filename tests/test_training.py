@@ -17,7 +17,7 @@ import yaml
 from bonecomp import engine
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import load_config
-from bonecomp.losses import BceDiceLoss
+from bonecomp.losses import WeightedLoss
 from bonecomp.runs import RunDir, RunError
 from bonecomp.training import fold as training
 from bonecomp.training import run_training
@@ -129,7 +129,7 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
 
 def test_non_finite_loss_stops_naming_the_images(tiny_root, tmp_path, monkeypatch):
     cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 2})
-    real_loss = BceDiceLoss.forward
+    real_loss = WeightedLoss.forward
     epochs_seen = []
 
     def nan_in_second_epoch(self, logits, target):
@@ -139,7 +139,7 @@ def test_non_finite_loss_stops_naming_the_images(tiny_root, tmp_path, monkeypatc
         epochs_seen.append(1)
         return loss, parts
 
-    monkeypatch.setattr(BceDiceLoss, "forward", nan_in_second_epoch)
+    monkeypatch.setattr(WeightedLoss, "forward", nan_in_second_epoch)
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch \d+, batch \d+; images: \['ID"):
         run_training(cfg, 0, progress=False)
     last = load_checkpoint(tmp_path / "runs" / "tiny" / "fold0" / "last.pt")

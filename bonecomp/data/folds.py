@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import GroupKFold
 
+from bonecomp.fileio import atomic_write
+
 
 class FoldsError(ValueError):
     """A folds file that does not match the data it is meant to split."""
@@ -45,10 +47,8 @@ def load_or_make_folds(
     path = Path(path)
     if not path.exists():
         folds = make_folds(df, n_splits, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        folds.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            folds.to_csv(f, index=False)
     folds = pd.read_csv(path, dtype={"image": str, "patient": str, "fold": int})
     if list(folds.columns) != ["image", "patient", "fold"]:
         raise FoldsError(f"{path}: expected columns image,patient,fold; got {list(folds.columns)}")

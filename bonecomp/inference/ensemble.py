@@ -18,6 +18,7 @@ from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import config_from_saved
+from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.inference.sliding import sliding_window
 from bonecomp.inference.tta import View, tta_mean
 from bonecomp.models import create_model
@@ -43,7 +44,10 @@ def load_member(
     cfg.model.init_bias = None
     model = create_model(cfg.model)
     model.load_state_dict(ckpt["model"])
-    model = model.eval().to(device, memory_format=torch.channels_last)
+    device = torch.device(device)
+    nhwc = resolve_channels_last("auto", device)
+    fmt = torch.channels_last if nhwc else torch.contiguous_format
+    model = model.eval().to(device, memory_format=fmt)
     return Member(str(path), model, int(ckpt["input_size"]), float(weight))
 
 
@@ -90,12 +94,18 @@ class Ensemble:
         return total / weights
 
     def _predictor(self, m: Member, device: torch.device):
-        use_amp = self.amp and device.type == "cuda"
-        dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        dtype = amp_dtype(device, self.amp)
+        fmt = (
+            torch.channels_last
+            if resolve_channels_last("auto", device)
+            else torch.contiguous_format
+        )
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            x = x.contiguous(memory_format=fmt)
+            with torch.autocast(
+                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ):
                 return m.model(x).float()
 
         if self.tile and self.tile < m.input_size:

@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bonecomp.checks import check_config
 from bonecomp.config import Config
 from bonecomp.data.dataset import TestImages, to_float_image
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.device import pick_device
 from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
@@ -52,14 +53,13 @@ def predict_submission(
     ``members`` come from ``runs.ensemble_members`` (the same resolution threshold tuning
     uses).
     """
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
-    )
+    check_config(cfg)
+    device = pick_device(cfg.infer.device, "infer.device")
     test = discover(data_root or cfg.data.root, "test")
     models = [load_member(m.checkpoint, m.weight, device) for m in members]
     inf = cfg.infer
     tile = inf.tile if inf.sliding_window else None
-    ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, cfg.train.amp)
+    ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)
     thresholds, source = resolve_thresholds(cfg, members)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"

@@ -16,11 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from bonecomp import distributed
-from bonecomp.config import Config, save_config
+from bonecomp.checks import check_config
+from bonecomp.config import Config, ConfigError, save_config
 from bonecomp.data.layout import discover
+from bonecomp.device import pick_device
 from bonecomp.distributed import Dist
 from bonecomp.engine import past, train_one_epoch, validate
-from bonecomp.losses import BceDiceLoss
+from bonecomp.fileio import remove_stale_temps
+from bonecomp.losses import build_loss
 from bonecomp.metrics import DiceTable
 from bonecomp.runs import RunDir, RunError, run_dir
 from bonecomp.training.data import build_loaders, fold_split, prepare_cache
@@ -59,14 +62,17 @@ def run_training(
     folder (held by another process, already trained, not resumable). ``on_best(run)`` is
     called on rank 0 after each new best epoch is saved.
     """
+    check_config(cfg)
     if not 0 <= fold < cfg.data.n_splits:
-        raise ValueError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
+        raise ConfigError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
     dd = distributed.setup(cfg.train.device)
     device = _device(cfg.train.device, dd)
     table = discover(cfg.data.root, "train", cfg.data.exclude)
     run = run_dir(cfg, fold)
     with run.lock() if dd.main else contextlib.nullcontext():
         _agree(lambda: check_resumable(cfg, run) if resume else check_fresh(run), dd)
+        if dd.main:
+            remove_stale_temps(run.path)  # half-written files of a killed process
         folds, cache = prepare_cache(cfg, table, dd, progress and dd.main)
         train_idx, val_idx = fold_split(folds, fold)
         data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda")
@@ -96,7 +102,7 @@ def _epochs(
     t = cfg.train
     deadline = time.monotonic() + 60 * t.max_train_minutes if t.max_train_minutes else None
     start = time.monotonic()
-    loss_fn = BceDiceLoss(cfg.loss)
+    loss_fn = build_loss(cfg.loss)
     say = tqdm.write if dd.main else (lambda *_: None)
     bar = tqdm(
         range(prog.epoch + 1, t.epochs), desc=f"fold {fold}", unit="epoch", disable=not progress
@@ -157,17 +163,15 @@ def _agree(check: Callable[[], None], dd: Dist) -> None:
 
 
 def _device(pref: str, dd: Dist) -> torch.device:
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={pref!r} but CUDA is not available")
-        if dd.world > 1 and ":" in pref:
-            raise ValueError(
-                f"train.device={pref!r} under torchrun: use 'cuda' (each rank takes its "
-                "LOCAL_RANK GPU); pick GPUs with CUDA_VISIBLE_DEVICES"
-            )
-        dev = torch.device(pref if ":" in pref else f"cuda:{dd.local_rank}")
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device(pref)
+    """``train.device``; under torchrun each rank takes its ``LOCAL_RANK`` GPU."""
+    device = pick_device(pref, "train.device")
+    if device.type != "cuda":
+        return device
+    if dd.world > 1 and ":" in pref:
+        raise ConfigError(
+            f"train.device={pref!r} under torchrun: use 'cuda' (each rank takes its "
+            "LOCAL_RANK GPU); pick GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    device = device if ":" in pref else torch.device(f"cuda:{dd.local_rank}")
+    torch.cuda.set_device(device)
+    return device

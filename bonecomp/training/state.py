@@ -13,18 +13,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint, save_checkpoint
 from bonecomp.classes import CLASSES
-from bonecomp.config import Config, to_dict
+from bonecomp.config import Config, config_from_saved, to_dict
+from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.distributed import Dist
 from bonecomp.engine import StepContext
 from bonecomp.fileio import atomic_write
 from bonecomp.metrics import DiceTable
 from bonecomp.models import create_model
+from bonecomp.optim import build_optimizer, build_scheduler
 from bonecomp.runs import RunDir, RunError
 
 # Keys that may change when resuming: they do not alter what the run computes, or only
@@ -32,6 +33,7 @@ from bonecomp.runs import RunDir, RunError
 RESUME_MAY_CHANGE = {
     "data.num_workers", "data.cache_dir", "data.root", "train.max_train_minutes",
     "train.tensorboard", "train.wandb", "train.device", "train.output_dir", "train.experiment",
+    "train.channels_last", "infer",
 }  # fmt: skip
 
 
@@ -82,31 +84,21 @@ def build_state(
     seed_everything(t.seed)
     model = create_model(cfg.model).to(device)
     seed_everything(t.seed + dd.rank)
-    cuda = device.type == "cuda"
-    amp_dtype = None
-    if cuda and t.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    channels_last = t.channels_last
+    dtype = amp_dtype(device, t.amp)
+    channels_last = resolve_channels_last(t.channels_last, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema) if t.ema else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=max(t.epochs * updates_per_epoch, 1),
-        lr_min=t.lr * 0.01,
-        warmup_t=int(t.warmup_epochs * updates_per_epoch),
-        warmup_lr_init=t.lr * 0.01,
-        t_in_epochs=False,
-    )
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t, updates_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     train_model = model
     if dd.world > 1:
-        ids = [device.index] if cuda else None
+        ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     ctx = StepContext(
         device,
-        amp_dtype,
+        dtype,
         scaler,
         t.accum_steps,
         t.grad_clip,
@@ -129,9 +121,10 @@ def check_resumable(cfg: Config, run: RunDir) -> None:
     if not run.last.is_file():
         raise RunError(f"{run}: nothing to resume (no {run.last.name}); start without --resume")
     ckpt = load_checkpoint(run.last)
-    old, new = _flatten(ckpt["config"]), _flatten(to_dict(cfg))
+    saved = to_dict(config_from_saved(ckpt["config"], str(run.last)))
+    old, new = _flatten(saved), _flatten(to_dict(cfg))
     changed = sorted(k for k in old.keys() | new.keys()
-                     if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)  # fmt: skip
+                     if old.get(k) != new.get(k) and not _may_change(k))  # fmt: skip
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
         raise RunError(
@@ -233,6 +226,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -25,6 +25,7 @@ from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.phantom.anatomy import sample_anatomy, sample_pose
 from bonecomp.data.phantom.hand import draw_hand
 from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients
+from bonecomp.fileio import atomic_write
 
 MIN_SIZE = 128  # below this the distal phalanges shrink to a pixel or two
 FAKE_SIDE = 3060  # the wrong height/width the real JSON metadata carries
@@ -124,10 +125,9 @@ def _write_patient(job: PatientJob, root: Path, size: int, seed: int) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a side file and rename, so a crash never leaves a truncated final file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """A crash never leaves a truncated final file (see ``bonecomp.fileio``)."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 def _dump_json(doc: dict) -> bytes:
