@@ -47,6 +47,7 @@ from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
+from bonecomp.testing import dense_dice
 
 SRC = (2048, 2048)
 
@@ -110,13 +111,6 @@ def area_reference(polys: Polygons, size: int) -> np.ndarray:
     return out
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Competition Dice per class of (C, H, W) masks."""
-    p, t = pred.reshape(len(pred), -1) != 0, truth.reshape(len(truth), -1) != 0
-    inter = np.count_nonzero(p & t, axis=1)
-    return (2 * inter + 1e-4) / (p.sum(axis=1) + t.sum(axis=1) + 1e-4)
-
-
 # ------------------------------------------------------------------------------ benchmark
 def main() -> None:
     parser = base_parser(__doc__, repeats=3, patients=5)
@@ -144,10 +138,10 @@ def main() -> None:
             # Mean over (image, class); also compiles our kernel before timing.
             refs = [area_reference(p, s) for p in polys]
             d_ours = np.mean(
-                [dice(rasterize(p, SRC, (s, s)), r) for p, r in zip(polys, refs, strict=True)]
+                [dense_dice(rasterize(p, SRC, (s, s)), r) for p, r in zip(polys, refs, strict=True)]
             )
             base = (baseline_rasterize(p, s).transpose(2, 0, 1) for p in polys)
-            d_base = np.mean([dice(b, r) for b, r in zip(base, refs, strict=True)])
+            d_base = np.mean([dense_dice(b, r) for b, r in zip(base, refs, strict=True)])
             del refs
             print(f"{s} px: mean Dice vs area reference: ours {d_ours:.5f}, baseline {d_base:.5f}")
             check(d_ours >= d_base, f"{s} px: ours at least as close to the area truth", failures)
