@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonecomp.data.phantom import make_phantom
+from bonecomp.testing import ensure_phantom
 
 
 def base_parser(description: str, repeats: int = 5, patients: int = 2) -> argparse.ArgumentParser:
@@ -50,12 +50,8 @@ def phantom_root(data: Path | None, patients: int, seed: int = 0) -> Iterator[Pa
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         else:
             root = data
-        if not (root / "train" / "DCM").is_dir():
-            t0 = time.perf_counter()
-            make_phantom(
-                root, train_patients=patients, test_patients=0, size=2048, seed=seed,
-                workers=min(2, os.cpu_count() or 1), progress=False,
-            )  # fmt: skip
+        t0 = time.perf_counter()
+        if ensure_phantom(root, patients, 0, 2048, seed):
             print(f"phantom: {2 * patients} images at 2048 px in {root} "
                   f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
         yield root

@@ -7,8 +7,10 @@
    of each against the area reference (fill at 2048, average-pool by 2048 / S, >= 0.5):
    ours must be at least the baseline's (checked; exit 1 if not).
 2. Training samples per second at 512, one process, no DataLoader: the cached
-   ``BoneDataset`` (cache built beforehand, build time printed) with (a) no transform and
-   hard masks, (b) the training transform with soft targets (the default training setup),
+   ``BoneDataset`` (cache built beforehand, build time and bytes per image printed) with
+   (a) no transform and hard masks (the masks drawn from the cached polygons), (b) the
+   same as compact uint8 items (what validation with hard targets reads), (c) the
+   training transform with soft targets (the default training setup),
    vs the baseline's per-item loading (imread 3-channel, /255 in float64, JSON, fillPoly
    at 2048, resize to 512, CHW torch tensors). Target >= 20x.
 
@@ -47,6 +49,7 @@ from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
+from bonecomp.testing import dense_dice
 
 SRC = (2048, 2048)
 
@@ -110,13 +113,6 @@ def area_reference(polys: Polygons, size: int) -> np.ndarray:
     return out
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Competition Dice per class of (C, H, W) masks."""
-    p, t = pred.reshape(len(pred), -1) != 0, truth.reshape(len(truth), -1) != 0
-    inter = np.count_nonzero(p & t, axis=1)
-    return (2 * inter + 1e-4) / (p.sum(axis=1) + t.sum(axis=1) + 1e-4)
-
-
 # ------------------------------------------------------------------------------ benchmark
 def main() -> None:
     parser = base_parser(__doc__, repeats=3, patients=5)
@@ -144,10 +140,10 @@ def main() -> None:
             # Mean over (image, class); also compiles our kernel before timing.
             refs = [area_reference(p, s) for p in polys]
             d_ours = np.mean(
-                [dice(rasterize(p, SRC, (s, s)), r) for p, r in zip(polys, refs, strict=True)]
+                [dense_dice(rasterize(p, SRC, (s, s)), r) for p, r in zip(polys, refs, strict=True)]
             )
             base = (baseline_rasterize(p, s).transpose(2, 0, 1) for p in polys)
-            d_base = np.mean([dice(b, r) for b, r in zip(base, refs, strict=True)])
+            d_base = np.mean([dense_dice(b, r) for b, r in zip(base, refs, strict=True)])
             del refs
             print(f"{s} px: mean Dice vs area reference: ours {d_ours:.5f}, baseline {d_base:.5f}")
             check(d_ours >= d_base, f"{s} px: ours at least as close to the area truth", failures)
@@ -169,7 +165,11 @@ def main() -> None:
             t0 = time.perf_counter()
             cache = open_cache(df, Path(cache_dir), s, progress=False)
             print(f"cache at {s} px built in {time.perf_counter() - t0:.2f} s (not timed below)")
+            per_image = sum(f.stat().st_size for f in cache.dir.iterdir()) / n
+            print(f"cache at {s} px: {per_image / 2**20:.3f} MiB per image "
+                  f"(the image itself: {s * s / 2**20:.3f} MiB)")  # fmt: skip
             plain = BoneDataset(cache)
+            compact = BoneDataset(cache, compact=True)
             train = BoneDataset(
                 cache, transform=train_transform(AugmentConfig()), soft_targets=True
             )
@@ -183,9 +183,12 @@ def main() -> None:
                 Row(f"samples/s at {s}, cache, no transform", rate(plain), r_base, "/s", True, 20)
             )
             rows.append(
+                Row(f"samples/s at {s}, cache, compact, hard", rate(compact), r_base, "/s", True)
+            )
+            rows.append(
                 Row(f"samples/s at {s}, cache, augment + soft", rate(train), r_base, "/s", True, 20)
             )
-            del plain, train, cache
+            del plain, compact, train, cache
     print_table("Data path: ours vs the public baseline (times per image)", rows)
     finish(failures)
 

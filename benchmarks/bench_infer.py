@@ -26,7 +26,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import Row, base_parser, print_machine, print_table, status_mib
@@ -35,23 +34,16 @@ from bonecomp.config import load_config
 from bonecomp.data.dataset import TestImages
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
-from bonecomp.data.phantom import make_phantom
 from bonecomp.inference.ensemble import load_member
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.tta import tta_mean, views
 from bonecomp.runs import ensemble_members
 from bonecomp.submission import compare_submissions, write_submission
+from bonecomp.testing import classic_encode, ensure_phantom
 from bonecomp.training import run_training
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 ARCHS = ("unet", "fpn")
-
-
-def classic_encode(mask: np.ndarray) -> str:
-    pixels = np.concatenate([[0], mask.flatten(), [0]])
-    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
-    runs[1::2] -= runs[::2]
-    return " ".join(str(x) for x in runs)
 
 
 def overrides(work: Path, root: Path, **extra) -> list[str]:
@@ -153,9 +145,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         tmp = Path(tmp)
         root = args.data or tmp / "phantom"
-        if not (root / "test" / "DCM").is_dir():
-            t0 = time.perf_counter()
-            make_phantom(root, args.patients, max(counts) // 2, 2048, args.seed, progress=False)
+        t0 = time.perf_counter()
+        if ensure_phantom(root, args.patients, max(counts) // 2, 2048, args.seed):
             print(f"phantom in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         train_members(tmp, root, 5 if args.quick else args.train_seconds)

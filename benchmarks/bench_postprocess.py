@@ -48,6 +48,7 @@ from bonecomp.data.annotations import Polygons, load_annotation
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
 from bonecomp.inference.postprocess import upsample_threshold
+from bonecomp.testing import classic_encode, dense_dice
 
 SRC = (2048, 2048)
 # name: (logit units per pixel of distance, smooth noise std, its blur sigma in px, white noise)
@@ -56,15 +57,6 @@ CLIP = 12.0
 
 
 # ------------------------------------------------------------------ the public baseline
-def classic_encode(mask: np.ndarray) -> str:
-    """The baseline's ``rle_encode``: flatten, pad, compare neighbours, join."""
-    pixels = mask.flatten()
-    pixels = np.concatenate([[0], pixels, [0]])
-    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
-    runs[1::2] -= runs[::2]
-    return " ".join(str(x) for x in runs)
-
-
 def baseline(x: torch.Tensor, out_hw: tuple[int, int] = SRC) -> list[str]:
     """Upsample all maps, sigmoid, threshold, to numpy, classic RLE per class."""
     outputs = F.interpolate(x[None], size=out_hw, mode="bilinear", align_corners=False)
@@ -95,13 +87,6 @@ def make_logits(polys: Polygons, size: int, case: str, seed: int) -> torch.Tenso
             noise += white * rng.standard_normal((size, size)).astype(np.float32)
         out[c] = np.clip(gain * signed + noise, -CLIP, CLIP)
     return torch.from_numpy(out)
-
-
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean competition Dice over classes of (C, H, W) masks."""
-    p, t = pred.reshape(len(pred), -1) != 0, truth.reshape(len(truth), -1) != 0
-    inter = np.count_nonzero(p & t, axis=1)
-    return float(np.mean((2 * inter + 1e-4) / (p.sum(axis=1) + t.sum(axis=1) + 1e-4)))
 
 
 # ------------------------------------------------------------------------- peak memory
@@ -169,7 +154,7 @@ def main() -> None:
     for case in CASES:
         xs = [make_logits(p, args.size, case, args.seed + i) for i, p in enumerate(polys)]
         truth = [rasterize(p, SRC, (args.size, args.size)) for p in polys]
-        agree = np.mean([_dice(x.numpy() > 0, t) for x, t in zip(xs, truth, strict=True)])
+        agree = np.mean([dense_dice(x.numpy() > 0, t) for x, t in zip(xs, truth, strict=True)])
         print(f"{case} logits: Dice of (x > 0) vs the truth at {args.size} px: {agree:.4f}")
         ok = all(ours(x) == baseline(x) for x in xs)  # also the warm-up of both paths
         check(ok, f"{case}: ours == baseline, 29 strings per image, byte for byte", failures)

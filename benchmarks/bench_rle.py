@@ -6,7 +6,7 @@ Measures, per image (median over repeats, real phantom masks: ``rasterize(polys,
   * ``bonecomp.rle.encode`` called per mask,
   * decoding the 29 strings (``bonecomp.rle.decode``), for information,
 against the classic numpy encoder/decoder that public pipelines copied from the baseline
-(reproduced below). Every string must be byte-identical to the classic one and decode back
+(``bonecomp.testing``). Every string must be byte-identical to the classic one and decode back
 to the mask; the script exits 1 if not. A missed speed target only prints "below target".
 
 Run from the repository root:
@@ -34,30 +34,9 @@ from bonecomp import rle
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
+from bonecomp.testing import classic_decode, classic_encode
 
 SRC = (2048, 2048)
-
-
-# ------------------------------------------------------------------ the classic baseline
-def classic_encode(mask: np.ndarray) -> str:
-    """The baseline's ``rle_encode``: flatten, pad, compare neighbours, join."""
-    pixels = mask.flatten()
-    pixels = np.concatenate([[0], pixels, [0]])
-    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
-    runs[1::2] -= runs[::2]
-    return " ".join(str(x) for x in runs)
-
-
-def classic_decode(rle_str: str, height: int, width: int) -> np.ndarray:
-    """The baseline's ``decode_rle_to_mask``."""
-    s = rle_str.split()
-    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0:][::2], s[1:][::2])]
-    starts -= 1
-    ends = starts + lengths
-    img = np.zeros(height * width, dtype=np.uint8)
-    for lo, hi in zip(starts, ends, strict=True):
-        img[lo:hi] = 1
-    return img.reshape(height, width)
 
 
 # ------------------------------------------------------------------------------ benchmark

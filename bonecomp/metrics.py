@@ -40,13 +40,6 @@ def dice_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
     return (p & g).sum(axes), p.sum(axes), g.sum(axes)
 
 
-def dice_counts_torch(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Torch twin of ``dice_counts`` (int64 on the masks' device)."""
-    p, g = pred.bool(), gt.bool()
-    dims = (-2, -1)
-    return (p & g).sum(dims), p.sum(dims), g.sum(dims)
-
-
 @dataclass
 class DiceTable:
     """Mean Dice per class (in class order) and the overall mean of those."""

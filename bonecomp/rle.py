@@ -62,11 +62,6 @@ def encode_many(masks: np.ndarray) -> list[str]:
     return strings
 
 
-def encode_crop(crop: np.ndarray, y0: int, x0: int, shape: tuple[int, int]) -> str:
-    """RLE of a full-size mask that is zero outside ``crop`` placed at (y0, x0)."""
-    return runs_to_string(*crop_to_runs(crop, y0, x0, shape))
-
-
 def crop_to_runs(
     crop: np.ndarray, y0: int, x0: int, shape: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:

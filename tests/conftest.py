@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bonecomp.data.phantom import make_phantom
-
-TINY = {"train_patients": 5, "test_patients": 2, "size": 128, "seed": 3}
+from bonecomp.testing import tiny_phantom
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +16,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Shared by many tests: never modify it; copy it first (``tiny_copy``).
     """
-    root = tmp_path_factory.mktemp("tiny")
-    make_phantom(root, workers=1, progress=False, **TINY)
-    return root
+    return tiny_phantom(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

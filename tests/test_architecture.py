@@ -1,5 +1,6 @@
 """Dependencies point one way (ARCHITECTURE): low-level modules never import higher ones,
-and nothing in the library imports ``viz`` (a leaf for scripts)."""
+and nothing in the library imports ``viz`` (a leaf for scripts) or ``testing`` (the kit of
+references for tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ LAYERS = {
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.training": 3,  # wiring: one fold end to end
     "bonecomp.viz": 4,
+    "bonecomp.testing": 4,  # references for tests/ and benchmarks/: may import any module
     "bonecomp.cli": 5,  # what the scripts share
 }
 
@@ -63,5 +65,6 @@ def test_imports_point_down(path):
     name = "bonecomp." + ".".join(path.relative_to(PKG).with_suffix("").parts)
     name = name.removesuffix(".__init__")
     for dep in imports(path):
-        assert "bonecomp.viz" not in dep or name == "bonecomp.viz", f"{name} imports viz"
+        for leaf in ("bonecomp.viz", "bonecomp.testing"):
+            assert not dep.startswith(leaf) or name == leaf, f"{name} imports {leaf}"
         assert layer(dep) <= layer(name), f"{name} (layer {layer(name)}) imports {dep}"

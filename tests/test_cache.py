@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import os
 
+import cv2
 import numpy as np
 import pytest
 
 from bonecomp.data import cache as cache_mod
-from bonecomp.data.cache import check_cache, data_cache_dir, open_cache, source_fingerprint
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.cache import (
+    CacheError,
+    check_cache,
+    data_cache_dir,
+    open_cache,
+    source_fingerprint,
+)
+from bonecomp.data.dataset import BoneDataset
+from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
-from bonecomp.data.rasterize import rasterize
 
 SIZE = 64
 
@@ -34,11 +43,14 @@ def test_contents(built):
     df, cache, _ = built
     assert len(cache) == len(df) == 10
     assert cache.images.shape == (10, SIZE, SIZE) and cache.images.dtype == np.uint8
-    assert cache.packed.shape == (10, 29, SIZE, SIZE // 8)
+    assert cache.crc.shape == (10,) and not (cache.dir / "masks.npy").exists()
     for i in (0, 7):
         polys = cache.polygons(i)
-        assert np.array_equal(cache.mask(i), rasterize(polys, (128, 128), (SIZE, SIZE)))
+        assert polys.points.tolist() == load_annotation(df["json_path"][i]).points.tolist()
         assert cache.src_hw(i) == (128, 128)
+        png = read_image(df["image_path"][i])
+        want = cv2.resize(png, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+        assert np.array_equal(cache.image(i), want)
     assert cache.index["rel"].tolist() == df["rel"].tolist()
 
 
@@ -69,13 +81,13 @@ def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
     sub = folder / f"train_{SIZE}"
     fp = source_fingerprint(df, SIZE)
     assert check_cache(sub, fp) is None and check_cache(sub, fp, verify=True) is None
-    masks = sub / "masks.npy"
+    images = sub / "images.npy"
     if damage == "truncate":
-        masks.write_bytes(masks.read_bytes()[:-100])
+        images.write_bytes(images.read_bytes()[:-100])
     elif damage == "flip":
-        data = bytearray(masks.read_bytes())
+        data = bytearray(images.read_bytes())
         data[len(data) // 2] ^= 0xFF
-        masks.write_bytes(bytes(data))
+        images.write_bytes(bytes(data))
     elif damage == "manifest":
         (sub / "manifest.json").write_text("{")
     else:
@@ -86,6 +98,33 @@ def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
     calls = _counting(monkeypatch)
     cache = open_cache(df, folder, SIZE, workers=1, progress=False, verify=True)
     assert calls == [1] and check_cache(sub, fp) is None and len(cache) == 10
+
+
+def test_flipped_bytes_inside_images_are_found_on_read_and_rebuilt(built, monkeypatch):
+    df, cache, folder = built
+    sub = folder / f"train_{SIZE}"
+    row = 6
+    start = cache.images.offset + row * SIZE * SIZE  # the .npy data follows its header
+    with open(sub / "images.npy", "r+b") as f:
+        f.seek(start + SIZE * SIZE // 2 + 3)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))  # one bit, deep inside one image row
+    damaged = open_cache(df, folder, SIZE, workers=1, progress=False)  # cheap open: passes
+    for i in range(len(damaged)):
+        if i != row:
+            damaged.image(i)  # other rows read fine
+    with pytest.raises(CacheError, match=rf"{sub}.*row {row} .*next run rebuilds"):
+        damaged.image(row)
+    with pytest.raises(CacheError):  # through the Dataset, as DataLoader workers read it
+        BoneDataset(damaged, [row])[0]
+    calls = _counting(monkeypatch)
+    fresh = open_cache(df, folder, SIZE, workers=1, progress=False)
+    assert calls == [1] and not (sub / "DAMAGED").exists()
+    png = read_image(df["image_path"][row])
+    want = cv2.resize(png, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    assert np.array_equal(fresh.image(row), want)
+    assert check_cache(sub, source_fingerprint(df, SIZE)) is None
 
 
 def test_crash_during_build_leaves_nothing_valid(tiny_copy, tmp_path, monkeypatch):
@@ -113,7 +152,7 @@ def test_parallel_build_equals_serial(tiny_copy, tmp_path):
     df = discover(tiny_copy)
     a = open_cache(df, tmp_path / "a", SIZE, workers=1, progress=False)
     b = open_cache(df, tmp_path / "b", SIZE, workers=2, progress=False)
-    for name in ("images.npy", "masks.npy", "points.npy", "offsets.npy"):
+    for name in ("images.npy", "crc.npy", "points.npy", "offsets.npy"):
         assert (a.dir / name).read_bytes() == (b.dir / name).read_bytes()
     meta = json.loads((b.dir / "manifest.json").read_text())
     assert meta["size"] == SIZE and meta["n"] == 10

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from bonecomp.config import AugmentConfig
+from bonecomp.data.annotations import load_annotation
 from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image, to_float_mask
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
+from bonecomp.testing import dense_truth
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,8 @@ def test_item_shapes_and_types(cache, soft):
         assert ((m > 0) & (m < 1)).any()  # fractional edges
     else:
         assert set(m.unique().tolist()) <= {0.0, 1.0}
-        assert torch.equal(m.byte(), torch.from_numpy(cache.mask(3)))
+        want = rasterize(cache.polygons(3), cache.src_hw(3), (64, 64))
+        assert torch.equal(m.byte(), torch.from_numpy(want))
 
 
 def test_soft_targets_agree_with_hard_masks(cache):
@@ -83,11 +86,22 @@ def test_masks_drawn_at_the_augmented_pose_match_the_warped_image(cache):
     assert not torch.equal(moved, plain)
 
 
-def test_full_mask_is_exact_source_truth(cache):
-    ds = BoneDataset(cache, [4])
-    full = ds.full_mask(0)
+def test_cached_polygons_give_the_exact_source_truth(cache, tiny_root):
+    """What validation scores against: the cached polygons drawn at the source size equal
+    the kit's cv2.fillPoly truth of the JSON file."""
+    full = rasterize(cache.polygons(4), cache.src_hw(4))
     assert full.shape == (29, 128, 128)
-    assert np.array_equal(full, rasterize(cache.polygons(4), (128, 128)))
+    json_path = discover(tiny_root)["json_path"][4]
+    assert np.array_equal(full, dense_truth(load_annotation(json_path), (128, 128)))
+
+
+def test_hard_masks_at_the_source_size_are_cv2_fillpoly(tiny_root, tmp_path):
+    """A cache at the source size (the 2048 recipe) gives the exact truth as training masks."""
+    df = discover(tiny_root)
+    full = open_cache(df, tmp_path, 128, workers=1, progress=False)
+    mask = BoneDataset(full, [4], None, soft_targets=False, compact=True)[0]["mask"]
+    want = dense_truth(load_annotation(df["json_path"][4]), (128, 128))
+    assert torch.equal(mask, torch.from_numpy(want))
 
 
 @pytest.mark.parametrize("soft", [False, True])

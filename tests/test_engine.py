@@ -1,16 +1,195 @@
-"""train_one_epoch logs whatever named parts the loss returns."""
+"""train_one_epoch's switches each do what they say (EMA, bf16 autocast, gradient
+accumulation, channels_last), it logs every named loss part, and validate's Dice equals
+the dense leaderboard Dice.
+
+Each test watches the effect inside the model or on the weights, so it fails when the
+switch is ignored.
+"""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
+from torch.utils.data import DataLoader
 
 from bonecomp.config import LossConfig
-from bonecomp.engine import StepContext, train_one_epoch
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.cache import open_cache
+from bonecomp.data.dataset import BoneDataset, to_float_image
+from bonecomp.data.layout import discover
+from bonecomp.data.rasterize import coverage
+from bonecomp.engine import StepContext, train_one_epoch, validate
 from bonecomp.losses import build_loss
+from bonecomp.testing import dense_validation_dice
+
+CPU = torch.device("cpu")
+C, S = 29, 16
+
+
+class TinyNet(nn.Module):
+    """Two convs, no batch norm (a batch of 4 and two of 2 then see the same gradient)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, C, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+
+class NoSchedule:
+    def step_update(self, num_updates: int) -> None:
+        pass
+
+
+def batches(n_images: int, batch: int, compact: bool = False, seed: int = 1) -> list[dict]:
+    """A hand-made loader: the same images whatever the batch size."""
+    g = torch.Generator().manual_seed(seed)
+    grey = torch.randint(0, 256, (n_images, S, S), generator=g, dtype=torch.uint8)
+    masks = (torch.rand(n_images, C, S, S, generator=g) < 0.3).to(torch.uint8)
+    out = []
+    for b in range(0, n_images, batch):
+        img, m = grey[b : b + batch], masks[b : b + batch]
+        if not compact:
+            img, m = img.float().div(255)[:, None].expand(-1, 3, -1, -1).contiguous(), m.float()
+        out.append({"image": img, "mask": m, "index": torch.arange(b, b + len(img))})
+    return out
+
+
+def run(model, loader, **ctx) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ctx = StepContext(CPU, progress=False, **ctx)
+    loss = build_loss(LossConfig(terms={"bce": 1.0}))  # a mean over pixels
+    return train_one_epoch(model, loader, opt, NoSchedule(), loss, ctx, epoch=0, num_updates=0)
+
+
+def params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    big, accum = TinyNet(), TinyNet()
+    start = params(big)
+    out_big = run(big, batches(4, 4))
+    out_accum = run(accum, batches(4, 2), accum_steps=2)
+    assert out_big["num_updates"] == out_accum["num_updates"] == 1
+    moved = (params(big) - start).abs().max()
+    assert moved > 1e-3  # the step is large enough to tell right from wrong
+    torch.testing.assert_close(params(accum), params(big), rtol=1e-5, atol=1e-6)
+
+
+class Snapshots(nn.Module):
+    """Wraps a model and keeps its weights as each forward sees them."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(params(self.net))
+        return self.net(x)
+
+
+def test_ema_averages_the_weights_of_every_update():
+    decay = 0.6
+    model = Snapshots(TinyNet())
+    ema = ModelEmaV3(model, decay=decay)
+    out = run(model, batches(6, 2), ema=ema)
+    assert out["num_updates"] == 3
+    w1, w2, w3 = model.seen[1], model.seen[2], params(model.net)  # after updates 1, 2, 3
+    # timm's ModelEmaV3: step 1 copies the model (decay 0), later steps lerp by `decay`
+    want = decay * (decay * w1 + (1 - decay) * w2) + (1 - decay) * w3
+    got = params(ema.module.net)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got - w3).abs().max() > 1e-3  # an average, not the last weights
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16():
+    seen: list[torch.dtype] = []
+    model = TinyNet()
+    model.body.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    out = run(model, batches(4, 2), amp_dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16, torch.bfloat16] and np.isfinite(out["loss"])
+    seen.clear()
+    run(model, batches(4, 2))
+    assert seen == [torch.float32, torch.float32]
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_channels_last_reaches_the_model(compact):
+    formats: list[tuple[bool, bool]] = []
+
+    def record(module, args):
+        x = args[0]
+        formats.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+
+    model = TinyNet()
+    model.register_forward_pre_hook(record)
+    run(model, batches(4, 2, compact), channels_last=True)
+    assert formats == [(True, False)] * 2
+    formats.clear()
+    run(model, batches(4, 2, compact), channels_last=False)
+    assert formats == [(False, True)] * 2
+
+
+class NearTruth(nn.Module):
+    """Logits like a fair model's: each known cached image's soft truth at 64 px, blurred
+    by noise (looked up by the image itself), so masks have real, wobbly boundaries."""
+
+    def __init__(self, cache, indices: list[int], seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.known = []
+        for i in indices:
+            image = to_float_image(torch.from_numpy(cache.image(i)))
+            soft = coverage(cache.polygons(i), cache.src_hw(i), (cache.size, cache.size))
+            x = 8 * (torch.from_numpy(soft).float() / 255 - 0.5)
+            self.known.append((image, x + 2 * torch.randn(x.shape, generator=g)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([next(y for im, y in self.known if torch.equal(im, xi)) for xi in x])
+
+
+def test_validation_dice_equals_the_dense_leaderboard_dice(tiny_root, tmp_path):
+    """validate's sparse upsample + bounding-box truth == full-size upsample, sigmoid > 0.5,
+    cv2.fillPoly masks, per (image, class) Dice, mean over images then classes."""
+    df = discover(tiny_root)
+    cache = open_cache(df, tmp_path / "cache", 64, workers=1, progress=False)
+    indices = [0, 3, 4, 7, 9]
+    loader = DataLoader(BoneDataset(cache, indices, None, compact=True), batch_size=2)
+    model = NearTruth(cache, indices)
+    logits: list[torch.Tensor] = []
+    model.register_forward_hook(lambda m, i, o: logits.extend(o.detach().clone()))
+    loss = build_loss(LossConfig())
+    ctx = StepContext(CPU, progress=False)
+    got = validate(model, loader, cache, loss, ctx)
+    assert got["n_images"] == len(indices) == len(logits)
+
+    def dense(threshold: float) -> np.ndarray:
+        rows = []
+        for idx, x in zip(indices, logits, strict=True):
+            png = cv2.imread(str(df["image_path"][idx]), cv2.IMREAD_UNCHANGED)
+            polys = load_annotation(df["json_path"][idx])
+            rows.append(dense_validation_dice(x, polys, png.shape[:2], threshold))
+        return np.mean(rows, axis=0)
+
+    want = dense(0.5)
+    assert 0.3 < want.mean() < 0.99 and ((want > 0.05) & (want < 0.99)).sum() >= 10
+    np.testing.assert_allclose(got["per_class"], want, rtol=0, atol=1e-9)
+    assert abs(got["dice"] - want.mean()) < 1e-9
+    # the comparison can fail: another threshold moves the Dice well past the tolerance
+    logits.clear()
+    other = validate(model, loader, cache, loss, ctx, thresholds=0.7)
+    assert abs(other["dice"] - want.mean()) > 1e-4
+    np.testing.assert_allclose(other["per_class"], dense(0.7), rtol=0, atol=1e-9)
 
 
 def test_metrics_hold_every_loss_part():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bonecomp import models
 from bonecomp.config import ModelConfig
 from bonecomp.models import ARCHS, SegModel, create_model
 from bonecomp.models import weights as weights_mod
@@ -52,6 +53,40 @@ class TestEveryArchitecture:
 def test_timm_universal_encoder():
     model = create_model(ModelConfig(arch="unet", encoder="tu-resnet10t", encoder_weights=None))
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 29, 64, 64)
+
+
+def test_timm_encoder_names_may_carry_a_weights_tag():
+    model = create_model(ModelConfig(arch="unet", encoder="tu-resnet18.a1_in1k"))
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 29, 64, 64)
+    with pytest.raises(ValueError, match=r"no weights tagged 'bogus' for resnet18.*a1_in1k"):
+        create_model(ModelConfig(arch="unet", encoder="tu-resnet18.bogus"))
+    with pytest.raises(ValueError, match="unknown timm encoder"):
+        create_model(ModelConfig(arch="unet", encoder="tu-resnet*"))  # not a pattern
+
+
+def test_fcn_on_a_timm_encoder_uses_its_stride8_features():
+    cfg = ModelConfig(arch="fcn8s", encoder="tu-resnet18", encoder_weights=None, init_bias=None)
+    model = create_model(cfg)
+    assert type(model.net.encoder).__name__ == "TimmUniversalEncoder"
+    y = model(torch.rand(2, 3, 96, 64))
+    assert y.shape == (2, 29, 96, 64)
+    y.square().mean().backward()
+    assert model.net.decoder.score["8"].weight.grad.abs().sum() > 0
+
+
+def test_fcn_refuses_encoders_without_stride_8_16_32_features(monkeypatch):
+    with pytest.raises(ValueError, match=r"model.encoder 'tu-vit_tiny_patch16_224' cannot feed"):
+        create_model(ModelConfig(arch="fcn8s", encoder="tu-vit_tiny_patch16_224"))
+    assert create_model(ModelConfig(arch="unet", encoder="resnet18"))  # other heads unaffected
+
+    class NoStride8(torch.nn.Module):
+        out_channels = (3, 64, 64, 0, 256, 512)
+        output_stride = 32
+
+    monkeypatch.setattr(models, "_get_encoder", lambda name, w: NoStride8())
+    with pytest.raises(ValueError, match=r"no features at strides \[8\]"):
+        create_model(ModelConfig(arch="fcn8s", encoder="resnet18"))
+    create_model(ModelConfig(arch="fcn16s", encoder="resnet18"))  # strides 16, 32 suffice
 
 
 @pytest.mark.parametrize("arch", ["fcn32s", "fcn16s", "fcn8s"])

@@ -11,7 +11,6 @@ import pytest
 from bonecomp import rle
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
-from bonecomp.data.rasterize import rasterize
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import (
     choose,
@@ -20,11 +19,12 @@ from bonecomp.inference.thresholds import (
     read_thresholds,
     write_thresholds,
 )
-from bonecomp.metrics import dice_counts, dice_from_counts, summarize
+from bonecomp.metrics import summarize
 from bonecomp.runs import MemberSpec, RunError, ensemble_members, thresholds_path
 from bonecomp.submission import read_submission, score_submission, validate_submission
+from bonecomp.testing import REPO as ROOT
+from bonecomp.testing import dense_dice, dense_truth, tiny_config, tiny_overrides
 from bonecomp.training import run_training
-from tests.test_training import ROOT, tiny_config, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,10 @@ def test_submission_is_valid_and_scores_like_the_metric(trained, tiny_root, tmp_
     for rel, name in zip(test["rel"], test["name"], strict=True):
         codes = sub.loc[sub["image_name"] == name, "rle"]
         pred = np.stack([rle.decode(c, (128, 128)) for c in codes])
-        truth = rasterize(
+        truth = dense_truth(
             load_annotation(tiny_root / "test_labels" / rel.replace(".png", ".json")), (128, 128)
         )
-        want.append(dice_from_counts(*dice_counts(pred, truth)))
+        want.append(dense_dice(pred, truth))
     np.testing.assert_allclose(dice, np.stack(want), atol=1e-12)
     assert table.mean == pytest.approx(summarize(np.stack(want)).mean)
 

@@ -9,15 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bonecomp import rle
-
-
-def classic(mask: np.ndarray) -> str:
-    """The straightforward reference: flatten, pad, compare neighbours, where, join."""
-    pixels = np.concatenate([[0], mask.flatten().astype(np.uint8), [0]])
-    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
-    runs[1::2] -= runs[::2]
-    return " ".join(str(x) for x in runs)
-
+from bonecomp.testing import classic_encode as classic
 
 masks = st.tuples(st.integers(1, 40), st.integers(1, 40)).flatmap(
     lambda hw: arrays(np.bool_, hw, elements=st.booleans())
@@ -91,14 +83,15 @@ def test_other_dtypes_and_views():
 
 @settings(max_examples=150, deadline=None)
 @given(masks, st.integers(0, 5), st.integers(0, 5))
-def test_encode_crop_equals_full(mask, dy, dx):
+def test_crop_to_runs_equals_full(mask, dy, dx):
     H, W = mask.shape[0] + dy + 3, mask.shape[1] + dx + 2
     full = np.zeros((H, W), bool)
     full[dy : dy + mask.shape[0], dx : dx + mask.shape[1]] = mask
-    assert rle.encode_crop(mask, dy, dx, (H, W)) == classic(full)
+    assert rle.runs_to_string(*rle.crop_to_runs(mask, dy, dx, (H, W))) == classic(full)
     full_width = np.zeros((mask.shape[0] + dy, mask.shape[1]), bool)
     full_width[dy:] = mask  # crop spanning the whole width: runs wrap rows
-    assert rle.encode_crop(mask, dy, 0, full_width.shape) == classic(full_width)
+    got = rle.runs_to_string(*rle.crop_to_runs(mask, dy, 0, full_width.shape))
+    assert got == classic(full_width)
 
 
 @settings(max_examples=150, deadline=None)

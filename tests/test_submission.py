@@ -11,8 +11,6 @@ from bonecomp import rle
 from bonecomp.classes import CLASSES
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
-from bonecomp.data.rasterize import rasterize
-from bonecomp.metrics import dice_counts, dice_from_counts
 from bonecomp.submission import (
     HEADER,
     SubmissionError,
@@ -23,6 +21,7 @@ from bonecomp.submission import (
     validate_submission,
     write_submission,
 )
+from bonecomp.testing import dense_dice, dense_truth
 
 SHAPE = (16, 16)
 NAMES = ["image1_R.png", "image2.png"]
@@ -107,12 +106,12 @@ def test_scorer_agrees_with_metric(tiny_root, tmp_path):
     rng = np.random.default_rng(0)
     rows, want = [], []
     for rel, name in zip(test["rel"], test["name"], strict=True):
-        truth = rasterize(load_annotation(labels / rel.replace(".png", ".json")), (128, 128))
+        truth = dense_truth(load_annotation(labels / rel.replace(".png", ".json")), (128, 128))
         pred = truth.copy()
         pred[:, rng.integers(0, 128, 200), rng.integers(0, 128, 200)] ^= 1  # known damage
         pred[5] = 0  # one class predicted empty
         rows.append((name, rle.encode_many(pred)))
-        want.append(dice_from_counts(*dice_counts(pred, truth)))
+        want.append(dense_dice(pred, truth))
     path = write_submission(tmp_path / "s.csv", rows)
     assert validate_submission(path, test["name"].tolist(), (128, 128)).ok
     table, dice = score_submission(path, labels, (128, 128), progress=False)

@@ -12,47 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from bonecomp import engine
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import load_config
 from bonecomp.losses import WeightedLoss
 from bonecomp.runs import RunDir, RunError
+from bonecomp.testing import tiny_config, tiny_overrides
 from bonecomp.training import fold as training
 from bonecomp.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(data_root: Path, work: Path, **extra) -> list[str]:
-    values = {
-        "data.root": str(data_root),
-        "data.cache_dir": str(work / "cache"),
-        "data.image_size": 64,
-        "data.num_workers": 0,
-        "model.arch": "unet",
-        "model.encoder": "resnet18",
-        "model.encoder_weights": None,
-        "train.output_dir": str(work / "runs"),
-        "train.experiment": "tiny",
-        "train.epochs": 2,
-        "train.batch_size": 4,
-        "train.oof_size": 32,
-        "train.val_every": 1,
-        "train.device": "cpu",
-        "infer.ensemble": [{"experiment": "tiny", "folds": [0]}],
-        "infer.num_workers": 0,
-        **extra,
-    }
-    return [
-        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-        for k, v in values.items()
-    ]
-
-
-def tiny_config(data_root, work, **extra):
-    return load_config(ROOT / "configs" / "demo.yaml", tiny_overrides(data_root, work, **extra))
 
 
 def test_two_epochs_write_the_whole_run_dir(tiny_root, tmp_path):

@@ -31,13 +31,13 @@ class BoneDataset(Dataset):
     """Items of a training cache: ``{"image": (3,S,S) float in [0,1], "mask": (C,S,S) float,
     "index": cache row}``.
 
-    Masks are the cached binary masks, or with ``soft_targets`` each class's fractional
-    pixel coverage (``soft_k`` x ``soft_k`` sub-samples). With a ``transform`` (see
+    Masks are drawn from the cached polygons at the cache's size: binary (exactly
+    ``rasterize``), or with ``soft_targets`` each class's fractional pixel coverage
+    (``soft_k`` x ``soft_k`` sub-samples). With a ``transform`` (see
     ``augment.train_transform``) the polygons move with the image as keypoints and the
-    masks are drawn at the new pose. ``full_mask(i)`` gives the ground truth at the
-    source size (2048), drawn on demand, for Dice at the size the leaderboard uses.
-    With ``compact`` the image stays uint8 (S, S) and the mask uint8 (C, S, S), and
-    ``to_float_image`` / ``to_float_mask`` convert them on the device (training does).
+    masks are drawn at the new pose. With ``compact`` the image stays uint8 (S, S) and the
+    mask uint8 (C, S, S), and ``to_float_image`` / ``to_float_mask`` convert them on the
+    device (training does).
     """
 
     def __init__(
@@ -64,10 +64,10 @@ class BoneDataset(Dataset):
         s = self.cache.size
         image = self.cache.image(idx)
         k = self.soft_k if self.soft_targets else 1
-        if self.transform is None and k == 1:
-            mask = self.cache.mask(idx)
+        polys, src_hw = self.cache.polygons(idx), self.cache.src_hw(idx)
+        if self.transform is None and k == 1:  # cv2.fillPoly where s is the source size
+            mask = rasterize(polys, src_hw, (s, s))
         else:
-            polys, src_hw = self.cache.polygons(idx), self.cache.src_hw(idx)
             points = to_frame(polys.points, src_hw, (s, s))
             if self.transform is not None:
                 out = self.transform(image=image, keypoints=points)
@@ -77,11 +77,6 @@ class BoneDataset(Dataset):
         if self.compact:  # uint8 through worker IPC and to the device: 4-12x fewer bytes
             return {"image": img, "mask": mask_t, "index": idx}
         return {"image": to_float_image(img), "mask": to_float_mask(mask_t, k > 1), "index": idx}
-
-    def full_mask(self, i: int) -> np.ndarray:
-        """Ground truth (C, H, W) uint8 at the source resolution, exact (cv2.fillPoly)."""
-        idx = int(self.indices[i])
-        return rasterize(self.cache.polygons(idx), self.cache.src_hw(idx))
 
 
 class TestImages(Dataset):
@@ -102,6 +97,10 @@ class TestImages(Dataset):
         img = read_image(row["image_path"])
         out: dict = {"name": row["name"], "hw": torch.tensor(img.shape[:2])}
         for s in self.sizes:
-            small = img if img.shape == (s, s) else cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
+            small = (
+                img
+                if img.shape == (s, s)
+                else cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
+            )
             out[f"image{s}"] = torch.from_numpy(np.ascontiguousarray(small))
         return out

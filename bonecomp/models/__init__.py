@@ -119,23 +119,66 @@ def _output_stride(arch: str, encoder: str) -> int:
 
 
 def _builder(arch: str, cfg: ModelConfig, num_classes: int) -> Callable[[str | None], nn.Module]:
+    # FCN: check (and build, without weights) the encoder first, so an encoder the head
+    # cannot take fails here with its name, not as a weights-download problem.
+    fcn_encoder = _fcn_encoder(cfg.encoder, arch) if arch in STRIDES else None
+
     def build(weights: str | None) -> nn.Module:
         # timm ("tu-") encoders take True/None; smp encoders take the weights' name.
         w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
         if arch in STRIDES:
-            enc = smp.encoders.get_encoder(cfg.encoder, in_channels=3, depth=5, weights=w)
+            enc = fcn_encoder if w is None else _get_encoder(cfg.encoder, w)
             return FCN(enc, num_classes, arch, cfg.fcn_upsample)
         return _SMP_ALL[arch](encoder_name=cfg.encoder, encoder_weights=w, classes=num_classes)
 
     return build
 
 
+def _get_encoder(name: str, weights) -> nn.Module:
+    return smp.encoders.get_encoder(name, in_channels=3, depth=5, weights=weights)
+
+
+def _fcn_encoder(name: str, arch: str) -> nn.Module:
+    """The encoder (no weights) if it gives the features ``arch`` scores: strides 8/16/32
+    with channels (CNNs, hierarchical transformers: swin, convnext, mit_b*); plain ViTs and
+    other single-scale encoders raise a ValueError naming model.encoder."""
+    need = STRIDES[arch]
+    advice = (
+        f"model.encoder {name!r} cannot feed model.arch={arch}: it needs features at "
+        f"strides {sorted(need)}; use a CNN or hierarchical encoder (resnet*, efficientnet-*, "
+        "tu-convnext_*, tu-swin_*, mit_b*) or another model.arch"
+    )
+    try:
+        enc = _get_encoder(name, None)
+    except ValueError as e:  # smp: "Unsupported model downsampling pattern" (ViT, DeiT...)
+        raise ValueError(f"{advice} ({e})") from None
+    chans = list(enc.out_channels)
+    by_stride = dict(zip((2**i for i in range(len(chans))), chans, strict=True))
+    if len(chans) != 6 or getattr(enc, "output_stride", 32) != 32:
+        raise ValueError(f"{advice} (it has {len(chans) - 1} stages, output stride "
+                         f"{getattr(enc, 'output_stride', '?')})")  # fmt: skip
+    missing = [s for s in need if by_stride.get(s, 0) <= 0]
+    if missing:
+        raise ValueError(f"{advice} (no features at strides {missing})")
+    return enc
+
+
 def _check_encoder(name: str) -> None:
     if name.startswith("tu-"):
         import timm
 
-        if not timm.list_models(name[3:]):
-            raise ValueError(f"unknown timm encoder {name!r} (see timm.list_models())")
+        model = name[3:]
+        arch, _, tag = model.partition(".")  # timm names may carry a weights tag
+        if not timm.is_model(arch):
+            raise ValueError(
+                f"unknown timm encoder model.encoder={name!r} (see timm.list_models())"
+            )
+        if tag and not timm.list_pretrained(model):
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+            raise ValueError(
+                f"model.encoder={name!r}: timm has no weights tagged {tag!r} for {arch}; "
+                f"known tags: {tags}"
+            )
         return
     valid = smp.encoders.get_encoder_names()
     if name not in valid:

@@ -1,0 +1,148 @@
+"""Reference implementations and small fixtures shared by ``tests/`` and ``benchmarks/``.
+
+Like ``numpy.testing``: a library module so both the test suite and the benchmark scripts
+import one copy of each reference, never their own. The references are deliberately the
+slow, obvious definitions (the competition baseline's RLE, Dice on full-size masks,
+``cv2.fillPoly`` ground truth), written without the library's fast paths, so comparing
+the two can fail. Nothing in the library imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from bonecomp.config import Config, load_config
+from bonecomp.data.annotations import Polygons
+from bonecomp.data.phantom import make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+# The tests' phantom: 5 training patients (10 images), 2 test patients (4 images), 128 px.
+TINY = {"train_patients": 5, "test_patients": 2, "size": 128, "seed": 3}
+
+
+# ------------------------------------------------------------------------------ RLE
+def classic_encode(mask: np.ndarray) -> str:
+    """The competition baseline's ``rle_encode``: flatten, pad, compare neighbours, join.
+
+    The reference ``bonecomp.rle.encode`` must match byte for byte (binary masks).
+    """
+    pixels = mask.flatten()
+    pixels = np.concatenate([[0], pixels, [0]])
+    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
+    runs[1::2] -= runs[::2]
+    return " ".join(str(x) for x in runs)
+
+
+def classic_decode(rle_str: str, height: int, width: int) -> np.ndarray:
+    """The competition baseline's ``decode_rle_to_mask``: (height, width) uint8 in {0, 1}."""
+    s = rle_str.split()
+    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0:][::2], s[1:][::2])]
+    starts -= 1
+    ends = starts + lengths
+    img = np.zeros(height * width, dtype=np.uint8)
+    for lo, hi in zip(starts, ends, strict=True):
+        img[lo:hi] = 1
+    return img.reshape(height, width)
+
+
+# ------------------------------------------------------------------------------ Dice
+def dense_truth(polygons: Polygons, hw: tuple[int, int]) -> np.ndarray:
+    """Ground truth (C, H, W) uint8: each class's polygon ``cv2.fillPoly``-ed at full size."""
+    out = np.zeros((len(polygons), *hw), np.uint8)
+    for c in range(len(polygons)):
+        cv2.fillPoly(out[c], [np.asarray(polygons[c], np.int32).reshape(-1, 2)], 1)
+    return out
+
+
+def dense_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Competition Dice (2|A∩B| + 1e-4) / (|A| + |B| + 1e-4) over the last two axes of
+    full-size masks (nonzero is foreground), float64 of the leading shape."""
+    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
+    inter = (p & t).sum(axis=(-2, -1), dtype=np.float64)
+    return (2 * inter + 1e-4) / (p.sum(axis=(-2, -1)) + t.sum(axis=(-2, -1)) + 1e-4)
+
+
+def dense_validation_dice(
+    logits: torch.Tensor, polygons: Polygons, src_hw: tuple[int, int], threshold: float = 0.5
+) -> np.ndarray:
+    """The baseline's validation Dice of one image, per class (C,): logits (C, h, w)
+    upsampled bilinearly to the full size, sigmoid > threshold, against ``dense_truth``."""
+    up = F.interpolate(logits[None].float().cpu(), size=tuple(src_hw), mode="bilinear",
+                       align_corners=False)[0]  # fmt: skip
+    pred = (torch.sigmoid(up) > threshold).numpy()
+    return dense_dice(pred, dense_truth(polygons, src_hw))
+
+
+# ------------------------------------------------------------------------------ data
+def ensure_phantom(
+    root: Path | str,
+    train_patients: int,
+    test_patients: int = 0,
+    size: int = 2048,
+    seed: int = 0,
+    workers: int | None = None,
+) -> bool:
+    """Write a phantom into ``root`` unless one with the splits asked for is there.
+
+    Returns True when it wrote one. ``workers`` defaults to at most 2 processes.
+    """
+    root = Path(root)
+    have = (not train_patients or (root / "train" / "DCM").is_dir()) and (
+        not test_patients or (root / "test" / "DCM").is_dir()
+    )
+    if have:
+        return False
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    make_phantom(root, train_patients, test_patients, size, seed, workers, progress=False)
+    return True
+
+
+def tiny_phantom(root: Path | str) -> Path:
+    """The tests' 128 px phantom (``TINY``) written into ``root`` (one process)."""
+    make_phantom(root, workers=1, progress=False, **TINY)
+    return Path(root)
+
+
+# ------------------------------------------------------------------------------ configs
+def tiny_overrides(data_root: Path | str, work: Path | str, **extra) -> list[str]:
+    """Dotted overrides for a seconds-long CPU run of ``configs/demo.yaml`` on ``data_root``:
+    64 px U-Net/ResNet-18 from scratch, 2 epochs, everything written under ``work``.
+    ``extra`` adds or replaces keys (``**{"train.epochs": 3}``)."""
+    work = Path(work)
+    values = {
+        "data.root": str(data_root),
+        "data.cache_dir": str(work / "cache"),
+        "data.image_size": 64,
+        "data.num_workers": 0,
+        "model.arch": "unet",
+        "model.encoder": "resnet18",
+        "model.encoder_weights": None,
+        "train.output_dir": str(work / "runs"),
+        "train.experiment": "tiny",
+        "train.epochs": 2,
+        "train.batch_size": 4,
+        "train.oof_size": 32,
+        "train.val_every": 1,
+        "train.device": "cpu",
+        "infer.ensemble": [{"experiment": "tiny", "folds": [0]}],
+        "infer.num_workers": 0,
+        **extra,
+    }
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in values.items()
+    ]
+
+
+def tiny_config(data_root: Path | str, work: Path | str, **extra) -> Config:
+    """``configs/demo.yaml`` with ``tiny_overrides`` applied."""
+    return load_config(DEMO_CONFIG, tiny_overrides(data_root, work, **extra))
