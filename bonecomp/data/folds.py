@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +25,9 @@ def make_folds(df: pd.DataFrame, n_splits: int = 5, seed: int | None = None) -> 
         raise FoldsError(f"{n_patients} patients cannot fill {n_splits} folds")
     kw = {"shuffle": True, "random_state": seed} if seed is not None else {}
     folds = pd.Series(-1, index=df.index, dtype=int)
-    for k, (_, val) in enumerate(GroupKFold(n_splits=n_splits, **kw).split(df, groups=df["patient"])):
+    for k, (_, val) in enumerate(
+        GroupKFold(n_splits=n_splits, **kw).split(df, groups=df["patient"])
+    ):
         folds.iloc[val] = k
     return pd.DataFrame({"image": df["rel"], "patient": df["patient"], "fold": folds.values})
 

@@ -44,9 +44,7 @@ def find_jsons(folder: Path | str) -> list[Path]:
     return sorted(p.relative_to(folder) for p in folder.glob("*/*.json"))
 
 
-def discover(
-    root: Path | str, split: str = "train", exclude: Iterable[str] = ()
-) -> pd.DataFrame:
+def discover(root: Path | str, split: str = "train", exclude: Iterable[str] = ()) -> pd.DataFrame:
     """Table of one split: patient, rel (ID/name), name, image_path, json_path.
 
     ``json_path`` is empty for the test split. Training images without a JSON (or JSONs
@@ -56,9 +54,7 @@ def discover(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataLayoutError(
-            f"data root {root} ({root.resolve()}) does not exist. {PHANTOM_HINT}"
-        )
+        raise DataLayoutError(f"data root {root} ({root.resolve()}) does not exist. {PHANTOM_HINT}")
     images = find_images(root, split)
     dcm = root / split / "DCM"
     empty = sorted(d.name for d in dcm.iterdir() if d.is_dir() and not any(d.glob("*.png")))

@@ -46,8 +46,14 @@ def rasterize(
         for c in range(len(polygons)):
             cv2.fillPoly(out[c], [polygons[c]], 1)
         return out
-    return draw(to_frame(polygons.points, src_hw, out_hw), polygons.offsets, out_hw,
-                outline(src_hw, out_hw), 1, out)
+    return draw(
+        to_frame(polygons.points, src_hw, out_hw),
+        polygons.offsets,
+        out_hw,
+        outline(src_hw, out_hw),
+        1,
+        out,
+    )
 
 
 def coverage(
@@ -60,8 +66,13 @@ def coverage(
 
     255 means all k*k sub-samples of the pixel lie inside the class's ground-truth region.
     """
-    return draw(to_frame(polygons.points, src_hw, out_hw), polygons.offsets, tuple(out_hw),
-                outline(src_hw, out_hw), k)
+    return draw(
+        to_frame(polygons.points, src_hw, out_hw),
+        polygons.offsets,
+        tuple(out_hw),
+        outline(src_hw, out_hw),
+        k,
+    )
 
 
 def to_frame(points: np.ndarray, src_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
@@ -98,8 +109,16 @@ def draw(
     pts = np.asarray(points, np.float64).reshape(-1, 2)
     # Sub-sample count -> stored value: {0, 1} for masks, 0..255 for coverage.
     lut = np.round(np.arange(k * k + 1) * (255.0 / (k * k))).astype(np.uint8)
-    _draw_all(np.ascontiguousarray(pts[:, 0]), np.ascontiguousarray(pts[:, 1]),
-              np.asarray(offsets, np.int64), k, float(grow[0]), float(grow[1]), lut, out)
+    _draw_all(
+        np.ascontiguousarray(pts[:, 0]),
+        np.ascontiguousarray(pts[:, 1]),
+        np.asarray(offsets, np.int64),
+        k,
+        float(grow[0]),
+        float(grow[1]),
+        lut,
+        out,
+    )
     return out
 
 

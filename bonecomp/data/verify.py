@@ -102,8 +102,13 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
     paths = [p for _, p in images]
     with ThreadPoolExecutor(workers) as pool:  # cv2 decodes without the GIL
         shapes = list(
-            tqdm(pool.map(_check_png, paths), total=len(paths), desc="verify images",
-                 unit="img", disable=not progress)
+            tqdm(
+                pool.map(_check_png, paths),
+                total=len(paths),
+                desc="verify images",
+                unit="img",
+                disable=not progress,
+            )
         )
     sizes = Counter(s for s, _ in shapes if s is not None)
     common = sizes.most_common(1)[0][0] if sizes else None
