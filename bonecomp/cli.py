@@ -15,6 +15,7 @@ from bonecomp.checkpoint import CheckpointError
 from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, load_config
 from bonecomp.data.annotations import AnnotationError
+from bonecomp.data.cache import CacheError
 from bonecomp.data.folds import FoldsError
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
@@ -29,7 +30,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 # Mistakes in the user's data, config or files: one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataLayoutError, RunError, CheckpointError, FoldsError, AnnotationError,
-    ImageReadError, WeightsError, NonFiniteLossError,
+    ImageReadError, WeightsError, NonFiniteLossError, CacheError,
 )  # fmt: skip
 
 
@@ -68,6 +69,15 @@ def folds(value: str, cfg: Config) -> list[int]:
     return [int(value)]
 
 
+def one_line(error: BaseException) -> str:
+    """The error's message; one re-raised from a DataLoader worker carries the worker's
+    traceback, of which only the last line is the message."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def run(body: Callable[[], int]) -> int:
     """Run a script's body; a user's mistake ends in one line on stderr, not a traceback.
 
@@ -79,7 +89,7 @@ def run(body: Callable[[], int]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -56,12 +56,16 @@ def test_timm_universal_encoder():
 
 
 def test_timm_encoder_names_may_carry_a_weights_tag():
-    model = create_model(ModelConfig(arch="unet", encoder="tu-resnet18.a1_in1k"))
+    model = create_model(
+        ModelConfig(arch="unet", encoder="tu-resnet18.a1_in1k", encoder_weights=None)
+    )
     assert model(torch.rand(1, 3, 64, 64)).shape == (1, 29, 64, 64)
     with pytest.raises(ValueError, match=r"no weights tagged 'bogus' for resnet18.*a1_in1k"):
-        create_model(ModelConfig(arch="unet", encoder="tu-resnet18.bogus"))
+        create_model(ModelConfig(arch="unet", encoder="tu-resnet18.bogus", encoder_weights=None))
     with pytest.raises(ValueError, match="unknown timm encoder"):
-        create_model(ModelConfig(arch="unet", encoder="tu-resnet*"))  # not a pattern
+        create_model(
+            ModelConfig(arch="unet", encoder="tu-resnet*", encoder_weights=None)
+        )  # not a pattern
 
 
 def test_fcn_on_a_timm_encoder_uses_its_stride8_features():
@@ -77,7 +81,9 @@ def test_fcn_on_a_timm_encoder_uses_its_stride8_features():
 def test_fcn_refuses_encoders_without_stride_8_16_32_features(monkeypatch):
     with pytest.raises(ValueError, match=r"model.encoder 'tu-vit_tiny_patch16_224' cannot feed"):
         create_model(ModelConfig(arch="fcn8s", encoder="tu-vit_tiny_patch16_224"))
-    assert create_model(ModelConfig(arch="unet", encoder="resnet18"))  # other heads unaffected
+    assert create_model(
+        ModelConfig(arch="unet", encoder="resnet18", encoder_weights=None)
+    )  # other heads unaffected
 
     class NoStride8(torch.nn.Module):
         out_channels = (3, 64, 64, 0, 256, 512)
@@ -85,8 +91,10 @@ def test_fcn_refuses_encoders_without_stride_8_16_32_features(monkeypatch):
 
     monkeypatch.setattr(models, "_get_encoder", lambda name, w: NoStride8())
     with pytest.raises(ValueError, match=r"no features at strides \[8\]"):
-        create_model(ModelConfig(arch="fcn8s", encoder="resnet18"))
-    create_model(ModelConfig(arch="fcn16s", encoder="resnet18"))  # strides 16, 32 suffice
+        create_model(ModelConfig(arch="fcn8s", encoder="resnet18", encoder_weights=None))
+    create_model(
+        ModelConfig(arch="fcn16s", encoder="resnet18", encoder_weights=None)
+    )  # strides 16, 32 suffice
 
 
 @pytest.mark.parametrize("arch", ["fcn32s", "fcn16s", "fcn8s"])
