@@ -25,6 +25,7 @@ LAYERS = {
     "bonecomp.inference": 2,
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.training": 3,  # wiring: one fold end to end
+    "bonecomp.doctor": 3,  # wiring: checks a machine against a recipe
     "bonecomp.viz": 4,
 }
 

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from bonecomp.data import cache as cache_mod
-from bonecomp.data.cache import check_cache, data_cache_dir, open_cache, source_fingerprint
+from bonecomp.data.cache import (
+    bytes_per_image,
+    check_cache,
+    data_cache_dir,
+    open_cache,
+    source_fingerprint,
+)
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
 
@@ -21,6 +27,13 @@ def built(tiny_copy, tmp_path):
     df = discover(tiny_copy)
     cache = open_cache(df, tmp_path / "cache", SIZE, workers=1, progress=False)
     return df, cache, tmp_path / "cache"
+
+
+def test_bytes_per_image_matches_the_built_arrays(built):
+    _, cache, _ = built
+    per_image = sum(a.nbytes for a in (cache.images, cache.packed)) // len(cache)
+    assert bytes_per_image(SIZE) == per_image
+    assert bytes_per_image(100) == 100 * 100 + 29 * 100 * 13  # width not a multiple of 8
 
 
 def _counting(monkeypatch):

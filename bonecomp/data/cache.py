@@ -270,3 +270,13 @@ def _file_hash(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def bytes_per_image(size: int) -> int:
+    """Bytes one training image takes in the cache at ``size``: the (S, S) uint8 image plus
+    its C bit-packed masks (S x ceil(S/8) bytes each); polygon points are negligible.
+
+    The one place that knows the cache's per-image footprint (``scripts/doctor.py`` checks
+    free disk with it): change it here if the cache's arrays change.
+    """
+    return size * size + NUM_CLASSES * size * ((size + 7) // 8)
