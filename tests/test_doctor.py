@@ -155,8 +155,18 @@ def test_channels_last_setting_accepts_bool_and_auto():
 def test_channels_last_warns_when_the_configured_format_is_slower(tiny_root, tmp_path):
     cfg = load_config(DEMO, overrides(tiny_root, tmp_path, **{"train.channels_last": "true"}))
     probe = doctor.Probe(cfg, torch.device("cpu"), quick=True)
-    probe._speed = {(False, probe.speed_batch): 10.0, (True, probe.speed_batch): 5.0}
+    probe._speed = {False: 10.0, True: 5.0}  # measured: NCHW twice as fast
     row = doctor.check_channels_last(probe)
     assert row.status == "warn" and "set false" in row.message
     cfg.train.channels_last = False
     assert doctor.check_channels_last(probe).status == "ok"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_table_checks_amp_rle_and_nccl(tiny_root, tmp_path):
+    cfg = load_config(DEMO, overrides(tiny_root, tmp_path, **{"train.batch_size": "4"}))
+    rows = {r.name: r for r in doctor.run_checks(cfg)}
+    assert all(r.status != "fail" for r in rows.values()), rows
+    assert "GiB" in rows["gpu"].message and "peak" in rows["amp step"].message
+    assert "batch 4 (train.batch_size)" in rows["amp step"].message
+    assert "identical" in rows["cuda rle"].message and "nccl" in rows["process group"].message
