@@ -32,7 +32,7 @@ from bonecomp.config import Config
 from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import TrainCache, bytes_per_image, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image, to_float_mask
-from bonecomp.data.layout import PHANTOM_HINT, DataLayoutError, discover
+from bonecomp.data.layout import DataLayoutError, discover
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.losses import BceDiceLoss
 from bonecomp.models import SegModel, create_model
@@ -293,10 +293,10 @@ def check_cuda_postprocess(probe: Probe, size: int = 512) -> Row:
 def check_process_group(probe: Probe) -> Row:
     """A one-process group (nccl on CUDA, gloo on CPU) starts and all-reduces."""
     backend = "nccl" if probe.cuda else "gloo"
-    if dist.is_initialized():
-        return Row("process group", "warn", "a process group is already running: not tested")
     if not dist.is_available() or not dist.is_backend_available(backend):
         return Row("process group", "fail", f"torch.distributed {backend} is not available")
+    if dist.is_initialized():
+        return Row("process group", "warn", "a process group is already running: not tested")
     port = _free_port()
     t0 = time.perf_counter()
     dist.init_process_group(
@@ -330,8 +330,8 @@ def check_data_loader(probe: Probe) -> Row:
     d = cfg.data
     try:
         df = discover(d.root, "train", d.exclude)
-    except DataLayoutError:
-        return Row("data loader", "warn", f"no training data at data.root={d.root}: {PHANTOM_HINT}")
+    except DataLayoutError as e:  # names the path, and says how to get data
+        return Row("data loader", "warn", f"no usable training data (data.root): {e}")
     n = min(len(df), 8 if probe.quick else 16)
     batch = min(cfg.train.batch_size, n)
     workers = d.num_workers
@@ -356,7 +356,7 @@ def check_data_loader(probe: Probe) -> Row:
         f"model {_rate(model)} img/s at {d.image_size} px"
     )
     if workers > cores:
-        return Row("data loader", "warn", f"{msg}: more workers than cores, lower num_workers")
+        return Row("data loader", "warn", f"{msg}: more workers than cores, lower data.num_workers")
     if rate < model:
         hint = "raise data.num_workers" if workers < cores else "the CPU is the bottleneck"
         return Row("data loader", "warn", f"{msg}: data is the bottleneck, {hint}")
