@@ -32,6 +32,7 @@ LAYERS = {
     "bonecomp.checks": 2,  # the whole config against the registries
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.training": 3,  # wiring: one fold end to end
+    "bonecomp.doctor": 3,  # wiring: checks a machine against a recipe
     "bonecomp.viz": 4,
     "bonecomp.testing": 4,  # references for tests/ and benchmarks/: may import any module
     "bonecomp.cli": 5,  # what the scripts share

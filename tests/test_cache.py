@@ -13,6 +13,7 @@ from bonecomp.data import cache as cache_mod
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.cache import (
     CacheError,
+    bytes_per_image,
     check_cache,
     data_cache_dir,
     open_cache,
@@ -30,6 +31,14 @@ def built(tiny_copy, tmp_path):
     df = discover(tiny_copy)
     cache = open_cache(df, tmp_path / "cache", SIZE, workers=1, progress=False)
     return df, cache, tmp_path / "cache"
+
+
+def test_bytes_per_image_bounds_the_built_cache(built):
+    _, cache, _ = built
+    on_disk = sum(p.stat().st_size for p in cache.dir.iterdir()) / len(cache)
+    assert cache.images.nbytes / len(cache) == SIZE * SIZE
+    assert SIZE * SIZE < on_disk <= bytes_per_image(SIZE)
+    assert bytes_per_image(2048) < 2048 * 2048 * 1.01  # no mask planes any more
 
 
 def _counting(monkeypatch):

@@ -147,7 +147,7 @@ def test_bad_weights_file(tmp_path):
 
 
 def test_imagenet_offline_fails_fast_naming_alternatives(monkeypatch):
-    monkeypatch.setattr(weights_mod, "_reachable", lambda *a: False)
+    monkeypatch.setattr(weights_mod, "reachable", lambda *a: False)
     with pytest.raises(WeightsError) as e:
         create_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"))
     msg = str(e.value)

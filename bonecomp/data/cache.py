@@ -291,3 +291,14 @@ def _file_hash(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def bytes_per_image(size: int) -> int:
+    """Bytes one training image takes in the cache at ``size``: the (S, S) uint8 image,
+    its crc32 and class offsets, and about 20 KB of polygon points and index row (the
+    phantom's 17 KB of points, rounded up for denser real outlines).
+
+    The one place that knows the cache's per-image footprint (``scripts/doctor.py`` checks
+    free disk with it): change it here if the cache's arrays change.
+    """
+    return size * size + 4 + 8 * (NUM_CLASSES + 1) + 20_000

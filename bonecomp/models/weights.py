@@ -28,12 +28,12 @@ class WeightsError(RuntimeError):
 def with_imagenet_weights(build: Callable[[], T], encoder: str, timeout: float = 3.0) -> T:
     """Run ``build`` (which downloads ImageNet weights) from the hub cache, else online."""
     try:
-        with _hub_offline():
+        with hub_offline():
             return build()
     except Exception:  # not cached, or the cache is unusable: try the network
         pass
-    host = _hub_host()
-    if not _reachable(host, 443, timeout):
+    host = hub_host()
+    if not reachable(host, 443, timeout):
         raise WeightsError(
             f"model.encoder_weights=imagenet: the ImageNet weights of {encoder!r} are not in "
             f"the local cache and {host} is unreachable (offline?). Use "
@@ -84,7 +84,8 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
 
 
 @contextmanager
-def _hub_offline() -> Iterator[None]:
+def hub_offline() -> Iterator[None]:
+    """Within the block the Hugging Face hub reads its local cache only (no network)."""
     from huggingface_hub import constants
 
     old = constants.HF_HUB_OFFLINE
@@ -95,13 +96,14 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = old
 
 
-def _hub_host() -> str:
+def hub_host() -> str:
+    """The host name the hub downloads from (``HF_ENDPOINT`` honoured)."""
     from huggingface_hub import constants
 
     return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
 
 
-def _reachable(host: str, port: int, timeout: float) -> bool:
+def reachable(host: str, port: int, timeout: float) -> bool:
     """TCP connect within ``timeout`` seconds (DNS included: it runs in a thread)."""
     result: list[bool] = []
 
