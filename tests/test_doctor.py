@@ -142,16 +142,6 @@ def test_cache_disk_compares_free_space_with_the_need(
         assert "data.cache_dir" in row.message
 
 
-def test_channels_last_setting_accepts_bool_and_auto():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert doctor._config_channels_last(True, cpu) and not doctor._config_channels_last(False, gpu)
-    assert doctor._config_channels_last("auto", gpu) and not doctor._config_channels_last(
-        "auto", cpu
-    )
-    with pytest.raises(ValueError, match=r"train\.channels_last"):
-        doctor._config_channels_last("sometimes", cpu)
-
-
 def test_channels_last_warns_when_the_configured_format_is_slower(tiny_root, tmp_path):
     cfg = load_config(DEMO, overrides(tiny_root, tmp_path, **{"train.channels_last": "true"}))
     probe = doctor.Probe(cfg, torch.device("cpu"), quick=True)
