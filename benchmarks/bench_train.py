@@ -28,6 +28,7 @@ from _common import Row, base_parser, phantom_root, print_machine, print_table
 from bonecomp.config import load_config
 from bonecomp.data.cache import open_cache
 from bonecomp.data.layout import discover
+from bonecomp.device import amp_dtype
 from bonecomp.models import create_model
 from bonecomp.training.data import build_loaders
 
@@ -46,9 +47,9 @@ def model_rate(
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     x = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 29, size, size, device=device) > 0.95).float()
-    amp = ours and device.type == "cuda"
-    dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    dtype = amp_dtype(device, ours)
+    amp = dtype is not None
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(steps + 1):

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from bonecomp.classes import CLASSES
+from bonecomp.distributed import all_reduce_sum
 
 SMOOTH = 1e-4
 
@@ -92,9 +93,7 @@ class DiceAccumulator:
         self.count += d.shape[0]
 
     def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.sum)
-            torch.distributed.all_reduce(self.count)
+        all_reduce_sum(self.sum, self.count)
 
     def compute(self) -> DiceTable:
         n = int(self.count.item())
