@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := data/phantom
 
-.PHONY: setup demo smoke test lint bench
+.PHONY: setup demo smoke doctor test lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ smoke: $(STAMP)
 		--out submissions/smoke.csv
 	$(BIN)/python scripts/check_submission.py submissions/smoke.csv --data $(SMOKE) \
 		--labels $(SMOKE)/test_labels
+
+# The machine self-check on the demo recipe (the default recipe: scripts/doctor.py alone).
+doctor: $(STAMP)
+	$(BIN)/python scripts/doctor.py --config configs/demo.yaml --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
