@@ -69,10 +69,14 @@ def run_training(
     device = _device(cfg.train.device, dd)
     table = discover(cfg.data.root, "train", cfg.data.exclude)
     run = run_dir(cfg, fold)
-    with run.lock() if dd.main else contextlib.nullcontext():
-        _agree(lambda: check_resumable(cfg, run) if resume else check_fresh(run), dd)
-        if dd.main:
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:  # on rank 0; every rank learns whether it worked
+            held.enter_context(run.lock())
+            check_resumable(cfg, run) if resume else check_fresh(run)
             remove_stale_temps(run.path)  # half-written files of a killed process
+
+        _agree(claim, dd)
         folds, cache = prepare_cache(cfg, table, dd, progress and dd.main)
         train_idx, val_idx = fold_split(folds, fold)
         data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda")

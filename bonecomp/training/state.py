@@ -154,7 +154,8 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
     if state.ema is not None and ckpt.get("ema"):
         state.ema.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"])
-    progress = Progress(**{k: ckpt["progress"][k] for k in asdict(Progress())})
+    saved = ckpt.get("progress", ckpt)  # checkpoints before 0.2 kept these at the top
+    progress = Progress(**{k: saved[k] for k in asdict(Progress())})
     if run.best.is_file():
         best = load_checkpoint(run.best)
         progress.best_dice, progress.best_epoch = float(best["metric"]), int(best["epoch"])
