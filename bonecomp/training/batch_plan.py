@@ -12,6 +12,7 @@ full batch.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Callable
@@ -156,7 +157,7 @@ def probe(
     """
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     was_training = model.training
-    scratch = type(optimizer)(model.parameters(), **optimizer.defaults)
+    scratch = _fresh_like(optimizer, model)
     loss_fn = loss_fn or (lambda y, t: (F.binary_cross_entropy_with_logits(y.float(), t), {}))
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     peaks: dict[int, int | None] = {}
@@ -192,3 +193,12 @@ def probe(
         model.train(was_training)
         free_memory(ctx.device)
     return peaks
+
+
+def _fresh_like(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """A new optimiser of ``optimizer``'s kind and settings over ``model``'s parameters
+    (same state size per parameter, so the same memory)."""
+    kind = type(optimizer)
+    accepted = inspect.signature(kind.__init__).parameters
+    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return kind(model.parameters(), **settings)
