@@ -125,6 +125,9 @@ class TrainConfig:
     oof_size: int = 256  # side of the saved out-of-fold probabilities
     tensorboard: bool = False
     wandb: bool = False
+    micro_batch: int | str | None = None  # images per forward: None (the batch), n, "auto"
+    memory_fraction: float = 0.85  # "auto" keeps the probed peak under this share of the GPU
+    compile: bool = False  # torch.compile the training model (checkpoints stay plain)
 
 
 @dataclass
@@ -151,6 +154,7 @@ class InferConfig:
     threshold: float = 0.5
     num_workers: int = 4
     ensemble: list[EnsembleMember] = field(default_factory=list)  # empty: train.experiment
+    compile: bool = False  # torch.compile each member
 
 
 @dataclass

@@ -71,3 +71,14 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
     if is_distributed():
         for t in tensors:
             dist.all_reduce(t)
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest ``value`` over ranks (itself without a process group)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())

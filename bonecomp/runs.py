@@ -8,6 +8,7 @@ module; no other file spells these names.
         dice_per_class.csv   per-class Dice of the best epoch (and .png, its chart)
         best.pt, last.pt     self-describing checkpoints (last.pt also resumes)
         oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
+        batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         .lock                held while a process trains this fold
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
 """
@@ -31,6 +32,7 @@ LAST = "last.pt"
 OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
+BATCH_PLAN = "batch_plan.json"
 CHECKPOINTS = {"best": BEST, "last": LAST}  # names an ensemble section may use
 
 
@@ -60,6 +62,7 @@ class RunDir:
     last = property(lambda self: self.path / LAST)
     oof = property(lambda self: self.path / OOF)
     oof_index = property(lambda self: self.path / OOF_INDEX)
+    batch_plan = property(lambda self: self.path / BATCH_PLAN)
 
     def staged(self, name: str) -> Path:
         """Where a file is prepared before it replaces ``name`` (e.g. OOF of a new best)."""

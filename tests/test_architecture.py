@@ -19,6 +19,7 @@ LAYERS = {
     "bonecomp.rle": 0,
     "bonecomp.fileio": 0,
     "bonecomp.distributed": 0,
+    "bonecomp.memory": 0,  # out-of-memory handling and meters (torch only)
     "bonecomp.runs": 1,  # the run folder's names (config + file helpers only)
     "bonecomp.data": 1,
     "bonecomp.models": 1,

@@ -26,8 +26,11 @@ from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
 from bonecomp.inference.tta import views
+from bonecomp.memory import run_chunked
 from bonecomp.runs import MemberSpec
 from bonecomp.submission import CheckReport, SubmissionWriter, validate_submission
+
+OOM_HINT = "lower infer.tile with infer.sliding_window=true, or use fewer infer.scales"
 
 
 @dataclass
@@ -58,6 +61,9 @@ def predict_submission(
     test = discover(data_root or cfg.data.root, "test")
     models = [load_member(m.checkpoint, m.weight, device) for m in members]
     inf = cfg.infer
+    if inf.compile:
+        for m in models:
+            m.model = torch.compile(m.model)
     tile = inf.tile if inf.sliding_window else None
     ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)
     thresholds, source = resolve_thresholds(cfg, members)
@@ -73,10 +79,14 @@ def predict_submission(
     shapes = list(png_shapes(test).values())
     t0 = time.monotonic()
     writer = SubmissionWriter(path)
+    micro = None  # images per forward: the batch, halved for good on out of memory
     try:
         for batch in tqdm(loader, desc="infer", unit="batch", disable=not progress):
             images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
-            pred = ens(images)
+            pred, micro = run_chunked(
+                lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
+                len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
+            )  # fmt: skip
             for i, name in enumerate(batch["name"]):
                 hw = tuple(int(v) for v in batch["hw"][i])
                 masks = upsample_threshold(pred[i], hw, thresholds, logits=ens.single_view)

@@ -24,8 +24,10 @@ from bonecomp.distributed import Dist
 from bonecomp.engine import past, train_one_epoch, validate
 from bonecomp.fileio import remove_stale_temps
 from bonecomp.losses import build_loss
+from bonecomp.memory import device_meter
 from bonecomp.metrics import DiceTable
 from bonecomp.runs import RunDir, RunError, run_dir
+from bonecomp.training.batch_plan import plan_batch, save_plan
 from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 from bonecomp.training.records import SummaryLog, commit_oof, stage_oof
 from bonecomp.training.state import (
@@ -82,10 +84,17 @@ def run_training(
         data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda")
         per_epoch = updates_per_epoch(len(data.train_loader), cfg.train.accum_steps)
         state = build_state(cfg, device, dd, per_epoch, progress and dd.main)
+        # before load_last: the probe needs an optimiser that has not stepped
+        plan = plan_batch(cfg, state.model, state.optimizer, state.ctx, device_meter(device),
+                          build_loss(cfg.loss))  # fmt: skip
+        state.ctx.micro_batch = None if cfg.train.micro_batch is None else plan.micro_batch
         start = load_last(state, run, device) if resume else Progress()
         if dd.main:
             run.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run.config)
+            if cfg.train.micro_batch == "auto":
+                save_plan(plan, run)
+                tqdm.write(plan.describe())
             if resume:
                 tqdm.write(f"resumed {run} after epoch {start.epoch} (best {start.best_dice:.4f})")
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None

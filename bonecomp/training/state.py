@@ -34,6 +34,7 @@ RESUME_MAY_CHANGE = {
     "data.num_workers", "data.cache_dir", "data.root", "train.max_train_minutes",
     "train.tensorboard", "train.wandb", "train.device", "train.output_dir", "train.experiment",
     "train.channels_last", "infer",
+    "train.micro_batch", "train.memory_fraction", "train.compile",  # how, not what, it computes
 }  # fmt: skip
 
 
@@ -96,6 +97,8 @@ def build_state(
     if dd.world > 1:
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if t.compile:  # checkpoints keep saving ``model``, the bare module (no ``_orig_mod.``)
+        train_model = torch.compile(train_model)
     ctx = StepContext(
         device,
         dtype,

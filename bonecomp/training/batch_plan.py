@@ -1,0 +1,204 @@
+"""Fitting the batch to the device: ``train.micro_batch`` -> images per forward.
+
+``null`` keeps the loader's batch, an int fixes it, ``auto`` measures: forward +
+backward + optimiser step of the real model at the recipe's input size (AMP and
+channels_last as training uses them) with 1, 2, 4, ... images up to ``train.batch_size``,
+keeping the largest whose peak stays under ``train.memory_fraction`` of the device. The
+effective batch (``batch_size x accum_steps`` per update) never changes: a smaller
+micro-batch means more forwards per update. The probe leaves the weights and the random
+streams of training as they were; on CPU there is nothing to measure and ``auto`` is the
+full batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bonecomp.classes import NUM_CLASSES
+from bonecomp.config import Config, ConfigError
+from bonecomp.distributed import all_reduce_min
+from bonecomp.engine import StepContext, autocast
+from bonecomp.fileio import write_text
+from bonecomp.memory import BatchMemoryError, MemoryMeter, free_memory
+from bonecomp.runs import RunDir
+
+GiB = 2**30
+
+
+@dataclass
+class BatchPlan:
+    """The micro-batch training will use, and why."""
+
+    micro_batch: int
+    batch_size: int
+    accum_steps: int
+    forwards_per_update: int
+    effective_batch: int
+    device: str
+    how: str  # "probe", "cpu" (no probe), "config"
+    memory_fraction: float | None = None
+    total_bytes: int | None = None
+    peak_bytes: dict[int, int | None] = field(default_factory=dict)  # None: out of memory
+
+    def describe(self) -> str:
+        head = (
+            f"batch plan: micro-batch {self.micro_batch} x {self.forwards_per_update} "
+            f"forwards per update = effective batch {self.effective_batch} "
+            f"(train.batch_size={self.batch_size} x train.accum_steps={self.accum_steps})"
+        )
+        if self.how == "cpu":
+            return head + "; train.micro_batch=auto on CPU: no probe, the full batch"
+        if not self.peak_bytes:
+            return head
+        peaks = ", ".join(
+            f"{m}: {'OOM' if p is None else f'{p / GiB:.2f} GiB'}"
+            for m, p in self.peak_bytes.items()
+        )
+        limit = (self.total_bytes or 0) * (self.memory_fraction or 0) / GiB
+        return f"{head}; peak per micro-batch {{{peaks}}}, limit {limit:.2f} GiB"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["peak_bytes"] = {str(k): v for k, v in self.peak_bytes.items()}
+        return json.dumps(d, indent=2) + "\n"
+
+
+def check_micro_batch(value: int | str | None) -> None:
+    """``train.micro_batch`` must be null, a positive int or "auto"."""
+    ok = value is None or value == "auto" or (type(value) is int and value >= 1)
+    if not ok:
+        raise ConfigError(
+            f"train.micro_batch must be null, a positive integer or 'auto', got {value!r}"
+        )
+
+
+def plan_batch(
+    cfg: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: StepContext,
+    meter: MemoryMeter | None,
+    loss_fn: Callable | None = None,
+) -> BatchPlan:
+    """The micro-batch for ``cfg``: from the config, or probed on ``meter``'s device.
+
+    ``model`` is the bare model (not DDP-wrapped) and ``optimizer`` its optimiser, which
+    must not have stepped yet (the probe uses a fresh one of the same kind). Under
+    torchrun the ranks agree on the smallest micro-batch.
+    """
+    t = cfg.train
+    check_micro_batch(t.micro_batch)
+    if not 0 < t.memory_fraction <= 1:
+        raise ConfigError(f"train.memory_fraction must be in (0, 1], got {t.memory_fraction}")
+    how, peaks, total = "config", {}, None
+    if t.micro_batch == "auto" and meter is None:
+        micro, how = t.batch_size, "cpu"
+    elif t.micro_batch == "auto":
+        how, total = "probe", meter.total()
+        peaks = probe(model, optimizer, ctx, cfg.data.image_size, t.batch_size, meter, loss_fn,
+                      limit=int(t.memory_fraction * total))  # fmt: skip
+        fits = [m for m, p in peaks.items() if p is not None and p <= t.memory_fraction * total]
+        if peaks.get(1) is None:
+            raise BatchMemoryError(
+                f"out of memory with one {cfg.data.image_size} px image per forward "
+                "(train.micro_batch=auto); lower data.image_size or use a smaller model"
+            )
+        micro = max(fits, default=1)  # 1 over the margin but not out of memory: try it
+    else:
+        micro = min(t.micro_batch or t.batch_size, t.batch_size)
+    micro = all_reduce_min(micro)
+    return BatchPlan(
+        micro_batch=micro,
+        batch_size=t.batch_size,
+        accum_steps=t.accum_steps,
+        forwards_per_update=math.ceil(t.batch_size * t.accum_steps / micro),
+        effective_batch=t.batch_size * t.accum_steps,
+        device=str(ctx.device),
+        how=how,
+        memory_fraction=t.memory_fraction if how == "probe" else None,
+        total_bytes=total,
+        peak_bytes=peaks,
+    )
+
+
+def save_plan(plan: BatchPlan, run: RunDir) -> None:
+    write_text(run.batch_plan, plan.to_json())
+
+
+def probe_sizes(batch_size: int) -> list[int]:
+    """1, 2, 4, ... below ``batch_size``, then ``batch_size`` itself."""
+    sizes = [1 << k for k in range(batch_size.bit_length()) if 1 << k < batch_size]
+    return [*sizes, batch_size]
+
+
+def probe(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: StepContext,
+    image_size: int,
+    batch_size: int,
+    meter: MemoryMeter,
+    loss_fn: Callable | None = None,
+    limit: int | None = None,
+) -> dict[int, int | None]:
+    """Peak bytes of one training step per micro-batch size (None: out of memory), growing
+    until one runs out of memory or passes ``limit``.
+
+    Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind, then puts the
+    weights, buffers and every random generator back as they were.
+    """
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    was_training = model.training
+    scratch = _fresh_like(optimizer, model)
+    loss_fn = loss_fn or (lambda y, t: (F.binary_cross_entropy_with_logits(y.float(), t), {}))
+    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    peaks: dict[int, int | None] = {}
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), meter.watch(model):
+            model.train()
+            for m in probe_sizes(batch_size):
+                meter.reset()
+                failed = False
+                try:
+                    x = torch.rand(m, 3, image_size, image_size, device=ctx.device)
+                    y = torch.rand(m, NUM_CLASSES, image_size, image_size, device=ctx.device)
+                    with autocast(ctx):
+                        logits = model(x.contiguous(memory_format=fmt))
+                    loss_fn(logits, y)[0].backward()
+                    scratch.step()
+                    del x, y, logits
+                    peaks[m] = meter.peak()
+                except torch.OutOfMemoryError:
+                    failed = True
+                scratch.zero_grad(set_to_none=True)
+                if failed:
+                    peaks[m] = None
+                    free_memory(ctx.device)
+                    break
+                if limit is not None and peaks[m] > limit:
+                    break
+    finally:
+        del scratch
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        free_memory(ctx.device)
+    return peaks
+
+
+def _fresh_like(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+    """A new optimiser of ``optimizer``'s kind and settings over ``model``'s parameters
+    (same state size per parameter, so the same memory)."""
+    kind = type(optimizer)
+    accepted = inspect.signature(kind.__init__).parameters
+    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return kind(model.parameters(), **settings)
