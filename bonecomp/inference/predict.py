@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
