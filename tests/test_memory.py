@@ -21,7 +21,7 @@ from bonecomp.data.layout import discover
 from bonecomp.distributed import Dist
 from bonecomp.inference import predict
 from bonecomp.inference.predict import predict_submission
-from bonecomp.losses import BceDiceLoss
+from bonecomp.losses import build_loss
 from bonecomp.memory import BatchMemoryError, MemoryBudget
 from bonecomp.models import create_model
 from bonecomp.runs import ensemble_members, run_dir
@@ -81,7 +81,7 @@ def _train(budget: MemoryBudget | None, micro: int | None = None, accum: int = 2
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = engine.StepContext(torch.device("cpu"), accum_steps=accum, progress=False)
     ctx.micro_batch = micro
-    loss = BceDiceLoss(from_dict(Config, {"loss": {"dice_weight": 0.0}}).loss)  # linear in images
+    loss = build_loss(from_dict(Config, {"loss": {"terms": {"bce": 1.0}}}).loss)  # linear in images
     row = engine.train_one_epoch(model, _batches(4, 4), opt, _Sched(), loss, ctx, 0, 0)
     return row, torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -131,7 +131,7 @@ def test_validation_out_of_memory_gives_the_same_scores(tiny_root, tmp_path):
     data = build_loaders(cfg, cache, *fold_split(folds, 0))
     torch.manual_seed(0)
     model = create_model(cfg.model).eval()
-    loss = BceDiceLoss(cfg.loss)
+    loss = build_loss(cfg.loss)
     ctx = engine.StepContext(torch.device("cpu"), progress=False)
     want = engine.validate(model, data.val_loader, cache, loss, ctx)
     budget = MemoryBudget(total=1)
