@@ -182,3 +182,27 @@ def test_verify_data_reports_a_missing_or_empty_test_folder(bad_input, case, tin
     out = capsys.readouterr().out.splitlines()
     assert f"{path}: " in out[0] and fragment in out[0], out
     assert out[-1].startswith("1 problem(s)"), out
+
+
+def truncated_test_png(root: Path) -> list[str]:
+    png = _first(root, "test/DCM/*/*.png")
+    png.write_bytes(png.read_bytes()[:200])
+    return [str(png), "cannot decode"]
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "loader-workers"])
+def test_bad_test_png_at_inference_is_one_line(
+    tiny_root, bad_input, tiny_copy, tmp_path, capsys, workers
+):
+    import infer as infer_script
+
+    work = tmp_path / "work"
+    assert _train(tiny_root, work, "train.epochs=1") == 0  # a model from the intact phantom
+    fragments = bad_input(truncated_test_png)
+    capsys.readouterr()
+    args = ["--config", str(DEMO_CONFIG), "--ensemble", "--quiet", "--data", str(tiny_copy)]
+    args += ["--out", str(tmp_path / "sub.csv")]
+    extra = tiny_overrides(tiny_root, work, **{"infer.num_workers": workers})
+    assert infer_script.main(args + extra) == 2
+    _one_error_line(capsys.readouterr().err, fragments)
+    assert not (tmp_path / "sub.csv").exists()
