@@ -70,6 +70,7 @@ class DataConfig:
     soft_targets: bool = True  # fractional pixel coverage as targets (see data/rasterize.py)
     soft_k: int = 4  # sub-samples per side for soft targets
     num_workers: int = 8
+    on_bad_image: Literal["error", "skip"] = "error"  # unusable training image: stop or skip it
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

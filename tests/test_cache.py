@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -174,3 +178,81 @@ def test_cache_dirs_differ_by_data_root(tmp_path):
     assert data_cache_dir("cache", tmp_path / "phantom") == data_cache_dir(
         "cache", tmp_path / "phantom"
     )
+
+
+# ------------------------------------------------------------------ kill -9 mid-build
+_SLOW_BUILDER = """
+import os, sys, time
+from bonecomp.data import cache as cache_mod
+from bonecomp.data.layout import discover
+
+real = cache_mod._cache_item
+
+
+def slow_item(job):  # the test's own slowdown: each image takes a second in a worker
+    time.sleep(float(os.environ["SLOW_BUILDER_SLEEP"]))
+    return real(job)
+
+
+if __name__ == "__main__":
+    cache_mod._cache_item = slow_item
+    data, cache = sys.argv[1:]
+    cache_mod.open_cache(discover(data), cache, 64, workers=2, progress=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of ``pid``, from /proc."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_kill_9_mid_build_ends_the_workers_and_the_next_run_cleans_up(tiny_root, tmp_path):
+    script = tmp_path / "slow_builder.py"
+    script.write_text(_SLOW_BUILDER)
+    env = {**os.environ, "SLOW_BUILDER_SLEEP": "1.0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(cache_mod.__file__).parents[2]), *sys.path])
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_root), str(tmp_path / "c")],
+                            env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # the pool's two workers (the resource tracker may come too)
+            workers = [k for k in _children(proc.pid) if "spawn_main" in _cmdline(k)]
+        assert len(workers) == 2, "the builder's workers never started"
+        stale = tmp_path / "c" / f".train_64.tmp-{proc.pid}"
+        assert stale.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while any(map(_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [w for w in workers if _alive(w)], "workers outlived their killed parent"
+    df = discover(tiny_root)
+    cache = open_cache(df, tmp_path / "c", 64, workers=1, progress=False)
+    assert not stale.exists() and len(cache) == 10
+    assert check_cache(cache.dir, source_fingerprint(df, 64)) is None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

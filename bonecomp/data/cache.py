@@ -15,6 +15,15 @@ rebuilt otherwise; ``data_cache_dir`` keeps one data root's caches apart from an
 It is built in a temporary folder and moved into place whole, with the manifest written
 last, so a crash never leaves a cache that loads as valid.
 
+Failures while building: a training image whose PNG or JSON is unusable (undecodable,
+bad JSON, unknown label, points outside the PNG's frame, e.g. a 1024 px PNG annotated in
+the 2048 frame) stops the build with one line naming both files and the PNG's size, or,
+with ``on_bad_image="skip"``, is left out with a warning. Free disk is checked against the
+cache's size before writing and the images file is preallocated, so a full disk ends in
+one ``CacheError`` naming the folder, never a SIGBUS. Any failure removes the partial
+cache and ends the workers; a worker whose parent was killed (kill -9) exits within a
+second, and the next ``open_cache`` removes the temporary folder the dead builder left.
+
 Damage: opening checks every file's size, the small files' hashes and the .npy headers
 (hashing GBs of images on every open would be slow; ``verify=True`` does it). Damage
 inside images.npy is caught when the row is read: its crc32 must match, else
@@ -25,10 +34,14 @@ rebuilds it (about 0.04 ms per image at 512 px, 1 ms at 2048: 1-3% of a loader s
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import sys
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -42,13 +55,21 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.data.annotations import Polygons, load_annotation
-from bonecomp.data.images import read_image
+from bonecomp.data.annotations import (
+    AnnotationError,
+    Polygons,
+    check_annotation,
+    parse_annotation,
+    read_json,
+)
+from bonecomp.data.images import ImageReadError, read_image
+from bonecomp.fileio import remove_stale_temps
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
 _BIG = ("images.npy",)  # hashed on open only with verify=True
 _DAMAGED = "DAMAGED"  # marker written when a read finds damage: the next open rebuilds
+ON_BAD_IMAGE = ("error", "skip")  # what a build does with an unusable training image
 
 
 class CacheError(RuntimeError):
@@ -101,22 +122,29 @@ def open_cache(
     workers: int | None = None,
     progress: bool = True,
     verify: bool = False,
+    on_bad_image: str = "error",
 ) -> TrainCache:
     """The cache of ``df`` (a training table from ``layout.discover``) at ``size``.
 
     Loads it when valid for these sources and this size, else (re)builds it. A lock
-    file serialises jobs sharing the folder. ``verify`` re-hashes the big arrays too
-    (seconds per GB); by default their sizes and headers are checked.
+    file serialises jobs sharing the folder; under it, the temporary folders of builders
+    that died (kill -9) are removed. ``verify`` re-hashes the big arrays too (seconds per
+    GB); by default their sizes and headers are checked. ``on_bad_image``: "error" stops
+    at an unusable training image, "skip" leaves it out (the cache's index then lacks it).
     """
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     folder = Path(cache_dir) / f"train_{size}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.with_name(f".{folder.name}.lock")):
-        fingerprint = source_fingerprint(df, size)
+        for stale in remove_stale_temps(folder.parent):
+            print(f"cache: removed {stale}, left by a build that was killed", file=sys.stderr)
+        fingerprint = source_fingerprint(df, size, on_bad_image)
         problem = check_cache(folder, fingerprint, verify)
         if problem is not None:
             if folder.exists():
                 print(f"cache {folder}: {problem}; rebuilding")
-            build_cache(df, folder, size, fingerprint, workers, progress)
+            build_cache(df, folder, size, fingerprint, workers, progress, on_bad_image)
         return load_cache(folder)
 
 
@@ -144,9 +172,11 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def source_fingerprint(df: pd.DataFrame, size: int) -> str:
-    """Hash of the sources' paths, sizes and mtimes, the resolution and the cache version."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} size={size}".encode())
+def source_fingerprint(df: pd.DataFrame, size: int, on_bad_image: str = "error") -> str:
+    """Hash of the sources' paths, sizes and mtimes, the resolution and the cache version
+    (and ``on_bad_image`` when it is "skip": such a cache may lack images)."""
+    skip = "" if on_bad_image == "error" else f" on_bad_image={on_bad_image}"
+    h = hashlib.sha256(f"v{CACHE_VERSION} size={size}{skip}".encode())
     for rel, img, js in zip(df["rel"], df["image_path"], df["json_path"], strict=True):
         si, sj = os.stat(img), os.stat(js)
         h.update(f"|{rel}:{si.st_size}:{si.st_mtime_ns}:{sj.st_size}:{sj.st_mtime_ns}".encode())
@@ -212,56 +242,29 @@ def build_cache(
     fingerprint: str,
     workers: int | None = None,
     progress: bool = True,
+    on_bad_image: str = "error",
 ) -> None:
-    """Build the cache into a temporary folder, then move it into place whole."""
+    """Build the cache into a temporary folder, then move it into place whole.
+
+    Any failure (a bad training image with ``on_bad_image="error"``, a full disk, an
+    interrupt) removes the temporary folder and ends the workers before it propagates.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(folder, len(df), size)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    n = len(df)
-    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
-    crc = np.zeros(n, np.uint32)
-    polys: list[Polygons] = []
-    src_hw: list[tuple[int, int]] = []
-    jobs = [(img, js, size) for img, js in zip(df["image_path"], df["json_path"], strict=True)]
-    workers = max(1, min(workers or os.cpu_count() or 1, n))
-    bar = tqdm(total=n, desc=f"cache {size}px", unit="img", disable=not progress)
-    pool = None
     try:
-        if workers == 1:
-            results = map(_cache_item, jobs)
-        else:
-            pool = ProcessPoolExecutor(workers, get_context("spawn"), initializer=_worker_init)
-            results = pool.map(_cache_item, jobs, chunksize=4)
-        for i, (img, img_crc, poly, hw) in enumerate(results):
-            images[i], crc[i] = img, img_crc
-            polys.append(poly)
-            src_hw.append(hw)
-            bar.update()
-    except BaseException:
-        del images
+        tmp.mkdir()
+        _build_into(tmp, df, size, fingerprint, workers, progress, on_bad_image)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise CacheError(
+                f"cache {folder}: the disk is full ({e.strerror}); the partial cache was "
+                f"removed. Free {_gb(_cache_bytes(len(df), size))} in {folder.parent} "
+                "or set data.cache_dir to a disk with room"
+            ) from e
         raise
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    images.flush()
-    del images
-    np.save(tmp / "crc.npy", crc)
-    counts = np.array([p.offsets for p in polys], np.int64).reshape(n, NUM_CLASSES + 1)
-    starts = np.concatenate([[0], np.cumsum(counts[:, -1])[:-1]])
-    np.save(tmp / "offsets.npy", counts + starts[:, None])
-    np.save(tmp / "points.npy", np.concatenate([p.points for p in polys]))
-    index = df[["rel", "patient", "name"]].copy()
-    index["src_h"], index["src_w"] = zip(*src_hw, strict=True)
-    index.to_csv(tmp / "index.csv", index=False)
-    files = {
-        name: {"bytes": (tmp / name).stat().st_size, "hash": _file_hash(tmp / name)}
-        for name in (*_ARRAYS, "index.csv")
-    }
-    meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
-    (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=1))
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     if folder.exists():
         os.replace(folder, old)
@@ -269,20 +272,181 @@ def build_cache(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _worker_init() -> None:
+def _build_into(
+    tmp: Path,
+    df: pd.DataFrame,
+    size: int,
+    fingerprint: str,
+    workers: int | None,
+    progress: bool,
+    on_bad_image: str,
+) -> None:
+    """Write every file of the cache into ``tmp``; the workers are ended before it returns
+    or raises."""
+    n = len(df)
+    images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
+    _preallocate(tmp / "images.npy")  # a full disk fails here, not as a SIGBUS mid-write
+    crc = np.zeros(n, np.uint32)
+    polys: list[Polygons] = []
+    src_hw: list[tuple[int, int]] = []
+    kept: list[int] = []
+    skipped: list[str] = []
+    jobs = [(img, js, size) for img, js in zip(df["image_path"], df["json_path"], strict=True)]
+    workers = max(1, min(workers or os.cpu_count() or 1, n))
+    pool = None
+    with tqdm(total=n, desc=f"cache {size}px", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            results = map(_cache_item, jobs)
+        else:
+            pool = ProcessPoolExecutor(
+                workers, get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
+            )
+            results = pool.map(_cache_item, jobs, chunksize=4)
+        try:
+            for i, result in enumerate(results):
+                bar.update()
+                if isinstance(result, str):  # the problem of an unusable image
+                    if on_bad_image == "error":
+                        raise CacheError(
+                            f"{result}; run `python scripts/verify_data.py {_data_root(df)}` "
+                            "to list every problem (or set data.on_bad_image=skip)"
+                        )
+                    print(f"warning: skipping a training image: {result}", file=sys.stderr)
+                    skipped.append(result)
+                    continue
+                img, img_crc, poly, hw = result
+                images[len(kept)], crc[len(kept)] = img, img_crc
+                kept.append(i)
+                polys.append(poly)
+                src_hw.append(hw)
+        except BaseException:
+            if pool is not None:
+                _end_workers(pool)
+            raise
+        if pool is not None:
+            pool.shutdown()
+    if not kept:
+        raise CacheError(f"cache {tmp.parent}: every training image was skipped as unusable")
+    images.flush()
+    del images
+    n = len(kept)
+    if n < len(df):  # drop the skipped rows' room: rewrite the first n rows
+        full = np.load(tmp / "images.npy", mmap_mode="r")
+        np.save(tmp / "images.kept.npy", full[:n])
+        del full
+        os.replace(tmp / "images.kept.npy", tmp / "images.npy")
+    np.save(tmp / "crc.npy", crc[:n])
+    counts = np.array([p.offsets for p in polys], np.int64).reshape(n, NUM_CLASSES + 1)
+    starts = np.concatenate([[0], np.cumsum(counts[:, -1])[:-1]])
+    np.save(tmp / "offsets.npy", counts + starts[:, None])
+    np.save(tmp / "points.npy", np.concatenate([p.points for p in polys]))
+    index = df[["rel", "patient", "name"]].iloc[kept].copy()
+    index["src_h"], index["src_w"] = zip(*src_hw, strict=True)
+    index.to_csv(tmp / "index.csv", index=False)
+    files = {
+        name: {"bytes": (tmp / name).stat().st_size, "hash": _file_hash(tmp / name)}
+        for name in (*_ARRAYS, "index.csv")
+    }
+    meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
+    meta["skipped"] = skipped
+    (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=1))
+
+
+def check_free_space(folder: Path, n: int, size: int) -> None:
+    """Raise ``CacheError`` (how much is needed, where) when the disk holding ``folder``
+    cannot take a cache of ``n`` images at ``size``."""
+    need = _cache_bytes(n, size)
+    free = _free_bytes(folder.parent)
+    if free < need:
+        raise CacheError(
+            f"cache {folder}: needs {_gb(need)} for {n} images at {size} px, but only "
+            f"{_gb(free)} is free in {folder.parent}; free space there or set "
+            "data.cache_dir to a disk with room"
+        )
+
+
+def _cache_bytes(n: int, size: int) -> int:
+    return n * bytes_per_image(size) + (1 << 20)  # + headers, index, manifest
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the disk holding ``path`` (a function of its own: tests patch it)."""
+    return shutil.disk_usage(path).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _preallocate(path: Path) -> None:
+    """Reserve ``path``'s blocks now, so running out of disk raises ``OSError`` here
+    rather than a SIGBUS when a page of the memory map is first written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the filesystem cannot preallocate: the free-space check has to do
+    finally:
+        os.close(fd)
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: cancel queued work and kill the workers (their results are moot)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _data_root(df: pd.DataFrame) -> Path:
+    """The data root of a training table (``<root>/train/DCM/<rel>``)."""
+    first = Path(df["image_path"].iloc[0])
+    return first.parents[len(Path(df["rel"].iloc[0]).parts) + 1]
+
+
+def _worker_init(parent: int) -> None:
     # One thread per process: the pool already uses every core.
     cv2.setNumThreads(1)
     import numba
 
     numba.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _cache_item(job: tuple[str, str, int]) -> tuple[np.ndarray, int, Polygons, tuple]:
+def _exit_with_parent(parent: int, every: float = 0.2) -> None:
+    """Exit this worker as soon as ``parent`` is gone (killed with -9, the pool never says
+    so; a worker left behind holds ~0.8 GB for good). Polling ``getppid`` works on every
+    POSIX system, unlike ``PR_SET_PDEATHSIG``, which also fires when the parent *thread*
+    that spawned the worker ends."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
+
+
+def _cache_item(job: tuple[str, str, int]) -> tuple[np.ndarray, int, Polygons, tuple] | str:
+    """One training image at ``size`` with its polygons and source size, or, when the PNG
+    or JSON is unusable, the problem as one line naming both files and the PNG's size."""
     image_path, json_path, size = job
-    img = read_image(image_path)
-    hw = img.shape[:2]
+    try:
+        img = read_image(image_path)
+        hw = img.shape[:2]
+        doc = read_json(json_path)
+    except (ImageReadError, AnnotationError) as e:
+        return str(e)
+    problems = check_annotation(doc, hw)  # labels, points, and inside the PNG's frame
+    if problems:
+        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+        return (
+            f"{json_path}: " + "; ".join(problems[:2]) + more
+            + f" (its image {image_path} is {hw[1]}x{hw[0]} px)"
+        )  # fmt: skip
     small = np.ascontiguousarray(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
-    return small, zlib.crc32(small), load_annotation(json_path), hw
+    return small, zlib.crc32(small), parse_annotation(doc, json_path), hw
 
 
 def _file_hash(path: Path, chunk: int = 1 << 24) -> str:

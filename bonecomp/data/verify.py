@@ -1,8 +1,8 @@
 """Integrity check of a data root: every problem, each with its file, reported together.
 
 Read-only. Checks the layout (pairs, two images per patient, duplicate stems across
-patients), every PNG (decodes, complete, same size as the others) and every annotation
-(see ``annotations.check_annotation``).
+patients, a test folder with images), every PNG (decodes, complete, same size as the
+others) and every annotation (see ``annotations.check_annotation``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
     splits = [s for s in ("train", "test") if (root / s / "DCM").is_dir()]
     if "train" not in splits:
         report.problems.append(Problem(str(root / "train" / "DCM"), f"missing. {PHANTOM_HINT}"))
+    test_dcm = root / "test" / "DCM"
+    if "test" not in splits:
+        report.problems.append(Problem(str(test_dcm), "missing (the test images to predict)"))
+    elif not find_images(root, "test"):
+        report.problems.append(Problem(str(test_dcm), "holds no PNG images (expected ID*/*.png)"))
     jdir = root / "train" / "outputs_json"
     if "train" in splits and not jdir.is_dir():
         report.problems.append(Problem(str(jdir), "missing (training annotations)"))

@@ -65,8 +65,12 @@ def prepare_cache(
     result = None
     for turn in ("main", "others"):
         if (turn == "main") == dd.main:
-            folds = load_or_make_folds(table, fpath, cfg.data.n_splits, cfg.data.fold_seed)
-            result = folds, open_cache(table, cache_dir, cfg.data.image_size, progress=progress)
+            d = cfg.data
+            cache = open_cache(
+                table, cache_dir, d.image_size, progress=progress, on_bad_image=d.on_bad_image
+            )
+            table = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
+            result = load_or_make_folds(table, fpath, d.n_splits, d.fold_seed), cache
         dd.barrier()
     assert result is not None
     return result
