@@ -26,6 +26,7 @@ from bonecomp.fileio import remove_stale_temps, temp_path
 from bonecomp.metrics import DiceTable, dice_from_counts, summarize
 
 HEADER = ("image_name", "class", "rle")
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors put at the start of a CSV
 
 
 class SubmissionError(ValueError):
@@ -104,8 +105,12 @@ def write_submission(path: Path | str, rows: Sequence[tuple[str, Sequence[str]]]
 # ---------------------------------------------------------------------------- validation
 @dataclass
 class CheckReport:
+    """``problems`` make the file invalid; ``warnings`` are legal but probably mistakes
+    (a class never predicted, a byte-order mark)."""
+
     path: Path
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     rows: int = 0
     images: int = 0
     empty: int = 0
@@ -117,12 +122,22 @@ class CheckReport:
     def summary(self) -> str:
         if not self.ok:
             return f"INVALID {self.path}: {len(self.problems)} problem(s)"
-        return f"OK {self.path}: {self.rows} rows, {self.images} images, {self.empty} empty masks"
+        warned = f", {len(self.warnings)} warning(s)" if self.warnings else ""
+        return (
+            f"OK {self.path}: {self.rows} rows, {self.images} images, {self.empty} empty "
+            f"masks{warned}"
+        )
 
 
 def read_submission(path: Path | str) -> pd.DataFrame:
-    """The CSV as strings; an empty RLE field stays "" (pandas would make it NaN)."""
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    """The CSV as strings; an empty RLE field stays "" (pandas would make it NaN).
+
+    A leading UTF-8 byte-order mark is dropped explicitly (``utf-8-sig``), as pandas-based
+    graders do; ``validate_submission`` warns about it.
+    """
+    return pd.read_csv(
+        path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
+    )
 
 
 def validate_submission(
@@ -136,10 +151,24 @@ def validate_submission(
     Every problem is reported with its line number (the header is line 1): header,
     row count, image names and their order, class order, duplicate rows, malformed RLE
     or runs outside the image (``shapes``: one (H, W) or one per image).
+
+    Warnings, which leave the file valid: a leading UTF-8 byte-order mark (accepted: the
+    header is read without it), a class whose every mask is empty, a file whose every
+    mask is empty.
     """
     path = Path(path)
     report = CheckReport(path)
     add = report.problems.append
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(BOM)) == BOM:
+                report.warnings.append(
+                    "the file starts with a UTF-8 byte-order mark (BOM): accepted, the header "
+                    "is read without it, but a grader reading raw bytes may not; save it as "
+                    "UTF-8 without BOM"
+                )
+    except OSError:
+        pass  # reported below as "cannot read CSV"
     try:
         df = read_submission(path)
     except (OSError, ValueError, pd.errors.ParserError) as e:
@@ -158,6 +187,7 @@ def validate_submission(
     per_image = isinstance(shapes, list)
     names, classes, rles = df["image_name"].tolist(), df["class"].tolist(), df["rle"].tolist()
     dup = df.duplicated(["image_name", "class"], keep="first").to_numpy()
+    seen, empty = np.zeros(NUM_CLASSES, int), np.zeros(NUM_CLASSES, int)  # per class
     for i, (name, cls, code) in enumerate(zip(names, classes, rles, strict=True)):
         if len(report.problems) >= max_problems:
             add(f"... stopped after {max_problems} problems")
@@ -177,12 +207,30 @@ def validate_submission(
             add(f"line {line}: bad RLE for {name} {cls}: {e}")
             continue
         report.empty += len(starts) == 0
+        if cls == CLASSES[c]:
+            seen[c] += 1
+            empty[c] += len(starts) == 0
     report.images = len(dict.fromkeys(names))
     present = set(names)
     missing = [n for n in image_names if n not in present]
     if missing:
         add(f"{len(missing)} test image(s) have no rows, e.g. {missing[:3]}")
+    _warn_empty(report, seen, empty)
     return report
+
+
+def _warn_empty(report: CheckReport, seen: np.ndarray, empty: np.ndarray) -> None:
+    """Legal but suspicious: a class never predicted (or nothing predicted at all)."""
+    if report.rows and report.empty == report.rows:
+        report.warnings.append(
+            f"every mask in the file is empty ({report.rows} rows): the model predicted "
+            "nothing; check the checkpoint and the thresholds"
+        )
+        return
+    for c in np.flatnonzero((seen > 0) & (empty == seen)):
+        report.warnings.append(
+            f"class {CLASSES[c]}: every mask is empty ({seen[c]} images); check its threshold"
+        )
 
 
 # ---------------------------------------------------------------------------- scoring
