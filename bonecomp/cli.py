@@ -20,6 +20,7 @@ from bonecomp.data.folds import FoldsError
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
 from bonecomp.engine import NonFiniteLossError
+from bonecomp.fileio import OutputError
 from bonecomp.models.weights import WeightsError
 from bonecomp.runs import RunError
 from bonecomp.submission import SubmissionError
@@ -30,7 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 # Mistakes in the user's data, config or files: one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataLayoutError, RunError, CheckpointError, FoldsError, AnnotationError,
-    ImageReadError, WeightsError, NonFiniteLossError, CacheError,
+    ImageReadError, WeightsError, NonFiniteLossError, CacheError, OutputError,
 )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonecomp.config import Config
+from bonecomp.fileio import output_errors
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.csv"
@@ -71,14 +72,17 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold this fold's lock; a second process training it is refused at once."""
-        self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / LOCK
+        with output_errors(path):
+            self.path.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
         except ImportError:  # Windows: no lock
             yield
             return
-        with open(path, "a+") as f:
+        with output_errors(path):
+            f = open(path, "a+")  # noqa: SIM115 - closed by the with below
+        with f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

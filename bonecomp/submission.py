@@ -7,6 +7,7 @@ order, each with 29 consecutive rows in class order; bare file names; RLE as in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.annotations import AnnotationError, load_annotation
 from bonecomp.data.layout import find_jsons
 from bonecomp.data.rasterize import class_crop
-from bonecomp.fileio import remove_stale_temps, temp_path
+from bonecomp.fileio import output_errors, remove_stale_temps, temp_path
 from bonecomp.metrics import DiceTable, dice_from_counts, summarize
 
 HEADER = ("image_name", "class", "rle")
@@ -37,25 +38,35 @@ class SubmissionWriter:
     """Streams rows to a temporary file and renames it into place on ``close``.
 
     Used as a context manager: if the block raises, the temporary file is removed and no
-    file appears under the final name.
+    file appears under the final name. A read-only folder or a full disk raises
+    ``fileio.OutputError`` naming the folder, and removes the temporary file.
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path.parent)  # left by a killed run
         self.tmp = temp_path(self.path)
-        self._f = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()/abort()
+        with output_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path.parent)  # left by a killed run
+            self._f = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()/abort()
         self._w = csv.writer(self._f, lineterminator="\n")
-        self._w.writerow(HEADER)
         self.rows = 0
         self.report: CheckReport | None = None
+        self._write([HEADER])
+
+    def _write(self, rows) -> None:
+        try:
+            with output_errors(self.path):
+                self._w.writerows(rows)
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, image_name: str, rles: Sequence[str]) -> None:
         """The 29 rows of one image, ``rles`` in class order."""
         if len(rles) != NUM_CLASSES:
             raise ValueError(f"{image_name}: {len(rles)} RLE strings, expected {NUM_CLASSES}")
-        self._w.writerows((image_name, name, r) for name, r in zip(CLASSES, rles, strict=True))
+        self._write((image_name, name, r) for name, r in zip(CLASSES, rles, strict=True))
         self.rows += NUM_CLASSES
 
     def close(self, check: Callable[[Path], CheckReport] | None = None) -> Path:
@@ -65,9 +76,14 @@ class SubmissionWriter:
         kept as ``<name>.invalid.csv`` (never under the final, uploadable name) and
         ``SubmissionError`` lists its problems.
         """
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            with output_errors(self.path):
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+        except BaseException:
+            self.abort()
+            raise
         report = self.report = check(self.tmp) if check else None
         if report is not None and not report.ok:
             bad = self.path.with_suffix(".invalid.csv")
@@ -81,7 +97,9 @@ class SubmissionWriter:
         return self.path
 
     def abort(self) -> None:
-        self._f.close()
+        """Close and remove the temporary file (a full disk may fail the close: ignored)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> SubmissionWriter:
