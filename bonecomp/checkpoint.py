@@ -7,10 +7,14 @@ see ``inference.thresholds``.)
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bonecomp.classes import CLASSES
 from bonecomp.fileio import atomic_write
@@ -29,16 +33,94 @@ def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check a checkpoint (tensors and plain Python only: ``weights_only=True``)."""
+    """Load and check a checkpoint (tensors and plain Python only: ``weights_only=True``).
+
+    Any file that is not a usable bonecomp checkpoint raises ``CheckpointError``: one
+    line naming the file and what is wrong with it (torch's own multi-paragraph text,
+    which suggests ``weights_only=False``, never reaches the user).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    problem = _container_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load checkpoint ({e})") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
+    except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
+        raise CheckpointError(
+            f"{path}: damaged checkpoint ({_first_line(e)}); copy or save it again"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a bonecomp checkpoint")
+        what = "a plain state_dict" if _is_state_dict(ckpt) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(
+            f"{path}: not a bonecomp checkpoint ({what} without its config); use a best.pt or "
+            "last.pt written by scripts/train.py"
+        )
+    missing = [k for k in ("config", "model", "input_size") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: bonecomp checkpoint without {', '.join(missing)}")
     if list(ckpt.get("classes", [])) != list(CLASSES):
         raise CheckpointError(f"{path}: class list differs from this version's 29 classes")
     return ckpt
+
+
+def load_weights(
+    model: nn.Module, state_dict: dict, path: Path | str, what: str = "weights"
+) -> None:
+    """``model.load_state_dict`` whose failure names the checkpoint in one line (torch
+    lists every key that differs, often hundreds of lines)."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        own = model.state_dict()
+        missing = len(own.keys() - state_dict.keys())
+        unexpected = len(state_dict.keys() - own.keys())
+        shape = sum(
+            1
+            for k in own.keys() & state_dict.keys()
+            if getattr(state_dict[k], "shape", None) != own[k].shape
+        )
+        raise CheckpointError(
+            f"{path}: its {what} do not fit the model its own config describes ({missing} "
+            f"missing, {unexpected} unexpected, {shape} of another shape); the file is damaged "
+            "or was edited"
+        ) from e
+
+
+def _container_problem(path: Path) -> str | None:
+    """What is wrong with the file as a container, before unpickling anything."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "empty file (0 bytes): not a checkpoint; save or copy it again"
+    if zipfile.is_zipfile(path):
+        return None
+    if head == b"PK\x03\x04":
+        return "truncated or damaged checkpoint (incomplete zip archive); copy or save it again"
+    return "not a PyTorch checkpoint (unknown bytes, not the zip archive torch.save writes)"
+
+
+def _unsafe_reason(error: Exception) -> str:
+    """The unpickler's refusal as one line, without torch's ``weights_only=False`` advice."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(error))
+    found = f" ({m.group(1)})" if m else ""
+    return (
+        f"holds Python objects other than tensors and plain data{found}: refused, since "
+        "loading it could run arbitrary code; bonecomp checkpoints never hold such objects"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )

@@ -20,6 +20,7 @@ from bonecomp.data.folds import FoldsError
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
 from bonecomp.engine import NonFiniteLossError
+from bonecomp.fileio import OutputError
 from bonecomp.memory import BatchMemoryError
 from bonecomp.models.weights import WeightsError
 from bonecomp.runs import RunError
@@ -32,6 +33,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataLayoutError, RunError, CheckpointError, FoldsError, AnnotationError,
     ImageReadError, WeightsError, NonFiniteLossError, CacheError, BatchMemoryError,
+    OutputError,
 )  # fmt: skip
 
 

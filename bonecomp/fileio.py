@@ -5,11 +5,15 @@ configs, CSVs) goes through ``atomic_write``: the content is written to a hidden
 temporary file beside the target (``.<name>.tmp-<pid>``), flushed to disk and renamed
 over the target. The pid in the name lets a later run find and remove the leftovers of a
 process that died (``remove_stale_temps``).
+
+A folder the pipeline cannot write to (read-only, no permission, disk full) is reported
+in one place, ``output_errors``: an ``OutputError`` naming the folder and the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -18,6 +22,35 @@ from pathlib import Path
 from typing import IO
 
 _TMP = re.compile(r"^\..+\.tmp-(\d+)$")
+
+# errno -> what the user is told about the folder.
+_CAUSES = {
+    errno.EROFS: "is on a read-only file system",
+    errno.EACCES: "is read-only (no permission to write there)",
+    errno.EPERM: "is read-only (no permission to write there)",
+    errno.ENOSPC: "is on a full disk (no space left)",
+    errno.EDQUOT: "is on a full disk (disk quota exceeded)",
+}
+
+
+class OutputError(Exception):
+    """An output folder that cannot be written; the message names it and the cause."""
+
+
+@contextlib.contextmanager
+def output_errors(path: Path | str) -> Iterator[None]:
+    """Turn 'read-only' and 'disk full' ``OSError``s raised while writing the file ``path``
+    (or making its folder) into one ``OutputError`` naming the folder; others pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _CAUSES:
+            raise
+        path = Path(path)
+        raise OutputError(
+            f"cannot write {path.name} in {path.parent}: the folder {_CAUSES[e.errno]}; "
+            "free space or fix its permissions, or write elsewhere"
+        ) from e
 
 
 def temp_path(path: Path | str) -> Path:
@@ -30,21 +63,29 @@ def temp_path(path: Path | str) -> Path:
 def atomic_write(path: Path | str, mode: str = "w", **open_kw) -> Iterator[IO]:
     """Open a temporary file for writing; on success fsync it and rename it to ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was; a
+    read-only folder or a full disk raises ``OutputError`` naming the folder.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    try:
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(tmp, mode, **open_kw)  # noqa: SIM115 - closed below, even on errors
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            except BaseException:
+                with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+                    f.close()
+                raise
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path | str, text: str) -> Path:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bonecomp.config import Config
+from bonecomp.fileio import output_errors, pid_alive
 
 CONFIG = "config.yaml"
 SUMMARY = "summary.csv"
@@ -74,17 +76,18 @@ class RunDir:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold this fold's lock; a second process training it is refused at once."""
-        self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / LOCK
+        with output_errors(path):
+            self.path.mkdir(parents=True, exist_ok=True)
         try:
             import fcntl
         except ImportError:  # Windows: no lock
             yield
             return
-        with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with output_errors(path):
+            f = open(path, "a+")  # noqa: SIM115 - closed by the with below
+        with f:
+            if not _flock(f, fcntl):
                 f.seek(0)
                 holder = f.read().strip() or "another process"
                 raise RunError(
@@ -101,6 +104,23 @@ class RunDir:
                 f.seek(0)
                 f.truncate()
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _flock(f, fcntl, grace_s: float = 15.0) -> bool:
+    """Take the lock; False when a live process holds it. A process killed with SIGKILL
+    leaves its forked DataLoader workers holding it until their parent watchdog stops
+    them (a few seconds): when the recorded pid is dead, wait for them up to ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip().removeprefix("pid ")
+            if not pid.isdigit() or pid_alive(int(pid)) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
 
 
 def runs_root(cfg: Config) -> Path:

@@ -7,6 +7,7 @@ order, each with 29 consecutive rows in class order; bare file names; RLE as in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections.abc import Callable, Sequence
@@ -22,10 +23,11 @@ from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.annotations import AnnotationError, load_annotation
 from bonecomp.data.layout import find_jsons
 from bonecomp.data.rasterize import class_crop
-from bonecomp.fileio import remove_stale_temps, temp_path
+from bonecomp.fileio import output_errors, remove_stale_temps, temp_path
 from bonecomp.metrics import DiceTable, dice_from_counts, summarize
 
 HEADER = ("image_name", "class", "rle")
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors put at the start of a CSV
 
 
 class SubmissionError(ValueError):
@@ -36,25 +38,35 @@ class SubmissionWriter:
     """Streams rows to a temporary file and renames it into place on ``close``.
 
     Used as a context manager: if the block raises, the temporary file is removed and no
-    file appears under the final name.
+    file appears under the final name. A read-only folder or a full disk raises
+    ``fileio.OutputError`` naming the folder, and removes the temporary file.
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.path.parent)  # left by a killed run
         self.tmp = temp_path(self.path)
-        self._f = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()/abort()
+        with output_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path.parent)  # left by a killed run
+            self._f = open(self.tmp, "w", newline="")  # noqa: SIM115 - closed in close()/abort()
         self._w = csv.writer(self._f, lineterminator="\n")
-        self._w.writerow(HEADER)
         self.rows = 0
         self.report: CheckReport | None = None
+        self._write([HEADER])
+
+    def _write(self, rows) -> None:
+        try:
+            with output_errors(self.path):
+                self._w.writerows(rows)
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, image_name: str, rles: Sequence[str]) -> None:
         """The 29 rows of one image, ``rles`` in class order."""
         if len(rles) != NUM_CLASSES:
             raise ValueError(f"{image_name}: {len(rles)} RLE strings, expected {NUM_CLASSES}")
-        self._w.writerows((image_name, name, r) for name, r in zip(CLASSES, rles, strict=True))
+        self._write((image_name, name, r) for name, r in zip(CLASSES, rles, strict=True))
         self.rows += NUM_CLASSES
 
     def close(self, check: Callable[[Path], CheckReport] | None = None) -> Path:
@@ -64,9 +76,14 @@ class SubmissionWriter:
         kept as ``<name>.invalid.csv`` (never under the final, uploadable name) and
         ``SubmissionError`` lists its problems.
         """
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        try:
+            with output_errors(self.path):
+                self._f.flush()
+                os.fsync(self._f.fileno())
+                self._f.close()
+        except BaseException:
+            self.abort()
+            raise
         report = self.report = check(self.tmp) if check else None
         if report is not None and not report.ok:
             bad = self.path.with_suffix(".invalid.csv")
@@ -80,7 +97,9 @@ class SubmissionWriter:
         return self.path
 
     def abort(self) -> None:
-        self._f.close()
+        """Close and remove the temporary file (a full disk may fail the close: ignored)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> SubmissionWriter:
@@ -104,8 +123,12 @@ def write_submission(path: Path | str, rows: Sequence[tuple[str, Sequence[str]]]
 # ---------------------------------------------------------------------------- validation
 @dataclass
 class CheckReport:
+    """``problems`` make the file invalid; ``warnings`` are legal but probably mistakes
+    (a class never predicted, a byte-order mark)."""
+
     path: Path
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     rows: int = 0
     images: int = 0
     empty: int = 0
@@ -117,12 +140,22 @@ class CheckReport:
     def summary(self) -> str:
         if not self.ok:
             return f"INVALID {self.path}: {len(self.problems)} problem(s)"
-        return f"OK {self.path}: {self.rows} rows, {self.images} images, {self.empty} empty masks"
+        warned = f", {len(self.warnings)} warning(s)" if self.warnings else ""
+        return (
+            f"OK {self.path}: {self.rows} rows, {self.images} images, {self.empty} empty "
+            f"masks{warned}"
+        )
 
 
 def read_submission(path: Path | str) -> pd.DataFrame:
-    """The CSV as strings; an empty RLE field stays "" (pandas would make it NaN)."""
-    return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    """The CSV as strings; an empty RLE field stays "" (pandas would make it NaN).
+
+    A leading UTF-8 byte-order mark is dropped explicitly (``utf-8-sig``), as pandas-based
+    graders do; ``validate_submission`` warns about it.
+    """
+    return pd.read_csv(
+        path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
+    )
 
 
 def validate_submission(
@@ -136,10 +169,24 @@ def validate_submission(
     Every problem is reported with its line number (the header is line 1): header,
     row count, image names and their order, class order, duplicate rows, malformed RLE
     or runs outside the image (``shapes``: one (H, W) or one per image).
+
+    Warnings, which leave the file valid: a leading UTF-8 byte-order mark (accepted: the
+    header is read without it), a class whose every mask is empty, a file whose every
+    mask is empty.
     """
     path = Path(path)
     report = CheckReport(path)
     add = report.problems.append
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(BOM)) == BOM:
+                report.warnings.append(
+                    "the file starts with a UTF-8 byte-order mark (BOM): accepted, the header "
+                    "is read without it, but a grader reading raw bytes may not; save it as "
+                    "UTF-8 without BOM"
+                )
+    except OSError:
+        pass  # reported below as "cannot read CSV"
     try:
         df = read_submission(path)
     except (OSError, ValueError, pd.errors.ParserError) as e:
@@ -158,6 +205,7 @@ def validate_submission(
     per_image = isinstance(shapes, list)
     names, classes, rles = df["image_name"].tolist(), df["class"].tolist(), df["rle"].tolist()
     dup = df.duplicated(["image_name", "class"], keep="first").to_numpy()
+    seen, empty = np.zeros(NUM_CLASSES, int), np.zeros(NUM_CLASSES, int)  # per class
     for i, (name, cls, code) in enumerate(zip(names, classes, rles, strict=True)):
         if len(report.problems) >= max_problems:
             add(f"... stopped after {max_problems} problems")
@@ -177,12 +225,30 @@ def validate_submission(
             add(f"line {line}: bad RLE for {name} {cls}: {e}")
             continue
         report.empty += len(starts) == 0
+        if cls == CLASSES[c]:
+            seen[c] += 1
+            empty[c] += len(starts) == 0
     report.images = len(dict.fromkeys(names))
     present = set(names)
     missing = [n for n in image_names if n not in present]
     if missing:
         add(f"{len(missing)} test image(s) have no rows, e.g. {missing[:3]}")
+    _warn_empty(report, seen, empty)
     return report
+
+
+def _warn_empty(report: CheckReport, seen: np.ndarray, empty: np.ndarray) -> None:
+    """Legal but suspicious: a class never predicted (or nothing predicted at all)."""
+    if report.rows and report.empty == report.rows:
+        report.warnings.append(
+            f"every mask in the file is empty ({report.rows} rows): the model predicted "
+            "nothing; check the checkpoint and the thresholds"
+        )
+        return
+    for c in np.flatnonzero((seen > 0) & (empty == seen)):
+        report.warnings.append(
+            f"class {CLASSES[c]}: every mask is empty ({seen[c]} images); check its threshold"
+        )
 
 
 # ---------------------------------------------------------------------------- scoring

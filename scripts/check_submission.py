@@ -33,6 +33,8 @@ def check(args) -> int:
     report = validate_submission(args.csv, test["name"].tolist(), list(shapes.values()))
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     print(report.summary())
     if not report.ok:
         return 1

@@ -145,3 +145,63 @@ def test_scorer_refuses_rows_out_of_order(tiny_root, tmp_path):
     df.to_csv(path, index=False)
     with pytest.raises(SubmissionError, match="class order"):
         score_submission(path, tiny_root / "test_labels", (128, 128), progress=False)
+
+
+# ------------------------------------------------------------- warnings (valid files)
+def _check_script(csv, tiny_root, capsys) -> tuple[int, str]:
+    import sys
+
+    from bonecomp.testing import REPO
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import check_submission
+
+    code = check_submission.main([str(csv), "--data", str(tiny_root)])
+    return code, capsys.readouterr().out
+
+
+def _test_rows(tiny_root, fill="1 3", empty_classes=()):
+    names = discover(tiny_root, "test")["name"].tolist()
+    rles = ["" if c in empty_classes else fill for c in CLASSES]
+    return [(n, rles) for n in names]
+
+
+def test_a_class_never_predicted_is_a_warning_not_a_failure(tiny_root, tmp_path, capsys):
+    csv = write_submission(tmp_path / "s.csv", _test_rows(tiny_root, empty_classes={"Pisiform"}))
+    code, out = _check_script(csv, tiny_root, capsys)
+    assert code == 0, out
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert warnings == [
+        "warning: class Pisiform: every mask is empty (4 images); check its threshold"
+    ]
+    assert "OK" in out and "1 warning(s)" in out
+
+
+def test_a_file_of_empty_masks_is_one_warning(tiny_root, tmp_path, capsys):
+    csv = write_submission(tmp_path / "s.csv", _test_rows(tiny_root, fill=""))
+    code, out = _check_script(csv, tiny_root, capsys)
+    assert code == 0, out
+    warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "every mask in the file is empty (116 rows)" in warnings[0]
+
+
+def test_a_byte_order_mark_is_accepted_with_a_warning(tiny_root, tmp_path, capsys):
+    csv = write_submission(tmp_path / "s.csv", _test_rows(tiny_root))
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())
+    names = discover(tiny_root, "test")["name"].tolist()
+    report = validate_submission(csv, names, (128, 128))
+    assert report.ok, report.problems  # the header is read without the BOM
+    assert len(report.warnings) == 1 and "byte-order mark (BOM): accepted" in report.warnings[0]
+    code, out = _check_script(csv, tiny_root, capsys)
+    assert code == 0 and "warning: the file starts with a UTF-8 byte-order mark" in out
+    # ...and only the BOM is dropped: a wrong header behind it is still a problem.
+    csv.write_bytes(csv.read_bytes().replace(b"image_name", b"image", 1))
+    report = validate_submission(csv, names, (128, 128))
+    assert any("header 'image,class,rle'" in p for p in report.problems), report.problems
+
+
+def test_a_clean_file_has_no_warnings(tmp_path):
+    report = validate_submission(
+        write_submission(tmp_path / "s.csv", _rows(fill="1 3")), NAMES, SHAPE
+    )
+    assert report.ok and report.warnings == []

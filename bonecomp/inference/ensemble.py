@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bonecomp.checkpoint import load_checkpoint
+from bonecomp.checkpoint import load_checkpoint, load_weights
 from bonecomp.config import config_from_saved
 from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.inference.sliding import sliding_window
@@ -43,7 +43,7 @@ def load_member(
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
     cfg.model.init_bias = None
     model = create_model(cfg.model)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     device = torch.device(device)
     nhwc = resolve_channels_last("auto", device)
     fmt = torch.channels_last if nhwc else torch.contiguous_format

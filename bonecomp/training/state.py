@@ -16,7 +16,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from bonecomp.checkpoint import load_checkpoint, save_checkpoint
+from bonecomp.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, config_from_saved, to_dict
 from bonecomp.device import amp_dtype, resolve_channels_last
@@ -149,7 +149,7 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
     """Restore ``last.pt`` into ``state``; the best score comes from ``best.pt`` itself
     (a kill while ``last.pt`` was being saved must not let a worse model replace it)."""
     ckpt = load_checkpoint(run.last, device)
-    state.model.load_state_dict(ckpt["model"])
+    load_weights(state.model, ckpt["model"], run.last)
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):

@@ -1,0 +1,162 @@
+"""Real processes killed with SIGKILL (training, a checkpoint save, inference); the next
+run recovers: finished files valid, nothing partial under a final name, no leftovers,
+no orphan process of the killed run.
+
+The scripts run through a small wrapper written by ``_wrapper``: with ``FAULT=slow-save``
+it makes the second ``last.pt`` save hang after writing, with ``FAULT=slow-infer`` each
+submission row block hang, so a kill lands inside them. The library reads no test variable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from bonecomp.checkpoint import load_checkpoint
+from bonecomp.data.layout import discover
+from bonecomp.submission import validate_submission
+from bonecomp.testing import DEMO_CONFIG, REPO, tiny_overrides
+
+WRAPPER = """
+import os, sys, time
+sys.path.insert(0, {scripts!r})
+fault = os.environ.get("FAULT", "")
+if fault == "slow-save":
+    import torch
+    real, saves = torch.save, []
+    def slow(obj, f, *args, **kwargs):
+        real(obj, f, *args, **kwargs)
+        if "last.pt" in str(getattr(f, "name", "")):
+            saves.append(1)
+            if len(saves) == 2:  # epoch 1's last.pt: epoch 0's is already in place
+                f.flush()
+                time.sleep(120)
+    torch.save = slow
+if fault == "slow-infer":
+    from bonecomp import submission
+    add = submission.SubmissionWriter.add
+    def slow_add(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        time.sleep(120)
+    submission.SubmissionWriter.add = slow_add
+if __name__ == "__main__":  # worker processes (spawn) re-import this file
+    import {script} as script
+    sys.exit(script.main(sys.argv[1:]))
+"""
+
+
+def _wrapper(tmp_path: Path, script: str) -> Path:
+    path = tmp_path / f"run_{script}.py"
+    path.write_text(WRAPPER.format(scripts=str(REPO / "scripts"), script=script))
+    return path
+
+
+def _start(tmp_path: Path, script: str, args: list[str], fault: str = "") -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FAULT": fault}
+    cmd = [sys.executable, str(_wrapper(tmp_path, script)), *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path
+    )
+
+
+def _wait_for(proc: subprocess.Popen, found, timeout: float = 240) -> None:
+    t0 = time.monotonic()
+    while not found():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the process")
+        time.sleep(0.05)
+
+
+def _kill9(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _no_orphans(marker: str, timeout: float = 20) -> None:
+    """No process of the killed run (its DataLoader workers share its command line)."""
+    t0 = time.monotonic()
+    while True:
+        table = subprocess.run(["ps", "-eo", "pid,ppid,cmd"], capture_output=True, text=True)
+        left = [ln for ln in table.stdout.splitlines() if marker in ln and "ps -eo" not in ln]
+        if not left:
+            return
+        assert time.monotonic() - t0 < timeout, f"orphan processes: {left}"
+        time.sleep(0.5)
+
+
+def _temps(folder: Path) -> list[Path]:
+    return list(folder.rglob(".*.tmp-*"))
+
+
+def _train_args(tiny_root: Path, tmp_path: Path, resume: bool = False) -> list[str]:
+    args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet", *(["--resume"] * resume)]
+    extra = {"train.epochs": 3, "data.num_workers": 2}
+    return args + tiny_overrides(tiny_root, tmp_path, **extra)
+
+
+def _resume_and_check(tiny_root: Path, tmp_path: Path, run: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(_wrapper(tmp_path, "train")), *_train_args(tiny_root, tmp_path, True)],
+        env={**os.environ, "PYTHONPATH": str(REPO), "FAULT": ""},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = pd.read_csv(run / "summary.csv")
+    assert summary["epoch"].tolist() == [0, 1, 2]  # each epoch once, in order
+    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    load_checkpoint(run / "best.pt")
+    assert _temps(run) == []
+
+
+def test_kill9_during_training_then_resume(tiny_root, tmp_path):
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    proc = _start(tmp_path, "train", _train_args(tiny_root, tmp_path))
+    _wait_for(proc, (run / "last.pt").is_file)
+    _kill9(proc)
+    _no_orphans(str(tmp_path))
+    _resume_and_check(tiny_root, tmp_path, run)
+
+
+def test_kill9_during_a_checkpoint_save_then_resume(tiny_root, tmp_path):
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    proc = _start(tmp_path, "train", _train_args(tiny_root, tmp_path), fault="slow-save")
+    _wait_for(proc, lambda: (run / "last.pt").is_file() and any(run.glob(".last.pt.tmp-*")))
+    _kill9(proc)
+    _no_orphans(str(tmp_path))
+    assert [p.name for p in _temps(run)] == [f".last.pt.tmp-{proc.pid}"]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0  # the final name is whole
+    _resume_and_check(tiny_root, tmp_path, run)
+
+
+def test_kill9_during_inference_then_the_next_run_recovers(tiny_root, tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_checkpoint import _ours
+
+    ckpt = _ours(tmp_path / "model.pt", tiny_root, tmp_path)
+    out = tmp_path / "subs" / "final.csv"
+    args = ["--checkpoints", str(ckpt), "--config", str(DEMO_CONFIG), "--out", str(out)]
+    args += ["--quiet", *tiny_overrides(tiny_root, tmp_path)]
+    proc = _start(tmp_path, "infer", args, fault="slow-infer")
+    _wait_for(proc, lambda: (out.parent / f".final.csv.tmp-{proc.pid}").is_file())
+    _kill9(proc)
+    _no_orphans(str(tmp_path))
+    assert not out.exists()  # nothing partial under the final name
+    again = _start(tmp_path, "infer", args)
+    assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
+    assert _temps(out.parent) == []  # the killed run's leftover removed
+    test = discover(tiny_root, "test")
+    report = validate_submission(out, test["name"].tolist(), (128, 128))
+    assert report.ok, report.problems
