@@ -35,6 +35,7 @@ from bonecomp.fileio import write_text
 from bonecomp.inference.thresholds import grid_dice, oof_items, read_thresholds
 from bonecomp.runs import (
     RunDir,
+    RunError,
     ensemble_members,
     ensemble_report_path,
     report_path,
@@ -218,7 +219,7 @@ def experiment_view(
     ]
     runs = sorted((r for r in runs if folds is None or r.fold in folds), key=lambda r: r.fold)
     if not runs:
-        raise FileNotFoundError(
+        raise RunError(
             f"{experiment_dir}: no trained fold (fold<k>/dice_per_class.csv); train first: "
             "python scripts/train.py --fold 0"
         )
