@@ -251,7 +251,7 @@ def experiment_view(
         worst = ", ".join(f"{CLASSES[c]} {d[c]:.3f}" for c in weak)
         caption = f"fold {fold}, {im.rel}: mean Dice {d.mean():.4f}; {worst}"
         scale = min(1.0, size / max(im.hw))
-        view.worst.append(Picture(_png_uri(im.picture(weak, scale)), caption))
+        view.worst.append(Picture(_png_uri(im.picture(weak, scale, dim=0.5)), caption))
     cfg = _saved_config(with_oof[0])
     tpath = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
     if thresholds and tpath.is_file():

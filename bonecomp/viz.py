@@ -75,15 +75,19 @@ def overlay(
     truth: np.ndarray | None = None,
     classes: list[int] | None = None,
     scale: float = 0.5,
+    dim: float = 1.0,
 ) -> np.ndarray:
     """BGR picture of a grey image with class outlines: prediction in the class colour
     (labelled), truth thin white, so misses and spills stand out.
 
-    ``pred``/``truth`` are (C, H, W) masks at the image's size; ``classes`` limits the
-    classes drawn; ``scale`` resizes the picture (2048 px is large).
+    ``pred``/``truth`` are (C, H, W) masks at the image's size (or at the picture's);
+    ``classes`` limits the classes drawn; ``scale`` resizes the picture (2048 px is
+    large); ``dim`` < 1 darkens the image so white truth outlines show on bright bone.
     """
     size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
     small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if dim != 1.0:
+        small = cv2.convertScaleAbs(small, alpha=dim)
     canvas = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
     colors = class_colors()
     for c in classes if classes is not None else range(NUM_CLASSES):
@@ -174,6 +178,7 @@ class OofImage:
         classes: list[int] | None = None,
         scale: float = 0.25,
         thresholds: float | Sequence[float] = 0.5,
+        dim: float = 1.0,
     ) -> np.ndarray:
         """``overlay`` of this image, prediction and truth drawn directly at ``scale``
         (no full-size mask: a 2048 px image costs milliseconds)."""
@@ -181,7 +186,7 @@ class OofImage:
         small = (round(image.shape[0] * scale), round(image.shape[1] * scale))
         pred = upsample_threshold(self.probs, small, thresholds, logits=False).dense().numpy()
         truth = rasterize(self.polygons, image.shape[:2], small)
-        return overlay(image, pred, truth, classes, scale)
+        return overlay(image, pred, truth, classes, scale, dim)
 
 
 def oof_images(run: Path | str | RunDir, images: list[str] | None = None) -> list[OofImage]:
