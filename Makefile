@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := data/phantom
 
-.PHONY: setup demo smoke doctor test lint bench
+.PHONY: setup demo smoke doctor test lint bench report-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/infer.py --config configs/demo.yaml --ensemble
 	$(BIN)/python scripts/check_submission.py "$$(ls -t submissions/demo_*.csv | head -n 1)" \
 		--data $(DEMO) --labels $(DEMO)/test_labels
+	$(BIN)/python scripts/report.py --ensemble --config configs/demo.yaml \
+		--csv "$$(ls -t submissions/demo_*.csv | head -n 1)" --labels $(DEMO)/test_labels
 
 # A one-minute end-to-end run in the repository's own folders (CI runs it before the
 # tests, which must not be affected by what it leaves in runs/, cache/, data/, submissions/).
@@ -48,6 +50,13 @@ doctor: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The HTML report opened in headless Chromium (the system browser; Debian/Ubuntu:
+# `apt-get update && apt-get install -y chromium`). Fails rather than skips without it.
+report-check: $(STAMP)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		echo "report-check needs Chromium: apt-get update && apt-get install -y chromium"; exit 1; }
+	$(BIN)/python -m pytest tests/test_report.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -129,6 +129,7 @@ class TrainConfig:
     micro_batch: int | str | None = None  # images per forward: None (the batch), n, "auto"
     memory_fraction: float = 0.85  # "auto" keeps the probed peak under this share of the GPU
     compile: bool = False  # torch.compile the training model (checkpoints stay plain)
+    report: bool = True  # scripts/train.py refreshes runs/<experiment>/report.html per fold
 
 
 @dataclass

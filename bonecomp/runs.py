@@ -10,7 +10,9 @@ module; no other file spells these names.
         oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         .lock                held while a process trains this fold
+    <train.output_dir>/<experiment>/report.html      the experiment's report (all folds)
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
+    <train.output_dir>/report_<infer.name>.html       the report of an ensemble
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
 BATCH_PLAN = "batch_plan.json"
+REPORT = "report.html"  # per experiment (runs/<experiment>/) and per ensemble (runs/)
 CHECKPOINTS = {"best": BEST, "last": LAST}  # names an ensemble section may use
 
 
@@ -135,6 +138,21 @@ def run_dir(cfg: Config, fold: int, experiment: str | None = None) -> RunDir:
 def thresholds_path(cfg: Config) -> Path:
     """Per-class thresholds of the config's ensemble: ``runs/thresholds_<infer.name>.json``."""
     return runs_root(cfg) / f"thresholds_{cfg.infer.name}.json"
+
+
+def experiment_dir(cfg: Config, experiment: str | None = None) -> Path:
+    """``runs/<experiment>/``: the folds of one experiment and its report."""
+    return runs_root(cfg) / (experiment or cfg.train.experiment)
+
+
+def report_path(experiment: Path | str) -> Path:
+    """The report of an experiment folder: ``runs/<experiment>/report.html``."""
+    return Path(experiment) / REPORT
+
+
+def ensemble_report_path(cfg: Config) -> Path:
+    """The report of the config's ensemble: ``runs/report_<infer.name>.html``."""
+    return runs_root(cfg) / f"report_{cfg.infer.name}.html"
 
 
 def checkpoint_file(name: str) -> str:

@@ -5,6 +5,8 @@ A leaf module: it may import anything, nothing in the core imports it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -17,7 +19,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.config import config_from_saved
-from bonecomp.data.annotations import load_annotation
+from bonecomp.data.annotations import Polygons, load_annotation
 from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
@@ -73,15 +75,19 @@ def overlay(
     truth: np.ndarray | None = None,
     classes: list[int] | None = None,
     scale: float = 0.5,
+    dim: float = 1.0,
 ) -> np.ndarray:
     """BGR picture of a grey image with class outlines: prediction in the class colour
     (labelled), truth thin white, so misses and spills stand out.
 
-    ``pred``/``truth`` are (C, H, W) masks at the image's size; ``classes`` limits the
-    classes drawn; ``scale`` resizes the picture (2048 px is large).
+    ``pred``/``truth`` are (C, H, W) masks at the image's size (or at the picture's);
+    ``classes`` limits the classes drawn; ``scale`` resizes the picture (2048 px is
+    large); ``dim`` < 1 darkens the image so white truth outlines show on bright bone.
     """
     size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
     small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if dim != 1.0:
+        small = cv2.convertScaleAbs(small, alpha=dim)
     canvas = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
     colors = class_colors()
     for c in classes if classes is not None else range(NUM_CLASSES):
@@ -145,34 +151,79 @@ def submission_overlays(
     return written
 
 
+@dataclass(frozen=True)
+class OofImage:
+    """One validation image of a fold and its saved out-of-fold probabilities (read from
+    the memory-mapped ``oof.npy`` when asked, so a fold of any size costs no memory)."""
+
+    name: str
+    rel: str
+    image_path: Path
+    hw: tuple[int, int]
+    polygons: Polygons
+    oof: np.ndarray  # the fold's memory-mapped (N, C, h, w) array
+    row: int
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.oof[self.row], np.float32))
+
+    def dice(self, thresholds: float | Sequence[float] = 0.5) -> np.ndarray:
+        """Competition Dice per class at the original size (exact truth, no dense mask)."""
+        masks = upsample_threshold(self.probs, self.hw, thresholds, logits=False)
+        return dice_from_counts(*overlap_counts(masks.masks, truth_crops(self.polygons, self.hw)))
+
+    def picture(
+        self,
+        classes: list[int] | None = None,
+        scale: float = 0.25,
+        thresholds: float | Sequence[float] = 0.5,
+        dim: float = 1.0,
+    ) -> np.ndarray:
+        """``overlay`` of this image, prediction and truth drawn directly at ``scale``
+        (no full-size mask: a 2048 px image costs milliseconds)."""
+        image = read_image(self.image_path)
+        small = (round(image.shape[0] * scale), round(image.shape[1] * scale))
+        pred = upsample_threshold(self.probs, small, thresholds, logits=False).dense().numpy()
+        truth = rasterize(self.polygons, image.shape[:2], small)
+        return overlay(image, pred, truth, classes, scale, dim)
+
+
+def oof_images(run: Path | str | RunDir, images: list[str] | None = None) -> list[OofImage]:
+    """The validation images of a fold with saved OOF probabilities (``images``: only
+    these file names), in the order of its ``oof_index.csv``."""
+    run = run if isinstance(run, RunDir) else RunDir(Path(run))
+    cfg = config_from_saved(yaml.safe_load(run.config.read_text()), str(run.config))
+    index = pd.read_csv(run.oof_index, dtype={"rel": str})
+    oof = np.load(run.oof, mmap_mode="r")
+    root = Path(cfg.data.root) / "train"
+    return [
+        OofImage(
+            r.name,
+            r.rel,
+            root / "DCM" / r.rel,
+            (int(r.src_h), int(r.src_w)),
+            load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json")),
+            oof,
+            int(r.row),
+        )
+        for r in index.itertuples()
+        if not images or r.name in images
+    ]
+
+
 def run_overlays(
     run: Path | str, out: Path, images: list[str] | None = None, n: int = 4, scale: float = 0.5
 ) -> list[Path]:
     """Overlays of a validation fold from its saved out-of-fold probabilities (threshold
     0.5), worst images first, plus the run's per-class Dice chart. Prints per image."""
     run = RunDir(Path(run))
-    cfg = config_from_saved(yaml.safe_load(run.config.read_text()), str(run.config))
-    index = pd.read_csv(run.oof_index, dtype={"rel": str})
-    oof = np.load(run.oof, mmap_mode="r")
     written = [plot_dice_bars(run.dice_csv, out / run.dice_png.name)]
-    root = Path(cfg.data.root) / "train"
-    rows = []
-    for r in index.itertuples():
-        if images and r.name not in images:
-            continue
-        hw = (int(r.src_h), int(r.src_w))
-        probs = torch.from_numpy(np.asarray(oof[r.row], np.float32))
-        masks = upsample_threshold(probs, hw, 0.5, logits=False)
-        polys = load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json"))
-        d = dice_from_counts(*overlap_counts(masks.masks, truth_crops(polys, hw)))
-        rows.append((d, r, masks, polys))
-    rows.sort(key=lambda t: t[0].mean())
-    for d, r, masks, polys in rows if images else rows[:n]:
-        image = read_image(root / "DCM" / r.rel)
+    rows = sorted(((im.dice(), im) for im in oof_images(run, images)), key=lambda t: t[0].mean())
+    for d, im in rows if images else rows[:n]:
         worst = ", ".join(f"{CLASSES[c]} {d[c]:.3f}" for c in np.argsort(d)[:3])
-        print(f"{r.rel}: mean Dice {d.mean():.4f}; worst {worst}")
-        picture = overlay(image, masks.dense().numpy(), rasterize(polys, image.shape), scale=scale)
-        written.append(_save(out / f"{Path(r.name).stem}_overlay.png", picture))
+        print(f"{im.rel}: mean Dice {d.mean():.4f}; worst {worst}")
+        written.append(_save(out / f"{Path(im.name).stem}_overlay.png", im.picture(scale=scale)))
     if rows:
         table = summarize(np.stack([t[0] for t in rows]))
         print(f"fold mean Dice (OOF, threshold 0.5) {table.mean:.4f} over {len(rows)} images")

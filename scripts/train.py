@@ -9,9 +9,14 @@ torchrun --nproc_per_node=4 scripts/train.py --fold 0
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 from bonecomp import cli, distributed
+from bonecomp.config import Config
+from bonecomp.report import write_run_report
+from bonecomp.runs import experiment_dir
 from bonecomp.training import run_training
 from bonecomp.viz import plot_dice_bars
 
@@ -35,9 +40,23 @@ def train(args) -> int:
                 f"fold {fold}: best val Dice {result.best_dice:.4f} at epoch "
                 f"{result.best_epoch} -> {result.run_dir}"
             )
+            report(cfg)
     finally:
         distributed.shutdown()
     return 0
+
+
+def report(cfg: Config) -> None:
+    """Refresh runs/<experiment>/report.html with every trained fold (train.report; rank 0)."""
+    if not cfg.train.report or int(os.environ.get("RANK", "0")) != 0:
+        return
+    start = time.perf_counter()
+    try:
+        path = write_run_report(experiment_dir(cfg))
+    except Exception as e:  # the fold is trained and saved: a failed page must not undo that
+        print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    print(f"report {path} ({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":
