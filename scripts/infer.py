@@ -35,6 +35,7 @@ def infer(args) -> int:
     print(f"{len(members)} model(s): " + ", ".join(str(m.checkpoint) for m in members))
     res = predict_submission(cfg, members, args.out, args.data, not args.quiet)
     print(f"thresholds: {res.thresholds_from}")
+    print(f"ensemble weights: {res.weights_from}")
     print(res.report.summary())
     per_image = f"{res.seconds_per_image:.3f} s/image"
     print(f"wrote {res.path}: {res.rows} rows, {res.images} images, {per_image}")
