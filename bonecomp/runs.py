@@ -11,6 +11,7 @@ module; no other file spells these names.
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         .lock                held while a process trains this fold
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
+        (and, from scripts/tune_ensemble.py, its class_weights table: {experiment: [29]})
 """
 
 from __future__ import annotations
