@@ -41,9 +41,14 @@ def tune(args) -> int:
     cfg = cli.load(args)
     members = ensemble_members(cfg, ensemble=True, explicit=args.checkpoints)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))
-    res, path = tune_ensemble(
-        cfg, members, args.grid, args.step, args.min_share, args.min_gain, args.out, not args.quiet
-    )
+    try:
+        res, path = tune_ensemble(
+            cfg, members, args.grid, args.step, args.min_share, args.min_gain, args.out,
+            not args.quiet,
+        )  # fmt: skip
+    except ValueError as e:  # --step, --min-share or --grid out of range; no OOF images
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(res.format())
     print(
         f"OOF mean Dice {res.before.mean:.4f} (before) -> {res.thresholds_only.mean:.4f} "

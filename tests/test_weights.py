@@ -106,6 +106,10 @@ def test_tuning_never_lowers_oof_dice_across_oof_sizes(trained, tiny_root, tmp_p
     assert script.main(args + tiny_overrides(tiny_root, work, **_overrides())) == 0
     printed = capsys.readouterr().out
     assert "w+thr" in printed and "weights + thresholds" in printed
+    bad = ["--step", "0.3"]  # a user's mistake: one line naming the key, exit code 2
+    assert script.main(args + bad + tiny_overrides(tiny_root, work, **_overrides())) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step=0.3" in err and len(err.splitlines()) == 1
 
     res, path = tune_ensemble(cfg, members, out=tmp_path / "again.json", progress=False)
     assert res.after.n_images == 2 and res.experiments == ["tiny", "fcn"]
@@ -185,7 +189,7 @@ def test_weights_tuned_for_other_experiments_are_refused(trained, tmp_path):
     ):
         predict_submission(cfg, ensemble_members(cfg), tmp_path / "s.csv", progress=False)
     bad = write_thresholds(tmp_path / "bad.json", [0.5] * C, class_weights={"tiny": [1.0] * 3})
-    with pytest.raises(ValueError, match=r"bad\.json.*29 weights"):
+    with pytest.raises(RunError, match=r"bad\.json.*29 weights"):
         read_class_weights(bad)
 
 

@@ -62,8 +62,9 @@ class EnsembleTuneResult:
         return {e: [float(v) for v in self.weights[:, i]] for i, e in enumerate(self.experiments)}
 
     def format(self) -> str:
-        """Per-class table: Dice before / thresholds only / weights + thresholds, weights."""
-        head = f"{'class':<12} {'before':>8} {'thr':>8} {'w+thr':>8}  thr   " + " ".join(
+        """Per-class OOF Dice before / thresholds only / weights + thresholds, then the
+        chosen threshold ``t`` and each experiment's weight."""
+        head = f"{'class':<12} {'before':>8} {'thr-only':>8} {'w+thr':>8}  t     " + " ".join(
             f"{e[:10]:>10}" for e in self.experiments
         )
         rows = [head]
@@ -201,27 +202,28 @@ def tune_ensemble(
 
 
 def read_class_weights(path: Path | str) -> dict[str, list[float]] | None:
-    """The ``class_weights`` table of a thresholds file, or None when it has none."""
+    """The ``class_weights`` table of a thresholds file, or None when it has none; a
+    damaged table is a ``RunError`` naming the file."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"thresholds file {path}: cannot read ({e})") from e
+        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
     table = doc.get("class_weights")
     if table is None:
         return None
     bad = f"thresholds file {path}: class_weights must map experiments to {len(CLASSES)} "
     if not isinstance(table, dict) or not table:
-        raise ValueError(bad + "weights each")
+        raise RunError(bad + "weights each")
     arr = []
     for e, ws in table.items():
         if not (isinstance(ws, list) and len(ws) == len(CLASSES)):
-            raise ValueError(
+            raise RunError(
                 bad + f"weights each; {e!r} has {len(ws) if isinstance(ws, list) else ws!r}"
             )
         arr.append(ws)
     a = np.asarray(arr, np.float64)
     if not np.isfinite(a).all() or (a < 0).any() or (a.sum(axis=0) <= 0).any():
-        raise ValueError(bad + "weights >= 0, with a positive sum for every class")
+        raise RunError(bad + "weights >= 0, with a positive sum for every class")
     return {e: [float(v) for v in ws] for e, ws in table.items()}
 
 
