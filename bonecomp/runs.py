@@ -12,6 +12,7 @@ module; no other file spells these names.
         .lock                held while a process trains this fold
     <train.output_dir>/<experiment>/report.html      the experiment's report (all folds)
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
+        (and, from scripts/tune_ensemble.py, its class_weights table: {experiment: [29]})
     <train.output_dir>/report_<infer.name>.html       the report of an ensemble
 """
 

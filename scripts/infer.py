@@ -35,6 +35,7 @@ def infer(args) -> int:
     print(f"{len(members)} model(s): " + ", ".join(str(m.checkpoint) for m in members))
     res = predict_submission(cfg, members, args.out, args.data, not args.quiet)
     print(f"thresholds: {res.thresholds_from}")
+    print(f"ensemble weights: {res.weights_from}")
     for warning in res.report.warnings:
         print(f"warning: {warning}")
     print(res.report.summary())

@@ -2,8 +2,9 @@
 
 Per batch of test images, every member runs its TTA views (optionally as a sliding
 window), its sigmoid probabilities are brought to a common grid (the largest member
-size) and averaged with the members' weights. Only one batch of probabilities is ever in
-memory, whatever the number of test images.
+size) and averaged with the members' weights: one number per member, or one per class
+(class-wise weights tuned on OOF, ``inference.weights``), normalised per class. Only one
+batch of probabilities is ever in memory, whatever the number of test images.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ class Member:
     name: str
     model: nn.Module
     input_size: int
-    weight: float = 1.0
+    weight: float | torch.Tensor = 1.0  # a scalar, or (C,) weights per class (>= 0)
 
 
 def load_member(
-    path: Path | str, weight: float = 1.0, device: torch.device | str = "cpu"
+    path: Path | str, weight: float | torch.Tensor = 1.0, device: torch.device | str = "cpu"
 ) -> Member:
     """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
     ckpt = load_checkpoint(path, "cpu")
@@ -48,7 +49,8 @@ def load_member(
     nhwc = resolve_channels_last("auto", device)
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     model = model.eval().to(device, memory_format=fmt)
-    return Member(str(path), model, int(ckpt["input_size"]), float(weight))
+    weight = weight.float() if isinstance(weight, torch.Tensor) else float(weight)
+    return Member(str(path), model, int(ckpt["input_size"]), weight)
 
 
 class Ensemble:
@@ -64,16 +66,32 @@ class Ensemble:
     ) -> None:
         if not members:
             raise ValueError("an ensemble needs at least one member")
-        if any(m.weight <= 0 for m in members):
+        scalars = [m.weight for m in members if not isinstance(m.weight, torch.Tensor)]
+        if any(not w > 0 for w in scalars):
             raise ValueError("ensemble weights must be positive")
+        tensors = [m.weight for m in members if isinstance(m.weight, torch.Tensor)]
+        if tensors:
+            if len({tuple(w.shape) for w in tensors}) != 1 or tensors[0].ndim != 1:
+                raise ValueError("class-wise ensemble weights must all have shape (C,)")
+            if any(not (torch.isfinite(w).all() and (w >= 0).all()) for w in tensors):
+                raise ValueError("class-wise ensemble weights must be finite and >= 0")
+            if not (sum(tensors) + sum(scalars) > 0).all():
+                raise ValueError("class-wise ensemble weights: some class has no weight")
         self.members, self.tta, self.tile, self.overlap, self.amp = members, tta, tile, overlap, amp
         self.size = max(m.input_size for m in members)
         self.sizes = sorted({m.input_size for m in members})
 
     @property
     def single_view(self) -> bool:
-        """One model, one view: keep logits so the result is the baseline's definition."""
-        return len(self.members) == 1 and len(self.tta) == 1
+        """One model per class, one view: keep logits so the result is the baseline's
+        definition (class-wise weights with all of a class's weight on one member select
+        that member's logits for it)."""
+        if len(self.tta) != 1:
+            return False
+        if len(self.members) == 1:
+            return True
+        per_class = [m.weight > 0 for m in self.members if isinstance(m.weight, torch.Tensor)]
+        return len(per_class) == len(self.members) and bool((sum(per_class) == 1).all())
 
     @torch.no_grad()
     def __call__(self, images: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -89,8 +107,14 @@ class Ensemble:
                 y = F.interpolate(
                     y, size=(self.size, self.size), mode="bilinear", align_corners=False
                 )
-            total = y * m.weight if total is None else total.add_(y, alpha=m.weight)
-            weights += m.weight
+            w = m.weight
+            if isinstance(w, torch.Tensor):
+                w = w.to(y.device).view(1, -1, 1, 1)
+                y = torch.where(w > 0, y * w, 0.0)  # a zero weight ignores even inf logits
+                total = y if total is None else total.add_(y)
+            else:
+                total = y * w if total is None else total.add_(y, alpha=w)
+            weights = weights + w
         return total / weights
 
     def _predictor(self, m: Member, device: torch.device):

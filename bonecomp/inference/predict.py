@@ -27,6 +27,7 @@ from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
 from bonecomp.inference.tta import views
+from bonecomp.inference.weights import resolve_class_weights
 from bonecomp.memory import run_chunked
 from bonecomp.runs import MemberSpec
 from bonecomp.submission import CheckReport, SubmissionWriter, validate_submission
@@ -43,6 +44,8 @@ class InferResult:
     report: CheckReport
     thresholds_from: str
     thresholds: list[float]  # the per-class thresholds applied
+    weights_from: str = ""
+    class_weights: dict[str, list[float]] | None = None  # {experiment: per-class} when used
 
 
 def predict_submission(
@@ -60,7 +63,8 @@ def predict_submission(
     check_config(cfg)
     device = pick_device(cfg.infer.device, "infer.device")
     test = discover(data_root or cfg.data.root, "test")
-    models = [load_member(m.checkpoint, m.weight, device) for m in members]
+    weights, table, weights_from = resolve_class_weights(cfg, members)
+    models = [load_member(m.checkpoint, w, device) for m, w in zip(members, weights, strict=True)]
     inf = cfg.infer
     if inf.compile:
         for m in models:
@@ -106,4 +110,6 @@ def predict_submission(
         writer.report,
         source,
         thresholds,
+        weights_from,
+        table,
     )

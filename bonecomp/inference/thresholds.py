@@ -87,7 +87,21 @@ def oof_items(
     same ones. Members saved at different ``train.oof_size`` are brought to the largest
     size (bilinear) before averaging.
     """
-    parts: dict[str, list] = {}
+    weight = {m.run.experiment: m.weight for m in members}
+    for maps, truth, hw in oof_maps(members, data_root, progress):
+        total = sum(weight[e] for e in maps)
+        yield sum(p * weight[e] for e, p in maps.items()) / total, truth, hw
+
+
+def oof_maps(
+    members: Sequence[MemberSpec], data_root: Path | str, progress: bool = True
+) -> Iterator[tuple[dict[str, torch.Tensor], list, tuple[int, int]]]:
+    """({experiment: probs (C, S, S)}, truth crops, hw) per OOF image, read once.
+
+    Each experiment's map is its folds' prediction of the image (the mean, should two
+    folds of an experiment hold it), at the largest ``train.oof_size`` of the members.
+    """
+    parts: dict[str, dict[str, list]] = {}
     size = 0
     for m in members:
         run = m.run
@@ -102,15 +116,17 @@ def oof_items(
         for rel, r, h, w in zip(
             index["rel"], index["row"], index["src_h"], index["src_w"], strict=True
         ):
-            parts.setdefault(rel, []).append((arr, int(r), m.weight, (int(h), int(w))))
+            by_exp = parts.setdefault(rel, {})
+            by_exp.setdefault(run.experiment, []).append((arr, int(r), (int(h), int(w))))
     jdir = Path(data_root) / "train" / "outputs_json"
     for rel in tqdm(sorted(parts), desc="tune", unit="img", disable=not progress):
-        entries = parts[rel]
-        total = sum(w for _, _, w, _ in entries)
-        probs = sum(_at_size(a[r], size) * w for a, r, w, _ in entries) / total
-        hw = entries[0][3]
+        maps = {
+            e: sum(_at_size(a[r], size) for a, r, _ in entries) / len(entries)
+            for e, entries in parts[rel].items()
+        }
+        hw = next(iter(parts[rel].values()))[0][2]
         polys = load_annotation(jdir / Path(rel).with_suffix(".json"))
-        yield probs, truth_crops(polys, hw), hw
+        yield maps, truth_crops(polys, hw), hw
 
 
 def _at_size(a: np.ndarray, size: int) -> torch.Tensor:

@@ -1,0 +1,232 @@
+"""Class-wise ensemble weights: the grid, the choice that never lowers the OOF Dice, two
+experiments saved at different OOF sizes, and inference applying exactly the tuned file
+(one-hot weights reproduce a single member's CSV byte for byte)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bonecomp.classes import CLASSES
+from bonecomp.inference.ensemble import Ensemble, Member
+from bonecomp.inference.predict import predict_submission
+from bonecomp.inference.thresholds import grid_dice, oof_items, write_thresholds
+from bonecomp.inference.tta import views
+from bonecomp.inference.weights import (
+    choose_weights,
+    read_class_weights,
+    simplex_grid,
+    tune_ensemble,
+)
+from bonecomp.runs import RunError, ensemble_members, thresholds_path
+from bonecomp.testing import REPO as ROOT
+from bonecomp.testing import tiny_config, tiny_overrides
+from bonecomp.training import run_training
+
+C = len(CLASSES)
+ENSEMBLE = [{"experiment": "tiny", "folds": [0]}, {"experiment": "fcn", "folds": [0]}]
+# Two experiments at the same input size (64 px) but different OOF sizes (32 and 64).
+EXPERIMENTS = {
+    "tiny": {"model.arch": "unet", "train.oof_size": 32},
+    "fcn": {"model.arch": "fcn8s", "train.oof_size": 64},
+}
+
+
+def _overrides(**extra) -> dict:
+    return {"train.epochs": 2, "train.lr": 3e-3, "infer.ensemble": ENSEMBLE, **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("work")
+    for name, keys in EXPERIMENTS.items():
+        cfg = tiny_config(tiny_root, work, **_overrides(**{"train.experiment": name, **keys}))
+        run_training(cfg, 0, progress=False)
+    return cfg, work
+
+
+@contextlib.contextmanager
+def _infer(cfg, **values):
+    """Set ``cfg.infer`` keys for a block; the module's config is shared."""
+    saved = {k: getattr(cfg.infer, k) for k in values}
+    for k, v in values.items():
+        setattr(cfg.infer, k, v)
+    try:
+        yield cfg
+    finally:
+        for k, v in saved.items():
+            setattr(cfg.infer, k, v)
+
+
+# ------------------------------------------------------------------------------ choice
+def test_simplex_grid_is_coarse_with_a_least_share():
+    g = simplex_grid(2, 0.1, 0.1)
+    assert g.shape == (9, 2) and np.allclose(g.sum(1), 1) and g.min() >= 0.1 - 1e-12
+    assert [0.5, 0.5] in g.tolist()
+    g3 = simplex_grid(3, 0.25, 0.25)
+    assert sorted(map(tuple, g3.tolist())) == sorted(
+        {(0.5, 0.25, 0.25), (0.25, 0.5, 0.25), (0.25, 0.25, 0.5)}
+    )
+    assert simplex_grid(1).tolist() == [[1.0]]
+    with pytest.raises(ValueError, match="step"):
+        simplex_grid(2, 0.3)
+    with pytest.raises(ValueError, match="min_share"):
+        simplex_grid(3, 0.1, 0.4)
+
+
+def test_configured_weights_stay_unless_beaten_by_more_than_min_gain():
+    grid = (0.4, 0.5, 0.6)
+    dice = np.full((3, 3, 3), 0.5)
+    dice[0, 2, 0] = 0.5005  # class 0: another weighting, but by less than min_gain
+    dice[1, 1, 2] = 0.6  # class 1: weighting 1 at 0.6
+    dice[2, 0, 0] = 0.55  # class 2: a threshold alone
+    dice[2, 2, 0] = 0.5505  # ... and a weighting hardly better than it
+    k, g, before, thr, after = choose_weights(dice, grid, min_gain=1e-3)
+    assert k.tolist() == [0, 1, 0] and g.tolist() == [1, 2, 0]
+    assert before.per_class.tolist() == [0.5, 0.5, 0.5]
+    assert thr.per_class.tolist() == [0.5, 0.5, 0.55]
+    assert after.per_class.tolist() == [0.5, 0.6, 0.55]
+
+
+def test_tuning_never_lowers_oof_dice_across_oof_sizes(trained, tiny_root, tmp_path, capsys):
+    cfg, work = trained
+    members = ensemble_members(cfg)
+    assert {m.run.experiment for m in members} == {"tiny", "fcn"}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tune_ensemble as script
+
+    out = tmp_path / "w.json"
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--quiet", "--out", str(out)]
+    assert script.main(args + tiny_overrides(tiny_root, work, **_overrides())) == 0
+    printed = capsys.readouterr().out
+    assert "w+thr" in printed and "weights + thresholds" in printed
+    bad = ["--step", "0.3"]  # a user's mistake: one line naming the key, exit code 2
+    assert script.main(args + bad + tiny_overrides(tiny_root, work, **_overrides())) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step=0.3" in err and len(err.splitlines()) == 1
+
+    res, path = tune_ensemble(cfg, members, out=tmp_path / "again.json", progress=False)
+    assert res.after.n_images == 2 and res.experiments == ["tiny", "fcn"]
+    assert (res.after.per_class >= res.thresholds_only.per_class).all()
+    assert (res.thresholds_only.per_class >= res.before.per_class).all()
+    assert res.after.mean >= res.before.mean
+    # "before" is what inference did so far: configured (uniform) weights at 0.5.
+    assert res.candidates[0].tolist() == [0.5, 0.5]
+    dice, _ = grid_dice(oof_items(members, tiny_root, progress=False), (0.5,))
+    np.testing.assert_allclose(res.before.per_class, dice[:, 0], atol=1e-9)
+    # Every chosen weighting is on the grid: shares >= min_share summing to 1.
+    assert np.allclose(res.weights.sum(1), 1) and res.weights.min() >= 0.1 - 1e-12
+    table = read_class_weights(path)
+    assert table == res.class_weights and set(table) == {"tiny", "fcn"}
+    assert json.loads(path.read_text())["thresholds"] == res.thresholds
+    assert json.loads(out.read_text())["class_weights"] == table  # the script: same choice
+
+
+# --------------------------------------------------------------------------- inference
+def test_inference_applies_the_tuned_weights_and_thresholds(trained):
+    cfg, _ = trained
+    members = ensemble_members(cfg)
+    res, path = tune_ensemble(cfg, members, progress=False)  # the default file of infer.name
+    try:
+        assert path == thresholds_path(cfg)
+        sub = predict_submission(cfg, members, path.parent / "s.csv", progress=False)
+        assert sub.report.ok
+        assert sub.class_weights == res.class_weights and str(path) in sub.weights_from
+        assert sub.thresholds == res.thresholds and sub.thresholds_from == str(path)
+    finally:
+        path.unlink()
+    plain = predict_submission(cfg, members, path.parent / "p.csv", progress=False)
+    assert plain.class_weights is None and "scalar" in plain.weights_from
+
+
+@pytest.mark.parametrize("tta", [["none"], ["none", "hflip"]])
+def test_one_hot_weights_reproduce_single_members_byte_for_byte(trained, tmp_path, tta):
+    cfg, work = trained
+    ckpt = {e: work / "runs" / e / "fold0" / "best.pt" for e in EXPERIMENTS}
+    # Low thresholds so that these barely trained models draw masks to compare.
+    plain = write_thresholds(tmp_path / "plain.json", [0.2] * C)
+    lines = {}
+    with _infer(cfg, tta=tta, thresholds=str(plain)):
+        for e, p in ckpt.items():
+            sub = predict_submission(
+                cfg, ensemble_members(cfg, explicit=[p]), tmp_path / f"{e}.csv", progress=False
+            )
+            lines[e] = sub.path.read_bytes().splitlines(keepends=True)
+    assert lines["tiny"] != lines["fcn"]
+    for e in EXPERIMENTS:  # both members draw masks, so the comparison can fail
+        assert any(r.strip().split(b",")[-1] for r in lines[e][1:]), e
+
+    both = ensemble_members(cfg)
+    for name, pick in {
+        "all tiny": lambda c: "tiny",
+        "split": lambda c: ("tiny", "fcn")[c % 2],
+    }.items():
+        table = {e: [float(pick(c) == e) for c in range(C)] for e in EXPERIMENTS}
+        f = write_thresholds(tmp_path / f"{name}.json", [0.2] * C, class_weights=table)
+        with _infer(cfg, tta=tta, thresholds=str(f)):
+            sub = predict_submission(cfg, both, tmp_path / f"{name}.csv", progress=False)
+        assert sub.class_weights == table
+        got = sub.path.read_bytes().splitlines(keepends=True)
+        want = [lines["tiny"][0]] + [
+            lines[pick(i % C)][1 + i] for i in range(len(lines["tiny"]) - 1)
+        ]
+        assert got == want, name
+
+
+def test_weights_tuned_for_other_experiments_are_refused(trained, tmp_path):
+    cfg, _ = trained
+    table = {"tiny": [1.0] * C, "other": [1.0] * C}
+    f = write_thresholds(tmp_path / "w.json", [0.5] * C, class_weights=table)
+    with (
+        _infer(cfg, thresholds=str(f)),
+        pytest.raises(RunError, match=r"w\.json.*\['other', 'tiny'\].*\['fcn', 'tiny'\]"),
+    ):
+        predict_submission(cfg, ensemble_members(cfg), tmp_path / "s.csv", progress=False)
+    bad = write_thresholds(tmp_path / "bad.json", [0.5] * C, class_weights={"tiny": [1.0] * 3})
+    with pytest.raises(RunError, match=r"bad\.json.*29 weights"):
+        read_class_weights(bad)
+
+
+# ---------------------------------------------------------------------------- Ensemble
+class _Constant(nn.Module):
+    """Logits ``value`` everywhere, whatever the image."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.view(1, -1, 1, 1).expand(x.shape[0], -1, *x.shape[-2:]).clone()
+
+
+def test_ensemble_normalises_class_weights_per_class():
+    a, b = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([2.0, -2.0, 0.5])
+    wa, wb = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([1.0, 2.0, 1.0])
+    ens = Ensemble(
+        [Member("a", _Constant(a), 8, wa), Member("b", _Constant(b), 8, wb)], views(["none"], [1.0])
+    )
+    out = ens({8: torch.zeros(1, 3, 8, 8)})
+    want = (torch.sigmoid(a) * wa + torch.sigmoid(b) * wb) / (wa + wb)
+    assert not ens.single_view
+    torch.testing.assert_close(out[0, :, 0, 0], want)
+    # One member per class and one view: that member's logits, exactly.
+    oh = Ensemble(
+        [Member("a", _Constant(a), 8, torch.tensor([1.0, 0, 1])),
+         Member("b", _Constant(b), 8, torch.tensor([0.0, 1, 0]))],
+        views(["none"], [1.0]),
+    )  # fmt: skip
+    assert oh.single_view
+    assert oh({8: torch.zeros(1, 3, 8, 8)})[0, :, 0, 0].tolist() == [0.0, -2.0, -1.0]
+    for w, msg in ((torch.tensor([1.0, -1, 1]), ">= 0"), (torch.tensor([0.0, 0, 1]), "no weight")):
+        members = [
+            Member("a", _Constant(a), 8, w),
+            Member("b", _Constant(b), 8, torch.tensor([0.0, 0, 1])),
+        ]
+        with pytest.raises(ValueError, match=msg):
+            Ensemble(members, views(["none"], [1.0]))
