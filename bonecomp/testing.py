@@ -137,6 +137,11 @@ def tiny_overrides(data_root: Path | str, work: Path | str, **extra) -> list[str
         "infer.num_workers": 0,
         **extra,
     }
+    return as_overrides(values)
+
+
+def as_overrides(values: dict) -> list[str]:
+    """``{dotted key: value}`` -> the ``key=value`` overrides the CLI takes (YAML values)."""
     return [
         f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
         for k, v in values.items()

@@ -1,0 +1,178 @@
+"""What each leaderboard technique gains on the phantom: 5-fold OOF and test-set Dice.
+
+    python benchmarks/techniques.py                     # ~30-40 min on 2 CPU cores
+    python benchmarks/techniques.py --quick             # a minute: wiring only, figures meaningless
+
+One run builds the table of docs/techniques.md: two small experiments (U-Net and FCN-8s
+on ResNet-18, from scratch) trained on every fold of a phantom, then, row by row, the
+baseline ensemble (uniform weights, threshold 0.5), + per-class thresholds, + class-wise
+ensemble weights. Every row gives the OOF Dice (all 29 classes and each carpal class,
+on the training images' out-of-fold maps) and the test-set Dice of the submission the
+row's settings write, scored by the project's own scorer against the phantom's test
+labels. A row that does not help is reported as measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonecomp.classes import CARPALS, CLASSES
+from bonecomp.config import Config, load_config
+from bonecomp.data.images import png_shapes
+from bonecomp.data.layout import discover
+from bonecomp.inference.predict import predict_submission
+from bonecomp.inference.thresholds import tune_thresholds, write_thresholds
+from bonecomp.inference.weights import tune_ensemble
+from bonecomp.metrics import DiceTable
+from bonecomp.runs import ensemble_members, run_dir
+from bonecomp.submission import score_submission
+from bonecomp.testing import DEMO_CONFIG, as_overrides, ensure_phantom
+from bonecomp.training.fold import run_training
+
+WORK = Path("/tmp/bonecomp-techniques")
+EXPERIMENTS = {"unet": {"model.arch": "unet"}, "fcn": {"model.arch": "fcn8s"}}
+
+
+@dataclass
+class Row:
+    name: str
+    oof: DiceTable
+    test: float | None
+    note: str = ""
+
+
+def config(args, experiment: str | None = None, **extra) -> Config:
+    """The demo recipe at the run's size on the run's phantom, written under ``--work``."""
+    work = args.work
+    values = {
+        "data.root": str(work / "phantom"),
+        "data.cache_dir": str(work / "cache"),
+        "data.image_size": args.size,
+        "data.n_splits": args.folds,
+        "data.num_workers": 0,
+        "train.output_dir": str(work / "runs"),
+        "train.epochs": args.epochs,
+        "train.max_train_minutes": args.minutes,
+        "train.val_every": args.epochs,
+        "train.oof_size": args.size,
+        "train.report": False,
+        "train.device": "cpu",
+        "infer.name": "techniques",
+        "infer.num_workers": 0,
+        "infer.ensemble": [
+            {"experiment": e, "folds": list(range(args.folds))} for e in EXPERIMENTS
+        ],
+        **extra,
+    }
+    if experiment:
+        values.update({"train.experiment": experiment, **EXPERIMENTS[experiment]})
+    return load_config(DEMO_CONFIG, as_overrides(values))
+
+
+def train_all(args) -> None:
+    """Every fold of every experiment (kept when already trained: the run can be resumed)."""
+    for e in EXPERIMENTS:
+        cfg = config(args, e)
+        for fold in range(args.folds):
+            if run_dir(cfg, fold).best.exists():
+                continue
+            t0 = time.perf_counter()
+            res = run_training(cfg, fold, progress=False)
+            print(
+                f"  trained {e} fold {fold}: val Dice {res.best_dice:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+
+
+def test_dice(args, cfg: Config, thresholds: Path, tag: str) -> float:
+    """Write the row's submission with ``thresholds`` and score it on the test labels."""
+    cfg.infer.thresholds = str(thresholds)
+    csv = args.work / "submissions" / f"{tag}.csv"
+    predict_submission(cfg, ensemble_members(cfg), csv, progress=False)
+    root = Path(cfg.data.root)
+    table, _ = score_submission(
+        csv, root / "test_labels", png_shapes(discover(root, "test")), progress=False
+    )
+    return table.mean
+
+
+def measure(args) -> list[Row]:
+    """The table's rows, in the order the techniques stack up."""
+    cfg = config(args)
+    members = ensemble_members(cfg, ensemble=True)
+    tuned = args.work / "tuned"
+    tuned.mkdir(exist_ok=True)
+    thr, thr_path = tune_thresholds(cfg, members, out=tuned / "thresholds.json", progress=False)
+    ens, ens_path = tune_ensemble(cfg, members, out=tuned / "class_weights.json", progress=False)
+    flat = write_thresholds(tuned / "flat.json", [0.5] * len(CLASSES))
+    return [
+        Row("baseline (uniform weights, 0.5)", ens.before, test_dice(args, cfg, flat, "base")),
+        Row("+ per-class thresholds", thr.after, test_dice(args, cfg, thr_path, "thr")),
+        Row("+ class-wise ensemble weights", ens.after, test_dice(args, cfg, ens_path, "w")),
+    ]
+
+
+def table(rows: list[Row], n_oof: int) -> str:
+    """Markdown: OOF mean and per carpal class, then test Dice; deltas against the first row."""
+    head = ["technique", "OOF mean", *(CLASSES[i] for i in CARPALS), "test Dice"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    base = rows[0]
+    for r in rows:
+        cells = [r.name + (f" ({r.note})" if r.note else "")]
+        d = r.oof.mean - base.oof.mean
+        cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
+        cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
+        if r.test is None:
+            cells.append("-")
+        else:
+            dt = r.test - base.test if base.test is not None else 0.0
+            cells.append(f"{r.test:.4f}" + (f" ({dt:+.4f})" if r is not base else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        f"\nOOF: {n_oof} training images, each predicted by the folds that did not train on it."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--work", type=Path, default=WORK, help="everything is written here")
+    ap.add_argument("--train-patients", type=int, default=20)
+    ap.add_argument("--test-patients", type=int, default=8)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--size", type=int, default=192, help="training size (px)")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--minutes", type=float, default=1.5, help="training time limit per fold")
+    ap.add_argument("--seed", type=int, default=0, help="phantom seed")
+    ap.add_argument("--quick", action="store_true", help="tiny everything: checks the wiring")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.train_patients, args.test_patients, args.folds = 6, 2, 3
+        args.size, args.epochs, args.minutes = 64, 1, 0.2
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ensure_phantom(args.work / "phantom", args.train_patients, args.test_patients, seed=args.seed)
+    train_all(args)
+    rows = measure(args)
+    n_oof = rows[0].oof.n_images
+    print(table(rows, n_oof))
+    patients = f"{args.train_patients} + {args.test_patients} patients (seed {args.seed})"
+    print(
+        f"\n{time.perf_counter() - t0:.0f} s; {args.folds} folds of {list(EXPERIMENTS)} at "
+        f"{args.size} px, {patients}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    sys.exit(main())
