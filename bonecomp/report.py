@@ -14,6 +14,7 @@ import datetime as dt
 import importlib.metadata
 import io
 import platform
+import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.config import Config, config_from_saved, to_dict
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
-from bonecomp.fileio import write_text
+from bonecomp.fileio import output_errors, write_text
 from bonecomp.inference.thresholds import grid_dice, oof_items, read_thresholds
+from bonecomp.inference.weights import read_class_weights
 from bonecomp.runs import (
     RunDir,
     RunError,
@@ -45,6 +47,7 @@ from bonecomp.submission import score_submission, validate_submission
 from bonecomp.viz import oof_images
 
 TEMPLATE = "report.html.j2"  # bonecomp/templates/
+FOLD_DIR = re.compile(r"fold\d+")  # a fold folder (RunDir.fold reads the number)
 PACKAGES = (
     "torch", "torchvision", "segmentation-models-pytorch", "timm", "albumentations",
     "opencv-python-headless", "numpy", "pandas", "numba", "scikit-learn", "matplotlib",
@@ -82,6 +85,7 @@ class ThresholdView:
     before: float
     after: float
     recorded: tuple[float | None, float | None]  # dice_before/dice_after in the file
+    note: str = ""  # how the Dice were combined, or why they could not be computed
 
 
 @dataclass
@@ -97,6 +101,7 @@ class ExperimentView:
     worst: list[Picture] = field(default_factory=list)
     thresholds: ThresholdView | None = None
     configs: list[tuple[str, str]] = field(default_factory=list)  # (fold folder, YAML)
+    worst_classes: int = 0  # how many weakest classes the worst images show
 
 
 @dataclass
@@ -145,6 +150,11 @@ def write_ensemble_report(
     members = ensemble_members(cfg, ensemble=True, explicit=checkpoints)
     by_experiment: dict[Path, list[int]] = {}
     for m in members:
+        if not FOLD_DIR.fullmatch(m.run.path.name):
+            raise RunError(
+                f"{m.checkpoint}: the report needs checkpoints inside "
+                "<train.output_dir>/<experiment>/fold<k>/ (it reads the fold's files)"
+            )
         by_experiment.setdefault(m.run.path.parent, []).append(m.run.fold)
     views = [
         experiment_view(path, folds, n_images=n_images, size=size, thresholds=False)
@@ -152,16 +162,32 @@ def write_ensemble_report(
     ]
     tv = None
     tpath = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
+    table = read_class_weights(tpath) if tpath.is_file() else None
     if tpath.is_file():
         ts, tuned_on = read_thresholds(tpath)
-        grid = sorted({0.5, *ts})
-        dice, n = grid_dice(oof_items(members, cfg.data.root, progress=False), grid)
-        before = dice[:, grid.index(0.5)]
-        after = dice[np.arange(NUM_CLASSES), [grid.index(t) for t in ts]]
-        scope = f"the ensemble's weighted mean OOF probabilities ({n} images)"
-        tv = _threshold_view(tpath, scope, tuned_on, ts, before, after)
+        try:
+            grid = sorted({0.5, *ts})
+            items = oof_items(members, cfg.data.root, progress=False, class_weights=table)
+            dice, n = grid_dice(items, grid)
+        except RunError as e:  # a member without OOF files: the rest of the page still helps
+            tv = ThresholdView(str(tpath), "", tuned_on, [], 0.0, 0.0, (None, None))
+            tv.note = f"OOF Dice not computed: {e}"
+        else:
+            before = dice[:, grid.index(0.5)]
+            after = dice[np.arange(NUM_CLASSES), [grid.index(t) for t in ts]]
+            how = "class-wise weighted" if table else "weighted"
+            scope = f"the ensemble's {how} mean OOF probabilities ({n} images)"
+            tv = _threshold_view(tpath, scope, tuned_on, ts, before, after)
+            if table:
+                tv.note = (
+                    "weights and thresholds were tuned together (scripts/tune_ensemble.py): "
+                    "before = the class weights at 0.5, after = the class weights at the "
+                    "tuned thresholds"
+                )
     sub = _submission_view(cfg, csv, labels) if csv else None
-    weights = [(str(m.checkpoint), m.weight) for m in members]
+    weights = [
+        (str(m.checkpoint), "per class (tuned)" if table else f"{m.weight:g}") for m in members
+    ]
     config = ("resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     title = f"ensemble {cfg.infer.name}: {len(members)} member(s)"
     if sub and sub.score is not None:
@@ -216,6 +242,7 @@ def experiment_view(
     runs = [
         RunDir(p.parent)
         for p in sorted(experiment_dir.glob("fold*/" + RunDir(experiment_dir).dice_csv.name))
+        if FOLD_DIR.fullmatch(p.parent.name)
     ]
     runs = sorted((r for r in runs if folds is None or r.fold in folds), key=lambda r: r.fold)
     if not runs:
@@ -247,6 +274,7 @@ def experiment_view(
     images = [(r.fold, im) for r in with_oof for im in oof_images(r)]
     scored = [(im.dice(), fold, im) for fold, im in images]
     weak = [CLASSES.index(c) for c in order[:n_classes]]
+    view.worst_classes = len(weak)
     for d, fold, im in sorted(scored, key=lambda t: t[0].mean())[:n_images]:
         worst = ", ".join(f"{CLASSES[c]} {d[c]:.3f}" for c in weak)
         caption = f"fold {fold}, {im.rel}: mean Dice {d.mean():.4f}; {worst}"
@@ -254,13 +282,22 @@ def experiment_view(
         view.worst.append(Picture(_png_uri(im.picture(weak, scale, dim=0.5)), caption))
     cfg = _saved_config(with_oof[0])
     tpath = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
-    if thresholds and tpath.is_file():
+    if thresholds and _tuned_for(tpath, experiment_dir.name):
         ts, tuned_on = read_thresholds(tpath)
         before = np.mean([d for d, _, _ in scored], axis=0)
         after = np.mean([im.dice(ts) for _, _, im in scored], axis=0)
         scope = f"this experiment's OOF probabilities ({len(scored)} images)"
         view.thresholds = _threshold_view(tpath, scope, tuned_on, ts, before, after)
     return view
+
+
+def _tuned_for(path: Path, experiment: str) -> bool:
+    """Whether the thresholds file was tuned for this experiment alone (not an ensemble
+    of several, whose thresholds would not fit one experiment's probabilities)."""
+    if not path.is_file() or read_class_weights(path):
+        return False
+    _, tuned_on = read_thresholds(path)
+    return all(Path(r).parent.name == experiment for r in tuned_on)
 
 
 def _fold_view(run: RunDir) -> FoldView:
@@ -399,7 +436,8 @@ def _render(out: Path, **context) -> Path:
         n_classes=NUM_CLASSES,
         **context,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with output_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
     return write_text(out, html)
 
 

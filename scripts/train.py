@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 def train(args) -> int:
     cfg = cli.load(args)
     try:
-        for fold in cli.folds(args.fold, cfg):
+        folds = cli.folds(args.fold, cfg)
+        for fold in folds:
             result = run_training(
                 cfg, fold, args.resume, not args.quiet, lambda run: plot_dice_bars(run.dice_csv)
             )
@@ -40,7 +41,9 @@ def train(args) -> int:
                 f"fold {fold}: best val Dice {result.best_dice:.4f} at epoch "
                 f"{result.best_epoch} -> {result.run_dir}"
             )
-            report(cfg)
+            # under torchrun the other ranks would wait for rank 0's page: last fold only
+            if fold == folds[-1] or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                report(cfg)
     finally:
         distributed.shutdown()
     return 0

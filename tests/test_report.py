@@ -17,7 +17,7 @@ import pytest
 
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.inference.predict import predict_submission
-from bonecomp.inference.thresholds import tune_thresholds
+from bonecomp.inference.thresholds import tune_thresholds, write_thresholds
 from bonecomp.report import experiment_view, write_ensemble_report, write_run_report
 from bonecomp.runs import REPORT, ensemble_members, ensemble_report_path, run_dir
 from bonecomp.submission import score_submission
@@ -158,7 +158,12 @@ def test_threshold_effect_matches_the_tuning(trained, tmp_path):
         # the ensemble report computes the same on the ensemble's OOF probabilities
         members = write_ensemble_report(cfg, out=tmp_path / "e.html").read_text()
         assert "ensemble&#39;s weighted mean OOF" in members
-        assert f"{result.after.mean:.4f}" in members
+        computed = re.search(r"mean OOF Dice [0-9.]+ &rarr; <b>([0-9.]+)</b>", members)
+        assert computed and computed.group(1) == f"{result.after.mean:.4f}"
+        # a file tuned for an ensemble of other experiments is not this experiment's
+        other = {"tiny": [1.0] * len(CLASSES), "fcn": [1.0] * len(CLASSES)}
+        write_thresholds(tpath, result.thresholds, runs=["x/fcn/fold0"], class_weights=other)
+        assert experiment_view(experiment).thresholds is None
     finally:
         tpath.unlink()
 
@@ -195,6 +200,14 @@ def test_report_script(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         report_script.main([])  # neither an experiment nor --ensemble
     assert report_script.main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    loose = tmp_path / "ck" / "model.pt"  # a checkpoint outside runs/<experiment>/fold<k>/
+    loose.parent.mkdir()
+    shutil.copy(experiment / "fold0" / "best.pt", loose)
+    cfg_args = ["--config", str(REPO / "configs" / "demo.yaml")]
+    capsys.readouterr()
+    assert report_script.main(["--ensemble", *cfg_args, "--checkpoints", str(loose)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.pt" in err and "fold<k>" in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------- a real browser

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 
 import numpy as np
@@ -21,10 +22,11 @@ from bonecomp.inference.tta import views
 from bonecomp.inference.weights import (
     choose_weights,
     read_class_weights,
+    resolve_class_weights,
     simplex_grid,
     tune_ensemble,
 )
-from bonecomp.runs import RunError, ensemble_members, thresholds_path
+from bonecomp.runs import MemberSpec, RunError, ensemble_members, thresholds_path
 from bonecomp.testing import REPO as ROOT
 from bonecomp.testing import tiny_config, tiny_overrides
 from bonecomp.training import run_training
@@ -106,10 +108,11 @@ def test_tuning_never_lowers_oof_dice_across_oof_sizes(trained, tiny_root, tmp_p
     assert script.main(args + tiny_overrides(tiny_root, work, **_overrides())) == 0
     printed = capsys.readouterr().out
     assert "w+thr" in printed and "weights + thresholds" in printed
-    bad = ["--step", "0.3"]  # a user's mistake: one line naming the key, exit code 2
-    assert script.main(args + bad + tiny_overrides(tiny_root, work, **_overrides())) == 2
-    err = capsys.readouterr().err.strip()
-    assert "step=0.3" in err and len(err.splitlines()) == 1
+    for step in ("0.3", "0", "0.0001"):  # a user's mistake: one line, exit code 2
+        bad = ["--step", step]
+        assert script.main(args + bad + tiny_overrides(tiny_root, work, **_overrides())) == 2
+        err = capsys.readouterr().err.strip()
+        assert "step=" in err and len(err.splitlines()) == 1, err
 
     res, path = tune_ensemble(cfg, members, out=tmp_path / "again.json", progress=False)
     assert res.after.n_images == 2 and res.experiments == ["tiny", "fcn"]
@@ -191,6 +194,60 @@ def test_weights_tuned_for_other_experiments_are_refused(trained, tmp_path):
     bad = write_thresholds(tmp_path / "bad.json", [0.5] * C, class_weights={"tiny": [1.0] * 3})
     with pytest.raises(RunError, match=r"bad\.json.*29 weights"):
         read_class_weights(bad)
+    text = write_thresholds(tmp_path / "t.json", [0.5] * C, class_weights={"tiny": ["x"] * C})
+    with pytest.raises(RunError, match=r"t\.json.*numbers"):
+        read_class_weights(text)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match=r"list\.json"):
+        read_class_weights(tmp_path / "list.json")
+
+
+def test_an_experiments_folds_share_its_weight(trained, tmp_path):
+    """Tuning sees one fold per experiment on each OOF image, so inference must give each
+    experiment its weight whatever its number of folds (3 folds of A vs 1 of B: 50/50)."""
+    cfg, _ = trained
+    members = [
+        MemberSpec(tmp_path / e / f"fold{k}" / "best.pt", w)
+        for e, k, w in (("a", 0, 1.0), ("a", 1, 1.0), ("a", 2, 1.0), ("b", 0, 2.0))
+    ]
+
+    def shares(weights) -> dict[str, torch.Tensor]:
+        w = torch.stack([torch.as_tensor(x, dtype=torch.float64).expand(C) for x in weights])
+        w = w / w.sum(0)
+        out = {"a": torch.zeros(C, dtype=torch.float64), "b": torch.zeros(C, dtype=torch.float64)}
+        for m, row in zip(members, w, strict=True):
+            out[m.run.experiment] += row
+        return out
+
+    with _infer(cfg, thresholds=str(tmp_path / "none.json")):
+        weights, table, _ = resolve_class_weights(cfg, members)
+    got = shares(weights)
+    assert table is None
+    torch.testing.assert_close(got["a"], torch.full((C,), 1 / 3, dtype=torch.float64))
+    torch.testing.assert_close(got["b"], torch.full((C,), 2 / 3, dtype=torch.float64))
+    cw = {"a": [0.25] * C, "b": [0.75] * C}
+    f = write_thresholds(tmp_path / "cw.json", [0.5] * C, class_weights=cw)
+    with _infer(cfg, thresholds=str(f)):
+        weights, table, _ = resolve_class_weights(cfg, members)
+    got = shares(weights)
+    torch.testing.assert_close(got["a"], torch.full((C,), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(got["b"], torch.full((C,), 0.75, dtype=torch.float64))
+
+
+def test_ensemble_report_scores_with_the_tuned_class_weights(trained, tmp_path):
+    """The report's after-tuning OOF Dice is the one tune_ensemble chose (weights and
+    thresholds together), not the thresholds applied to uniform weights."""
+    from bonecomp.report import write_ensemble_report
+
+    cfg, _ = trained
+    members = ensemble_members(cfg)
+    res, path = tune_ensemble(cfg, members, out=tmp_path / "cw.json", progress=False)
+    with _infer(cfg, thresholds=str(path)):
+        html = write_ensemble_report(cfg, out=tmp_path / "r.html").read_text()
+    after = re.search(r"mean OOF Dice ([0-9.]+) &rarr; <b>([0-9.]+)</b>", html)
+    assert after, "no threshold section"
+    assert float(after.group(2)) == pytest.approx(res.after.mean, abs=1e-4)
+    assert "class-wise weighted" in html and "per class (tuned)" in html
 
 
 # ---------------------------------------------------------------------------- Ensemble

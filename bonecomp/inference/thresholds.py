@@ -79,15 +79,23 @@ def choose(dice: np.ndarray, grid: Sequence[float] = GRID, min_gain: float = 1e-
 
 
 def oof_items(
-    members: Sequence[MemberSpec], data_root: Path | str, progress: bool = True
+    members: Sequence[MemberSpec],
+    data_root: Path | str,
+    progress: bool = True,
+    class_weights: dict[str, Sequence[float]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, list, tuple[int, int]]]:
-    """(probs, truth crops, hw) per OOF image: the members' weighted mean probability.
+    """(probs, truth crops, hw) per OOF image: the members' weighted mean probability,
+    with each experiment's scalar weight or, given ``class_weights``, its (C,) weights.
 
     Folds of one experiment cover disjoint images; experiments of an ensemble cover the
     same ones. Members saved at different ``train.oof_size`` are brought to the largest
     size (bilinear) before averaging.
     """
-    weight = {m.run.experiment: m.weight for m in members}
+    weight: dict[str, float | torch.Tensor] = {m.run.experiment: m.weight for m in members}
+    if class_weights is not None:
+        weight = {
+            e: torch.tensor(w, dtype=torch.float32)[:, None, None] for e, w in class_weights.items()
+        }
     for maps, truth, hw in oof_maps(members, data_root, progress):
         total = sum(weight[e] for e in maps)
         yield sum(p * weight[e] for e, p in maps.items()) / total, truth, hw
@@ -169,14 +177,18 @@ def write_thresholds(path: Path, thresholds: Sequence[float], **info) -> Path:
 
 
 def read_thresholds(path: Path | str) -> tuple[list[float], list[str]]:
-    """(per-class thresholds, the run folders they were tuned on) from a thresholds file."""
+    """(per-class thresholds, the run folders they were tuned on) from a thresholds file;
+    a damaged file is a ``RunError`` naming it."""
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"thresholds file {path}: cannot read ({e})") from e
-    if doc.get("classes") != list(CLASSES):
-        raise ValueError(f"thresholds file {path}: classes differ from the competition's 29")
-    return as_thresholds(doc["thresholds"], len(CLASSES)), list(doc.get("runs", []))
+        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
+    if not isinstance(doc, dict) or doc.get("classes") != list(CLASSES):
+        raise RunError(f"thresholds file {path}: classes differ from the competition's 29")
+    try:
+        return as_thresholds(doc["thresholds"], len(CLASSES)), list(doc.get("runs", []))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"thresholds file {path}: bad thresholds ({e})") from e
 
 
 def resolve_thresholds(cfg: Config, members: Sequence[MemberSpec] = ()) -> tuple[list[float], str]:

@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from bonecomp.runs import MemberSpec, RunError, thresholds_path
 STEP = 0.1
 MIN_SHARE = 0.1
 MIN_GAIN = 1e-3
+MAX_GRID = 2_000_000  # weight combinations enumerated before the simplex filter
 
 
 @dataclass
@@ -80,13 +82,18 @@ class EnsembleTuneResult:
 
 def simplex_grid(n: int, step: float = STEP, min_share: float = MIN_SHARE) -> np.ndarray:
     """(K, n) weight vectors on the simplex in multiples of ``step``, each >= ``min_share``."""
-    units = round(1 / step)
-    if n < 1 or not math.isclose(units * step, 1.0) or not 0 <= min_share * n <= 1:
+    units = round(1 / step) if 0 < step <= 1 else 0
+    if n < 1 or not units or not math.isclose(units * step, 1.0) or not 0 <= min_share * n <= 1:
         raise ValueError(
             f"weight grid: step must divide 1 and min_share x {n} experiments must be <= 1, "
             f"got step={step}, min_share={min_share}"
         )
     low = math.ceil(min_share * units - 1e-9)
+    if (units - low + 1) ** n > MAX_GRID:
+        raise ValueError(
+            f"weight grid: step={step} with {n} experiments is too fine to search "
+            "(a coarse grid also guards against overfitting the OOF images); use a larger step"
+        )
     rows = [c for c in itertools.product(range(low, units + 1), repeat=n) if sum(c) == units]
     if not rows:
         raise ValueError(f"weight grid: no point with step={step} and min_share={min_share}")
@@ -208,6 +215,8 @@ def read_class_weights(path: Path | str) -> dict[str, list[float]] | None:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"thresholds file {path}: cannot read ({e})") from e
+    if not isinstance(doc, dict):
+        raise RunError(f"thresholds file {path}: not a JSON object")
     table = doc.get("class_weights")
     if table is None:
         return None
@@ -221,7 +230,10 @@ def read_class_weights(path: Path | str) -> dict[str, list[float]] | None:
                 bad + f"weights each; {e!r} has {len(ws) if isinstance(ws, list) else ws!r}"
             )
         arr.append(ws)
-    a = np.asarray(arr, np.float64)
+    try:
+        a = np.asarray(arr, np.float64)
+    except (TypeError, ValueError) as e:
+        raise RunError(bad + f"numbers each ({e})") from e
     if not np.isfinite(a).all() or (a < 0).any() or (a.sum(axis=0) <= 0).any():
         raise RunError(bad + "weights >= 0, with a positive sum for every class")
     return {e: [float(v) for v in ws] for e, ws in table.items()}
@@ -237,17 +249,29 @@ def resolve_class_weights(
     ``infer.name``) may hold a ``class_weights`` table: each member then gets its
     experiment's (C,) weights. A table whose experiments differ from the members' is
     refused: its weights were chosen for another mix of models.
+
+    A weight belongs to an experiment, as in the OOF tuning (each OOF image is predicted
+    by one fold per experiment): the folds of an experiment share it, so an experiment
+    with five folds does not outweigh one with two. (The factor is 1 when every
+    experiment has as many folds, leaving those ensembles' arithmetic unchanged.)
     """
+    counts = Counter(m.run.experiment for m in members)
+    most = max(counts.values(), default=1)
+    share = [most / counts[m.run.experiment] for m in members]
     path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
     table = read_class_weights(path) if path.is_file() else None
     if table is None:
-        return [m.weight for m in members], None, "scalar member weights (infer.ensemble)"
-    used = sorted({m.run.experiment for m in members})
+        scalar = [m.weight * s for m, s in zip(members, share, strict=True)]
+        return scalar, None, "scalar member weights (infer.ensemble)"
+    used = sorted(counts)
     if sorted(table) != used:
         raise RunError(
-            f"{path}: class_weights were tuned for experiments {sorted(table)}, but the "
-            f"ensemble has {used}; re-run scripts/tune_ensemble.py (or tune_thresholds.py, "
-            "which drops the table)"
+            f"{path}: class_weights were tuned for experiments {sorted(table)}, but these "
+            f"models are {used}; use the tuned ensemble (infer.py --ensemble), or other "
+            "thresholds with infer.thresholds=<file> (scripts/tune_thresholds.py --out <file>)"
         )
-    weights = [torch.tensor(table[m.run.experiment], dtype=torch.float32) for m in members]
+    weights = [
+        torch.tensor(table[m.run.experiment], dtype=torch.float32) * s
+        for m, s in zip(members, share, strict=True)
+    ]
     return weights, table, f"class weights from {path}"
