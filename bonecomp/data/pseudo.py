@@ -80,10 +80,14 @@ class PseudoWriter:
                 )
             shutil.rmtree(self.tmp.path, ignore_errors=True)
             self.tmp.path.mkdir()
-            open_memmap = np.lib.format.open_memmap
-            self.images = open_memmap(self.tmp.images, "w+", np.uint8, (n, size, size))
-            shape = (n, NUM_CLASSES, size, size)
-            self.probs = open_memmap(self.tmp.probs, "w+", np.uint8, shape)
+            try:
+                open_memmap = np.lib.format.open_memmap
+                self.images = open_memmap(self.tmp.images, "w+", np.uint8, (n, size, size))
+                shape = (n, NUM_CLASSES, size, size)
+                self.probs = open_memmap(self.tmp.probs, "w+", np.uint8, shape)
+            except BaseException:
+                self.abort()
+                raise
         self.crc = np.zeros((n, 2), np.uint32)
         self.done = np.zeros(n, bool)
 
