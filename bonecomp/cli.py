@@ -19,6 +19,7 @@ from bonecomp.data.cache import CacheError
 from bonecomp.data.folds import FoldsError
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
+from bonecomp.data.pseudo import PseudoError
 from bonecomp.engine import NonFiniteLossError
 from bonecomp.fileio import OutputError
 from bonecomp.memory import BatchMemoryError
@@ -33,7 +34,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataLayoutError, RunError, CheckpointError, FoldsError, AnnotationError,
     ImageReadError, WeightsError, NonFiniteLossError, CacheError, BatchMemoryError,
-    OutputError,
+    OutputError, PseudoError,
 )  # fmt: skip
 
 

@@ -130,6 +130,10 @@ class TrainConfig:
     memory_fraction: float = 0.85  # "auto" keeps the probed peak under this share of the GPU
     compile: bool = False  # torch.compile the training model (checkpoints stay plain)
     report: bool = True  # scripts/train.py refreshes runs/<experiment>/report.html per fold
+    pseudo_labels: str | None = None  # folder from scripts/pseudo_label.py: added to training
+    pseudo_weight: float = 1.0  # pseudo images drawn per epoch, as a share of the pseudo set
+    pseudo_rule: Literal["soft", "sharpen"] = "soft"  # target: the probability, or snapped
+    pseudo_confidence: float = 0.9  # sharpen: p >= this -> 1, p <= 1 - this -> 0
 
 
 @dataclass
@@ -429,6 +433,13 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.device", DEVICE.fullmatch, "must be auto, cpu, mps, cuda or cuda:<index>"),
     ("train.max_train_minutes", lambda v: v is None or v > 0, "must be > 0 or null"),
     ("train.oof_size", lambda v: v >= 1, "must be >= 1"),
+    ("train.pseudo_labels", lambda v: v is None or bool(v), "must name a folder or be null"),
+    (
+        "train.pseudo_weight",
+        lambda v: v > 0 and math.isfinite(v),
+        "must be > 0 (1.0: each pseudo image once per epoch)",
+    ),
+    ("train.pseudo_confidence", lambda v: 0.5 < v <= 1, "must be in (0.5, 1]"),
     ("infer.name", bool, "must be a non-empty name"),
     ("infer.device", DEVICE.fullmatch, "must be auto, cpu, mps, cuda or cuda:<index>"),
     ("infer.tta", bool, "must be a non-empty list"),

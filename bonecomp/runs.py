@@ -14,6 +14,13 @@ module; no other file spells these names.
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
         (and, from scripts/tune_ensemble.py, its class_weights table: {experiment: [29]})
     <train.output_dir>/report_<infer.name>.html       the report of an ensemble
+    <train.output_dir>/pseudo_<infer.name>/           pseudo-labels of the ensemble's test
+        images (scripts/pseudo_label.py; any folder with --out), read by train.pseudo_labels:
+        images.npy   (N, S, S) uint8 test images at data.image_size (INTER_AREA, as the cache)
+        probs.npy    (N, C, S, S) uint8 ensemble probabilities x 255
+        crc.npy      (N, 2) uint32 crc32 of each image row and probability row
+        index.csv    rel, patient, name, src_h, src_w
+        meta.json    version, size, members, thresholds, TTA; bytes (+ hash) of each file
 """
 
 from __future__ import annotations
@@ -40,6 +47,11 @@ LOCK = ".lock"
 BATCH_PLAN = "batch_plan.json"
 REPORT = "report.html"  # per experiment (runs/<experiment>/) and per ensemble (runs/)
 CHECKPOINTS = {"best": BEST, "last": LAST}  # names an ensemble section may use
+PSEUDO_IMAGES = "images.npy"
+PSEUDO_PROBS = "probs.npy"
+PSEUDO_CRC = "crc.npy"
+PSEUDO_INDEX = "index.csv"
+PSEUDO_META = "meta.json"  # written last: a folder without it is not a pseudo-label folder
 
 
 class RunError(RuntimeError):
@@ -154,6 +166,27 @@ def report_path(experiment: Path | str) -> Path:
 def ensemble_report_path(cfg: Config) -> Path:
     """The report of the config's ensemble: ``runs/report_<infer.name>.html``."""
     return runs_root(cfg) / f"report_{cfg.infer.name}.html"
+
+
+def pseudo_path(cfg: Config) -> Path:
+    """Default pseudo-label folder of the config's ensemble: ``runs/pseudo_<infer.name>/``."""
+    return runs_root(cfg) / f"pseudo_{cfg.infer.name}"
+
+
+@dataclass(frozen=True)
+class PseudoDir:
+    """A pseudo-label folder and the paths of its files."""
+
+    path: Path
+
+    images = property(lambda self: self.path / PSEUDO_IMAGES)
+    probs = property(lambda self: self.path / PSEUDO_PROBS)
+    crc = property(lambda self: self.path / PSEUDO_CRC)
+    index = property(lambda self: self.path / PSEUDO_INDEX)
+    meta = property(lambda self: self.path / PSEUDO_META)
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 def checkpoint_file(name: str) -> str:

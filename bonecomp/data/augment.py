@@ -13,7 +13,9 @@ def train_transform(cfg: AugmentConfig) -> A.Compose:
 
     The geometric part moves the image and the polygon points (as keypoints, "xy", pixel
     centres at integers); the Dataset draws the masks at the moved points, which is exact
-    and far cheaper than warping 29 mask channels.
+    and far cheaper than warping 29 mask channels. Pseudo-label maps (``data.pseudo``),
+    which have no polygons, are warped as masks, with linear interpolation: they are
+    probabilities.
     """
     ops: list[A.BasicTransform] = [
         A.HorizontalFlip(p=cfg.hflip),
@@ -23,6 +25,7 @@ def train_transform(cfg: AugmentConfig) -> A.Compose:
             scale=(1 - cfg.scale, 1 + cfg.scale),
             rotate=(-cfg.rotate, cfg.rotate),
             interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_LINEAR,
             border_mode=cv2.BORDER_CONSTANT,
             fill=0,
             p=cfg.affine_p,

@@ -48,6 +48,26 @@ class InferResult:
     class_weights: dict[str, list[float]] | None = None  # {experiment: per-class} when used
 
 
+def build_ensemble(
+    cfg: Config, members: Sequence[MemberSpec], device: torch.device
+) -> tuple[Ensemble, dict[str, list[float]] | None, str]:
+    """The ``infer`` section's ensemble of ``members`` on ``device`` (TTA views, sliding
+    window, compile, class weights of the thresholds file in use); also the class-weight
+    table applied (None: the scalar weights) and where the weights came from."""
+    weights, table, weights_from = resolve_class_weights(cfg, members)
+    models = [load_member(m.checkpoint, w, device) for m, w in zip(members, weights, strict=True)]
+    inf = cfg.infer
+    if inf.compile:
+        for m in models:
+            m.model = torch.compile(m.model)
+    tile = inf.tile if inf.sliding_window else None
+    return (
+        Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp),
+        table,
+        weights_from,
+    )
+
+
 def predict_submission(
     cfg: Config,
     members: Sequence[MemberSpec],
@@ -63,14 +83,8 @@ def predict_submission(
     check_config(cfg)
     device = pick_device(cfg.infer.device, "infer.device")
     test = discover(data_root or cfg.data.root, "test")
-    weights, table, weights_from = resolve_class_weights(cfg, members)
-    models = [load_member(m.checkpoint, w, device) for m, w in zip(members, weights, strict=True)]
+    ens, table, weights_from = build_ensemble(cfg, members, device)
     inf = cfg.infer
-    if inf.compile:
-        for m in models:
-            m.model = torch.compile(m.model)
-    tile = inf.tile if inf.sliding_window else None
-    ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)
     thresholds, source = resolve_thresholds(cfg, members)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"

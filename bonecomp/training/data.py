@@ -1,21 +1,30 @@
-"""Data of one fold: table -> folds (written once) -> cache (built once) -> loaders."""
+"""Data of one fold: table -> folds (written once) -> cache (built once) -> loaders.
+
+With ``train.pseudo_labels`` the pseudo-label folder's test images join the training
+loader of every fold (never validation, so folds, validation and OOF are unchanged);
+``MixSampler`` draws each real training image once per epoch plus
+``train.pseudo_weight`` x the pseudo images.
+"""
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from bonecomp.config import Config
+from bonecomp.config import Config, ConfigError, source_of
 from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import TrainCache, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.folds import folds_path, load_or_make_folds
+from bonecomp.data.pseudo import PseudoDataset, PseudoError, PseudoSet, open_pseudo
 from bonecomp.distributed import Dist
 
 
@@ -29,17 +38,21 @@ class FoldData:
     train_loader: DataLoader
     val_loader: DataLoader
     generator: torch.Generator  # draws the epoch's order and worker seeds
+    pseudo: PseudoSet | None = None  # training items with index >= len(cache) are its rows
 
     def image_names(self, idx) -> list[str]:
-        """Relative paths of cache rows (for messages naming images)."""
-        return self.cache.index["rel"].iloc[list(idx)].tolist()
+        """Relative paths of cache rows, or ``pseudo <rel>`` of pseudo-label rows (for
+        messages naming images)."""
+        n, rel = len(self.cache), self.cache.index["rel"]
+        extra = self.pseudo.index["rel"] if self.pseudo is not None else None
+        return [rel.iloc[i] if i < n else f"pseudo {extra.iloc[i - n]}" for i in map(int, idx)]
 
     def start_epoch(self, seed: int, epoch: int, rank: int) -> None:
         """Seed order and augmentations per (seed, epoch, rank): reproducible on resume,
         different on each rank."""
         self.generator.manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
         sampler = self.train_loader.sampler
-        if isinstance(sampler, DistributedSampler):
+        if isinstance(sampler, DistributedSampler | MixSampler):
             sampler.set_epoch(epoch)
         ds = self.train_loader.dataset
         if self.train_loader.num_workers == 0 and ds.transform is not None:
@@ -76,6 +89,95 @@ def prepare_cache(
     return result
 
 
+def open_pseudo_labels(cfg: Config, table: pd.DataFrame) -> PseudoSet | None:
+    """The folder of ``train.pseudo_labels`` (None when unset), checked against the run:
+    built at ``data.image_size``, readable, and holding no image or patient of the
+    training table (a pseudo image of a validation patient would leak into training).
+    Any problem is a ``ConfigError`` naming the key."""
+    folder = cfg.train.pseudo_labels
+    if folder is None:
+        return None
+    key = "train.pseudo_labels"
+    where = f"{source_of(cfg, key)}: {key}={folder}"
+    try:
+        pseudo = open_pseudo(folder)
+    except PseudoError as e:
+        raise ConfigError(f"{where}: {e}", key) from None
+    if pseudo.size != cfg.data.image_size:
+        raise ConfigError(
+            f"{where}: written at {pseudo.size} px but data.image_size is "
+            f"{cfg.data.image_size}; write it at this size (scripts/pseudo_label.py "
+            f"data.image_size={cfg.data.image_size})",
+            key,
+        )
+    for col, what in (("name", "image(s)"), ("patient", "patient(s)")):
+        both = sorted(set(pseudo.index[col]) & set(table[col]))
+        if both:
+            raise ConfigError(
+                f"{where}: holds training {what} {both[:3]}{' ...' if len(both) > 3 else ''}; "
+                "pseudo-labels are for images outside the training set (the test split)",
+                key,
+            )
+    return pseudo
+
+
+class TrainMix(ConcatDataset):
+    """Real training items, then pseudo-label items; ``transform`` is their shared
+    augmentation (``seed_worker`` and ``FoldData.start_epoch`` seed it)."""
+
+    def __init__(self, real: BoneDataset, pseudo: PseudoDataset) -> None:
+        super().__init__([real, pseudo])
+        self.transform = real.transform
+
+
+class MixSampler(Sampler[int]):
+    """Each epoch: every real item once plus ``round(weight x n_pseudo)`` pseudo items
+    (each pseudo item ``floor(weight)`` times and a random share of them once more), in a
+    random order; real items are ``0..n_real-1``, pseudo items follow.
+
+    On one process the order comes from ``generator`` (reseeded per epoch by
+    ``FoldData.start_epoch``). Under DDP every rank draws the same order from
+    ``seed + epoch`` (``set_epoch``) and takes every ``world``-th item of it, all ranks the
+    same number (the rest is dropped, like ``DistributedSampler(drop_last=True)``).
+    """
+
+    def __init__(
+        self,
+        n_real: int,
+        n_pseudo: int,
+        weight: float,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.n_real, self.n_pseudo, self.weight = n_real, n_pseudo, weight
+        self.generator, self.rank, self.world, self.seed = generator, rank, world, seed
+        self.epoch = 0
+        whole = math.floor(weight)
+        self.extra = round((weight - whole) * n_pseudo)
+        self.total = n_real + whole * n_pseudo + self.extra
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        if self.world > 1 or self.generator is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+        else:
+            g = self.generator
+        pseudo = torch.arange(self.n_pseudo) + self.n_real
+        parts = [torch.arange(self.n_real)] + [pseudo] * math.floor(self.weight)
+        parts.append(pseudo[torch.randperm(self.n_pseudo, generator=g)[: self.extra]])
+        items = torch.cat(parts)
+        order = items[torch.randperm(len(items), generator=g)]
+        order = order[: len(self) * self.world][self.rank :: self.world]
+        return iter(order.tolist())
+
+
 def build_loaders(
     cfg: Config,
     cache: TrainCache,
@@ -83,9 +185,11 @@ def build_loaders(
     val_idx: np.ndarray,
     dd: Dist | None = None,
     pin_memory: bool = False,
+    pseudo: PseudoSet | None = None,
 ) -> FoldData:
-    """Training loader (augmented, shuffled per epoch) and validation loader (this rank's
-    share of the fold), both yielding compact uint8 batches (see ``BoneDataset``)."""
+    """Training loader (augmented, shuffled per epoch; plus ``pseudo``'s images when given)
+    and validation loader (this rank's share of the fold), both yielding compact uint8
+    batches (see ``BoneDataset``)."""
     d, t = cfg.data, cfg.train
     dd = dd or Dist()
     train_ds = BoneDataset(
@@ -93,7 +197,16 @@ def build_loaders(
     )
     val_ds = BoneDataset(cache, val_idx[dd.rank :: dd.world], None, d.soft_targets, d.soft_k, True)
     gen = torch.Generator()
-    if dd.world > 1:
+    if pseudo is not None:
+        extra = PseudoDataset(
+            pseudo, train_ds.transform, t.pseudo_rule, t.pseudo_confidence, d.soft_targets,
+            offset=len(cache),
+        )  # fmt: skip
+        train_ds = TrainMix(train_ds, extra)
+        sampler = MixSampler(
+            len(train_idx), len(pseudo), t.pseudo_weight, gen, dd.rank, dd.world, t.seed
+        )
+    elif dd.world > 1:
         sampler = DistributedSampler(
             train_ds, dd.world, dd.rank, shuffle=True, seed=t.seed, drop_last=True
         )
@@ -114,7 +227,7 @@ def build_loaders(
         **loader_kw,
     )
     val_loader = DataLoader(val_ds, t.batch_size, shuffle=False, **loader_kw)
-    return FoldData(cache, train_idx, val_idx, train_loader, val_loader, gen)
+    return FoldData(cache, train_idx, val_idx, train_loader, val_loader, gen, pseudo)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -28,7 +28,7 @@ from bonecomp.memory import device_meter
 from bonecomp.metrics import DiceTable
 from bonecomp.runs import RunDir, RunError, run_dir
 from bonecomp.training.batch_plan import plan_batch, save_plan
-from bonecomp.training.data import build_loaders, fold_split, prepare_cache
+from bonecomp.training.data import build_loaders, fold_split, open_pseudo_labels, prepare_cache
 from bonecomp.training.records import SummaryLog, commit_oof, stage_oof
 from bonecomp.training.state import (
     Progress,
@@ -70,6 +70,7 @@ def run_training(
     dd = distributed.setup(cfg.train.device)
     device = _device(cfg.train.device, dd)
     table = discover(cfg.data.root, "train", cfg.data.exclude)
+    pseudo = open_pseudo_labels(cfg, table)  # a problem here is the user's data: before the run
     run = run_dir(cfg, fold)
     with contextlib.ExitStack() as held:
 
@@ -81,7 +82,7 @@ def run_training(
         _agree(claim, dd)
         folds, cache = prepare_cache(cfg, table, dd, progress and dd.main)
         train_idx, val_idx = fold_split(folds, fold)
-        data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda")
+        data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda", pseudo)
         per_epoch = updates_per_epoch(len(data.train_loader), cfg.train.accum_steps)
         state = build_state(cfg, device, dd, per_epoch, progress and dd.main)
         # before load_last: the probe needs an optimiser that has not stepped

@@ -1,0 +1,107 @@
+"""Pseudo-labels: an ensemble's probabilities on the test images, saved for training.
+
+load (DataLoader workers) -> ensemble (the same members, TTA, class weights as
+``predict_submission``) -> probabilities at ``data.image_size`` -> pseudo-label folder
+(``bonecomp.data.pseudo``: images resized as the training cache does, probabilities as
+uint8), written under a temporary name and renamed into place whole.
+
+The folder keeps raw probabilities; the confidence rule is the training's choice
+(``train.pseudo_rule``), and the per-class thresholds of the ensemble are stored with
+them (binary-target training uses them to make masks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from bonecomp.checks import check_config
+from bonecomp.config import Config
+from bonecomp.data.dataset import TestImages, to_float_image
+from bonecomp.data.images import png_shapes
+from bonecomp.data.layout import discover
+from bonecomp.data.pseudo import PseudoWriter
+from bonecomp.device import pick_device
+from bonecomp.inference.predict import OOM_HINT, build_ensemble
+from bonecomp.inference.thresholds import resolve_thresholds
+from bonecomp.memory import run_chunked
+from bonecomp.runs import MemberSpec, pseudo_path
+
+
+@dataclass
+class PseudoResult:
+    path: Path
+    images: int
+    size: int
+    seconds_per_image: float
+    thresholds_from: str
+    weights_from: str
+
+
+def write_pseudo_labels(
+    cfg: Config,
+    members: Sequence[MemberSpec],
+    out: Path | str | None = None,
+    data_root: Path | str | None = None,
+    progress: bool = True,
+) -> PseudoResult:
+    """Write the pseudo-label folder of the test images (default ``runs.pseudo_path``) at
+    ``data.image_size``; ``members`` come from ``runs.ensemble_members``."""
+    check_config(cfg)
+    device = pick_device(cfg.infer.device, "infer.device")
+    root = Path(data_root or cfg.data.root)
+    test = discover(root, "test")
+    ens, table, weights_from = build_ensemble(cfg, members, device)
+    thresholds, thresholds_from = resolve_thresholds(cfg, members)
+    size, inf = cfg.data.image_size, cfg.infer
+    index = test[["rel", "patient", "name"]].copy()
+    index["src_h"], index["src_w"] = zip(*png_shapes(test).values(), strict=True)
+    writer = PseudoWriter(Path(out) if out else pseudo_path(cfg), index, size)
+    loader = DataLoader(
+        TestImages(test, [*ens.sizes, size]),
+        batch_size=inf.batch_size,
+        num_workers=inf.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    t0, row, micro = time.monotonic(), 0, None
+    try:
+        for batch in tqdm(loader, desc="pseudo-labels", unit="batch", disable=not progress):
+            images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
+            pred, micro = run_chunked(
+                lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
+                len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
+            )  # fmt: skip
+            if pred.shape[-1] != size:  # logits or probabilities: both interpolate linearly
+                pred = F.interpolate(pred, (size, size), mode="bilinear", align_corners=False)
+            probs = (torch.sigmoid(pred) if ens.single_view else pred).float().cpu().numpy()
+            for i in range(len(probs)):
+                writer.add(row, batch[f"image{size}"][i].numpy(), probs[i])
+                row += 1
+        meta = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "data_root": str(root.resolve()),
+            "members": [{"checkpoint": str(m.checkpoint), "weight": m.weight} for m in members],
+            "class_weights": table,
+            "weights_from": weights_from,
+            "thresholds": thresholds,
+            "thresholds_from": thresholds_from,
+            "tta": list(inf.tta),
+            "scales": list(inf.scales),
+            "sliding_window": inf.sliding_window,
+        }
+        path = writer.close(meta).path
+    except BaseException:
+        writer.abort()  # no half-written folder under any name
+        raise
+    elapsed = time.monotonic() - t0
+    return PseudoResult(
+        path, len(test), size, elapsed / max(len(test), 1), thresholds_from, weights_from
+    )
