@@ -27,8 +27,8 @@ def draw_hand(
     polygons = [_finalize(to_px(o), size) for o in outlines]
     tissue_px = {
         "hulls": [
-            (to_px(tissue["palm"]), TISSUE_PAD["palm"] * px_per_mm),
-            (to_px(tissue["forearm"]), TISSUE_PAD["forearm"] * px_per_mm),
+            (to_px(tissue["palm"]), TISSUE_PAD["palm"] * anatomy.tissue * px_per_mm),
+            (to_px(tissue["forearm"]), TISSUE_PAD["forearm"] * anatomy.tissue * px_per_mm),
         ],
         "strokes": [(to_px(a), to_px(b), t * px_per_mm) for a, b, t in tissue["strokes"]],
     }
