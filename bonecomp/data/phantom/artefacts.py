@@ -47,7 +47,7 @@ def sample_artefacts(rng: np.random.Generator) -> Artefacts:
     ring = int(rng.choice(_RING_DIGITS)) if rng.random() < RING_CHANCE else None
     ring_at = float(rng.uniform(0.3, 0.6))
     wrist = str(rng.choice(WRIST_KINDS)) if rng.random() < WRIST_CHANCE else None
-    wrist_at = float(rng.uniform(20.0, 45.0))
+    wrist_at = float(rng.uniform(18.0, 38.0))  # further off, it may leave the film
     texts: tuple[str, ...] = ()
     if rng.random() < TEXT_CHANCE:
         words = [str(w) for w in rng.choice(_WORDS, int(rng.integers(1, 3)), replace=False)]
