@@ -148,7 +148,7 @@ def draw_texts(
     image: np.ndarray, texts: tuple[str, ...], tissue_low: np.ndarray, rng: np.random.Generator
 ) -> None:
     """Burn text labels into the uint8 image along the top and bottom edges, where the film
-    is clearest of tissue; some sit in a box, as printed labels do."""
+    is clearest of tissue and of other labels; some sit in a box, as printed labels do."""
     size = image.shape[0]
     f = tissue_low.shape[0] / size
     scale = 2.2 * size / REF_SIZE * rng.uniform(0.8, 1.2)
@@ -164,7 +164,8 @@ def draw_texts(
             window = tissue_low[
                 int((y - h) * f) : int(y * f) + 1, int(x * f) : int((x + w) * f) + 1
             ]
-            return float(window.mean()) + 0.01 * float(image[y - h : y, x : x + w].mean() > 128)
+            taken = image[max(0, y - 2 * h) : y + h, max(0, x - h) : x + w + h] > 200
+            return float(window.mean()) + float(taken.any())  # never over the marker or text
 
         x, y = min((spots[i] for i in rng.permutation(len(spots))), key=covered)
         brightness = int(rng.integers(200, 256))
