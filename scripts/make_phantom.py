@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.test_patients} test patients ({summary.n_test_images} images) "
         f"at {summary.size} px in {summary.root} ({time.perf_counter() - start:.1f} s)"
     )
+    print(summary.stats.describe())
 
 
 if __name__ == "__main__":

@@ -6,13 +6,16 @@ two hands: a right hand and its mirror image as the left hand, in a slightly dif
 
 Modules, in dependency order: ``geometry`` (polygon maths), ``anatomy`` (reference bones,
 patient and pose sampling), ``skeleton`` (posed bone outlines and soft tissue, mm),
-``render`` (pixel polygons -> X-ray image), ``hand`` (one hand, mm -> pixels -> image),
-``plan`` (patients, IDs, stems), ``write`` (files on disk, worker processes).
+``artefacts`` (rings, wrist objects, text: drawn, never labelled), ``render`` (pixel
+polygons -> X-ray image, the patient's exposure), ``hand`` (one hand, mm -> pixels ->
+image), ``plan`` (patients, IDs, stems, every random draw of a patient), ``stats`` (overlap
+rate, bent wrists, artefact counts), ``write`` (files on disk, worker processes).
 """
 
 from __future__ import annotations
 
-from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients
+from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients, sample_patient
+from bonecomp.data.phantom.stats import PhantomStats, planned_stats
 from bonecomp.data.phantom.write import FAKE_SIDE, MIN_SIZE, PhantomSummary, make_phantom
 
 __all__ = [
@@ -20,7 +23,10 @@ __all__ = [
     "MIN_SIZE",
     "SPLITS",
     "PatientJob",
+    "PhantomStats",
     "PhantomSummary",
     "make_phantom",
     "plan_patients",
+    "planned_stats",
+    "sample_patient",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bonecomp.classes import CARPALS, FINGERS, NUM_CLASSES, THUMB
+from bonecomp.classes import CARPALS, FINGERS, FOREARM, NUM_CLASSES, THUMB
 
 REF_SIZE = 2048  # sizes and point spacings are defined at the competition resolution
 
@@ -64,19 +64,53 @@ _CARPALS = np.array(
 _FOREARM = np.array(
     [
         [-14.0, -10.5, -7.0, 29.0, 15.0, 15.0],
-        [9.5, -16.0, 16.0, 14.0, 11.0, -10.0],
+        [5.0, -15.0, 16.0, 14.0, 11.0, -10.0],
     ]
 )
 FOREARM_LENGTH = 320.0  # long enough to leave the image at the bottom
 FOREARM_CAPS = (((0.3, 4.0), (0.25, 3.0)), ((0.3, 4.0), (0.6, 2.0)))
 PIVOT = np.array([0.0, -2.0])  # centre of the capitate head: the wrist bends about it
-OVERLAPS = frozenset(
-    {frozenset((CARPALS[0], CARPALS[1])), frozenset((CARPALS[6], CARPALS[7]))}
-)  # Trapezium/Trapezoid, Triquetrum/Pisiform
+_TRAPEZIUM, _TRAPEZOID, _CAPITATE, _HAMATE, _SCAPHOID, _LUNATE, _TRIQUETRUM, _PISIFORM = CARPALS
+_RADIUS, _ULNA = FOREARM
+_MC = tuple(d[-1] for d in (THUMB, *FINGERS))  # metacarpals: thumb, index, middle, ring, little
+# Bones that lie on each other in a PA view. Trapezium/Trapezoid and Triquetrum/Pisiform are
+# never carved apart (the pisiform sits on the palmar face of the triquetrum); the other
+# pairs share a joint seen obliquely, so each bone reaches this far (mm, at packing 1) past
+# the joint line into its neighbour. Calibrated so that about 0.4 % of the image pixels
+# carry two labels, most of them in the carpus, as in the real data (docs/data.md).
+OVERLAPS = frozenset({frozenset((_TRAPEZIUM, _TRAPEZOID)), frozenset((_TRIQUETRUM, _PISIFORM))})
+OVERLAP_MM: dict[frozenset[int], float] = {
+    frozenset(pair): depth
+    for pair, depth in (
+        ((_CAPITATE, _HAMATE), 2.8),
+        ((_TRAPEZOID, _CAPITATE), 2.5),
+        ((_SCAPHOID, _TRAPEZIUM), 4.0),
+        ((_SCAPHOID, _TRAPEZOID), 2.2),
+        ((_SCAPHOID, _CAPITATE), 2.5),
+        ((_SCAPHOID, _LUNATE), 3.5),
+        ((_LUNATE, _CAPITATE), 4.0),
+        ((_LUNATE, _TRIQUETRUM), 3.0),
+        ((_HAMATE, _TRIQUETRUM), 4.0),
+        ((_HAMATE, _PISIFORM), 3.5),
+        ((_MC[1], _TRAPEZOID), 1.5),
+        ((_MC[2], _CAPITATE), 1.5),
+        ((_MC[3], _HAMATE), 1.5),
+        ((_MC[4], _HAMATE), 1.5),
+        ((_MC[1], _MC[2]), 0.8),
+        ((_MC[2], _MC[3]), 0.8),
+        ((_MC[3], _MC[4]), 0.8),
+        ((_RADIUS, _ULNA), 2.0),
+    )
+}
 JOINT_GAP = 1.8  # mm between consecutive bones of a digit
 CARVE_GAP = 1.5  # mm kept between bones that are carved apart
 CORTEX_MM = tuple(1.0 if c in CARPALS else 1.8 for c in range(NUM_CLASSES))
 TISSUE_PAD = {"finger": 4.5, "palm": 7.0, "forearm": 9.0}  # soft tissue around bones (mm)
+# Wrist bends (hand turned against the forearm about PIVOT): chance per hand and range of the
+# bend (degrees). About 11 % of the real training hands are bent but 55 % of the test hands,
+# and the test ones further: training differs from test.
+BENT_TRAIN = (0.11, 8.0, 18.0)
+BENT_TEST = (0.55, 12.0, 28.0)
 
 
 @dataclass(frozen=True)
@@ -92,6 +126,8 @@ class Anatomy:
     spread: float  # habitual finger spread
     thumb: float  # habitual thumb abduction offset (degrees)
     density: float  # bone density factor (osteoporosis darkens the marrow)
+    packing: float  # how tightly the carpus packs: scales OVERLAP_MM
+    tissue: float  # soft-tissue thickness factor (slender to stout hands): scales TISSUE_PAD
 
 
 @dataclass(frozen=True)
@@ -102,6 +138,7 @@ class Pose:
     zoom: float  # pixels per mm at REF_SIZE
     rotation: float  # degrees, clockwise on screen
     wrist: float  # degrees, positive = ulnar deviation
+    bent: bool  # drawn as a bent wrist (BENT_TRAIN / BENT_TEST), not just a slight tilt
     spread: float
     thumb: float
     joints: tuple[np.ndarray, ...]  # per digit, per bone: extra turn (degrees; 0 for metacarpals)
@@ -139,6 +176,8 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         spread=rng.uniform(0.5, 1.3),
         thumb=rng.normal(0, 4),
         density=rng.uniform(0.75, 1.1),
+        packing=rng.uniform(0.6, 1.4),
+        tissue=rng.uniform(0.75, 1.5),
     )
 
 
@@ -146,8 +185,9 @@ def sample_pose(
     rng: np.random.Generator, anatomy: Anatomy, mirrored: bool, bent_often: bool
 ) -> Pose:
     """One hand's pose; test hands are bent at the wrist more often and more strongly."""
-    chance, low, high = (0.6, 12.0, 28.0) if bent_often else (0.25, 8.0, 18.0)
-    if rng.random() < chance:
+    chance, low, high = BENT_TEST if bent_often else BENT_TRAIN
+    bent = bool(rng.random() < chance)
+    if bent:
         # ulnar deviation (positive) is commoner and goes further than radial deviation
         wrist = rng.uniform(low, high) * (1 if rng.random() < 0.65 else -0.7)
     else:
@@ -157,6 +197,7 @@ def sample_pose(
         zoom=anatomy.zoom * rng.normal(1, 0.015),
         rotation=float(np.clip(rng.normal(0, 6), -15, 15)),
         wrist=wrist,
+        bent=bent,
         spread=max(0.4, anatomy.spread + rng.normal(0, 0.15)),
         thumb=anatomy.thumb + rng.normal(0, 3),
         joints=tuple(np.r_[0.0, rng.normal(0, 1.5, len(b) - 1)] for b in anatomy.digit_bones),

@@ -1,7 +1,8 @@
 """One hand from anatomy and pose to pixels: build the skeleton, place it in the frame, render.
 
 The ground-truth polygons are exactly the integer polygons the bones are filled with, so
-labels match pixels. Images show a right hand with its thumb on the left.
+labels match pixels; artefacts (metal, text) are drawn but never labelled. Images show a
+right hand with its thumb on the left.
 """
 
 from __future__ import annotations
@@ -9,15 +10,22 @@ from __future__ import annotations
 import numpy as np
 
 from bonecomp.data.phantom.anatomy import PIVOT, REF_SIZE, TISSUE_PAD, Anatomy, Pose
+from bonecomp.data.phantom.artefacts import Artefacts, metal_shapes
 from bonecomp.data.phantom.geometry import clip_to_square, perimeter, resample
-from bonecomp.data.phantom.render import render
+from bonecomp.data.phantom.render import Acquisition, render
 from bonecomp.data.phantom.skeleton import build_skeleton
 
 
 def draw_hand(
-    anatomy: Anatomy, pose: Pose, size: int, rng: np.random.Generator
+    anatomy: Anatomy,
+    pose: Pose,
+    size: int,
+    rng: np.random.Generator,
+    look: Acquisition,
+    artefacts: Artefacts | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Render one hand: the uint8 image and its 29 integer polygons (class order)."""
+    artefacts = artefacts or Artefacts()
     outlines, tissue = build_skeleton(anatomy, pose)
     matrix, offset, px_per_mm = _placement(tissue["hand"], pose, size)
 
@@ -27,12 +35,26 @@ def draw_hand(
     polygons = [_finalize(to_px(o), size) for o in outlines]
     tissue_px = {
         "hulls": [
-            (to_px(tissue["palm"]), TISSUE_PAD["palm"] * px_per_mm),
-            (to_px(tissue["forearm"]), TISSUE_PAD["forearm"] * px_per_mm),
+            (to_px(tissue["palm"]), TISSUE_PAD["palm"] * anatomy.tissue * px_per_mm),
+            (to_px(tissue["forearm"]), TISSUE_PAD["forearm"] * anatomy.tissue * px_per_mm),
         ],
         "strokes": [(to_px(a), to_px(b), t * px_per_mm) for a, b, t in tissue["strokes"]],
     }
-    image = render(polygons, tissue_px, size, px_per_mm, anatomy.density, pose.mirrored, rng)
+    metal = [
+        (to_px(p), level) for p, level in metal_shapes(artefacts, anatomy, tissue["strokes"], rng)
+    ]
+    image = render(
+        polygons,
+        tissue_px,
+        size,
+        px_per_mm,
+        anatomy.density,
+        pose.mirrored,
+        rng,
+        look,
+        metal,
+        artefacts.texts,
+    )
     return image, polygons
 
 

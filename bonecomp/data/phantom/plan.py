@@ -1,10 +1,15 @@
-"""Which patients and images a phantom holds: IDs, splits and image stems, from the seed."""
+"""Which patients and images a phantom holds, from the seed: IDs, splits and image stems,
+and each patient's anatomy, acquisition, poses and artefacts (drawn without rendering)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from bonecomp.data.phantom.anatomy import Anatomy, Pose, sample_anatomy, sample_pose
+from bonecomp.data.phantom.artefacts import Artefacts, sample_artefacts
+from bonecomp.data.phantom.render import Acquisition, sample_acquisition
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -43,3 +48,41 @@ def plan_patients(seed: int, train_patients: int, test_patients: int) -> list[Pa
             number = len(jobs) + 1
             jobs.append(PatientJob(split, index, f"ID{number:0{width}d}", stems))
     return jobs
+
+
+@dataclass(frozen=True)
+class Hand:
+    """One image of a patient, drawn but not rendered; ``rng`` goes on to render it."""
+
+    stem: str
+    pose: Pose
+    artefacts: Artefacts
+    rng: np.random.Generator
+
+
+@dataclass(frozen=True)
+class Patient:
+    """A patient's shared draws and its two hands (right, then the mirrored left)."""
+
+    anatomy: Anatomy
+    look: Acquisition
+    hands: tuple[Hand, Hand]
+    meta_rng: np.random.Generator  # JSON quirks (annotation order, ids)
+
+
+def sample_patient(job: PatientJob, seed: int) -> Patient:
+    """Everything random about one patient, from its own seed streams (so files do not
+    depend on the worker count); poses and artefacts are cheap, so shares of bent wrists or
+    artefacts can be counted without rendering a pixel."""
+    streams = np.random.SeedSequence([seed, SPLITS.index(job.split), job.index]).spawn(7)
+    anatomy = sample_anatomy(np.random.default_rng(streams[0]))
+    look = sample_acquisition(np.random.default_rng(streams[6]))
+    hands = []
+    for mirrored, stream, extra, stem in zip(
+        (False, True), streams[1:3], streams[4:6], job.stems, strict=True
+    ):
+        rng = np.random.default_rng(stream)
+        pose = sample_pose(rng, anatomy, mirrored, bent_often=job.split == "test")
+        artefacts = sample_artefacts(np.random.default_rng(extra))
+        hands.append(Hand(stem, pose, artefacts, rng))
+    return Patient(anatomy, look, (hands[0], hands[1]), np.random.default_rng(streams[3]))

@@ -1,16 +1,41 @@
 """Turn a hand's pixel polygons and soft-tissue geometry into the 8-bit X-ray image.
 
 Dark background, soft tissue by path length, bones with textured marrow and bright
-cortices (densities add where bones overlap), uneven exposure, detector noise and a
-burnt-in side marker.
+cortices (densities add where bones overlap), metal artefacts, uneven exposure, detector
+noise, the patient's contrast and gamma, a burnt-in side marker and text labels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from bonecomp.data.phantom.anatomy import CORTEX_MM, REF_SIZE
+from bonecomp.data.phantom.artefacts import draw_metal, draw_texts
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """How a patient's films were exposed and processed; both hands are filmed alike, so
+    intensity differs mostly between patients."""
+
+    tissue: float  # soft-tissue brightness factor (attenuation of the patient's tissue)
+    gamma: float  # processing curve: > 1 darkens the mid-tones
+    contrast: float
+    offset: float  # grey levels added after the curve
+
+
+def sample_acquisition(rng: np.random.Generator) -> Acquisition:
+    """One patient's exposure and processing."""
+    return Acquisition(
+        tissue=rng.uniform(0.8, 1.25),
+        gamma=rng.uniform(0.75, 1.35),
+        contrast=rng.uniform(0.8, 1.15),
+        offset=rng.uniform(-12, 12),
+    )
 
 
 def render(
@@ -21,28 +46,41 @@ def render(
     density: float,
     mirrored: bool,
     rng: np.random.Generator,
+    look: Acquisition,
+    metal: Sequence[tuple[np.ndarray, float]] = (),
+    texts: tuple[str, ...] = (),
 ) -> np.ndarray:
-    """Compose the X-ray: dark background, soft tissue, bones with bright cortices, uneven
-    exposure, noise and a side marker.
+    """Compose the X-ray: dark background, soft tissue, bones with bright cortices, metal,
+    uneven exposure, noise, the patient's processing curve, a side marker and text labels.
 
     ``tissue`` (pixels): ``hulls`` as (points, padding) and ``strokes`` as (start, end,
-    thickness).
+    thickness); ``metal`` (pixels): outlines with their attenuation (grey levels added).
     """
     grain = np.random.default_rng(rng.integers(2**63))  # noise fields, whose size varies
     low = max(64, size // 4)
     tissue_low = _tissue_mask(_scaled(tissue, low / size), low)
     soft = _tissue_thickness(tissue_low, px_per_mm * low / size)
     soft = cv2.resize(soft, (size, size), interpolation=cv2.INTER_LINEAR)
-    soft *= rng.uniform(45, 70)
+    soft *= rng.uniform(45, 70) * look.tissue
     soft += rng.uniform(8, 25)  # background
     texture = _trabeculae(size, px_per_mm, grain)
     image = _bone_layer(polygons, size, px_per_mm, density, texture, rng)  # float32, in place
     image += soft
+    draw_metal(image, metal)
     image *= _exposure(size, rng)
     image += _mottle(size, rng.uniform(2, 5), grain)
     image = np.clip(image, 0, 255, out=image).astype(np.uint8)
+    image = cv2.LUT(image, _curve(look))
     _draw_marker(image, "L" if mirrored else "R", tissue_low, rng)
+    draw_texts(image, texts, tissue_low, rng)
     return image
+
+
+def _curve(look: Acquisition) -> np.ndarray:
+    """The processing curve as a 256-entry lookup table: gamma, then contrast and offset."""
+    grey = np.arange(256) / 255.0
+    out = 255.0 * grey**look.gamma * look.contrast + look.offset
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def _tissue_mask(tissue: dict, low: int) -> np.ndarray:

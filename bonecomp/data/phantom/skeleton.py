@@ -3,7 +3,8 @@
 Long bones are shafts with flared, rounded ends; carpals are perturbed super-ellipses.
 Bones are pulled back along rays from their own centre (line) so that neighbours keep a
 small joint gap and every outline stays simple; Trapezium/Trapezoid and
-Triquetrum/Pisiform are not separated, so they overlap as in the real data.
+Triquetrum/Pisiform are not separated, and the pairs of ``OVERLAP_MM`` (most of them in the
+carpus) reach into each other, so bones overlap as in the real data.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from bonecomp.data.phantom.anatomy import (
     FOREARM_CAPS,
     FOREARM_LENGTH,
     JOINT_GAP,
+    OVERLAP_MM,
     OVERLAPS,
     PIVOT,
     TISSUE_PAD,
@@ -55,21 +57,20 @@ def build_skeleton(anatomy: Anatomy, pose: Pose) -> tuple[list[np.ndarray], dict
     outlines: dict[int, np.ndarray] = {}
     for c in [*FOREARM, *metacarpals[2:], *metacarpals[:2], *phalanges]:
         points, origins = _long_bone(segments[c])
-        limit = ray_limit(origins, points, list(outlines.values()), CARVE_GAP)
-        outlines[c] = carve(points, origins, limit)
-    long_bones = list(outlines.values())
+        outlines[c] = carve(points, origins, _clear_of(c, origins, points, outlines, anatomy))
+    long_bones = dict(outlines)
     blobs = {
         c: _carpal(anatomy.carpals[k], anatomy.carpal_shapes[k], pose.wrist)
         for k, c in enumerate(CARPALS)
     }
     for c, (points, centre) in blobs.items():
-        neighbours = [
-            blob for b, blob in blobs.items() if b != c and frozenset((b, c)) not in OVERLAPS
-        ]
-        limit = np.minimum(
-            ray_limit(centre, points, long_bones, CARVE_GAP),
-            split_limit(points, centre, neighbours, CARVE_GAP),
-        )
+        neighbours = {
+            b: blob for b, blob in blobs.items() if b != c and frozenset((b, c)) not in OVERLAPS
+        }
+        limit = _clear_of(c, centre, points, long_bones, anatomy)
+        for b, (other, other_centre) in neighbours.items():
+            gap = _gap(b, c, anatomy)
+            limit = np.minimum(limit, split_limit(points, centre, [(other, other_centre)], gap))
         outlines[c] = carve(points, centre, limit)
     hand = [c for c in range(NUM_CLASSES) if c not in FOREARM]
     thumb_base = segments[metacarpals[0]]
@@ -78,10 +79,32 @@ def build_skeleton(anatomy: Anatomy, pose: Pose) -> tuple[list[np.ndarray], dict
             [*(outlines[c] for c in (*CARPALS, *metacarpals[1:])), _thenar(thumb_base)]
         ),
         "forearm": np.concatenate([outlines[c] for c in FOREARM]),
-        "strokes": _tissue_strokes(segments),
+        "strokes": _tissue_strokes(segments, anatomy.tissue),
         "hand": np.concatenate([outlines[c] for c in hand]),
     }
     return [outlines[c] for c in range(NUM_CLASSES)], tissue
+
+
+def _gap(a: int, b: int, anatomy: Anatomy) -> float:
+    """Joint gap between two bones (mm); negative where they overlap by that much."""
+    depth = OVERLAP_MM.get(frozenset((a, b)))
+    return CARVE_GAP if depth is None else -depth * anatomy.packing
+
+
+def _clear_of(
+    c: int,
+    origins: np.ndarray,
+    points: np.ndarray,
+    obstacles: dict[int, np.ndarray],
+    anatomy: Anatomy,
+) -> np.ndarray:
+    """How far each outline point of bone ``c`` may reach, given the bones already placed."""
+    apart = [o for b, o in obstacles.items() if frozenset((b, c)) not in OVERLAP_MM]
+    limit = ray_limit(origins, points, apart, CARVE_GAP)  # one call: the common case
+    for b, outline in obstacles.items():
+        if frozenset((b, c)) in OVERLAP_MM:
+            limit = np.minimum(limit, ray_limit(origins, points, [outline], _gap(b, c, anatomy)))
+    return limit
 
 
 def _forearm_segments(anatomy: Anatomy) -> dict[int, Segment]:
@@ -184,14 +207,17 @@ def _carpal(
     return points, centre
 
 
-def _tissue_strokes(segments: dict[int, Segment]) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Soft tissue of the digits: one thick round-capped stroke per bone (mm)."""
+def _tissue_strokes(
+    segments: dict[int, Segment], tissue: float
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Soft tissue of the digits: one thick round-capped stroke per bone (mm), padded by
+    ``tissue`` times the reference finger padding."""
     strokes = []
     for classes in DIGIT_CLASSES:
         for c in classes:
             seg = segments[c]
             end = seg.base + seg.direction * (seg.length - 1.5)
-            thickness = max(seg.widths) + 2 * TISSUE_PAD["finger"]
+            thickness = max(seg.widths) + 2 * TISSUE_PAD["finger"] * tissue
             strokes.append((seg.base, end, thickness))
     return strokes
 

@@ -22,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from bonecomp.classes import CLASSES, NUM_CLASSES
-from bonecomp.data.phantom.anatomy import sample_anatomy, sample_pose
 from bonecomp.data.phantom.hand import draw_hand
-from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients
+from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients, sample_patient
+from bonecomp.data.phantom.stats import ImageStats, PhantomStats, label_overlap
 from bonecomp.fileio import atomic_write
 
 MIN_SIZE = 128  # below this the distal phalanges shrink to a pixel or two
@@ -40,6 +40,7 @@ class PhantomSummary:
     n_test_images: int
     size: int
     seed: int
+    stats: PhantomStats  # overlap rate, bent wrists and artefacts, as measured while drawing
 
 
 def make_phantom(
@@ -69,19 +70,21 @@ def make_phantom(
     jobs = plan_patients(seed, train_patients, test_patients)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
+    images: list[ImageStats] = []
     with bar:
         if workers <= 1 or len(jobs) == 1:
             for job in jobs:
-                _write_patient(job, root, size, seed)
+                images += _write_patient(job, root, size, seed)
                 bar.update()
         else:
             ctx = get_context("spawn")  # safe even when the caller holds threads (torch, cv2)
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
                 futures = [pool.submit(_write_patient, job, root, size, seed) for job in jobs]
                 for future in as_completed(futures):
-                    future.result()
+                    images += future.result()
                     bar.update()
-    return PhantomSummary(root, 2 * train_patients, 2 * test_patients, size, seed)
+    stats = PhantomStats.collect(images)
+    return PhantomSummary(root, 2 * train_patients, 2 * test_patients, size, seed, stats)
 
 
 def _prepare_root(root: Path, overwrite: bool) -> None:
@@ -102,26 +105,31 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def _write_patient(job: PatientJob, root: Path, size: int, seed: int) -> None:
-    """Draw and write both hands of one patient (PNGs and JSONs), each file atomically."""
-    streams = np.random.SeedSequence([seed, SPLITS.index(job.split), job.index]).spawn(4)
-    anatomy = sample_anatomy(np.random.default_rng(streams[0]))
-    meta_rng = np.random.default_rng(streams[3])
+def _write_patient(job: PatientJob, root: Path, size: int, seed: int) -> list[ImageStats]:
+    """Draw and write both hands of one patient (PNGs and JSONs), each file atomically;
+    return what each image holds (bent wrist, artefacts, overlapping labels)."""
+    patient = sample_patient(job, seed)
     image_dir = root / job.split / "DCM" / job.patient_id
     label_dir = root / ("train/outputs_json" if job.split == "train" else "test_labels")
     label_dir = label_dir / job.patient_id
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    for mirrored, stream, stem in zip((False, True), streams[1:3], job.stems, strict=True):
-        rng = np.random.default_rng(stream)
-        pose = sample_pose(rng, anatomy, mirrored, bent_often=job.split == "test")
-        image, polygons = draw_hand(anatomy, pose, size, rng)
+    stats = []
+    for hand in patient.hands:
+        image, polygons = draw_hand(
+            patient.anatomy, hand.pose, size, hand.rng, patient.look, hand.artefacts
+        )
         ok, png = cv2.imencode(".png", image)
         if not ok:
-            raise RuntimeError(f"cannot encode {stem}.png")
-        doc = _annotation_doc(polygons, job, stem, meta_rng)
-        _write_atomic(image_dir / f"{stem}.png", png.tobytes())
-        _write_atomic(label_dir / f"{stem}.json", _dump_json(doc))
+            raise RuntimeError(f"cannot encode {hand.stem}.png")
+        doc = _annotation_doc(polygons, job, hand.stem, patient.meta_rng)
+        _write_atomic(image_dir / f"{hand.stem}.png", png.tobytes())
+        _write_atomic(label_dir / f"{hand.stem}.json", _dump_json(doc))
+        multi, bone = label_overlap(polygons, size)
+        stats.append(
+            ImageStats(job.split, hand.pose.bent, tuple(hand.artefacts.kinds()), multi, bone, size)
+        )
+    return stats
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
