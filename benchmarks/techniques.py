@@ -6,10 +6,12 @@
 One run builds the table of docs/techniques.md: two small experiments (U-Net and FCN-8s
 on ResNet-18, from scratch) trained on every fold of a phantom, then, row by row, the
 baseline ensemble (uniform weights, threshold 0.5), + per-class thresholds, + class-wise
-ensemble weights. Every row gives the OOF Dice (all 29 classes and each carpal class,
-on the training images' out-of-fold maps) and the test-set Dice of the submission the
-row's settings write, scored by the project's own scorer against the phantom's test
-labels. A row that does not help is reported as measured.
+ensemble weights, + pseudo-labels (the tuned ensemble labels the test images, both
+experiments are retrained on every fold with them, and the new pair is tuned again).
+Every row gives the OOF Dice (all 29 classes and each carpal class, on the training
+images' out-of-fold maps) and the test-set Dice of the submission the row's settings
+write, scored by the project's own scorer against the phantom's test labels. A row that
+does not help is reported as measured.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from bonecomp.config import Config, load_config
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.inference.predict import predict_submission
+from bonecomp.inference.pseudo import write_pseudo_labels
 from bonecomp.inference.thresholds import tune_thresholds, write_thresholds
 from bonecomp.inference.weights import tune_ensemble
 from bonecomp.metrics import DiceTable
@@ -37,6 +40,7 @@ from bonecomp.training.fold import run_training
 
 WORK = Path("/tmp/bonecomp-techniques")
 EXPERIMENTS = {"unet": {"model.arch": "unet"}, "fcn": {"model.arch": "fcn8s"}}
+PSEUDO = "_pl"  # suffix of the experiments retrained with pseudo-labels
 
 
 @dataclass
@@ -47,8 +51,9 @@ class Row:
     note: str = ""
 
 
-def config(args, experiment: str | None = None, **extra) -> Config:
-    """The demo recipe at the run's size on the run's phantom, written under ``--work``."""
+def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Config:
+    """The demo recipe at the run's size on the run's phantom, written under ``--work``;
+    ``suffix`` names the retrained (pseudo-label) pair of experiments."""
     work = args.work
     values = {
         "data.root": str(work / "phantom"),
@@ -66,26 +71,26 @@ def config(args, experiment: str | None = None, **extra) -> Config:
         "infer.name": "techniques",
         "infer.num_workers": 0,
         "infer.ensemble": [
-            {"experiment": e, "folds": list(range(args.folds))} for e in EXPERIMENTS
+            {"experiment": e + suffix, "folds": list(range(args.folds))} for e in EXPERIMENTS
         ],
         **extra,
     }
     if experiment:
-        values.update({"train.experiment": experiment, **EXPERIMENTS[experiment]})
+        values.update({"train.experiment": experiment + suffix, **EXPERIMENTS[experiment]})
     return load_config(DEMO_CONFIG, as_overrides(values))
 
 
-def train_all(args) -> None:
+def train_all(args, suffix: str = "", **extra) -> None:
     """Every fold of every experiment (kept when already trained: the run can be resumed)."""
     for e in EXPERIMENTS:
-        cfg = config(args, e)
+        cfg = config(args, e, suffix, **extra)
         for fold in range(args.folds):
             if run_dir(cfg, fold).best.exists():
                 continue
             t0 = time.perf_counter()
             res = run_training(cfg, fold, progress=False)
             print(
-                f"  trained {e} fold {fold}: val Dice {res.best_dice:.4f} "
+                f"  trained {e}{suffix} fold {fold}: val Dice {res.best_dice:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
@@ -112,11 +117,22 @@ def measure(args) -> list[Row]:
     thr, thr_path = tune_thresholds(cfg, members, out=tuned / "thresholds.json", progress=False)
     ens, ens_path = tune_ensemble(cfg, members, out=tuned / "class_weights.json", progress=False)
     flat = write_thresholds(tuned / "flat.json", [0.5] * len(CLASSES))
-    return [
+    rows = [
         Row("baseline (uniform weights, 0.5)", ens.before, test_dice(args, cfg, flat, "base")),
         Row("+ per-class thresholds", thr.after, test_dice(args, cfg, thr_path, "thr")),
         Row("+ class-wise ensemble weights", ens.after, test_dice(args, cfg, ens_path, "w")),
     ]
+    # pseudo-labels from the tuned ensemble, then the pair retrained with them and re-tuned
+    cfg.infer.thresholds = str(ens_path)
+    folder = args.work / "pseudo"
+    if not folder.exists():
+        write_pseudo_labels(cfg, members, folder, progress=False)
+    train_all(args, PSEUDO, **{"train.pseudo_labels": str(folder)})
+    cfg_pl = config(args, suffix=PSEUDO)
+    members_pl = ensemble_members(cfg_pl, ensemble=True)
+    pl, pl_path = tune_ensemble(cfg_pl, members_pl, out=tuned / "pseudo.json", progress=False)
+    rows.append(Row("+ pseudo-labels", pl.after, test_dice(args, cfg_pl, pl_path, "pl")))
+    return rows
 
 
 def table(rows: list[Row], n_oof: int) -> str:
