@@ -4,6 +4,7 @@ changes no byte; a known crop changes exactly its box), and inference end to end
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -13,13 +14,18 @@ import yaml
 
 from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import ConfigError
-from bonecomp.data.crop import grid_box, square_box
-from bonecomp.inference.crop import paste_crop, prediction_box
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.cache import data_cache_dir, open_cache
+from bonecomp.data.crop import crop_image, grid_box, square_box, truth_box
+from bonecomp.data.images import read_image
+from bonecomp.data.layout import discover
+from bonecomp.inference.crop import crop_oof_dice, paste_crop, prediction_box
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.predict import predict_submission
-from bonecomp.runs import RunError, ensemble_members
+from bonecomp.inference.thresholds import grid_dice, oof_items
+from bonecomp.runs import RunError, crop_members, ensemble_members
 from bonecomp.submission import read_submission
-from bonecomp.testing import tiny_config
+from bonecomp.testing import REPO, dense_truth, tiny_config, tiny_overrides
 from bonecomp.training import run_training
 
 CARP = list(CARPALS)
@@ -197,3 +203,76 @@ def test_crop_keys_are_checked(tiny_root, tmp_path):
         tiny_config(tiny_root, tmp_path, **{"infer.crop.weight": [0.5, 0.5]})
     with pytest.raises(ConfigError, match=r"data\.crop"):
         tiny_config(tiny_root, tmp_path, **{"data.crop": "wrist"})
+
+
+# ----------------------------------------------------------------------- training on crops
+@pytest.fixture(scope="module")
+def carpal_run(trained, tiny_root):
+    """A crop experiment ("carp", fold 0) beside the first stage ("tiny", fold 0)."""
+    cfg, work = trained
+    extra = {"train.epochs": 1, "train.experiment": "carp", "data.crop": "carpal"}
+    crop_cfg = tiny_config(tiny_root, work, **extra)
+    run_training(crop_cfg, 0, progress=False)
+    return cfg, crop_cfg, work
+
+
+def test_the_crop_cache_holds_the_carpal_boxes(carpal_run, tiny_root):
+    _, crop_cfg, _ = carpal_run
+    df = discover(tiny_root, "train")
+    folder = data_cache_dir(crop_cfg.data.cache_dir, tiny_root)
+    cache = open_cache(df, folder, 64, workers=1, progress=False, crop_margin=0.25)
+    assert cache.dir.name == "train_64_carpal-m0.25"
+    for i in (0, len(cache) - 1):
+        row = cache.index.iloc[i]
+        path = df.loc[df["rel"] == row["rel"]]
+        polys = load_annotation(path["json_path"].iloc[0])
+        box = truth_box(polys, (128, 128), 0.25)
+        assert tuple(int(row[c]) for c in ("box_y0", "box_y1", "box_x0", "box_x1")) == box
+        assert cache.src_hw(i) == (box[1] - box[0], box[3] - box[2])
+        image = read_image(path["image_path"].iloc[0])
+        assert np.array_equal(cache.image(i), crop_image(image, box, 64))
+        # the truth drawn in the crop's frame is the full truth cut to the box
+        full = dense_truth(polys, (128, 128))[:, box[0] : box[1], box[2] : box[3]]
+        assert np.array_equal(dense_truth(cache.polygons(i), cache.src_hw(i)), full)
+        carp = full[CARP]
+        assert carp.any() and not carp[:, 0].any() and not carp[:, -1].any()  # margin kept
+
+
+def test_carpal_oof_dice_with_and_without_the_crop(carpal_run, tiny_root, capsys):
+    cfg, _, work = carpal_run
+    first = ensemble_members(cfg)
+    _with_crop(cfg, experiment="carp")
+    try:
+        crop = crop_members(cfg)
+        t = 0.02  # these barely trained models' carpal probabilities lie around it
+        res = crop_oof_dice(first, crop, tiny_root, [t] * 29, progress=False)
+        # weight 0 is the first stage alone: threshold tuning's Dice at t for the carpals
+        dice, n = grid_dice(oof_items(first, tiny_root, progress=False), (t,))
+        assert res.n_images == n == 2
+        np.testing.assert_allclose(res.without, dice[CARP, 0], atol=1e-12)
+        assert res.dice.shape == (8, 5) and np.isfinite(res.dice).all()
+        assert not np.allclose(res.at(1.0), res.without)  # the crop changed the masks
+
+        sys.path.insert(0, str(REPO / "scripts"))
+        import crop_oof
+
+        args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
+        over = tiny_overrides(tiny_root, work, **{"infer.crop.experiment": "carp"})
+        assert crop_oof.main([*args, *over, "infer.crop.folds=[0]"]) == 0
+        out = capsys.readouterr().out
+        assert "Scaphoid" in out and "carpal OOF mean Dice over 2 images" in out
+        assert crop_oof.main([*args, *tiny_overrides(tiny_root, work)]) == 2  # no crop stage
+        assert "infer.crop.experiment is null" in capsys.readouterr().err
+    finally:
+        cfg.infer.crop.experiment = None
+
+
+def test_inference_with_a_trained_crop_stage(carpal_run, tiny_root, tmp_path):
+    cfg, _, _ = carpal_run
+    _with_crop(cfg, experiment="carp", threshold=0.025)
+    try:
+        res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "s.csv", progress=False)
+    finally:
+        cfg.infer.crop.experiment = None
+    assert res.report.ok and res.rows == 4 * 29
+    assert res.crop_boxes is not None and len(res.crop_boxes) == 4

@@ -22,7 +22,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
@@ -38,10 +41,13 @@ from bonecomp.inference.postprocess import (
     SparseMasks,
     _trim,
     as_thresholds,
+    overlap_counts,
     upsample_threshold,
     upsampled_rows,
 )
+from bonecomp.inference.thresholds import oof_maps_by_image
 from bonecomp.inference.tta import views
+from bonecomp.metrics import dice_from_counts
 from bonecomp.runs import MemberSpec, RunError, crop_members
 
 
@@ -70,8 +76,22 @@ def paste_crop(
     masks = upsample_threshold(full, hw, thresholds, logits)
     if box is None or crop is None:
         return masks
-    y0, y1, x0, x1 = box
     ts = as_thresholds(thresholds, full.shape[0])
+    p, q = carpal_probs(full, hw, logits, box, crop, crop_logits)
+    return blend(masks, p, q, box, ts, weights)
+
+
+def carpal_probs(
+    full: torch.Tensor,
+    hw: tuple[int, int],
+    logits: bool,
+    box: Box,
+    crop: torch.Tensor,
+    crop_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first stage's, crop's) carpal probabilities in the box at the source size, each
+    (8, box h, box w): the first stage's bit for bit as the full upsample gives them."""
+    y0, y1, x0, x1 = box
     q = F.interpolate(
         crop[None, list(CARPALS)].float().to(full.device),
         size=(y1 - y0, x1 - x0),
@@ -80,14 +100,30 @@ def paste_crop(
     )[0]
     if crop_logits:
         q = torch.sigmoid(q)
+    p = torch.empty_like(q)
+    for k, c in enumerate(CARPALS):
+        rows = upsampled_rows(full[c], y0, y1, hw)
+        p[k] = (torch.sigmoid(rows) if logits else rows)[:, x0:x1]
+    return p, q
+
+
+def blend(
+    masks: SparseMasks,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    box: Box,
+    thresholds: Sequence[float],
+    weights: Sequence[float],
+) -> SparseMasks:
+    """A copy of the first stage's ``masks`` with each carpal's box replaced by
+    ``lerp(p, q, w) > t`` (a weight of 0 keeps the first stage's mask)."""
+    out = SparseMasks(masks.shape, list(masks.masks))
     for k, c in enumerate(CARPALS):
         if weights[k] == 0:
             continue  # exactly the first stage's mask
-        rows = upsampled_rows(full[c], y0, y1, hw)
-        p = (torch.sigmoid(rows) if logits else rows)[:, x0:x1].contiguous()
-        inside = torch.lerp(p, q[k].contiguous(), float(weights[k])) > ts[c]
-        masks.masks[c] = replace_box(masks.masks[c], box, inside)
-    return masks
+        inside = torch.lerp(p[k].contiguous(), q[k].contiguous(), float(weights[k]))
+        out.masks[c] = replace_box(out.masks[c], box, inside > thresholds[c])
+    return out
 
 
 def replace_box(mask: SparseMask, box: Box, inside: torch.Tensor) -> SparseMask:
@@ -164,3 +200,92 @@ def load_crop_stage(cfg: Config, device: torch.device) -> CropStage | None:
     tile = inf.tile if inf.sliding_window else None
     ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)
     return CropStage(ens, margin, spec.threshold, weights, members)
+
+
+# ----------------------------------------------------------------------------- OOF
+WEIGHT_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0: without the crop stage
+
+
+@dataclass
+class CropOOF:
+    """Carpal OOF Dice of the first stage with the crop stage pasted at each weight."""
+
+    grid: tuple[float, ...]
+    dice: np.ndarray  # (8, G): mean Dice per carpal (classes.CARPALS order) and weight
+    n_images: int
+
+    @property
+    def without(self) -> np.ndarray:
+        return self.dice[:, self.grid.index(0.0)]
+
+    def at(self, weight: float) -> np.ndarray:
+        return self.dice[:, self.grid.index(weight)]
+
+    def tuned(self, min_gain: float = 1e-3) -> list[float]:
+        """Per carpal the best weight; 0 (no crop) unless another beats it by ``min_gain``."""
+        best = self.dice.argmax(axis=1)
+        gain = self.dice[np.arange(len(best)), best] - self.without
+        return [
+            float(self.grid[b]) if g > min_gain else 0.0 for b, g in zip(best, gain, strict=True)
+        ]
+
+
+def crop_oof_dice(
+    first: Sequence[MemberSpec],
+    crop: Sequence[MemberSpec],
+    data_root: Path | str,
+    thresholds: Sequence[float],
+    grid: Sequence[float] = WEIGHT_GRID,
+    progress: bool = True,
+) -> CropOOF:
+    """Carpal Dice at the source size on the OOF images both stages predicted: the first
+    stage's OOF map (its members' weighted mean) with the crop experiment's OOF map pasted
+    into the box it was predicted on, for each crop weight of ``grid`` (0 = without).
+
+    The crop OOF was predicted on the truth's carpal box (jittered boxes are training
+    only), so this measures the crop model given a good box; at inference the box comes
+    from the first stage's carpals.
+    """
+    grid = tuple(float(w) for w in grid)
+    if 0.0 not in grid:
+        raise ValueError("the weight grid must contain 0 (without the crop stage)")
+    crops = _crop_oof_maps(crop)
+    weight = {m.run.experiment: m.weight for m in first}
+    total, n = np.zeros((len(CARPALS), len(grid))), 0
+    for rel, maps, truth, hw in oof_maps_by_image(first, data_root, progress):
+        if rel not in crops:
+            continue
+        box, cmap = crops[rel]
+        probs = sum(p * weight[e] for e, p in maps.items()) / sum(weight[e] for e in maps)
+        base = upsample_threshold(probs, hw, thresholds, logits=False)
+        p, q = carpal_probs(probs, hw, False, box, cmap, False)
+        truth_c = [truth[c] for c in CARPALS]
+        for j, w in enumerate(grid):
+            masks = blend(base, p, q, box, thresholds, [w] * len(CARPALS))
+            pred = [masks.masks[c] for c in CARPALS]
+            total[:, j] += dice_from_counts(*overlap_counts(pred, truth_c))
+        n += 1
+    if n == 0:
+        raise RunError(
+            "no out-of-fold image is predicted by both the first stage and the crop stage"
+        )
+    return CropOOF(grid, total / n, n)
+
+
+def _crop_oof_maps(members: Sequence[MemberSpec]) -> dict[str, tuple[Box, torch.Tensor]]:
+    """rel -> (box, mean OOF probabilities over the crop folds holding it)."""
+    out: dict[str, tuple[Box, list]] = {}
+    for m in members:
+        run = m.run
+        if not (run.oof.is_file() and run.oof_index.is_file()):
+            raise RunError(f"{run}: no out-of-fold predictions; train with train.save_oof=true")
+        index = pd.read_csv(run.oof_index, dtype={"rel": str})
+        cols = ["box_y0", "box_y1", "box_x0", "box_x1"]
+        if not set(cols) <= set(index.columns):
+            raise RunError(f"{run.oof_index} has no crop boxes: not a data.crop experiment")
+        arr = np.load(run.oof, mmap_mode="r")
+        rows = index[["row", *cols]].to_numpy()
+        for rel, (r, *box) in zip(index["rel"], rows, strict=True):
+            entry = out.setdefault(rel, (tuple(int(v) for v in box), []))
+            entry[1].append(torch.from_numpy(np.asarray(arr[int(r)], np.float32)))
+    return {rel: (box, sum(ms) / len(ms)) for rel, (box, ms) in out.items()}
