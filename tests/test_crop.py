@@ -23,10 +23,11 @@ from bonecomp.inference.crop import crop_oof_dice, paste_crop, prediction_box
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import grid_dice, oof_items
-from bonecomp.runs import RunError, crop_members, ensemble_members
+from bonecomp.runs import MemberSpec, RunDir, RunError, crop_members, ensemble_members
 from bonecomp.submission import read_submission
 from bonecomp.testing import REPO, dense_truth, tiny_config, tiny_overrides
 from bonecomp.training import run_training
+from bonecomp.viz import oof_images
 
 CARP = list(CARPALS)
 
@@ -276,3 +277,17 @@ def test_inference_with_a_trained_crop_stage(carpal_run, tiny_root, tmp_path):
         cfg.infer.crop.experiment = None
     assert res.report.ok and res.rows == 4 * 29
     assert res.crop_boxes is not None and len(res.crop_boxes) == 4
+
+
+def test_a_crop_experiments_oof_is_read_in_its_box(carpal_run):
+    _, _, work = carpal_run
+    run = RunDir(work / "runs" / "carp" / "fold0")
+    images = oof_images(run)
+    assert len(images) == 2
+    for im in images:
+        y0, y1, x0, x1 = im.box
+        assert im.hw == (y1 - y0, x1 - x0)
+        assert im.dice().shape == (29,)
+        assert im.picture(scale=1.0).shape[:2] == im.hw  # the image cut to the box
+    with pytest.raises(RunError, match="crop experiment"):
+        next(oof_items([MemberSpec(run.best)], "unused", progress=False))

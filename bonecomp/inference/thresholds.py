@@ -119,6 +119,11 @@ def oof_maps_by_image(
                 "train.save_oof=true first"
             )
         index = pd.read_csv(run.oof_index, dtype={"rel": str})
+        if "box_y0" in index.columns:
+            raise RunError(
+                f"{run} is a crop experiment (data.crop): its out-of-fold maps cover the "
+                "carpal box, not the image; use it as infer.crop (scripts/crop_oof.py)"
+            )
         arr = np.load(run.oof, mmap_mode="r")
         size = max(size, arr.shape[-1])
         for rel, r, h, w in zip(
