@@ -14,6 +14,8 @@ module; no other file spells these names.
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
         (and, from scripts/tune_ensemble.py, its class_weights table: {experiment: [29]})
     <train.output_dir>/report_<infer.name>.html       the report of an ensemble
+
+``infer.crop`` names a crop experiment's folds the same way (``crop_members``).
 """
 
 from __future__ import annotations

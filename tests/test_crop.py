@@ -3,6 +3,7 @@ changes no byte; a known crop changes exactly its box), and inference end to end
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 
@@ -268,8 +269,8 @@ def test_carpal_oof_dice_with_and_without_the_crop(carpal_run, tiny_root, capsys
         cfg.infer.crop.experiment = None
 
 
-def test_inference_with_a_trained_crop_stage(carpal_run, tiny_root, tmp_path):
-    cfg, _, _ = carpal_run
+def test_inference_with_a_trained_crop_stage(carpal_run, tiny_root, tmp_path, capsys):
+    cfg, _, work = carpal_run
     _with_crop(cfg, experiment="carp", threshold=0.025)
     try:
         res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "s.csv", progress=False)
@@ -277,6 +278,15 @@ def test_inference_with_a_trained_crop_stage(carpal_run, tiny_root, tmp_path):
         cfg.infer.crop.experiment = None
     assert res.report.ok and res.rows == 4 * 29
     assert res.crop_boxes is not None and len(res.crop_boxes) == 4
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import infer
+
+    crop = {"infer.crop.experiment": "carp", "infer.crop.folds": [0], "infer.threshold": 0.02}
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--ensemble", "--quiet"]
+    args += ["--out", str(tmp_path / "cli.csv"), *tiny_overrides(tiny_root, work, **crop)]
+    assert infer.main(args) == 0
+    assert re.search(r"carpal crop \(carp\): \d/4 images re-predicted", capsys.readouterr().out)
 
 
 def test_a_crop_experiments_oof_is_read_in_its_box(carpal_run):
