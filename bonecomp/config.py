@@ -71,6 +71,9 @@ class DataConfig:
     soft_k: int = 4  # sub-samples per side for soft targets
     num_workers: int = 8
     on_bad_image: Literal["error", "skip"] = "error"  # unusable training image: stop or skip it
+    crop: Literal["carpal"] | None = None  # train on crops: "carpal" = box of the 8 carpals
+    crop_margin: float = 0.25  # crop box: the carpals' square box grown by this share per side
+    crop_jitter: float = 0.05  # training: random shift/scale of the crop, share of its side
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -145,6 +148,19 @@ class EnsembleMember:
 
 
 @dataclass
+class CropStage:
+    """Second stage: a crop experiment re-predicts the carpals inside the box that the
+    first stage's carpal pixels give (``inference.crop``)."""
+
+    experiment: str | None = None  # None: no crop stage
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    checkpoint: str = "best"
+    weight: float | list[float] = 1.0  # crop's share in the carpals' blend: one, or 8 (per carpal)
+    margin: float | None = None  # None: data.crop_margin of the crop experiment's checkpoint
+    threshold: float = 0.5  # first-stage probability that counts as a carpal pixel for the box
+
+
+@dataclass
 class InferConfig:
     name: str = "submission"
     out_dir: str = "submissions"
@@ -161,6 +177,7 @@ class InferConfig:
     num_workers: int = 4
     ensemble: list[EnsembleMember] = field(default_factory=list)  # empty: train.experiment
     compile: bool = False  # torch.compile each member
+    crop: CropStage = field(default_factory=CropStage)
 
 
 @dataclass
@@ -395,6 +412,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("data.n_splits", lambda v: v >= 2, "must be >= 2"),
     ("data.soft_k", lambda v: 1 <= v <= 15, "must be in 1..15"),
     ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
+    ("data.crop_margin", lambda v: 0 <= v <= 2, "must be in [0, 2] (share of the box per side)"),
+    ("data.crop_jitter", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     ("data.augment.hflip", _prob, "must be a probability in [0, 1]"),
     ("data.augment.vflip", _prob, "must be a probability in [0, 1]"),
     ("data.augment.affine_p", _prob, "must be a probability in [0, 1]"),
@@ -453,6 +472,20 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("infer.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("infer.threshold", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("infer.num_workers", lambda v: v >= 0, "must be >= 0"),
+    (
+        "infer.crop.margin",
+        lambda v: v is None or 0 <= v <= 2,
+        "must be in [0, 2] (share of the box per side) or null",
+    ),
+    ("infer.crop.threshold", lambda v: 0 < v < 1, "must be in (0, 1)"),
+    (
+        "infer.crop.weight",
+        lambda v: (
+            all(0 <= w <= 1 for w in ([v] if isinstance(v, float) else v))
+            and (isinstance(v, float) or len(v) == 8)
+        ),
+        "must be one share in [0, 1] or 8 (one per carpal, classes.CARPALS order)",
+    ),
 ]
 
 
@@ -486,6 +519,16 @@ def _value_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         if name in seen_tta:
             yield f"infer.tta[{i}]", f"lists {name!r} twice"
         seen_tta.add(name)
+    crop = cfg.infer.crop
+    if crop.experiment is not None:
+        if not crop.experiment or "/" in crop.experiment:
+            got = f"got {crop.experiment!r}"
+            yield "infer.crop.experiment", f"must be a name without '/' or null, {got}"
+        if not crop.folds or len(set(crop.folds)) != len(crop.folds):
+            yield "infer.crop.folds", f"must list folds once each, got {crop.folds}"
+        bad = [f for f in crop.folds if not 0 <= f < cfg.data.n_splits]
+        if bad:
+            yield "infer.crop.folds", f"must be in 0..{cfg.data.n_splits - 1}, got {bad}"
     members: dict[tuple[str, str], int] = {}
     for i, m in enumerate(cfg.infer.ensemble):
         key = f"infer.ensemble[{i}]"

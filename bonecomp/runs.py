@@ -21,6 +21,8 @@ module; no other file spells these names.
         crc.npy      (N, 2) uint32 crc32 of each image row and probability row
         index.csv    rel, patient, name, src_h, src_w
         meta.json    version, size, members, thresholds, TTA; bytes (+ hash) of each file
+
+``infer.crop`` names a crop experiment's folds the same way (``crop_members``).
 """
 
 from __future__ import annotations
@@ -235,6 +237,31 @@ def ensemble_members(
         if not ensemble:
             own = own[:1]
         found = [MemberSpec(p) for p in own] or [MemberSpec(run_dir(cfg, 0).best)]
+    _check_exist(found, root)
+    return found
+
+
+def crop_members(cfg: Config) -> list[MemberSpec]:
+    """The checkpoints of ``infer.crop`` (folds of a crop experiment), or [] when there is
+    no crop stage. Missing files: a ``RunError`` naming the key and the files."""
+    spec = cfg.infer.crop
+    if spec.experiment is None:
+        return []
+    found = [
+        MemberSpec(run_dir(cfg, k, spec.experiment).path / checkpoint_file(spec.checkpoint))
+        for k in spec.folds
+    ]
+    missing = [str(m.checkpoint) for m in found if not m.checkpoint.is_file()]
+    if missing:
+        raise RunError(
+            f"infer.crop.experiment {spec.experiment!r}: no trained fold at {', '.join(missing)}; "
+            f"train it (python scripts/train.py --config <crop recipe> --fold all) or "
+            "set infer.crop.folds / infer.crop.experiment=null"
+        )
+    return found
+
+
+def _check_exist(found: list[MemberSpec], root: Path) -> None:
     missing = [str(m.checkpoint) for m in found if not m.checkpoint.is_file()]
     if missing:
         have = sorted(str(p) for p in root.glob("*/fold*/*.pt"))
@@ -242,4 +269,3 @@ def ensemble_members(
             f"checkpoint(s) not found: {', '.join(missing)}; available under {root}: "
             f"{', '.join(have) or 'none (train first: python scripts/train.py --fold 0)'}"
         )
-    return found

@@ -20,6 +20,7 @@ from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.config import config_from_saved
 from bonecomp.data.annotations import Polygons, load_annotation
+from bonecomp.data.crop import crop_polygons
 from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
@@ -163,6 +164,7 @@ class OofImage:
     polygons: Polygons
     oof: np.ndarray  # the fold's memory-mapped (N, C, h, w) array
     row: int
+    box: tuple[int, int, int, int] | None = None  # a crop experiment's box: image cut to it
 
     @property
     def probs(self) -> torch.Tensor:
@@ -183,6 +185,8 @@ class OofImage:
         """``overlay`` of this image, prediction and truth drawn directly at ``scale``
         (no full-size mask: a 2048 px image costs milliseconds)."""
         image = read_image(self.image_path)
+        if self.box is not None:  # hw and polygons are in the box's frame already
+            image = image[self.box[0] : self.box[1], self.box[2] : self.box[3]]
         small = (round(image.shape[0] * scale), round(image.shape[1] * scale))
         pred = upsample_threshold(self.probs, small, thresholds, logits=False).dense().numpy()
         truth = rasterize(self.polygons, image.shape[:2], small)
@@ -197,19 +201,18 @@ def oof_images(run: Path | str | RunDir, images: list[str] | None = None) -> lis
     index = pd.read_csv(run.oof_index, dtype={"rel": str})
     oof = np.load(run.oof, mmap_mode="r")
     root = Path(cfg.data.root) / "train"
-    return [
-        OofImage(
-            r.name,
-            r.rel,
-            root / "DCM" / r.rel,
-            (int(r.src_h), int(r.src_w)),
-            load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json")),
-            oof,
-            int(r.row),
-        )
-        for r in index.itertuples()
-        if not images or r.name in images
-    ]
+    out = []
+    for r in index.itertuples():
+        if images and r.name not in images:
+            continue
+        polys = load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json"))
+        box = None
+        if "box_y0" in index.columns:  # a crop experiment: its OOF is in the box's frame
+            box = (int(r.box_y0), int(r.box_y1), int(r.box_x0), int(r.box_x1))
+            polys = crop_polygons(polys, box)
+        hw = (int(r.src_h), int(r.src_w))
+        out.append(OofImage(r.name, r.rel, root / "DCM" / r.rel, hw, polys, oof, int(r.row), box))
+    return out
 
 
 def run_overlays(

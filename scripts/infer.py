@@ -4,6 +4,7 @@ python scripts/infer.py --ensemble                   # infer.ensemble of configs
 python scripts/infer.py --config configs/demo.yaml --ensemble infer.tta=[none,hflip]
 python scripts/infer.py --checkpoints runs/a/fold0/best.pt runs/b/fold0/best.pt
 python scripts/infer.py --ensemble --out submissions/final.csv --labels DIR
+python scripts/infer.py --config configs/carpal_crop_1024.yaml --ensemble   # + carpal crop
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def infer(args) -> int:
     res = predict_submission(cfg, members, args.out, args.data, not args.quiet)
     print(f"thresholds: {res.thresholds_from}")
     print(f"ensemble weights: {res.weights_from}")
+    if res.crop_boxes is not None:
+        found = sum(b is not None for b in res.crop_boxes.values())
+        print(
+            f"carpal crop ({cfg.infer.crop.experiment}): {found}/{res.images} images re-predicted"
+        )
     for warning in res.report.warnings:
         print(f"warning: {warning}")
     print(res.report.summary())

@@ -1,6 +1,6 @@
 """Training cache: every image at the training resolution plus its polygons, built once.
 
-    cache_dir/train_<size>/
+    cache_dir/train_<size>/          (or train_<size>_carpal-m<margin>/, see below)
         images.npy    (N, S, S) uint8 grey images (INTER_AREA from the PNG)
         crc.npy       (N,) uint32 zlib.crc32 of each image row, checked on every read
         points.npy    (M, 2) int32 all polygon points; offsets.npy (N, C+1) int64 into it
@@ -14,6 +14,12 @@ The cache is reused while the sources' (size, mtime) and the resolution match, a
 rebuilt otherwise; ``data_cache_dir`` keeps one data root's caches apart from another's.
 It is built in a temporary folder and moved into place whole, with the manifest written
 last, so a crash never leaves a cache that loads as valid.
+
+A crop cache (``crop_margin`` set: ``data.crop: carpal``) holds each image's carpal box
+(``data.crop.truth_box``: the eight carpal polygons' square box plus the margin) cut
+from the full-resolution PNG and resized to ``S``; its polygons are shifted into the
+box's frame and ``src_h, src_w`` are the box's size, so the Dataset, augmentations and
+validation work on crops unchanged. ``index.csv`` adds the box (``box_y0 .. box_x1``).
 
 Failures while building: a training image whose PNG or JSON is unusable (undecodable,
 bad JSON, unknown label, points outside the PNG's frame, e.g. a 1024 px PNG annotated in
@@ -62,6 +68,7 @@ from bonecomp.data.annotations import (
     parse_annotation,
     read_json,
 )
+from bonecomp.data.crop import crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.fileio import remove_stale_temps
 
@@ -123,6 +130,7 @@ def open_cache(
     progress: bool = True,
     verify: bool = False,
     on_bad_image: str = "error",
+    crop_margin: float | None = None,
 ) -> TrainCache:
     """The cache of ``df`` (a training table from ``layout.discover``) at ``size``.
 
@@ -131,21 +139,27 @@ def open_cache(
     that died (kill -9) are removed. ``verify`` re-hashes the big arrays too (seconds per
     GB); by default their sizes and headers are checked. ``on_bad_image``: "error" stops
     at an unusable training image, "skip" leaves it out (the cache's index then lacks it).
+    ``crop_margin``: a carpal crop cache with this margin (None: whole images).
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
-    folder = Path(cache_dir) / f"train_{size}"
+    folder = Path(cache_dir) / cache_name(size, crop_margin)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.with_name(f".{folder.name}.lock")):
         for stale in remove_stale_temps(folder.parent):
             print(f"cache: removed {stale}, left by a build that was killed", file=sys.stderr)
-        fingerprint = source_fingerprint(df, size, on_bad_image)
+        fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin)
         problem = check_cache(folder, fingerprint, verify)
         if problem is not None:
             if folder.exists():
                 print(f"cache {folder}: {problem}; rebuilding")
-            build_cache(df, folder, size, fingerprint, workers, progress, on_bad_image)
+            build_cache(df, folder, size, fingerprint, workers, progress, on_bad_image, crop_margin)
         return load_cache(folder)
+
+
+def cache_name(size: int, crop_margin: float | None = None) -> str:
+    """The cache folder's name: ``train_<size>``, or ``train_<size>_carpal-m<margin>``."""
+    return f"train_{size}" if crop_margin is None else f"train_{size}_carpal-m{crop_margin:g}"
 
 
 def data_cache_dir(cache_dir: Path | str, root: Path | str) -> Path:
@@ -172,10 +186,13 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def source_fingerprint(df: pd.DataFrame, size: int, on_bad_image: str = "error") -> str:
+def source_fingerprint(
+    df: pd.DataFrame, size: int, on_bad_image: str = "error", crop_margin: float | None = None
+) -> str:
     """Hash of the sources' paths, sizes and mtimes, the resolution and the cache version
-    (and ``on_bad_image`` when it is "skip": such a cache may lack images)."""
+    (and ``on_bad_image`` when it is "skip": such a cache may lack images; and the crop)."""
     skip = "" if on_bad_image == "error" else f" on_bad_image={on_bad_image}"
+    skip += "" if crop_margin is None else f" crop=carpal margin={crop_margin!r}"
     h = hashlib.sha256(f"v{CACHE_VERSION} size={size}{skip}".encode())
     for rel, img, js in zip(df["rel"], df["image_path"], df["json_path"], strict=True):
         si, sj = os.stat(img), os.stat(js)
@@ -243,6 +260,7 @@ def build_cache(
     workers: int | None = None,
     progress: bool = True,
     on_bad_image: str = "error",
+    crop_margin: float | None = None,
 ) -> None:
     """Build the cache into a temporary folder, then move it into place whole.
 
@@ -255,7 +273,7 @@ def build_cache(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _build_into(tmp, df, size, fingerprint, workers, progress, on_bad_image)
+        _build_into(tmp, df, size, fingerprint, workers, progress, on_bad_image, crop_margin)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -280,6 +298,7 @@ def _build_into(
     workers: int | None,
     progress: bool,
     on_bad_image: str,
+    crop_margin: float | None = None,
 ) -> None:
     """Write every file of the cache into ``tmp``; the workers are ended before it returns
     or raises."""
@@ -289,9 +308,13 @@ def _build_into(
     crc = np.zeros(n, np.uint32)
     polys: list[Polygons] = []
     src_hw: list[tuple[int, int]] = []
+    boxes: list[tuple[int, int, int, int]] = []
     kept: list[int] = []
     skipped: list[str] = []
-    jobs = [(img, js, size) for img, js in zip(df["image_path"], df["json_path"], strict=True)]
+    jobs = [
+        (img, js, size, crop_margin)
+        for img, js in zip(df["image_path"], df["json_path"], strict=True)
+    ]
     workers = max(1, min(workers or os.cpu_count() or 1, n))
     pool = None
     with tqdm(total=n, desc=f"cache {size}px", unit="img", disable=not progress) as bar:
@@ -314,11 +337,12 @@ def _build_into(
                     print(f"warning: skipping a training image: {result}", file=sys.stderr)
                     skipped.append(result)
                     continue
-                img, img_crc, poly, hw = result
+                img, img_crc, poly, hw, box = result
                 images[len(kept)], crc[len(kept)] = img, img_crc
                 kept.append(i)
                 polys.append(poly)
                 src_hw.append(hw)
+                boxes.append(box)
         except BaseException:
             if pool is not None:
                 _end_workers(pool)
@@ -342,12 +366,17 @@ def _build_into(
     np.save(tmp / "points.npy", np.concatenate([p.points for p in polys]))
     index = df[["rel", "patient", "name"]].iloc[kept].copy()
     index["src_h"], index["src_w"] = zip(*src_hw, strict=True)
+    if crop_margin is not None:
+        index["box_y0"], index["box_y1"], index["box_x0"], index["box_x1"] = zip(
+            *boxes, strict=True
+        )
     index.to_csv(tmp / "index.csv", index=False)
     files = {
         name: {"bytes": (tmp / name).stat().st_size, "hash": _file_hash(tmp / name)}
         for name in (*_ARRAYS, "index.csv")
     }
     meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
+    meta["crop_margin"] = crop_margin
     meta["skipped"] = skipped
     (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=1))
 
@@ -428,10 +457,12 @@ def _exit_with_parent(parent: int, every: float = 0.2) -> None:
     os._exit(1)
 
 
-def _cache_item(job: tuple[str, str, int]) -> tuple[np.ndarray, int, Polygons, tuple] | str:
-    """One training image at ``size`` with its polygons and source size, or, when the PNG
-    or JSON is unusable, the problem as one line naming both files and the PNG's size."""
-    image_path, json_path, size = job
+def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:
+    """One training image at ``size`` with its polygons, source size and box (the whole
+    image, or with a crop margin the carpal box, to which image, polygons and size are
+    cut), or, when the PNG or JSON is unusable, the problem as one line naming both files
+    and the PNG's size."""
+    image_path, json_path, size, crop_margin = job
     try:
         img = read_image(image_path)
         hw = img.shape[:2]
@@ -445,8 +476,13 @@ def _cache_item(job: tuple[str, str, int]) -> tuple[np.ndarray, int, Polygons, t
             f"{json_path}: " + "; ".join(problems[:2]) + more
             + f" (its image {image_path} is {hw[1]}x{hw[0]} px)"
         )  # fmt: skip
-    small = np.ascontiguousarray(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
-    return small, zlib.crc32(small), parse_annotation(doc, json_path), hw
+    polys = parse_annotation(doc, json_path)
+    box = (0, hw[0], 0, hw[1])
+    if crop_margin is not None:
+        box = truth_box(polys, hw, crop_margin)
+        polys, hw = crop_polygons(polys, box), (box[1] - box[0], box[3] - box[2])
+    small = crop_image(img, box, size)
+    return small, zlib.crc32(small), polys, hw, box
 
 
 def _file_hash(path: Path, chunk: int = 1 << 24) -> str:

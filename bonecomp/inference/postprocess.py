@@ -178,6 +178,23 @@ def reference_masks(
     return p > ts.float()[:, None, None]
 
 
+def upsampled_rows(xc: torch.Tensor, y0: int, y1: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Rows ``[y0, y1)`` of ``F.interpolate(xc, out_hw)`` (bilinear, align_corners=False),
+    full width, bit for bit, for one channel ``xc`` (h, w), without the full map: from a
+    band taking the full upsample's code path (as ``_decide`` does)."""
+    xc = xc.detach().float()
+    h, w = xc.shape
+    H, W = out_hw
+    gy = h // math.gcd(h, H)
+    if _exact_ratio(h, H) and _exact_ratio(w, W):
+        a = _down(max(_src_row(y0, h, H) - 1, 0), gy)
+    else:
+        a = 0
+    b = _up(min(_src_row(y1 - 1, h, H) + 3, h), gy)
+    band = _upsample(xc[a:b], ((b - a) * H // h, W))
+    return band[y0 - a * H // h : y1 - a * H // h]
+
+
 def _cuts(t: float, logits: bool) -> tuple[float, float]:
     """Values below ``lo`` surely fall at or under the threshold, above ``hi`` surely over.
 

@@ -1,7 +1,8 @@
 """Test images -> validated submission CSV, streamed image batch by image batch.
 
 load (DataLoader workers) -> ensemble (TTA x sliding window x models x folds)
--> exact sparse upsample to each image's size -> per-class thresholds -> RLE
+-> exact sparse upsample to each image's size -> per-class thresholds
+-> (with ``infer.crop``) the carpal box re-predicted by a crop ensemble and pasted -> RLE
 -> rows appended to a temporary CSV -> renamed into place -> validated
 """
 
@@ -23,6 +24,7 @@ from bonecomp.data.dataset import TestImages, to_float_image
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.device import pick_device
+from bonecomp.inference.crop import load_crop_stage
 from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
@@ -46,6 +48,7 @@ class InferResult:
     thresholds: list[float]  # the per-class thresholds applied
     weights_from: str = ""
     class_weights: dict[str, list[float]] | None = None  # {experiment: per-class} when used
+    crop_boxes: dict[str, tuple[int, int, int, int] | None] | None = None  # infer.crop: per image
 
 
 def build_ensemble(
@@ -86,6 +89,8 @@ def predict_submission(
     ens, table, weights_from = build_ensemble(cfg, members, device)
     inf = cfg.infer
     thresholds, source = resolve_thresholds(cfg, members)
+    crop = load_crop_stage(cfg, device)
+    boxes: dict[str, tuple[int, int, int, int] | None] = {}
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"
     loader = DataLoader(
@@ -95,9 +100,11 @@ def predict_submission(
         pin_memory=device.type == "cuda",
     )
     names = test["name"].tolist()
+    paths = test["image_path"].tolist()  # the loader keeps this order (no shuffling)
     shapes = list(png_shapes(test).values())
     t0 = time.monotonic()
     writer = SubmissionWriter(path)
+    writer_names: list[str] = []
     micro = None  # images per forward: the batch, halved for good on out of memory
     try:
         for batch in tqdm(loader, desc="infer", unit="batch", disable=not progress):
@@ -108,7 +115,12 @@ def predict_submission(
             )  # fmt: skip
             for i, name in enumerate(batch["name"]):
                 hw = tuple(int(v) for v in batch["hw"][i])
-                masks = upsample_threshold(pred[i], hw, thresholds, logits=ens.single_view)
+                if crop is None:
+                    masks = upsample_threshold(pred[i], hw, thresholds, logits=ens.single_view)
+                else:
+                    path = paths[len(writer_names)]
+                    masks, boxes[name] = crop.masks(pred[i], ens.single_view, path, hw, thresholds)
+                writer_names.append(name)
                 writer.add(name, masks.rle())
     except BaseException:
         writer.abort()  # nothing half-written under any name
@@ -126,4 +138,5 @@ def predict_submission(
         thresholds,
         weights_from,
         table,
+        boxes if crop is not None else None,
     )

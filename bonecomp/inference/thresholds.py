@@ -109,6 +109,14 @@ def oof_maps(
     Each experiment's map is its folds' prediction of the image (the mean, should two
     folds of an experiment hold it), at the largest ``train.oof_size`` of the members.
     """
+    for _, maps, truth, hw in oof_maps_by_image(members, data_root, progress):
+        yield maps, truth, hw
+
+
+def oof_maps_by_image(
+    members: Sequence[MemberSpec], data_root: Path | str, progress: bool = True
+) -> Iterator[tuple[str, dict[str, torch.Tensor], list, tuple[int, int]]]:
+    """``oof_maps`` with each image's relative path first, in sorted order."""
     parts: dict[str, dict[str, list]] = {}
     size = 0
     for m in members:
@@ -119,6 +127,11 @@ def oof_maps(
                 "train.save_oof=true first"
             )
         index = pd.read_csv(run.oof_index, dtype={"rel": str})
+        if "box_y0" in index.columns:
+            raise RunError(
+                f"{run} is a crop experiment (data.crop): its out-of-fold maps cover the "
+                "carpal box, not the image; use it as infer.crop (scripts/crop_oof.py)"
+            )
         arr = np.load(run.oof, mmap_mode="r")
         size = max(size, arr.shape[-1])
         for rel, r, h, w in zip(
@@ -134,7 +147,7 @@ def oof_maps(
         }
         hw = next(iter(parts[rel].values()))[0][2]
         polys = load_annotation(jdir / Path(rel).with_suffix(".json"))
-        yield maps, truth_crops(polys, hw), hw
+        yield rel, maps, truth_crops(polys, hw), hw
 
 
 def _at_size(a: np.ndarray, size: int) -> torch.Tensor:

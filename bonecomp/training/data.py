@@ -79,8 +79,14 @@ def prepare_cache(
     for turn in ("main", "others"):
         if (turn == "main") == dd.main:
             d = cfg.data
+            margin = d.crop_margin if d.crop else None  # carpal: a cache of carpal boxes
             cache = open_cache(
-                table, cache_dir, d.image_size, progress=progress, on_bad_image=d.on_bad_image
+                table,
+                cache_dir,
+                d.image_size,
+                progress=progress,
+                on_bad_image=d.on_bad_image,
+                crop_margin=margin,
             )
             table = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
             result = load_or_make_folds(table, fpath, d.n_splits, d.fold_seed), cache
@@ -192,8 +198,9 @@ def build_loaders(
     batches (see ``BoneDataset``)."""
     d, t = cfg.data, cfg.train
     dd = dd or Dist()
+    jitter = d.crop_jitter if d.crop else 0.0
     train_ds = BoneDataset(
-        cache, train_idx, train_transform(d.augment), d.soft_targets, d.soft_k, True
+        cache, train_idx, train_transform(d.augment, jitter), d.soft_targets, d.soft_k, True
     )
     val_ds = BoneDataset(cache, val_idx[dd.rank :: dd.world], None, d.soft_targets, d.soft_k, True)
     gen = torch.Generator()
