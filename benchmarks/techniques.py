@@ -7,7 +7,9 @@ One run builds the table of docs/techniques.md: two small experiments (U-Net and
 on ResNet-18, from scratch) trained on every fold of a phantom, then, row by row, the
 baseline ensemble (uniform weights, threshold 0.5), + per-class thresholds, + class-wise
 ensemble weights, + pseudo-labels (the tuned ensemble labels the test images, both
-experiments are retrained on every fold with them, and the new pair is tuned again).
+experiments are retrained on every fold with them, and the new pair is tuned again),
++ carpal crop (a U-Net trained on every fold on the carpal box at the same input size,
+its weight per carpal tuned on OOF, pasted over the pseudo-label pair's carpals).
 Every row gives the OOF Dice (all 29 classes and each carpal class, on the training
 images' out-of-fold maps) and the test-set Dice of the submission the row's settings
 write, scored by the project's own scorer against the phantom's test labels. A row that
@@ -28,12 +30,13 @@ from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import Config, load_config
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.inference.crop import crop_oof_dice
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.pseudo import write_pseudo_labels
-from bonecomp.inference.thresholds import tune_thresholds, write_thresholds
+from bonecomp.inference.thresholds import resolve_thresholds, tune_thresholds, write_thresholds
 from bonecomp.inference.weights import tune_ensemble
 from bonecomp.metrics import DiceTable
-from bonecomp.runs import ensemble_members, run_dir
+from bonecomp.runs import crop_members, ensemble_members, run_dir
 from bonecomp.submission import score_submission
 from bonecomp.testing import DEMO_CONFIG, as_overrides, ensure_phantom
 from bonecomp.training.fold import run_training
@@ -41,6 +44,7 @@ from bonecomp.training.fold import run_training
 WORK = Path("/tmp/bonecomp-techniques")
 EXPERIMENTS = {"unet": {"model.arch": "unet"}, "fcn": {"model.arch": "fcn8s"}}
 PSEUDO = "_pl"  # suffix of the experiments retrained with pseudo-labels
+CROP = {"crop": {"model.arch": "unet", "data.crop": "carpal"}}  # the second stage
 
 
 @dataclass
@@ -76,13 +80,15 @@ def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Co
         **extra,
     }
     if experiment:
-        values.update({"train.experiment": experiment + suffix, **EXPERIMENTS[experiment]})
+        keys = {**EXPERIMENTS, **CROP}[experiment]
+        values.update({"train.experiment": experiment + suffix, **keys})
     return load_config(DEMO_CONFIG, as_overrides(values))
 
 
-def train_all(args, suffix: str = "", **extra) -> None:
-    """Every fold of every experiment (kept when already trained: the run can be resumed)."""
-    for e in EXPERIMENTS:
+def train_all(args, suffix: str = "", names=EXPERIMENTS, **extra) -> None:
+    """Every fold of the experiments ``names`` (kept when already trained: the run can be
+    resumed)."""
+    for e in names:
         cfg = config(args, e, suffix, **extra)
         for fold in range(args.folds):
             if run_dir(cfg, fold).best.exists():
@@ -132,6 +138,24 @@ def measure(args) -> list[Row]:
     members_pl = ensemble_members(cfg_pl, ensemble=True)
     pl, pl_path = tune_ensemble(cfg_pl, members_pl, out=tuned / "pseudo.json", progress=False)
     rows.append(Row("+ pseudo-labels", pl.after, test_dice(args, cfg_pl, pl_path, "pl")))
+    # the carpal crop stage over the pseudo-label pair, its weight per carpal tuned on OOF
+    train_all(args, names=CROP)
+    crop = {"experiment": next(iter(CROP)), "folds": list(range(args.folds))}
+    cfg_c = config(args, suffix=PSEUDO, **{"infer.crop": crop, "infer.thresholds": str(pl_path)})
+    first = ensemble_members(cfg_c, ensemble=True)
+    thresholds, _ = resolve_thresholds(cfg_c, first)
+    res = crop_oof_dice(first, crop_members(cfg_c), cfg_c.data.root, thresholds, progress=False)
+    weights = res.tuned()
+    oof = DiceTable(pl.after.per_class.copy(), pl.after.n_images)
+    oof.per_class[list(CARPALS)] = [res.dice[k, res.grid.index(w)] for k, w in enumerate(weights)]
+    crop["weight"] = weights
+    cfg_c = config(args, suffix=PSEUDO, **{"infer.crop": crop})
+    note = (
+        f"carpal OOF: crop pasted into the truth box over the first stage at uniform weights, "
+        f"{res.without.mean():.3f} -> {oof.per_class[list(CARPALS)].mean():.3f}; "
+        f"weights {', '.join(f'{w:g}' for w in weights)}"
+    )
+    rows.append(Row("+ carpal crop", oof, test_dice(args, cfg_c, pl_path, "crop"), note))
     return rows
 
 
@@ -141,7 +165,7 @@ def table(rows: list[Row], n_oof: int) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     base = rows[0]
     for r in rows:
-        cells = [r.name + (f" ({r.note})" if r.note else "")]
+        cells = [r.name]
         d = r.oof.mean - base.oof.mean
         cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
         cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
@@ -151,6 +175,7 @@ def table(rows: list[Row], n_oof: int) -> str:
             dt = r.test - base.test if base.test is not None else 0.0
             cells.append(f"{r.test:.4f}" + (f" ({dt:+.4f})" if r is not base else ""))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [f"\n{r.name}: {r.note}" for r in rows if r.note]
     lines.append(
         f"\nOOF: {n_oof} training images, each predicted by the folds that did not train on it."
     )
