@@ -1,6 +1,6 @@
 """What each leaderboard technique gains on the phantom: 5-fold OOF and test-set Dice.
 
-    python benchmarks/techniques.py                     # ~30-40 min on 2 CPU cores
+    python benchmarks/techniques.py                     # ~35 min on 2 idle CPU cores
     python benchmarks/techniques.py --quick             # a minute: wiring only, figures meaningless
 
 One run builds the table of docs/techniques.md: two small experiments (U-Net and FCN-8s
@@ -67,6 +67,7 @@ def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Co
         "data.num_workers": 0,
         "train.output_dir": str(work / "runs"),
         "train.epochs": args.epochs,
+        "train.batch_size": args.batch,
         "train.max_train_minutes": args.minutes,
         "train.val_every": args.epochs,
         "train.oof_size": args.size,
@@ -187,12 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--work", type=Path, default=WORK, help="everything is written here")
-    ap.add_argument("--train-patients", type=int, default=20)
+    ap.add_argument("--train-patients", type=int, default=16)
     ap.add_argument("--test-patients", type=int, default=8)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--size", type=int, default=192, help="training size (px)")
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--minutes", type=float, default=1.5, help="training time limit per fold")
+    ap.add_argument("--size", type=int, default=160, help="training size (px)")
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=2, help="small batches: more updates")
+    ap.add_argument("--minutes", type=float, default=2.5, help="training time limit per fold")
     ap.add_argument("--seed", type=int, default=0, help="phantom seed")
     ap.add_argument("--quick", action="store_true", help="tiny everything: checks the wiring")
     args = ap.parse_args(argv)

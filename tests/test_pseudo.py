@@ -230,9 +230,15 @@ def test_sharpen_snaps_confident_pixels_and_binary_targets_use_thresholds():
     assert pseudo_target(p, "soft", 0.9, False, [0.45]).ravel().tolist() == [0, 0, 0, 1, 1, 1, 1]
 
 
-def test_dataset_targets_follow_the_rule_and_move_with_the_image(trained):
+def test_dataset_targets_follow_the_rule_and_move_with_the_image(trained, tmp_path):
     _, _, res = trained
-    pseudo = open_pseudo(res.path)
+    # known probabilities rather than a tiny model's (which may stay under 0.5 everywhere)
+    real = open_pseudo(res.path)
+    rng = np.random.default_rng(0)
+    writer = PseudoWriter(tmp_path / "known", real.index, real.size)
+    for row in range(len(real)):
+        writer.add(row, real.read(row)[0], rng.random((NUM_CLASSES, real.size, real.size)))
+    pseudo = open_pseudo(writer.close({"thresholds": [0.5] * NUM_CLASSES}).path)
     image, probs = pseudo.read(0)
     soft = PseudoDataset(pseudo, None, "soft", offset=100)[0]
     assert soft["index"] == 100 and torch.equal(soft["mask"], torch.from_numpy(probs))
