@@ -104,7 +104,7 @@ def predict_submission(
     shapes = list(png_shapes(test).values())
     t0 = time.monotonic()
     writer = SubmissionWriter(path)
-    writer_names: list[str] = []
+    done = 0  # images written so far (the loader keeps the table's order)
     micro = None  # images per forward: the batch, halved for good on out of memory
     try:
         for batch in tqdm(loader, desc="infer", unit="batch", disable=not progress):
@@ -118,9 +118,9 @@ def predict_submission(
                 if crop is None:
                     masks = upsample_threshold(pred[i], hw, thresholds, logits=ens.single_view)
                 else:
-                    path = paths[len(writer_names)]
-                    masks, boxes[name] = crop.masks(pred[i], ens.single_view, path, hw, thresholds)
-                writer_names.append(name)
+                    src = paths[done]  # the source PNG: the crop is cut at full resolution
+                    masks, boxes[name] = crop.masks(pred[i], ens.single_view, src, hw, thresholds)
+                done += 1
                 writer.add(name, masks.rle())
     except BaseException:
         writer.abort()  # nothing half-written under any name
