@@ -45,7 +45,7 @@ from bonecomp.inference.postprocess import (
     upsample_threshold,
     upsampled_rows,
 )
-from bonecomp.inference.thresholds import oof_maps_by_image
+from bonecomp.inference.thresholds import experiment_weights, oof_maps_by_image, weighted_mean
 from bonecomp.inference.tta import views
 from bonecomp.metrics import dice_from_counts
 from bonecomp.runs import MemberSpec, RunError, crop_members
@@ -250,13 +250,13 @@ def crop_oof_dice(
     if 0.0 not in grid:
         raise ValueError("the weight grid must contain 0 (without the crop stage)")
     crops = _crop_oof_maps(crop)
-    weight = {m.run.experiment: m.weight for m in first}
+    weight = experiment_weights(first)
     total, n = np.zeros((len(CARPALS), len(grid))), 0
     for rel, maps, truth, hw in oof_maps_by_image(first, data_root, progress):
         if rel not in crops:
             continue
         box, cmap = crops[rel]
-        probs = sum(p * weight[e] for e, p in maps.items()) / sum(weight[e] for e in maps)
+        probs = weighted_mean(maps, weight)
         base = upsample_threshold(probs, hw, thresholds, logits=False)
         p, q = carpal_probs(probs, hw, False, box, cmap, False)
         truth_c = [truth[c] for c in CARPALS]

@@ -91,14 +91,29 @@ def oof_items(
     same ones. Members saved at different ``train.oof_size`` are brought to the largest
     size (bilinear) before averaging.
     """
-    weight: dict[str, float | torch.Tensor] = {m.run.experiment: m.weight for m in members}
-    if class_weights is not None:
-        weight = {
-            e: torch.tensor(w, dtype=torch.float32)[:, None, None] for e, w in class_weights.items()
-        }
+    weight = experiment_weights(members, class_weights)
     for maps, truth, hw in oof_maps(members, data_root, progress):
-        total = sum(weight[e] for e in maps)
-        yield sum(p * weight[e] for e, p in maps.items()) / total, truth, hw
+        yield weighted_mean(maps, weight), truth, hw
+
+
+def experiment_weights(
+    members: Sequence[MemberSpec], class_weights: dict[str, Sequence[float]] | None = None
+) -> dict[str, float | torch.Tensor]:
+    """Each experiment's weight in an OOF mean: its scalar weight, or (C, 1, 1) weights
+    from a ``class_weights`` table."""
+    if class_weights is None:
+        return {m.run.experiment: m.weight for m in members}
+    return {
+        e: torch.tensor(w, dtype=torch.float32)[:, None, None] for e, w in class_weights.items()
+    }
+
+
+def weighted_mean(
+    maps: dict[str, torch.Tensor], weight: dict[str, float | torch.Tensor]
+) -> torch.Tensor:
+    """The experiments' OOF maps of one image averaged with their weights (an experiment
+    missing the image drops out and the rest are renormalised)."""
+    return sum(p * weight[e] for e, p in maps.items()) / sum(weight[e] for e in maps)
 
 
 def oof_maps(

@@ -11,11 +11,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from bonecomp.data.phantom.artefacts import WRIST_KINDS
 from bonecomp.data.phantom.plan import plan_patients, sample_patient
+from bonecomp.data.rasterize import class_crop
 
 ARTEFACT_KINDS = ("ring", *WRIST_KINDS, "text")
 
@@ -94,14 +94,13 @@ class PhantomStats:
 
 def label_overlap(polygons: Sequence[np.ndarray], size: int) -> tuple[int, int]:
     """Pixels of a ``size`` x ``size`` image with two or more labels, and with at least one."""
-    corner = np.min([p.min(0) for p in polygons], axis=0)  # count in the bones' box only
-    width, height = np.max([p.max(0) for p in polygons], axis=0) + 1 - corner
-    count = np.zeros((height, width), np.uint8)
-    for poly in polygons:
-        (x0, y0), (x1, y1) = poly.min(0), poly.max(0) + 1
-        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        cv2.fillPoly(mask, [poly], 1, offset=(-int(x0), -int(y0)))
-        count[y0 - corner[1] : y1 - corner[1], x0 - corner[0] : x1 - corner[0]] += mask
+    crops = [c for c in (class_crop(p, (size, size)) for p in polygons) if c[2].size]
+    top, left = min(y for y, _, _ in crops), min(x for _, x, _ in crops)  # the bones' box
+    bottom = max(y + m.shape[0] for y, _, m in crops)
+    right = max(x + m.shape[1] for _, x, m in crops)
+    count = np.zeros((bottom - top, right - left), np.uint8)
+    for y, x, m in crops:
+        count[y - top : y - top + m.shape[0], x - left : x - left + m.shape[1]] += m
     return int(np.count_nonzero(count >= 2)), int(np.count_nonzero(count))
 
 
