@@ -50,16 +50,24 @@ def grid_dice(
     """Mean Dice (C, G) over images; items are (probs (C,h,w), truth crops, (H, W))."""
     total, n = None, 0
     for probs, truth, hw in items:
-        per_t = []
-        for t in grid:
-            masks = upsample_threshold(probs, hw, t, logits=False).masks
-            per_t.append(dice_from_counts(*overlap_counts(masks, truth)))
-        d = np.stack(per_t, axis=1)  # (C, G)
+        d = image_dice(probs, truth, hw, grid)
         total = d if total is None else total + d
         n += 1
     if n == 0:
         raise ValueError("no out-of-fold images to tune on")
     return total / n, n
+
+
+def image_dice(
+    probs: torch.Tensor, truth: list, hw: tuple[int, int], grid: Sequence[float]
+) -> np.ndarray:
+    """Dice (C, G) of one image's probabilities at each threshold of ``grid``, scored at
+    its source size against its truth crops."""
+    per_t = []
+    for t in grid:
+        masks = upsample_threshold(probs, hw, t, logits=False).masks
+        per_t.append(dice_from_counts(*overlap_counts(masks, truth)))
+    return np.stack(per_t, axis=1)
 
 
 def choose(dice: np.ndarray, grid: Sequence[float] = GRID, min_gain: float = 1e-3) -> TuneResult:

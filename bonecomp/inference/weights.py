@@ -34,9 +34,16 @@ import torch
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
-from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
-from bonecomp.inference.thresholds import DEFAULT, GRID, choose, oof_maps, write_thresholds
-from bonecomp.metrics import DiceTable, dice_from_counts
+from bonecomp.inference.thresholds import (
+    DEFAULT,
+    GRID,
+    choose,
+    image_dice,
+    oof_maps,
+    weighted_mean,
+    write_thresholds,
+)
+from bonecomp.metrics import DiceTable
 from bonecomp.runs import MemberSpec, RunError, thresholds_path
 
 STEP = 0.1
@@ -112,16 +119,10 @@ def score_candidates(
 
     An experiment without this image drops out; the others' weights are renormalised.
     """
-    have = [i for i, e in enumerate(experiments) if e in maps]
     out = []
     for w in candidates:
-        total = float(sum(w[i] for i in have))
-        probs = sum(maps[experiments[i]] * float(w[i]) for i in have) / total
-        per_t = []
-        for t in grid:
-            masks = upsample_threshold(probs, hw, t, logits=False).masks
-            per_t.append(dice_from_counts(*overlap_counts(masks, truth)))
-        out.append(np.stack(per_t, axis=1))
+        weight = {e: float(w[i]) for i, e in enumerate(experiments)}
+        out.append(image_dice(weighted_mean(maps, weight), truth, hw, grid))
     return np.stack(out, axis=1)
 
 
