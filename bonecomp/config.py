@@ -395,7 +395,17 @@ def _coerce(tp: Any, v: Any, src: Sources, key: str) -> Any:
             pass
     if tp in (int, str, bool, float) and type(v) is tp:
         return v
-    raise ConfigError(f"{src.of(key)}: {key} must be {_describe(tp)}, got {v!r}", key)
+    hint = _HINTS.get((key, v), "")
+    raise ConfigError(f"{src.of(key)}: {key} must be {_describe(tp)}, got {v!r}{hint}", key)
+
+
+# Values users reach for by analogy with other tools, with where the feature lives here.
+_HINTS = {
+    ("train.batch_size", "auto"): (
+        " (the effective batch stays a number; train.micro_batch=auto fits the batch per"
+        " forward to GPU memory and accumulates the rest)"
+    ),
+}
 
 
 # ----------------------------------------------------------------------------- values

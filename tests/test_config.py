@@ -87,6 +87,7 @@ def test_dotted_override_adds_a_loss_term(tmp_path):
         ("model.fcn_upsample=nearest", "model.fcn_upsample must be one of"),
         ("loss.terms=[bce]", "loss.terms must be a mapping"),
         ("loss.terms={bce: x}", "loss.terms.bce must be float"),
+        ("train.batch_size=auto", "got 'auto' .the effective batch.*train.micro_batch=auto"),
     ],
 )
 def test_errors_name_the_key(override, fragment):
