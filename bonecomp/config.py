@@ -395,7 +395,7 @@ def _coerce(tp: Any, v: Any, src: Sources, key: str) -> Any:
             pass
     if tp in (int, str, bool, float) and type(v) is tp:
         return v
-    hint = _HINTS.get((key, v), "")
+    hint = _HINTS.get((key, v), "") if isinstance(v, str) else ""
     raise ConfigError(f"{src.of(key)}: {key} must be {_describe(tp)}, got {v!r}{hint}", key)
 
 

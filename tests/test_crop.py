@@ -20,10 +20,12 @@ from bonecomp.data.cache import data_cache_dir, open_cache
 from bonecomp.data.crop import crop_image, grid_box, square_box, truth_box
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
+from bonecomp.inference import crop as crop_module
 from bonecomp.inference.crop import crop_oof_dice, paste_crop, prediction_box
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import grid_dice, oof_items
+from bonecomp.memory import BatchMemoryError, MemoryBudget
 from bonecomp.runs import MemberSpec, RunDir, RunError, crop_members, ensemble_members
 from bonecomp.submission import read_submission
 from bonecomp.testing import REPO, dense_truth, tiny_config, tiny_overrides
@@ -196,6 +198,27 @@ def test_crop_stage_user_errors_are_one_line(trained, tmp_path):
     finally:
         cfg.infer.crop.experiment = None
         cfg.infer.crop.folds = [0, 1, 2, 3, 4]
+
+
+def test_crop_stage_out_of_memory_is_one_line_and_writes_no_csv(trained, tmp_path, monkeypatch):
+    cfg, _ = trained
+    members = ensemble_members(cfg)
+    budget = MemoryBudget(total=0)  # not even one crop fits
+    real = crop_module.load_member
+
+    def load_member(*args, **kwargs):
+        member = real(*args, **kwargs)
+        budget.attach(member.model)
+        return member
+
+    monkeypatch.setattr(crop_module, "load_member", load_member)
+    _with_crop(cfg)
+    try:
+        with pytest.raises(BatchMemoryError, match=r"crop stage.*infer\.crop\.experiment=null"):
+            predict_submission(cfg, members, tmp_path / "c.csv", progress=False)
+    finally:
+        cfg.infer.crop.experiment = None
+    assert budget.ooms == 1 and not list(tmp_path.glob("*.csv"))
 
 
 def test_crop_keys_are_checked(tiny_root, tmp_path):

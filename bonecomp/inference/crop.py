@@ -47,6 +47,7 @@ from bonecomp.inference.postprocess import (
 )
 from bonecomp.inference.thresholds import experiment_weights, oof_maps_by_image, weighted_mean
 from bonecomp.inference.tta import views
+from bonecomp.memory import BatchMemoryError, free_memory
 from bonecomp.metrics import dice_from_counts
 from bonecomp.runs import MemberSpec, RunError, crop_members
 
@@ -169,9 +170,25 @@ class CropStage:
             s: to_float_image(torch.from_numpy(crop_image(image, box, s))[None].to(dev))
             for s in self.ensemble.sizes
         }
-        crop = self.ensemble(inputs)[0]
+        crop = self._forward(inputs, dev)
         single = self.ensemble.single_view
         return paste_crop(pred, hw, thresholds, logits, box, crop, single, self.weights), box
+
+    def _forward(self, inputs: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The crop ensemble on one crop. It is one image already, so running out of
+        memory cannot halve anything: one line says what to change."""
+        try:
+            return self.ensemble(inputs)[0]
+        except torch.OutOfMemoryError:
+            pass  # freed outside the except: its traceback pins the forward's tensors
+        free_memory(device)
+        raise BatchMemoryError(f"out of memory in the crop stage on one crop; {CROP_OOM_HINT}")
+
+
+CROP_OOM_HINT = (
+    "set infer.sliding_window=true with a lower infer.tile, use fewer infer.scales, "
+    "or infer.crop.experiment=null to go without the crop stage"
+)
 
 
 def load_crop_stage(cfg: Config, device: torch.device) -> CropStage | None:
