@@ -39,9 +39,9 @@ from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.postprocess import (
     SparseMask,
     SparseMasks,
-    _trim,
     as_thresholds,
     overlap_counts,
+    trim,
     upsample_threshold,
     upsampled_rows,
 )
@@ -138,7 +138,7 @@ def replace_box(mask: SparseMask, box: Box, inside: torch.Tensor) -> SparseMask:
     if have:
         canvas[mask.y0 - uy0 : mask.y0 - uy0 + h, mask.x0 - ux0 : mask.x0 - ux0 + w] = mask.crop
     canvas[y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0] = inside
-    return _trim(canvas if canvas.is_cuda else canvas.numpy(), uy0, ux0)
+    return trim(canvas if canvas.is_cuda else canvas.numpy(), uy0, ux0)
 
 
 @dataclass

@@ -161,7 +161,7 @@ def upsample_threshold(
             ty, tx = (torch.as_tensor(i, device=x.device) for i in (ys, xs))
             decided = _decide(x[c], ty + y0, tx + x0, (H, W), (gy, gx), ts[c], logits)
             mask[ys, xs] = decided.numpy() if on_cpu else decided
-        masks.append(_trim(mask, y0, x0))
+        masks.append(trim(mask, y0, x0))
     return SparseMasks((H, W), masks)
 
 
@@ -308,8 +308,9 @@ def _nonzero(a: np.ndarray | torch.Tensor) -> tuple:
     return torch.nonzero(a, as_tuple=True) if isinstance(a, torch.Tensor) else np.nonzero(a)
 
 
-def _trim(mask: np.ndarray | torch.Tensor, y0: int, x0: int) -> SparseMask:
-    """The mask cut to its bounding box (numpy on CPU, torch on CUDA)."""
+def trim(mask: np.ndarray | torch.Tensor, y0: int, x0: int) -> SparseMask:
+    """A box-sized bool ``mask`` placed at (``y0``, ``x0``), cut to its bounding box as a
+    ``SparseMask`` (numpy on CPU, torch on CUDA)."""
     (r,), (c,) = _nonzero(mask.any(1)), _nonzero(mask.any(0))
     if len(r) == 0:
         return _empty(mask.device if isinstance(mask, torch.Tensor) else "cpu")
