@@ -4,7 +4,8 @@ Every file the pipeline writes for the next stage (checkpoints, thresholds, fold
 configs, CSVs) goes through ``atomic_write``: the content is written to a hidden
 temporary file beside the target (``.<name>.tmp-<pid>``), flushed to disk and renamed
 over the target. The pid in the name lets a later run find and remove the leftovers of a
-process that died (``remove_stale_temps``).
+process that died (``remove_stale_temps``). Whole folders (the cache, pseudo-labels) are
+built under such a temporary name and moved into place by ``replace_dir``.
 
 A folder the pipeline cannot write to (read-only, no permission, disk full) is reported
 in one place, ``output_errors``: an ``OutputError`` naming the folder and the cause.
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
+_TMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)$")
 
 # errno -> what the user is told about the folder.
 _CAUSES = {
@@ -106,18 +107,39 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def replace_dir(new: Path | str, dest: Path | str) -> None:
+    """Move the finished folder ``new`` to ``dest`` whole, replacing the folder there.
+
+    Two renames (``dest`` to ``.<name>.old-<pid>``, ``new`` to ``dest``), then the old
+    folder is removed. A process killed between the renames leaves no ``dest`` but the
+    old folder, which ``remove_stale_temps`` puts back.
+    """
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale_temps(folder: Path | str) -> list[Path]:
-    """Remove the ``atomic_write`` leftovers of dead processes in ``folder``; return them."""
+    """Clear the leftovers of dead processes in ``folder`` and return them: temporary
+    files and folders are removed; a folder ``replace_dir`` had moved aside goes back to
+    its name when nothing took its place, else it is removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for p in folder.iterdir():
         m = _TMP.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            removed.append(p)
+        if not m or int(m.group(3)) == os.getpid() or pid_alive(int(m.group(3))):
+            continue
+        dest = p.with_name(m.group(1))
+        if m.group(2) == "old" and not dest.exists():
+            os.replace(p, dest)  # killed between replace_dir's renames: the old one is back
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
     return removed

@@ -20,6 +20,7 @@ import pandas as pd
 
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.data.layout import discover
+from bonecomp.fileio import remove_stale_temps, replace_dir
 from bonecomp.submission import validate_submission
 from bonecomp.testing import DEMO_CONFIG, REPO, tiny_overrides
 
@@ -160,3 +161,36 @@ def test_kill9_during_inference_then_the_next_run_recovers(tiny_root, tmp_path):
     test = discover(tiny_root, "test")
     report = validate_submission(out, test["name"].tolist(), (128, 128))
     assert report.ok, report.problems
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_folder_replace_killed_between_its_renames_is_undone(tmp_path):
+    """``replace_dir`` moves the old folder aside, then the new one in: a kill between
+    the two leaves only ``.<name>.old-<pid>``, which the next run puts back."""
+    pid = _dead_pid()
+    pseudo = tmp_path / "pseudo"
+    old = tmp_path / f".pseudo.old-{pid}"
+    new = tmp_path / f".pseudo.tmp-{pid}"
+    for folder, text in ((old, "old"), (new, "half")):
+        folder.mkdir()
+        (folder / "meta.json").write_text(text)
+    assert sorted(remove_stale_temps(tmp_path)) == sorted([old, new])
+    assert [p.name for p in tmp_path.iterdir()] == ["pseudo"]
+    assert (pseudo / "meta.json").read_text() == "old"
+    # Killed after the second rename: the new folder is in place, the old one goes.
+    old.mkdir()
+    (old / "meta.json").write_text("older")
+    assert remove_stale_temps(tmp_path) == [old]
+    assert [p.name for p in tmp_path.iterdir()] == ["pseudo"]
+    assert (pseudo / "meta.json").read_text() == "old"
+    # A finished replace leaves only the new folder.
+    new.mkdir()
+    (new / "meta.json").write_text("new")
+    replace_dir(new, pseudo)
+    assert [p.name for p in tmp_path.iterdir()] == ["pseudo"]
+    assert (pseudo / "meta.json").read_text() == "new"

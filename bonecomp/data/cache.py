@@ -70,7 +70,7 @@ from bonecomp.data.annotations import (
 )
 from bonecomp.data.crop import crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
-from bonecomp.fileio import remove_stale_temps
+from bonecomp.fileio import remove_stale_temps, replace_dir
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
@@ -147,7 +147,7 @@ def open_cache(
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.with_name(f".{folder.name}.lock")):
         for stale in remove_stale_temps(folder.parent):
-            print(f"cache: removed {stale}, left by a build that was killed", file=sys.stderr)
+            print(f"cache: cleaned up {stale}, left by a build that was killed", file=sys.stderr)
         fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin)
         problem = check_cache(folder, fingerprint, verify)
         if problem is not None:
@@ -283,11 +283,7 @@ def build_cache(
                 "or set data.cache_dir to a disk with room"
             ) from e
         raise
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, folder)
 
 
 def _build_into(

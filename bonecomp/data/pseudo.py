@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import zlib
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.fileio import output_errors, remove_stale_temps, temp_path
+from bonecomp.fileio import output_errors, remove_stale_temps, replace_dir, temp_path
 from bonecomp.runs import PSEUDO_CRC, PSEUDO_IMAGES, PSEUDO_INDEX, PSEUDO_PROBS, PseudoDir
 
 PSEUDO_VERSION = 1
@@ -114,11 +113,7 @@ class PseudoWriter:
             files = {n: _describe(self.tmp.path / n, n not in _BIG) for n in names}
             full = {**meta, "version": PSEUDO_VERSION, "size": self.size, "n": len(self.index)}
             self.tmp.meta.write_text(json.dumps({**full, "files": files}, indent=1))
-            old = self.out.path.with_name(f".{self.out.path.name}.old-{os.getpid()}")
-            if self.out.path.exists():
-                os.replace(self.out.path, old)
-            os.replace(self.tmp.path, self.out.path)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(self.tmp.path, self.out.path)
         return self.out
 
     def abort(self) -> None:
