@@ -31,6 +31,7 @@ from bonecomp.submission import read_submission
 from bonecomp.testing import REPO, dense_truth, tiny_config, tiny_overrides
 from bonecomp.training import run_training
 from bonecomp.viz import oof_images
+from tests.test_memory import attach_budget
 
 CARP = list(CARPALS)
 
@@ -204,14 +205,7 @@ def test_crop_stage_out_of_memory_is_one_line_and_writes_no_csv(trained, tmp_pat
     cfg, _ = trained
     members = ensemble_members(cfg)
     budget = MemoryBudget(total=0)  # not even one crop fits
-    real = crop_module.load_member
-
-    def load_member(*args, **kwargs):
-        member = real(*args, **kwargs)
-        budget.attach(member.model)
-        return member
-
-    monkeypatch.setattr(crop_module, "load_member", load_member)
+    attach_budget(monkeypatch, budget, crop_module, "load_member")
     _with_crop(cfg)
     try:
         with pytest.raises(BatchMemoryError, match=r"crop stage.*infer\.crop\.experiment=null"):

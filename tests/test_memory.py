@@ -34,16 +34,17 @@ from tests.test_training import tiny_config
 C = 29
 
 
-def attach_budget(monkeypatch, budget: MemoryBudget) -> None:
-    """Every model ``run_training`` builds runs on ``budget``'s fake device."""
-    real = training.build_state
+def attach_budget(monkeypatch, budget: MemoryBudget, module=training, name="build_state") -> None:
+    """Every model ``module.name`` builds (its result's ``.model``; by default the training
+    state ``run_training`` builds) runs on ``budget``'s fake device."""
+    real = getattr(module, name)
 
-    def build_state(*args, **kwargs):
-        state = real(*args, **kwargs)
-        budget.attach(state.model)
-        return state
+    def build(*args, **kwargs):
+        built = real(*args, **kwargs)
+        budget.attach(built.model)
+        return built
 
-    monkeypatch.setattr(training, "build_state", build_state)
+    monkeypatch.setattr(module, name, build)
 
 
 @pytest.fixture(scope="module")
@@ -148,14 +149,7 @@ def test_inference_out_of_memory_writes_the_same_csv(baseline, tmp_path, monkeyp
     members = ensemble_members(cfg)
     want = predict_submission(cfg, members, tmp_path / "want.csv", progress=False).path
     budget = MemoryBudget(total=1)  # infer.batch_size 4 -> 2 -> 1
-    real = predict.load_member
-
-    def load_member(*args, **kwargs):
-        member = real(*args, **kwargs)
-        budget.attach(member.model)
-        return member
-
-    monkeypatch.setattr(predict, "load_member", load_member)
+    attach_budget(monkeypatch, budget, predict, "load_member")
     got = predict_submission(cfg, members, tmp_path / "got.csv", progress=False)
     assert budget.ooms == 2 and got.report.ok
     assert got.path.read_bytes() == want.read_bytes()
