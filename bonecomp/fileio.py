@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -94,6 +95,15 @@ def write_text(path: Path | str, text: str) -> Path:
     with atomic_write(path) as f:
         f.write(text)
     return Path(path)
+
+
+def file_hash(path: Path | str, chunk: int = 1 << 24) -> str:
+    """blake2b-128 hex digest of a file, read in chunks (the manifests' file hashes)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def pid_alive(pid: int) -> bool:

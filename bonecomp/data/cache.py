@@ -70,7 +70,7 @@ from bonecomp.data.annotations import (
 )
 from bonecomp.data.crop import crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
-from bonecomp.fileio import remove_stale_temps, replace_dir
+from bonecomp.fileio import file_hash, remove_stale_temps, replace_dir
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
@@ -232,7 +232,7 @@ def check_cache(folder: Path, fingerprint: str, verify: bool = False) -> str | N
                 np.load(path, mmap_mode="r")  # header and size agree
             except ValueError:
                 return f"{name} has a damaged header"
-        elif _file_hash(path) != digest:
+        elif file_hash(path) != digest:
             return f"{name} is corrupt (hash mismatch)"
     return None
 
@@ -368,7 +368,7 @@ def _build_into(
         )
     index.to_csv(tmp / "index.csv", index=False)
     files = {
-        name: {"bytes": (tmp / name).stat().st_size, "hash": _file_hash(tmp / name)}
+        name: {"bytes": (tmp / name).stat().st_size, "hash": file_hash(tmp / name)}
         for name in (*_ARRAYS, "index.csv")
     }
     meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
@@ -479,14 +479,6 @@ def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:
         polys, hw = crop_polygons(polys, box), (box[1] - box[0], box[3] - box[2])
     small = crop_image(img, box, size)
     return small, zlib.crc32(small), polys, hw, box
-
-
-def _file_hash(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def bytes_per_image(size: int) -> int:

@@ -21,7 +21,6 @@ the ensemble's mask: p > the class's threshold from the thresholds file in use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -37,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.fileio import output_errors, remove_stale_temps, replace_dir, temp_path
+from bonecomp.fileio import file_hash, output_errors, remove_stale_temps, replace_dir, temp_path
 from bonecomp.runs import PSEUDO_CRC, PSEUDO_IMAGES, PSEUDO_INDEX, PSEUDO_PROBS, PseudoDir
 
 PSEUDO_VERSION = 1
@@ -126,7 +125,7 @@ class PseudoWriter:
 def _describe(path: Path, hashed: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": path.stat().st_size}
     if hashed:
-        out["hash"] = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+        out["hash"] = file_hash(path)
     return out
 
 
