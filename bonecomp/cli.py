@@ -24,7 +24,7 @@ from bonecomp.engine import NonFiniteLossError
 from bonecomp.fileio import OutputError
 from bonecomp.memory import BatchMemoryError
 from bonecomp.models.weights import WeightsError
-from bonecomp.runs import RunError
+from bonecomp.runs import MemberSpec, RunError, ensemble_members
 from bonecomp.submission import SubmissionError
 
 # The competition recipe (configs/default.yaml names it); the demo passes its own config.
@@ -61,6 +61,16 @@ def load(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, args.overrides)
     check_config(cfg)
     return cfg
+
+
+def add_members(ap: argparse.ArgumentParser) -> None:
+    """``--checkpoints``: the members of a script that works on an ensemble's output."""
+    ap.add_argument("--checkpoints", nargs="+", default=(), help="members (default: the ensemble)")
+
+
+def members(args: argparse.Namespace, cfg: Config) -> list[MemberSpec]:
+    """``--checkpoints`` when given, else the recipe's ensemble (``infer.ensemble``)."""
+    return ensemble_members(cfg, ensemble=True, explicit=args.checkpoints)
 
 
 def folds(value: str, cfg: Config) -> list[int]:

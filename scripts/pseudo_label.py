@@ -15,12 +15,11 @@ import sys
 
 from bonecomp import cli
 from bonecomp.inference.pseudo import write_pseudo_labels
-from bonecomp.runs import ensemble_members
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__)
-    ap.add_argument("--checkpoints", nargs="+", default=(), help="members (default: the ensemble)")
+    cli.add_members(ap)
     ap.add_argument("--out", help="folder (default runs/pseudo_<infer.name>)")
     ap.add_argument("--data", help="data root (default data.root of the config)")
     args = cli.parse(ap, argv)
@@ -29,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def pseudo(args) -> int:
     cfg = cli.load(args)
-    members = ensemble_members(cfg, ensemble=True, explicit=args.checkpoints)
+    members = cli.members(args, cfg)
     print(f"{len(members)} model(s): " + ", ".join(str(m.checkpoint) for m in members))
     res = write_pseudo_labels(cfg, members, args.out, args.data, not args.quiet)
     print(f"thresholds: {res.thresholds_from}")

@@ -18,12 +18,11 @@ import sys
 from bonecomp import cli
 from bonecomp.inference.thresholds import GRID
 from bonecomp.inference.weights import MIN_GAIN, MIN_SHARE, STEP, tune_ensemble
-from bonecomp.runs import ensemble_members
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__)
-    ap.add_argument("--checkpoints", nargs="+", default=(), help="members (default: the ensemble)")
+    cli.add_members(ap)
     ap.add_argument("--out", help="thresholds file (default runs/thresholds_<infer.name>.json)")
     ap.add_argument("--grid", nargs="+", type=float, default=GRID, help="candidate thresholds")
     ap.add_argument("--step", type=float, default=STEP, help="weight grid step (0.1, 0.25)")
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def tune(args) -> int:
     cfg = cli.load(args)
-    members = ensemble_members(cfg, ensemble=True, explicit=args.checkpoints)
+    members = cli.members(args, cfg)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))
     try:
         res, path = tune_ensemble(

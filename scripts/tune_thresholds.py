@@ -15,12 +15,11 @@ import sys
 
 from bonecomp import cli
 from bonecomp.inference.thresholds import GRID, tune_thresholds
-from bonecomp.runs import ensemble_members
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__)
-    ap.add_argument("--checkpoints", nargs="+", default=(), help="members (default: the ensemble)")
+    cli.add_members(ap)
     ap.add_argument("--out", help="thresholds file (default runs/thresholds_<infer.name>.json)")
     ap.add_argument("--grid", nargs="+", type=float, default=GRID, help="candidate thresholds")
     ap.add_argument("--min-gain", type=float, default=1e-3, help="keep 0.5 unless beaten by this")
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def tune(args) -> int:
     cfg = cli.load(args)
-    members = ensemble_members(cfg, ensemble=True, explicit=args.checkpoints)
+    members = cli.members(args, cfg)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))
     res, path = tune_thresholds(cfg, members, args.grid, args.min_gain, args.out, not args.quiet)
     print(res.before.format(res.after, labels=("at 0.5", "tuned")))
