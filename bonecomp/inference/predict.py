@@ -9,11 +9,12 @@ load (DataLoader workers) -> ensemble (TTA x sliding window x models x folds)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -71,6 +72,35 @@ def build_ensemble(
     )
 
 
+def predicted_batches(
+    ens: Ensemble,
+    test: pd.DataFrame,
+    sizes: Sequence[int],
+    cfg: Config,
+    device: torch.device,
+    desc: str,
+    progress: bool = True,
+) -> Iterator[tuple[dict, torch.Tensor]]:
+    """The test images in the table's order, batch by batch (``infer.batch_size``, images
+    at each of ``sizes``), with the ensemble's maps of each batch. Out of memory, the
+    images per forward halve for good and the batch is redone (same maps)."""
+    inf = cfg.infer
+    loader = DataLoader(
+        TestImages(test, sizes),
+        batch_size=inf.batch_size,
+        num_workers=inf.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    micro = None  # images per forward: the batch, halved for good on out of memory
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
+        pred, micro = run_chunked(
+            lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
+            len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
+        )  # fmt: skip
+        yield batch, pred
+
+
 def predict_submission(
     cfg: Config,
     members: Sequence[MemberSpec],
@@ -93,26 +123,14 @@ def predict_submission(
     boxes: dict[str, tuple[int, int, int, int] | None] = {}
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"
-    loader = DataLoader(
-        TestImages(test, ens.sizes),
-        batch_size=inf.batch_size,
-        num_workers=inf.num_workers,
-        pin_memory=device.type == "cuda",
-    )
     names = test["name"].tolist()
     paths = test["image_path"].tolist()  # the loader keeps this order (no shuffling)
     shapes = list(png_shapes(test).values())
     t0 = time.monotonic()
     writer = SubmissionWriter(path)
     done = 0  # images written so far (the loader keeps the table's order)
-    micro = None  # images per forward: the batch, halved for good on out of memory
     try:
-        for batch in tqdm(loader, desc="infer", unit="batch", disable=not progress):
-            images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
-            pred, micro = run_chunked(
-                lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
-                len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
-            )  # fmt: skip
+        for batch, pred in predicted_batches(ens, test, ens.sizes, cfg, device, "infer", progress):
             for i, name in enumerate(batch["name"]):
                 hw = tuple(int(v) for v in batch["hw"][i])
                 if crop is None:

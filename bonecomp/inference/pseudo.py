@@ -20,19 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from bonecomp.checks import check_config
 from bonecomp.config import Config
-from bonecomp.data.dataset import TestImages, to_float_image
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.pseudo import PseudoWriter
 from bonecomp.device import pick_device
-from bonecomp.inference.predict import OOM_HINT, build_ensemble
+from bonecomp.inference.predict import build_ensemble, predicted_batches
 from bonecomp.inference.thresholds import resolve_thresholds
-from bonecomp.memory import run_chunked
 from bonecomp.runs import MemberSpec, pseudo_path
 
 
@@ -65,20 +61,12 @@ def write_pseudo_labels(
     index = test[["rel", "patient", "name"]].copy()
     index["src_h"], index["src_w"] = zip(*png_shapes(test).values(), strict=True)
     writer = PseudoWriter(Path(out) if out else pseudo_path(cfg), index, size)
-    loader = DataLoader(
-        TestImages(test, [*ens.sizes, size]),
-        batch_size=inf.batch_size,
-        num_workers=inf.num_workers,
-        pin_memory=device.type == "cuda",
+    batches = predicted_batches(
+        ens, test, [*ens.sizes, size], cfg, device, "pseudo-labels", progress
     )
-    t0, row, micro = time.monotonic(), 0, None
+    t0, row = time.monotonic(), 0
     try:
-        for batch in tqdm(loader, desc="pseudo-labels", unit="batch", disable=not progress):
-            images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
-            pred, micro = run_chunked(
-                lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
-                len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
-            )  # fmt: skip
+        for batch, pred in batches:
             if pred.shape[-1] != size:  # logits or probabilities: both interpolate linearly
                 pred = F.interpolate(pred, (size, size), mode="bilinear", align_corners=False)
             probs = (torch.sigmoid(pred) if ens.single_view else pred).float().cpu().numpy()
