@@ -202,8 +202,11 @@ def _accumulate(
     first: int,
     image_names: Callable[[Sequence[int]], list[str]],
 ) -> list[tuple[torch.Tensor, dict[str, float], int]]:
-    total = sum(len(b["index"]) for b in batches)
-    if ctx.micro_batch is None:  # the loader's batches, as they come
+    sizes = [len(b["index"]) for b in batches]
+    total, micro = sum(sizes), ctx.micro_batch
+    # The loader's batches as they come, unless the micro-batch cuts them differently: then
+    # the update is joined and re-cut (a CPU copy per update, so only when needed).
+    if micro is None or (all(n == micro for n in sizes[:-1]) and sizes[-1] <= micro):
         chunks = [(first + i, b) for i, b in enumerate(batches)]
     else:
         whole = {k: torch.cat([b[k] for b in batches]) for k in ("image", "mask", "index")}
@@ -211,7 +214,7 @@ def _accumulate(
         chunks = [
             (first + int(np.searchsorted(starts, s.start, side="right")),
              {k: v[s] for k, v in whole.items()})
-            for s in spans(total, ctx.micro_batch)
+            for s in spans(total, micro)
         ]  # fmt: skip
     done = []
     for c, (b, chunk) in enumerate(chunks):
