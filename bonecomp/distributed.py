@@ -57,13 +57,7 @@ def all_ranks_true(flag: torch.Tensor | bool) -> bool:
     Decisions that change what a rank does next (stop, raise) must be the same on every
     rank, or the others wait forever in a collective.
     """
-    if not is_distributed():
-        return bool(flag)
-    t = torch.as_tensor(flag, dtype=torch.int32).reshape(1)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(all_reduce_min(int(bool(flag))))
 
 
 def all_reduce_sum(*tensors: torch.Tensor) -> None:

@@ -86,8 +86,9 @@ def run_training(
         per_epoch = updates_per_epoch(len(data.train_loader), cfg.train.accum_steps)
         state = build_state(cfg, device, dd, per_epoch, progress and dd.main)
         # before load_last: the probe needs an optimiser that has not stepped
+        loss_fn = build_loss(cfg.loss)
         plan = plan_batch(cfg, state.model, state.optimizer, state.ctx, device_meter(device),
-                          build_loss(cfg.loss))  # fmt: skip
+                          loss_fn)  # fmt: skip
         state.ctx.micro_batch = None if cfg.train.micro_batch is None else plan.micro_batch
         start = load_last(state, run, device) if resume else Progress()
         if dd.main:
@@ -101,8 +102,9 @@ def run_training(
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
         try:
             prog = _epochs(
-                cfg, fold, run, data, state, start, dd, progress and dd.main, log, on_best
-            )
+                cfg, fold, run, data, state, loss_fn, start, dd, progress and dd.main, log,
+                on_best,
+            )  # fmt: skip
         finally:  # TensorBoard / W&B flushed even when training fails
             if log is not None:
                 log.close()
@@ -110,13 +112,13 @@ def run_training(
 
 
 def _epochs(
-    cfg, fold, run, data, state: TrainState, prog: Progress, dd: Dist, progress, log, on_best
-):
+    cfg, fold, run, data, state: TrainState, loss_fn, prog: Progress, dd: Dist, progress, log,
+    on_best,
+):  # fmt: skip
     """The epoch loop: train, validate every ``val_every`` epochs, save best and last."""
     t = cfg.train
     deadline = time.monotonic() + 60 * t.max_train_minutes if t.max_train_minutes else None
     start = time.monotonic()
-    loss_fn = build_loss(cfg.loss)
     say = tqdm.write if dd.main else (lambda *_: None)
     bar = tqdm(
         range(prog.epoch + 1, t.epochs), desc=f"fold {fold}", unit="epoch", disable=not progress
