@@ -223,8 +223,11 @@ def pseudo_target(
     """(C, S, S) uint8 target from uint8 probabilities: coverage 0..255 when ``soft``
     (``rule`` soft or sharpen), else {0, 1} masks p > each class's threshold."""
     if not soft:
-        t = np.asarray(thresholds, np.float32).reshape(-1, 1, 1)
-        return (probs.astype(np.float32) / 255 > t).astype(np.uint8)
+        # p / 255 > t on the 256 stored values, once per class, so the (C, S, S) map is
+        # compared as uint8 rather than converted to float (the same masks).
+        above = np.arange(256, dtype=np.float32)[None] / 255 > np.float32(thresholds)[:, None]
+        first = np.where(above.any(1), above.argmax(1), 256).astype(np.uint16)
+        return (probs >= first.reshape(-1, 1, 1)).astype(np.uint8)
     if rule == "soft":
         return probs
     if rule != "sharpen":
