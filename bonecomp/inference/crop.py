@@ -149,7 +149,6 @@ class CropStage:
     margin: float
     threshold: float
     weights: list[float]  # one per carpal
-    members: list[MemberSpec]
 
     def masks(
         self,
@@ -216,7 +215,7 @@ def load_crop_stage(cfg: Config, device: torch.device) -> CropStage | None:
     inf = cfg.infer
     tile = inf.tile if inf.sliding_window else None
     ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)
-    return CropStage(ens, margin, spec.threshold, weights, members)
+    return CropStage(ens, margin, spec.threshold, weights)
 
 
 # ----------------------------------------------------------------------------- OOF

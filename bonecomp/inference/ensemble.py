@@ -49,7 +49,7 @@ def load_member(
     nhwc = resolve_channels_last("auto", device)
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     model = model.eval().to(device, memory_format=fmt)
-    weight = weight.float() if isinstance(weight, torch.Tensor) else float(weight)
+    weight = weight.float().to(device) if isinstance(weight, torch.Tensor) else float(weight)
     return Member(str(path), model, int(ckpt["input_size"]), weight)
 
 
