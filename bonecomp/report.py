@@ -28,20 +28,20 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from bonecomp.classes import CLASSES, NUM_CLASSES
+from bonecomp.classes import CLASSES
 from bonecomp.config import Config, config_from_saved, to_dict
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
-from bonecomp.fileio import output_errors, write_text
+from bonecomp.fileio import write_text
 from bonecomp.inference.thresholds import grid_dice, oof_items, read_thresholds
-from bonecomp.inference.weights import read_class_weights
+from bonecomp.inference.weights import read_class_weights, resolve_class_weights
 from bonecomp.runs import (
     RunDir,
     RunError,
     ensemble_members,
     ensemble_report_path,
     report_path,
-    thresholds_path,
+    thresholds_in_use,
 )
 from bonecomp.submission import score_submission, validate_submission
 from bonecomp.viz import oof_images
@@ -160,21 +160,19 @@ def write_ensemble_report(
         experiment_view(path, folds, n_images=n_images, size=size, thresholds=False)
         for path, folds in by_experiment.items()
     ]
-    tv = None
-    tpath = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
-    table = read_class_weights(tpath) if tpath.is_file() else None
+    tv, table = None, None
+    tpath = thresholds_in_use(cfg)
     if tpath.is_file():
         ts, tuned_on = read_thresholds(tpath)
-        try:
-            grid = sorted({0.5, *ts})
+        try:  # the class weights inference would use (refused if tuned for other models)
+            _, table, _ = resolve_class_weights(cfg, members)
             items = oof_items(members, cfg.data.root, progress=False, class_weights=table)
-            dice, n = grid_dice(items, grid)
-        except RunError as e:  # a member without OOF files: the rest of the page still helps
+            dice, n = grid_dice(items, [0.5, ts])
+        except RunError as e:  # e.g. a member without OOF files: the rest of the page helps
             tv = ThresholdView(str(tpath), "", tuned_on, [], 0.0, 0.0, (None, None))
             tv.note = f"OOF Dice not computed: {e}"
         else:
-            before = dice[:, grid.index(0.5)]
-            after = dice[np.arange(NUM_CLASSES), [grid.index(t) for t in ts]]
+            before, after = dice[:, 0], dice[:, 1]
             how = "class-wise weighted" if table else "weighted"
             scope = f"the ensemble's {how} mean OOF probabilities ({n} images)"
             tv = _threshold_view(tpath, scope, tuned_on, ts, before, after)
@@ -255,7 +253,7 @@ def experiment_view(
         index=[r.fold for r in runs],
     )
     order = list(dice.mean(axis=0).sort_values(kind="stable").index)
-    fold_views = [_fold_view(r) for r in runs]
+    fold_views = [_fold_view(r, float(dice.loc[r.fold].mean())) for r in runs]
     table = [(k, float(dice.loc[k].mean()), dice.loc[k, order].tolist()) for k in dice.index]
     view = ExperimentView(
         name=experiment_dir.name,
@@ -281,7 +279,7 @@ def experiment_view(
         scale = min(1.0, size / max(im.hw))
         view.worst.append(Picture(_png_uri(im.picture(weak, scale, dim=0.5)), caption))
     cfg = _saved_config(with_oof[0])
-    tpath = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
+    tpath = thresholds_in_use(cfg)
     if thresholds and _tuned_for(tpath, experiment_dir.name):
         ts, tuned_on = read_thresholds(tpath)
         before = np.mean([d for d, _, _ in scored], axis=0)
@@ -300,9 +298,9 @@ def _tuned_for(path: Path, experiment: str) -> bool:
     return all(Path(r).parent.name == experiment for r in tuned_on)
 
 
-def _fold_view(run: RunDir) -> FoldView:
+def _fold_view(run: RunDir, best: float) -> FoldView:
+    """One fold's line: ``best`` is its mean validation Dice (dice_per_class.csv)."""
     summary = pd.read_csv(run.summary) if run.summary.is_file() else pd.DataFrame()
-    best = float(pd.read_csv(run.dice_csv)["dice"].mean())
     epoch = None
     if "val_dice" in summary and summary["val_dice"].notna().any():
         epoch = int(summary.loc[summary["val_dice"].idxmax(), "epoch"])
@@ -433,11 +431,8 @@ def _render(out: Path, **context) -> Path:
     html = env.get_template(TEMPLATE).render(
         generated=dt.datetime.now().isoformat(timespec="seconds"),
         environment=environment(),
-        n_classes=NUM_CLASSES,
         **context,
     )
-    with output_errors(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
     return write_text(out, html)
 
 

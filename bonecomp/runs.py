@@ -155,6 +155,12 @@ def thresholds_path(cfg: Config) -> Path:
     return runs_root(cfg) / f"thresholds_{cfg.infer.name}.json"
 
 
+def thresholds_in_use(cfg: Config) -> Path:
+    """The thresholds file inference reads: ``infer.thresholds``, else ``thresholds_path``
+    (it may not exist: then ``infer.threshold`` applies)."""
+    return Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
+
+
 def experiment_dir(cfg: Config, experiment: str | None = None) -> Path:
     """``runs/<experiment>/``: the folds of one experiment and its report."""
     return runs_root(cfg) / (experiment or cfg.train.experiment)

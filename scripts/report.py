@@ -20,7 +20,7 @@ from bonecomp.report import write_ensemble_report, write_run_report
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__)
     ap.add_argument("--ensemble", action="store_true", help="the config's infer.ensemble")
-    ap.add_argument("--checkpoints", nargs="+", default=(), help="ensemble of these files")
+    cli.add_members(ap)
     ap.add_argument("--csv", help="submission CSV to check (ensemble report)")
     ap.add_argument("--labels", help="ground-truth JSON folder to score --csv against")
     ap.add_argument("--out", help="HTML file to write (default: in the runs folder)")

@@ -29,7 +29,7 @@ from bonecomp.data.rasterize import truth_crops
 from bonecomp.fileio import write_text
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceTable, dice_from_counts
-from bonecomp.runs import MemberSpec, RunError, thresholds_path
+from bonecomp.runs import MemberSpec, RunError, thresholds_in_use, thresholds_path
 
 GRID: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 DEFAULT = 0.5
@@ -45,7 +45,8 @@ class TuneResult:
 
 
 def grid_dice(
-    items: Iterable[tuple[torch.Tensor, list, tuple[int, int]]], grid: Sequence[float] = GRID
+    items: Iterable[tuple[torch.Tensor, list, tuple[int, int]]],
+    grid: Sequence[float | Sequence[float]] = GRID,
 ) -> tuple[np.ndarray, int]:
     """Mean Dice (C, G) over images; items are (probs (C,h,w), truth crops, (H, W))."""
     total, n = None, 0
@@ -59,10 +60,10 @@ def grid_dice(
 
 
 def image_dice(
-    probs: torch.Tensor, truth: list, hw: tuple[int, int], grid: Sequence[float]
+    probs: torch.Tensor, truth: list, hw: tuple[int, int], grid: Sequence[float | Sequence[float]]
 ) -> np.ndarray:
-    """Dice (C, G) of one image's probabilities at each threshold of ``grid``, scored at
-    its source size against its truth crops."""
+    """Dice (C, G) of one image's probabilities at each threshold of ``grid`` (a value, or
+    one per class), scored at its source size against its truth crops."""
     per_t = []
     for t in grid:
         masks = upsample_threshold(probs, hw, t, logits=False).masks
@@ -233,7 +234,7 @@ def resolve_thresholds(cfg: Config, members: Sequence[MemberSpec] = ()) -> tuple
 
     A file tuned on other runs than ``members`` is still used, with a warning.
     """
-    path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
+    path = thresholds_in_use(cfg)
     if not (cfg.infer.thresholds or path.is_file()):
         ts = as_thresholds(cfg.infer.threshold, len(CLASSES))
         return ts, f"{cfg.infer.threshold} for all classes"

@@ -44,7 +44,7 @@ from bonecomp.inference.thresholds import (
     write_thresholds,
 )
 from bonecomp.metrics import DiceTable
-from bonecomp.runs import MemberSpec, RunError, thresholds_path
+from bonecomp.runs import MemberSpec, RunError, thresholds_in_use, thresholds_path
 
 STEP = 0.1
 MIN_SHARE = 0.1
@@ -259,7 +259,7 @@ def resolve_class_weights(
     counts = Counter(m.run.experiment for m in members)
     most = max(counts.values(), default=1)
     share = [most / counts[m.run.experiment] for m in members]
-    path = Path(cfg.infer.thresholds) if cfg.infer.thresholds else thresholds_path(cfg)
+    path = thresholds_in_use(cfg)
     table = read_class_weights(path) if path.is_file() else None
     if table is None:
         scalar = [m.weight * s for m, s in zip(members, share, strict=True)]
