@@ -17,6 +17,7 @@ from bonecomp import cli
 from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.inference.crop import WEIGHT_GRID, crop_oof_dice
 from bonecomp.inference.thresholds import resolve_thresholds
+from bonecomp.inference.weights import resolve_class_weights
 from bonecomp.runs import RunError, crop_members, ensemble_members
 
 
@@ -34,9 +35,12 @@ def report(args) -> int:
     if not crop:
         raise RunError("infer.crop.experiment is null: name the crop experiment to measure")
     thresholds, source = resolve_thresholds(cfg, first)
-    print(f"first stage: {len(first)} fold(s); crop stage: {len(crop)} fold(s) of "
-          f"{cfg.infer.crop.experiment}; thresholds: {source}")  # fmt: skip
-    res = crop_oof_dice(first, crop, cfg.data.root, thresholds, args.grid, not args.quiet)
+    _, table, weights_from = resolve_class_weights(cfg, first)
+    print(f"first stage: {len(first)} fold(s), weights: {weights_from}; crop stage: "
+          f"{len(crop)} fold(s) of {cfg.infer.crop.experiment}; thresholds: {source}")  # fmt: skip
+    res = crop_oof_dice(
+        first, crop, cfg.data.root, thresholds, args.grid, not args.quiet, class_weights=table
+    )
     tuned = res.tuned(args.min_gain)
     last = max(res.grid)
     print(f"{'class':<11} {'without':>8} {f'w={last:g}':>8} {'best w':>7} {'tuned':>8}")

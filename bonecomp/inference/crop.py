@@ -253,10 +253,12 @@ def crop_oof_dice(
     thresholds: Sequence[float],
     grid: Sequence[float] = WEIGHT_GRID,
     progress: bool = True,
+    class_weights: dict[str, Sequence[float]] | None = None,
 ) -> CropOOF:
     """Carpal Dice at the source size on the OOF images both stages predicted: the first
-    stage's OOF map (its members' weighted mean) with the crop experiment's OOF map pasted
-    into the box it was predicted on, for each crop weight of ``grid`` (0 = without).
+    stage's OOF map (its members' weighted mean, per class with ``class_weights``) with
+    the crop experiment's OOF map pasted into the box it was predicted on, for each crop
+    weight of ``grid`` (0 = without).
 
     The crop OOF was predicted on the truth's carpal box (jittered boxes are training
     only), so this measures the crop model given a good box; at inference the box comes
@@ -265,13 +267,14 @@ def crop_oof_dice(
     grid = tuple(float(w) for w in grid)
     if 0.0 not in grid:
         raise ValueError("the weight grid must contain 0 (without the crop stage)")
-    crops = _crop_oof_maps(crop)
-    weight = experiment_weights(first)
+    crops = _crop_oof_rows(crop)
+    weight = experiment_weights(first, class_weights)
     total, n = np.zeros((len(CARPALS), len(grid))), 0
     for rel, maps, truth, hw in oof_maps_by_image(first, data_root, progress):
         if rel not in crops:
             continue
-        box, cmap = crops[rel]
+        box, rows = crops[rel]
+        cmap = sum(torch.from_numpy(np.asarray(a[r], np.float32)) for a, r in rows) / len(rows)
         probs = weighted_mean(maps, weight)
         base = upsample_threshold(probs, hw, thresholds, logits=False)
         p, q = carpal_probs(probs, hw, False, box, cmap, False)
@@ -288,8 +291,9 @@ def crop_oof_dice(
     return CropOOF(grid, total / n, n)
 
 
-def _crop_oof_maps(members: Sequence[MemberSpec]) -> dict[str, tuple[Box, torch.Tensor]]:
-    """rel -> (box, mean OOF probabilities over the crop folds holding it)."""
+def _crop_oof_rows(members: Sequence[MemberSpec]) -> dict[str, tuple[Box, list]]:
+    """rel -> (box, [(memory-mapped OOF array, row)] of the crop folds holding it): read
+    one image at a time, as the first stage's maps are."""
     out: dict[str, tuple[Box, list]] = {}
     for m in members:
         run = m.run
@@ -303,5 +307,5 @@ def _crop_oof_maps(members: Sequence[MemberSpec]) -> dict[str, tuple[Box, torch.
         rows = index[["row", *cols]].to_numpy()
         for rel, (r, *box) in zip(index["rel"], rows, strict=True):
             entry = out.setdefault(rel, (tuple(int(v) for v in box), []))
-            entry[1].append(torch.from_numpy(np.asarray(arr[int(r)], np.float32)))
-    return {rel: (box, sum(ms) / len(ms)) for rel, (box, ms) in out.items()}
+            entry[1].append((arr, int(r)))
+    return out
