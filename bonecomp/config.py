@@ -129,7 +129,8 @@ class TrainConfig:
     oof_size: int = 256  # side of the saved out-of-fold probabilities
     tensorboard: bool = False
     wandb: bool = False
-    micro_batch: int | str | None = None  # images per forward: None (the batch), n, "auto"
+    # images per forward: None (the batch), n, or "auto" (probed on the GPU)
+    micro_batch: int | Literal["auto"] | None = None
     memory_fraction: float = 0.85  # "auto" keeps the probed peak under this share of the GPU
     compile: bool = False  # torch.compile the training model (checkpoints stay plain)
     report: bool = True  # scripts/train.py refreshes runs/<experiment>/report.html per fold
@@ -457,6 +458,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.poly_power", lambda v: v > 0, "must be > 0"),
     ("train.grad_clip", lambda v: v is None or v > 0, "must be > 0 or null"),
     ("train.accum_steps", lambda v: v >= 1, "must be >= 1"),
+    ("train.micro_batch", lambda v: v in (None, "auto") or v >= 1, "must be >= 1, auto or null"),
+    ("train.memory_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("train.ema", lambda v: v is None or 0 < v < 1, "must be in (0, 1) or null"),
     ("train.val_every", lambda v: v >= 1, "must be >= 1"),
     ("train.device", DEVICE.fullmatch, "must be auto, cpu, mps, cuda or cuda:<index>"),

@@ -88,6 +88,7 @@ def test_dotted_override_adds_a_loss_term(tmp_path):
         ("loss.terms=[bce]", "loss.terms must be a mapping"),
         ("loss.terms={bce: x}", "loss.terms.bce must be float"),
         ("train.batch_size=auto", "got 'auto' .the effective batch.*train.micro_batch=auto"),
+        ("train.micro_batch=fast", "train.micro_batch must be int or 'auto'"),
     ],
 )
 def test_errors_name_the_key(override, fragment):
@@ -155,6 +156,9 @@ def test_saved_configs_of_older_versions_still_load():
         ("train.lr=0", "train.lr"),
         ("train.lr=-1e-3", "train.lr"),
         ("train.accum_steps=0", "train.accum_steps"),
+        ("train.micro_batch=0", "train.micro_batch"),
+        ("train.memory_fraction=1.5", "train.memory_fraction"),
+        ("train.memory_fraction=0", "train.memory_fraction"),
         ("train.oof_size=0", "train.oof_size"),
         ("train.val_every=0", "train.val_every"),
         ("train.ema=1.0", "train.ema"),

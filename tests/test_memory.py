@@ -16,6 +16,7 @@ from torch import nn
 
 from bonecomp import engine
 from bonecomp.checkpoint import load_checkpoint
+from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, from_dict
 from bonecomp.data.layout import discover
 from bonecomp.distributed import Dist
@@ -186,9 +187,9 @@ def test_auto_keeps_the_largest_micro_batch_under_the_margin(tiny_root, tmp_path
     assert plan_batch(cfg, model, opt, ctx, budget).micro_batch == 1
     with pytest.raises(BatchMemoryError, match=r"data\.image_size"):
         plan_batch(cfg, model, opt, ctx, MemoryBudget(total=0))
-    cfg.train.micro_batch = 0
+    cfg.train.micro_batch = 0  # refused with the config, before any model is built
     with pytest.raises(ConfigError, match=r"train\.micro_batch"):
-        plan_batch(cfg, model, opt, ctx, budget)
+        check_config(cfg)
 
 
 def test_auto_in_a_run_writes_the_plan_and_trains_with_it(tiny_root, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.config import Config, ConfigError
+from bonecomp.config import Config
 from bonecomp.distributed import all_reduce_min
 from bonecomp.engine import StepContext, autocast
 from bonecomp.fileio import write_text
@@ -71,15 +71,6 @@ class BatchPlan:
         return json.dumps(d, indent=2) + "\n"
 
 
-def check_micro_batch(value: int | str | None) -> None:
-    """``train.micro_batch`` must be null, a positive int or "auto"."""
-    ok = value is None or value == "auto" or (type(value) is int and value >= 1)
-    if not ok:
-        raise ConfigError(
-            f"train.micro_batch must be null, a positive integer or 'auto', got {value!r}"
-        )
-
-
 def plan_batch(
     cfg: Config,
     model: nn.Module,
@@ -95,9 +86,6 @@ def plan_batch(
     torchrun the ranks agree on the smallest micro-batch.
     """
     t = cfg.train
-    check_micro_batch(t.micro_batch)
-    if not 0 < t.memory_fraction <= 1:
-        raise ConfigError(f"train.memory_fraction must be in (0, 1], got {t.memory_fraction}")
     how, peaks, total = "config", {}, None
     if t.micro_batch == "auto" and meter is None:
         micro, how = t.batch_size, "cpu"
