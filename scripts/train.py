@@ -9,7 +9,6 @@ torchrun --nproc_per_node=4 scripts/train.py --fold 0
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -42,16 +41,17 @@ def train(args) -> int:
                 f"{result.best_epoch} -> {result.run_dir}"
             )
             # under torchrun the other ranks would wait for rank 0's page: last fold only
-            if fold == folds[-1] or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-                report(cfg)
+            dd = distributed.setup(cfg.train.device)  # the job run_training joined
+            if fold == folds[-1] or dd.world == 1:
+                report(cfg, dd)
     finally:
         distributed.shutdown()
     return 0
 
 
-def report(cfg: Config) -> None:
+def report(cfg: Config, dd: distributed.Dist) -> None:
     """Refresh runs/<experiment>/report.html with every trained fold (train.report; rank 0)."""
-    if not cfg.train.report or int(os.environ.get("RANK", "0")) != 0:
+    if not cfg.train.report or not dd.main:
         return
     start = time.perf_counter()
     try:
