@@ -29,7 +29,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from bonecomp.classes import CLASSES
-from bonecomp.config import Config, config_from_saved, to_dict
+from bonecomp.config import Config, to_dict
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.fileio import write_text
@@ -278,7 +278,7 @@ def experiment_view(
         caption = f"fold {fold}, {im.rel}: mean Dice {d.mean():.4f}; {worst}"
         scale = min(1.0, size / max(im.hw))
         view.worst.append(Picture(_png_uri(im.picture(weak, scale, dim=0.5)), caption))
-    cfg = _saved_config(with_oof[0])
+    cfg = with_oof[0].saved_config()
     tpath = thresholds_in_use(cfg)
     if thresholds and _tuned_for(tpath, experiment_dir.name):
         ts, tuned_on = read_thresholds(tpath)
@@ -339,10 +339,6 @@ def _submission_view(cfg: Config, csv: Path | str, labels: Path | str | None) ->
         order = np.argsort(table.per_class, kind="stable")
         view.per_class = [(CLASSES[c], float(table.per_class[c])) for c in order]
     return view
-
-
-def _saved_config(run: RunDir) -> Config:
-    return config_from_saved(yaml.safe_load(run.config.read_text()), str(run.config))
 
 
 # ------------------------------------------------------------------------------- figures

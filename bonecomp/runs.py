@@ -34,7 +34,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonecomp.config import Config
+import yaml
+
+from bonecomp.config import Config, config_from_saved
 from bonecomp.fileio import output_errors, pid_alive
 
 CONFIG = "config.yaml"
@@ -83,6 +85,10 @@ class RunDir:
     oof = property(lambda self: self.path / OOF)
     oof_index = property(lambda self: self.path / OOF_INDEX)
     batch_plan = property(lambda self: self.path / BATCH_PLAN)
+
+    def saved_config(self) -> Config:
+        """The run's ``config.yaml`` as a ``Config`` (errors name the file)."""
+        return config_from_saved(yaml.safe_load(self.config.read_text()), str(self.config))
 
     def staged(self, name: str) -> Path:
         """Where a file is prepared before it replaces ``name`` (e.g. OOF of a new best)."""

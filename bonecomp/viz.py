@@ -13,19 +13,18 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
-from bonecomp.config import config_from_saved
 from bonecomp.data.annotations import Polygons, load_annotation
 from bonecomp.data.crop import crop_polygons
 from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
-from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
-from bonecomp.metrics import dice_from_counts, summarize
+from bonecomp.inference.postprocess import upsample_threshold
+from bonecomp.inference.thresholds import image_dice
+from bonecomp.metrics import summarize
 from bonecomp.runs import DICE_CSV, RunDir
 from bonecomp.submission import label_index, read_submission, score_submission
 
@@ -172,8 +171,8 @@ class OofImage:
 
     def dice(self, thresholds: float | Sequence[float] = 0.5) -> np.ndarray:
         """Competition Dice per class at the original size (exact truth, no dense mask)."""
-        masks = upsample_threshold(self.probs, self.hw, thresholds, logits=False)
-        return dice_from_counts(*overlap_counts(masks.masks, truth_crops(self.polygons, self.hw)))
+        truth = truth_crops(self.polygons, self.hw)
+        return image_dice(self.probs, truth, self.hw, [thresholds])[:, 0]
 
     def picture(
         self,
@@ -197,7 +196,7 @@ def oof_images(run: Path | str | RunDir, images: list[str] | None = None) -> lis
     """The validation images of a fold with saved OOF probabilities (``images``: only
     these file names), in the order of its ``oof_index.csv``."""
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    cfg = config_from_saved(yaml.safe_load(run.config.read_text()), str(run.config))
+    cfg = run.saved_config()
     index = pd.read_csv(run.oof_index, dtype={"rel": str})
     oof = np.load(run.oof, mmap_mode="r")
     root = Path(cfg.data.root) / "train"
