@@ -159,7 +159,7 @@ def upsample_threshold(
         if amb.any():
             ys, xs = _nonzero(amb)
             ty, tx = (torch.as_tensor(i, device=x.device) for i in (ys, xs))
-            decided = _decide(x[c], ty + y0, tx + x0, (H, W), (gy, gx), ts[c], logits)
+            decided = _decide(x[c], ty + y0, tx + x0, (H, W), ts[c], logits)
             mask[ys, xs] = decided.numpy() if on_cpu else decided
         masks.append(trim(mask, y0, x0))
     return SparseMasks((H, W), masks)
@@ -181,7 +181,8 @@ def reference_masks(
 def upsampled_rows(xc: torch.Tensor, y0: int, y1: int, out_hw: tuple[int, int]) -> torch.Tensor:
     """Rows ``[y0, y1)`` of ``F.interpolate(xc, out_hw)`` (bilinear, align_corners=False),
     full width, bit for bit, for one channel ``xc`` (h, w), without the full map: from a
-    band taking the full upsample's code path (as ``_decide`` does)."""
+    band taking the full upsample's code path. When the size ratio is not exact in float32
+    the band must start at row 0 to round like the full upsample."""
     xc = xc.detach().float()
     h, w = xc.shape
     H, W = out_hw
@@ -213,29 +214,20 @@ def _decide(
     ys: torch.Tensor,
     xs: torch.Tensor,
     out_hw: tuple[int, int],
-    grid: tuple[int, int],
     t: float,
     logits: bool,
 ) -> torch.Tensor:
-    """Reference decisions at output pixels (ys, xs) of one class, from full-width bands.
-
-    Ambiguous pixels are few; nearby rows share a band. When the size ratio is not exact in
-    float32 a band must start at row 0 to round like the full upsample.
-    """
-    h = xc.shape[0]
-    H, W = out_hw
-    exact = _exact_ratio(h, H) and _exact_ratio(xc.shape[1], W)
+    """Reference decisions at output pixels (ys, xs) of one class, from full-width bands
+    (``upsampled_rows``). Ambiguous pixels are few; nearby rows share a band."""
     vals = torch.empty(len(ys), device=xc.device)
     order = torch.argsort(ys)
     ys_sorted = ys[order].cpu().numpy()
     breaks = np.flatnonzero(np.diff(ys_sorted) > 2) + 1
     for group in np.split(np.arange(len(ys_sorted)), breaks):
         y_min, y_max = int(ys_sorted[group[0]]), int(ys_sorted[group[-1]])
-        a = _down(max(_src_row(y_min, h, H) - 1, 0), grid[0]) if exact else 0
-        b = _up(min(_src_row(y_max, h, H) + 3, h), grid[0])
-        band = _upsample(xc[a:b], ((b - a) * H // h, W))
+        band = upsampled_rows(xc, y_min, y_max + 1, out_hw)
         idx = order[torch.as_tensor(group, device=xc.device)]
-        vals[idx] = band[ys[idx] - a * H // h, xs[idx]]
+        vals[idx] = band[ys[idx] - y_min, xs[idx]]
     if not logits:
         return vals > t
     n = vals.numel()
