@@ -28,14 +28,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 
 from bonecomp.classes import CARPALS
 from bonecomp.config import Config
 from bonecomp.data.crop import Box, crop_image, grid_box
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
-from bonecomp.inference.ensemble import Ensemble, load_member
+from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
 from bonecomp.inference.postprocess import (
     SparseMask,
     SparseMasks,
@@ -46,7 +45,6 @@ from bonecomp.inference.postprocess import (
     upsampled_rows,
 )
 from bonecomp.inference.thresholds import experiment_weights, oof_maps_by_image, weighted_mean
-from bonecomp.inference.tta import views
 from bonecomp.memory import BatchMemoryError, free_memory
 from bonecomp.metrics import dice_from_counts
 from bonecomp.runs import MemberSpec, RunError, crop_members
@@ -200,22 +198,18 @@ def load_crop_stage(cfg: Config, device: torch.device) -> CropStage | None:
     members = crop_members(cfg)
     if not members:
         return None
-    path = members[0].run.config
-    saved = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    data = (saved or {}).get("data") or {}
-    if data.get("crop") is None:
+    run = members[0].run
+    data = run.saved_config().data if run.config.is_file() else None
+    if data is None or data.crop is None:
         raise RunError(
             f"infer.crop.experiment {spec.experiment!r} was not trained on crops "
-            f"({path} has data.crop: null); train one with data.crop=carpal "
+            f"({run.config} has no data.crop); train one with data.crop=carpal "
             "(configs/carpal_crop_1024.yaml)"
         )
-    margin = spec.margin if spec.margin is not None else float(data.get("crop_margin", 0.25))
+    margin = spec.margin if spec.margin is not None else data.crop_margin
     weights = [spec.weight] * len(CARPALS) if isinstance(spec.weight, float) else list(spec.weight)
     models = [load_member(m.checkpoint, 1.0, device) for m in members]
-    inf = cfg.infer
-    tile = inf.tile if inf.sliding_window else None
-    ens = Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)
-    return CropStage(ens, margin, spec.threshold, weights)
+    return CropStage(infer_ensemble(models, cfg.infer), margin, spec.threshold, weights)
 
 
 # ----------------------------------------------------------------------------- OOF

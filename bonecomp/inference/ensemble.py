@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint, load_weights
-from bonecomp.config import config_from_saved
+from bonecomp.config import InferConfig, config_from_saved
 from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.inference.sliding import sliding_window
-from bonecomp.inference.tta import View, tta_mean
+from bonecomp.inference.tta import View, tta_mean, views
 from bonecomp.models import create_model
 
 
@@ -135,3 +135,13 @@ class Ensemble:
         if self.tile and self.tile < m.input_size:
             return lambda x: sliding_window(run, x, self.tile, self.overlap)
         return run
+
+
+def infer_ensemble(models: Sequence[Member], inf: InferConfig) -> Ensemble:
+    """``models`` run as the ``infer`` section says: TTA views and scales, sliding window,
+    AMP and ``torch.compile``."""
+    if inf.compile:
+        for m in models:
+            m.model = torch.compile(m.model)
+    tile = inf.tile if inf.sliding_window else None
+    return Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp)

@@ -26,10 +26,9 @@ from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.device import pick_device
 from bonecomp.inference.crop import load_crop_stage
-from bonecomp.inference.ensemble import Ensemble, load_member
+from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
-from bonecomp.inference.tta import views
 from bonecomp.inference.weights import resolve_class_weights
 from bonecomp.memory import run_chunked
 from bonecomp.runs import MemberSpec
@@ -60,16 +59,7 @@ def build_ensemble(
     table applied (None: the scalar weights) and where the weights came from."""
     weights, table, weights_from = resolve_class_weights(cfg, members)
     models = [load_member(m.checkpoint, w, device) for m, w in zip(members, weights, strict=True)]
-    inf = cfg.infer
-    if inf.compile:
-        for m in models:
-            m.model = torch.compile(m.model)
-    tile = inf.tile if inf.sliding_window else None
-    return (
-        Ensemble(models, views(inf.tta, inf.scales), tile, inf.overlap, inf.amp),
-        table,
-        weights_from,
-    )
+    return infer_ensemble(models, cfg.infer), table, weights_from
 
 
 def predicted_batches(
