@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.annotations import Polygons, load_annotation
-from bonecomp.data.crop import crop_polygons
+from bonecomp.data.crop import crop_polygons, index_boxes
 from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops
@@ -200,14 +200,14 @@ def oof_images(run: Path | str | RunDir, images: list[str] | None = None) -> lis
     index = pd.read_csv(run.oof_index, dtype={"rel": str})
     oof = np.load(run.oof, mmap_mode="r")
     root = Path(cfg.data.root) / "train"
+    boxes = index_boxes(index)  # a crop experiment: its OOF is in each box's frame
     out = []
-    for r in index.itertuples():
+    for i, r in enumerate(index.itertuples()):
         if images and r.name not in images:
             continue
         polys = load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json"))
-        box = None
-        if "box_y0" in index.columns:  # a crop experiment: its OOF is in the box's frame
-            box = (int(r.box_y0), int(r.box_y1), int(r.box_x0), int(r.box_x1))
+        box = boxes[i] if boxes else None
+        if box is not None:
             polys = crop_polygons(polys, box)
         hw = (int(r.src_h), int(r.src_w))
         out.append(OofImage(r.name, r.rel, root / "DCM" / r.rel, hw, polys, oof, int(r.row), box))

@@ -68,7 +68,7 @@ from bonecomp.data.annotations import (
     parse_annotation,
     read_json,
 )
-from bonecomp.data.crop import crop_image, crop_polygons, truth_box
+from bonecomp.data.crop import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.fileio import file_hash, remove_stale_temps, replace_dir
 
@@ -363,9 +363,8 @@ def _build_into(
     index = df[["rel", "patient", "name"]].iloc[kept].copy()
     index["src_h"], index["src_w"] = zip(*src_hw, strict=True)
     if crop_margin is not None:
-        index["box_y0"], index["box_y1"], index["box_x0"], index["box_x1"] = zip(
-            *boxes, strict=True
-        )
+        for col, values in zip(BOX_COLUMNS, zip(*boxes, strict=True), strict=True):
+            index[col] = values
     index.to_csv(tmp / "index.csv", index=False)
     files = {
         name: {"bytes": (tmp / name).stat().st_size, "hash": file_hash(tmp / name)}

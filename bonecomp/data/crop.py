@@ -13,11 +13,21 @@ import math
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from bonecomp.classes import CARPALS
 from bonecomp.data.annotations import Polygons
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in source pixels, half-open
+# A crop cache's index.csv (and its runs' oof_index.csv) holds each image's box here.
+BOX_COLUMNS = ("box_y0", "box_y1", "box_x0", "box_x1")
+
+
+def index_boxes(index: pd.DataFrame) -> list[Box] | None:
+    """Each row's crop box of such an index table; None for whole images (no box columns)."""
+    if BOX_COLUMNS[0] not in index.columns:
+        return None
+    return [(int(a), int(b), int(c), int(d)) for a, b, c, d in index[list(BOX_COLUMNS)].to_numpy()]
 
 
 def square_box(

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from bonecomp.classes import CARPALS
 from bonecomp.config import Config
-from bonecomp.data.crop import Box, crop_image, grid_box
+from bonecomp.data.crop import Box, crop_image, grid_box, index_boxes
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
 from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
@@ -294,12 +294,10 @@ def _crop_oof_rows(members: Sequence[MemberSpec]) -> dict[str, tuple[Box, list]]
         if not (run.oof.is_file() and run.oof_index.is_file()):
             raise RunError(f"{run}: no out-of-fold predictions; train with train.save_oof=true")
         index = pd.read_csv(run.oof_index, dtype={"rel": str})
-        cols = ["box_y0", "box_y1", "box_x0", "box_x1"]
-        if not set(cols) <= set(index.columns):
+        boxes = index_boxes(index)
+        if boxes is None:
             raise RunError(f"{run.oof_index} has no crop boxes: not a data.crop experiment")
         arr = np.load(run.oof, mmap_mode="r")
-        rows = index[["row", *cols]].to_numpy()
-        for rel, (r, *box) in zip(index["rel"], rows, strict=True):
-            entry = out.setdefault(rel, (tuple(int(v) for v in box), []))
-            entry[1].append((arr, int(r)))
+        for rel, r, box in zip(index["rel"], index["row"], boxes, strict=True):
+            out.setdefault(rel, (box, []))[1].append((arr, int(r)))
     return out

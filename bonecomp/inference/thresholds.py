@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
 from bonecomp.data.annotations import load_annotation
+from bonecomp.data.crop import BOX_COLUMNS
 from bonecomp.data.rasterize import truth_crops
 from bonecomp.fileio import write_text
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
@@ -151,7 +152,7 @@ def oof_maps_by_image(
                 "train.save_oof=true first"
             )
         index = pd.read_csv(run.oof_index, dtype={"rel": str})
-        if "box_y0" in index.columns:
+        if BOX_COLUMNS[0] in index.columns:
             raise RunError(
                 f"{run} is a crop experiment (data.crop): its out-of-fold maps cover the "
                 "carpal box, not the image; use it as infer.crop (scripts/crop_oof.py)"
