@@ -106,6 +106,22 @@ def file_hash(path: Path | str, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def preallocate(path: Path | str) -> None:
+    """Reserve ``path``'s blocks now, so running out of disk raises ``OSError`` here
+    rather than a SIGBUS when a page of the memory map is first written."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the filesystem cannot preallocate: the free-space check has to do
+    finally:
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     """Does process ``pid`` exist on this machine?"""
     try:

@@ -5,6 +5,7 @@ rule, and one-line refusals of unusable folders."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from bonecomp.data.pseudo import (
     pseudo_target,
 )
 from bonecomp.distributed import Dist
+from bonecomp.fileio import OutputError
 from bonecomp.inference.ensemble import Ensemble, load_member
 from bonecomp.inference.pseudo import write_pseudo_labels
 from bonecomp.inference.tta import views
@@ -140,6 +142,23 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
         writer.close({"thresholds": [0.5] * NUM_CLASSES})
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_too_full_for_the_maps_is_one_line_before_any_write(tmp_path, monkeypatch):
+    """The maps are memory-mapped: their blocks are reserved up front, so a full disk is an
+    ``OutputError`` naming the folder (not a SIGBUS mid-write), and nothing is left."""
+    index = pd.DataFrame(
+        {"rel": ["ID9/a.png"], "patient": ["ID9"], "name": ["a.png"], "src_h": [8], "src_w": [8]}
+    )
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    full_disk = r"cannot write probs\.npy in .*out/pl: the folder is on a full disk"
+    with pytest.raises(OutputError, match=full_disk):
+        PseudoWriter(tmp_path / "out" / "pl", index, 32)
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- training

@@ -70,7 +70,7 @@ from bonecomp.data.annotations import (
 )
 from bonecomp.data.crop import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
-from bonecomp.fileio import file_hash, remove_stale_temps, replace_dir
+from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
@@ -300,7 +300,7 @@ def _build_into(
     or raises."""
     n = len(df)
     images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
-    _preallocate(tmp / "images.npy")  # a full disk fails here, not as a SIGBUS mid-write
+    preallocate(tmp / "images.npy")  # a full disk fails here, not as a SIGBUS mid-write
     crc = np.zeros(n, np.uint32)
     polys: list[Polygons] = []
     src_hw: list[tuple[int, int]] = []
@@ -400,22 +400,6 @@ def _free_bytes(path: Path) -> int:
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
-
-
-def _preallocate(path: Path) -> None:
-    """Reserve ``path``'s blocks now, so running out of disk raises ``OSError`` here
-    rather than a SIGBUS when a page of the memory map is first written."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # the filesystem cannot preallocate: the free-space check has to do
-    finally:
-        os.close(fd)
 
 
 def _end_workers(pool: ProcessPoolExecutor) -> None:

@@ -36,7 +36,14 @@ import torch
 from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.fileio import file_hash, output_errors, remove_stale_temps, replace_dir, temp_path
+from bonecomp.fileio import (
+    file_hash,
+    output_errors,
+    preallocate,
+    remove_stale_temps,
+    replace_dir,
+    temp_path,
+)
 from bonecomp.runs import PSEUDO_CRC, PSEUDO_IMAGES, PSEUDO_INDEX, PSEUDO_PROBS, PseudoDir
 
 PSEUDO_VERSION = 1
@@ -66,7 +73,7 @@ class PseudoWriter:
         self.index = index[INDEX_COLUMNS].reset_index(drop=True)
         self.size, n = size, len(index)
         self.tmp = PseudoDir(temp_path(self.out.path))
-        with output_errors(self.tmp.path / PSEUDO_PROBS):
+        with output_errors(self.out.path / PSEUDO_PROBS):  # the user sees their folder
             self.out.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.out.path.parent)  # folders of writers that were killed
             need = n * (NUM_CLASSES + 1) * size * size + (1 << 20)
@@ -83,6 +90,8 @@ class PseudoWriter:
                 self.images = open_memmap(self.tmp.images, "w+", np.uint8, (n, size, size))
                 shape = (n, NUM_CLASSES, size, size)
                 self.probs = open_memmap(self.tmp.probs, "w+", np.uint8, shape)
+                for path in (self.tmp.images, self.tmp.probs):  # a full disk fails here,
+                    preallocate(path)  # not as a SIGBUS when a page is first written
             except BaseException:
                 self.abort()
                 raise
@@ -102,7 +111,7 @@ class PseudoWriter:
         then rename the folder into place."""
         if not self.done.all():
             raise ValueError(f"pseudo-labels: {int((~self.done).sum())} rows never written")
-        with output_errors(self.tmp.meta):
+        with output_errors(self.out.meta):
             self.images.flush()
             self.probs.flush()
             del self.images, self.probs
