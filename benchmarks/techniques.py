@@ -30,11 +30,11 @@ from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import Config, load_config
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
-from bonecomp.inference.crop import crop_oof_dice
+from bonecomp.inference.carpal_stage import crop_oof_dice
+from bonecomp.inference.class_weights import tune_ensemble
 from bonecomp.inference.predict import predict_submission
-from bonecomp.inference.pseudo import write_pseudo_labels
+from bonecomp.inference.pseudo_labels import write_pseudo_labels
 from bonecomp.inference.thresholds import resolve_thresholds, tune_thresholds, write_thresholds
-from bonecomp.inference.weights import tune_ensemble
 from bonecomp.metrics import DiceTable
 from bonecomp.runs import crop_members, ensemble_members, run_dir
 from bonecomp.submission import score_submission

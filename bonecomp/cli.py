@@ -19,11 +19,11 @@ from bonecomp.data.cache import CacheError
 from bonecomp.data.folds import FoldsError
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
-from bonecomp.data.pseudo import PseudoError
+from bonecomp.data.pseudo_dir import PseudoError
 from bonecomp.engine import NonFiniteLossError
 from bonecomp.fileio import OutputError
 from bonecomp.memory import BatchMemoryError
-from bonecomp.models.weights import WeightsError
+from bonecomp.models.encoder_weights import WeightsError
 from bonecomp.runs import MemberSpec, RunError, ensemble_members
 from bonecomp.submission import SubmissionError
 

@@ -149,9 +149,9 @@ class EnsembleMember:
 
 
 @dataclass
-class CropStage:
+class CarpalStageConfig:
     """Second stage: a crop experiment re-predicts the carpals inside the box that the
-    first stage's carpal pixels give (``inference.crop``)."""
+    first stage's carpal pixels give (``inference.carpal_stage``)."""
 
     experiment: str | None = None  # None: no crop stage
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
@@ -178,7 +178,7 @@ class InferConfig:
     num_workers: int = 4
     ensemble: list[EnsembleMember] = field(default_factory=list)  # empty: train.experiment
     compile: bool = False  # torch.compile each member
-    crop: CropStage = field(default_factory=CropStage)
+    crop: CarpalStageConfig = field(default_factory=CarpalStageConfig)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from bonecomp.device import amp_dtype, pick_device, resolve_channels_last
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.losses import build_loss
 from bonecomp.models import SegModel, create_model
-from bonecomp.models.weights import WeightsError, hub_host, hub_offline, reachable
+from bonecomp.models.encoder_weights import WeightsError, hub_host, hub_offline, reachable
 from bonecomp.optim import build_optimizer
 from bonecomp.training.data import build_loaders
 

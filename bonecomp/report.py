@@ -33,8 +33,8 @@ from bonecomp.config import Config, to_dict
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.fileio import write_text
+from bonecomp.inference.class_weights import read_class_weights, resolve_class_weights
 from bonecomp.inference.thresholds import grid_dice, oof_items, read_thresholds
-from bonecomp.inference.weights import read_class_weights, resolve_class_weights
 from bonecomp.runs import (
     RunDir,
     RunError,

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.annotations import Polygons, load_annotation
-from bonecomp.data.crop import crop_polygons, index_boxes
+from bonecomp.data.carpal_box import crop_polygons, index_boxes
 from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize, truth_crops

@@ -15,9 +15,9 @@ import sys
 
 from bonecomp import cli
 from bonecomp.classes import CARPALS, CLASSES
-from bonecomp.inference.crop import WEIGHT_GRID, crop_oof_dice
+from bonecomp.inference.carpal_stage import WEIGHT_GRID, crop_oof_dice
+from bonecomp.inference.class_weights import resolve_class_weights
 from bonecomp.inference.thresholds import resolve_thresholds
-from bonecomp.inference.weights import resolve_class_weights
 from bonecomp.runs import RunError, crop_members, ensemble_members
 
 

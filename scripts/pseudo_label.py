@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from bonecomp import cli
-from bonecomp.inference.pseudo import write_pseudo_labels
+from bonecomp.inference.pseudo_labels import write_pseudo_labels
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import sys
 
 from bonecomp import cli
+from bonecomp.inference.class_weights import MIN_GAIN, MIN_SHARE, STEP, tune_ensemble
 from bonecomp.inference.thresholds import GRID
-from bonecomp.inference.weights import MIN_GAIN, MIN_SHARE, STEP, tune_ensemble
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ LAYERS = {
     "bonecomp.inference": 2,
     "bonecomp.checks": 2,  # the whole config against the registries
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
-    "bonecomp.inference.pseudo": 3,  # wiring: test images -> pseudo-label folder
+    "bonecomp.inference.pseudo_labels": 3,  # wiring: test images -> pseudo-label folder
     "bonecomp.training": 3,  # wiring: one fold end to end
     "bonecomp.doctor": 3,  # wiring: checks a machine against a recipe
     "bonecomp.viz": 4,

@@ -17,11 +17,11 @@ from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.cache import data_cache_dir, open_cache
-from bonecomp.data.crop import crop_image, grid_box, square_box, truth_box
+from bonecomp.data.carpal_box import crop_image, grid_box, square_box, truth_box
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
-from bonecomp.inference import crop as crop_module
-from bonecomp.inference.crop import crop_oof_dice, paste_crop, prediction_box
+from bonecomp.inference import carpal_stage as crop_module
+from bonecomp.inference.carpal_stage import crop_oof_dice, paste_crop, prediction_box
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import grid_dice, oof_items

@@ -13,7 +13,7 @@ import torch
 from bonecomp import doctor
 from bonecomp.config import load_config
 from bonecomp.models import create_model
-from bonecomp.models import weights as weights_mod
+from bonecomp.models import encoder_weights as weights_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

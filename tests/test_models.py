@@ -8,8 +8,8 @@ import torch
 from bonecomp import models
 from bonecomp.config import ModelConfig
 from bonecomp.models import ARCHS, SegModel, create_model
-from bonecomp.models import weights as weights_mod
-from bonecomp.models.weights import WeightsError
+from bonecomp.models import encoder_weights as weights_mod
+from bonecomp.models.encoder_weights import WeightsError
 
 # DPT only accepts timm ViT encoders; PAN needs larger inputs than the others.
 SHARED = [a for a in ARCHS if a != "dpt"]

@@ -23,7 +23,7 @@ from bonecomp.data.augment import train_transform
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
-from bonecomp.data.pseudo import (
+from bonecomp.data.pseudo_dir import (
     PseudoDataset,
     PseudoError,
     PseudoWriter,
@@ -33,7 +33,7 @@ from bonecomp.data.pseudo import (
 from bonecomp.distributed import Dist
 from bonecomp.fileio import OutputError
 from bonecomp.inference.ensemble import Ensemble, load_member
-from bonecomp.inference.pseudo import write_pseudo_labels
+from bonecomp.inference.pseudo_labels import write_pseudo_labels
 from bonecomp.inference.tta import views
 from bonecomp.runs import PseudoDir, ensemble_members, run_dir
 from bonecomp.testing import REPO as ROOT

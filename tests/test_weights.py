@@ -15,17 +15,17 @@ import torch
 from torch import nn
 
 from bonecomp.classes import CLASSES
-from bonecomp.inference.ensemble import Ensemble, Member
-from bonecomp.inference.predict import predict_submission
-from bonecomp.inference.thresholds import grid_dice, oof_items, write_thresholds
-from bonecomp.inference.tta import views
-from bonecomp.inference.weights import (
+from bonecomp.inference.class_weights import (
     choose_weights,
     read_class_weights,
     resolve_class_weights,
     simplex_grid,
     tune_ensemble,
 )
+from bonecomp.inference.ensemble import Ensemble, Member
+from bonecomp.inference.predict import predict_submission
+from bonecomp.inference.thresholds import grid_dice, oof_items, write_thresholds
+from bonecomp.inference.tta import views
 from bonecomp.runs import MemberSpec, RunError, ensemble_members, thresholds_path
 from bonecomp.testing import REPO as ROOT
 from bonecomp.testing import tiny_config, tiny_overrides

@@ -15,7 +15,7 @@ def train_transform(cfg: AugmentConfig, crop_jitter: float = 0.0) -> A.Compose:
 
     The geometric part moves the image and the polygon points (as keypoints, "xy", pixel
     centres at integers); the Dataset draws the masks at the moved points, which is exact
-    and far cheaper than warping 29 mask channels. Pseudo-label maps (``data.pseudo``),
+    and far cheaper than warping 29 mask channels. Pseudo-label maps (``data.pseudo_dir``),
     which have no polygons, are warped as masks, with linear interpolation: they are
     probabilities.
     """

@@ -16,7 +16,7 @@ It is built in a temporary folder and moved into place whole, with the manifest 
 last, so a crash never leaves a cache that loads as valid.
 
 A crop cache (``crop_margin`` set: ``data.crop: carpal``) holds each image's carpal box
-(``data.crop.truth_box``: the eight carpal polygons' square box plus the margin) cut
+(``data.carpal_box.truth_box``: the eight carpal polygons' square box plus the margin) cut
 from the full-resolution PNG and resized to ``S``; its polygons are shifted into the
 box's frame and ``src_h, src_w`` are the box's size, so the Dataset, augmentations and
 validation work on crops unchanged. ``index.csv`` adds the box (``box_y0 .. box_x1``).
@@ -68,7 +68,7 @@ from bonecomp.data.annotations import (
     parse_annotation,
     read_json,
 )
-from bonecomp.data.crop import BOX_COLUMNS, crop_image, crop_polygons, truth_box
+from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
 

@@ -3,7 +3,7 @@
 Per batch of test images, every member runs its TTA views (optionally as a sliding
 window), its sigmoid probabilities are brought to a common grid (the largest member
 size) and averaged with the members' weights: one number per member, or one per class
-(class-wise weights tuned on OOF, ``inference.weights``), normalised per class. Only one
+(class-wise weights tuned on OOF, ``inference.class_weights``), normalised per class. Only one
 batch of probabilities is ever in memory, whatever the number of test images.
 """
 

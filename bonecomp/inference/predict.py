@@ -25,11 +25,11 @@ from bonecomp.data.dataset import TestImages, to_float_image
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.device import pick_device
-from bonecomp.inference.crop import load_crop_stage
+from bonecomp.inference.carpal_stage import load_crop_stage
+from bonecomp.inference.class_weights import resolve_class_weights
 from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
-from bonecomp.inference.weights import resolve_class_weights
 from bonecomp.memory import run_chunked
 from bonecomp.runs import MemberSpec
 from bonecomp.submission import CheckReport, SubmissionWriter, validate_submission

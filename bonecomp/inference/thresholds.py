@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
 from bonecomp.data.annotations import load_annotation
-from bonecomp.data.crop import BOX_COLUMNS
+from bonecomp.data.carpal_box import BOX_COLUMNS
 from bonecomp.data.rasterize import truth_crops
 from bonecomp.fileio import write_text
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold

@@ -17,8 +17,8 @@ from torch import nn
 
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import ConfigError, ModelConfig
+from bonecomp.models.encoder_weights import load_encoder_weights, with_imagenet_weights
 from bonecomp.models.fcn import FCN, STRIDES
-from bonecomp.models.weights import load_encoder_weights, with_imagenet_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -24,7 +24,7 @@ from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import TrainCache, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.folds import folds_path, load_or_make_folds
-from bonecomp.data.pseudo import PseudoDataset, PseudoError, PseudoSet, open_pseudo
+from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
 from bonecomp.distributed import Dist
 
 

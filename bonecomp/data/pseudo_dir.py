@@ -1,7 +1,7 @@
 """Pseudo-label folders: test images at the training size with an ensemble's probabilities.
 
 The format (file names in ``bonecomp.runs``, ``PseudoDir``) is written by
-``PseudoWriter`` (``bonecomp.inference.pseudo`` feeds it) and read by ``open_pseudo``
+``PseudoWriter`` (``bonecomp.inference.pseudo_labels`` feeds it) and read by ``open_pseudo``
 (training adds the images to every fold's training part). Like the training cache:
 
 - images are the test PNGs resized with INTER_AREA to the size (the cache's way);

@@ -14,7 +14,7 @@ channels are ever made as floats (``postprocess.upsampled_rows`` gives them bit 
 bit); everything else is ``upsample_threshold``'s sparse masks, untouched. ``lerp`` keeps
 ``P`` exactly where the crop echoes it (``Q == P``) or its weight is 0, and takes ``Q``
 exactly at weight 1. The box comes from the first stage's carpal pixels
-(``data.crop.grid_box``), the same rule the crop model was trained on.
+(``data.carpal_box.grid_box``), the same rule the crop model was trained on.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from bonecomp.classes import CARPALS
 from bonecomp.config import Config
-from bonecomp.data.crop import Box, crop_image, grid_box, index_boxes
+from bonecomp.data.carpal_box import Box, crop_image, grid_box, index_boxes
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
 from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
@@ -140,7 +140,7 @@ def replace_box(mask: SparseMask, box: Box, inside: torch.Tensor) -> SparseMask:
 
 
 @dataclass
-class CropStage:
+class CarpalStage:
     """The loaded crop ensemble and how its output is pasted (``infer.crop``)."""
 
     ensemble: Ensemble
@@ -188,7 +188,7 @@ CROP_OOM_HINT = (
 )
 
 
-def load_crop_stage(cfg: Config, device: torch.device) -> CropStage | None:
+def load_crop_stage(cfg: Config, device: torch.device) -> CarpalStage | None:
     """The crop stage of ``infer.crop`` (None when ``infer.crop.experiment`` is null).
 
     The experiment must have been trained on crops (``data.crop``); its margin is its
@@ -209,7 +209,7 @@ def load_crop_stage(cfg: Config, device: torch.device) -> CropStage | None:
     margin = spec.margin if spec.margin is not None else data.crop_margin
     weights = [spec.weight] * len(CARPALS) if isinstance(spec.weight, float) else list(spec.weight)
     models = [load_member(m.checkpoint, 1.0, device) for m in members]
-    return CropStage(infer_ensemble(models, cfg.infer), margin, spec.threshold, weights)
+    return CarpalStage(infer_ensemble(models, cfg.infer), margin, spec.threshold, weights)
 
 
 # ----------------------------------------------------------------------------- OOF

@@ -2,7 +2,7 @@
 
 load (DataLoader workers) -> ensemble (the same members, TTA, class weights as
 ``predict_submission``) -> probabilities at ``data.image_size`` -> pseudo-label folder
-(``bonecomp.data.pseudo``: images resized as the training cache does, probabilities as
+(``bonecomp.data.pseudo_dir``: images resized as the training cache does, probabilities as
 uint8), written under a temporary name and renamed into place whole.
 
 The folder keeps raw probabilities; the confidence rule is the training's choice
@@ -25,7 +25,7 @@ from bonecomp.checks import check_config
 from bonecomp.config import Config
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
-from bonecomp.data.pseudo import PseudoWriter
+from bonecomp.data.pseudo_dir import PseudoWriter
 from bonecomp.device import pick_device
 from bonecomp.inference.predict import build_ensemble, predicted_batches
 from bonecomp.inference.thresholds import resolve_thresholds
