@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := data/phantom
 
-.PHONY: setup demo smoke doctor test lint bench report-check
+.PHONY: setup demo smoke doctor test lint bench report-check base-config
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ doctor: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# configs/base.yaml from the key(...) declarations in bonecomp/config.py (its only source).
+base-config: $(STAMP)
+	$(BIN)/python scripts/write_base_config.py
 
 # The HTML report opened in headless Chromium (the system browser; Debian/Ubuntu:
 # `apt-get update && apt-get install -y chromium`). Fails rather than skips without it.

@@ -1,28 +1,47 @@
 """Experiment configuration: YAML files -> typed dataclasses, with dotted CLI overrides.
 
-The dataclasses below hold the only defaults (the competition's); ``configs/base.yaml``
-repeats every key with comments, and a test keeps the two identical. A recipe YAML may
-name a parent with ``extends: base.yaml`` (path relative to the file); sections merge key
-by key, any value (a list, or a mapping such as ``loss.terms``) is replaced. Unknown keys,
-wrong types and values out of range are errors on one line that name the key and where
-its value came from (the YAML file, or "command line"), so a typo never silently falls
-back to a default. Names that need a registry (architecture, encoder, loss terms,
-optimizer, TTA) are checked by ``bonecomp.checks.check_config``.
+Every key is declared once, as a dataclass field made by ``key`` (a section by
+``section``): its type (the annotation), its default, its one-line documentation, the
+range check of its value, and whether ``--resume`` may change it. From those fields come
+the loader's type checks, ``check_values``, ``configs/base.yaml`` (written by
+``python scripts/write_base_config.py`` / ``make base-config``; a test fails when it is
+stale) and ``resume_may_change`` (the keys ``training.state.check_resumable`` lets
+differ). A new key is one ``key(...)`` line plus the code that reads it::
 
-The loader is hand-written rather than OmegaConf: it is ~150 lines with no dependency,
-and OmegaConf would still need a wrapper for one-line errors that say which file or
-override a value came from.
+    warmup_frac: float = key(0.1, "share of the epoch spent warming up",
+                             check=lambda v: 0 <= v < 1, want="must be in [0, 1)")
+
+Rules between keys (warm-up <= epochs, folds < data.n_splits, ...) are in
+``_cross_field_problems``, each worded once; names that need a registry (architecture,
+encoder, loss terms, optimizer, TTA) in ``bonecomp.checks.check_config``.
+
+A recipe YAML may name a parent with ``extends: base.yaml`` (path relative to the file);
+sections merge key by key, any value (a list, or a mapping such as ``loss.terms``) is
+replaced. Unknown keys, wrong types, non-finite floats and values out of range are errors
+on one line that name the key and where its value came from (the YAML file, or "command
+line"), so a typo never silently falls back to a default.
+
+Why dataclass field metadata and not pydantic (2.x is importable here, but not a declared
+dependency): the loader already turns YAML into these dataclasses with one-line errors
+naming the file or override of each value, which pydantic's multi-line
+``ValidationError`` would need a wrapper to give; pydantic would not write base.yaml or
+know the resume rule either, so the metadata would still be ours. Metadata keeps the
+plain dataclasses every module uses (``dataclasses.asdict`` for checkpoints, tests
+building ``TrainConfig(lr=...)``) and adds no dependency. The loader is hand-written
+rather than OmegaConf for the same reason (~150 lines, one-line errors with sources).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,108 +63,393 @@ class ConfigError(ValueError):
         self.key = key
 
 
+# ----------------------------------------------------------------------------- keys
+@dataclass(frozen=True)
+class KeyInfo:
+    """What one field declares besides its type and default (see ``key``)."""
+
+    doc: str
+    check: Callable[[Any], Any] | None = None
+    want: str = ""
+    resume: bool = False
+    finite: bool = True
+    section: bool = False
+
+
+_META = "bonecomp"
+
+
+def key(
+    default: Any,
+    doc: str,
+    *,
+    check: Callable[[Any], Any] | None = None,
+    want: str = "",
+    resume: bool = False,
+    finite: bool = True,
+) -> Any:
+    """A config key: a dataclass field with its ``default`` and everything else about it.
+
+    ``doc``: one line, the key's comment in ``configs/base.yaml`` (wrapped there if long).
+    ``check``: a test of the value (never called with None: an optional key may always
+    be null); a value it rejects is the error ``<key> <want>, got <value>``, so ``want``
+    reads like "must be >= 1" (add "or null" for an optional key).
+    ``resume``: ``--resume`` may change the value (it says how or where the run
+    computes, not what).
+    ``finite``: float values (also inside lists and mappings) must not be inf or nan.
+    A list or mapping default is copied for each instance.
+    """
+    if check is not None and not want:
+        raise TypeError(f"key({default!r}, {doc!r}): a check needs want='must be ...'")
+    meta = {_META: KeyInfo(doc, check, want, resume, finite)}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str = "", *, resume: bool = False) -> Any:
+    """A nested section (a dataclass of keys); ``resume``: ``--resume`` may change any of
+    its keys."""
+    return dataclasses.field(
+        default_factory=cls, metadata={_META: KeyInfo(doc, resume=resume, section=True)}
+    )
+
+
+def key_info(f: dataclasses.Field) -> KeyInfo:
+    """The declaration of field ``f``; a field made without ``key``/``section`` is a bug."""
+    try:
+        return f.metadata[_META]
+    except KeyError:
+        raise TypeError(
+            f"config field {f.name!r} is not declared with key() or section()"
+        ) from None
+
+
+def _positive_multiple_of_32(v: int) -> bool:
+    return v > 0 and v % 32 == 0
+
+
+def _prob(v: float) -> bool:
+    return 0 <= v <= 1
+
+
+def _name(v: str) -> bool:
+    return bool(v) and "/" not in v
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+PROB = "must be a probability in [0, 1]"
+DEVICE_WANT = "must be auto, cpu, mps, cuda or cuda:<index>"
+MULTIPLE_OF_32 = "must be a positive multiple of 32"
+
+
 @dataclass
 class AugmentConfig:
     """Training augmentation (albumentations); validation uses none."""
 
-    hflip: float = 0.5
-    vflip: float = 0.0
-    shift: float = 0.06
-    scale: float = 0.1
-    rotate: float = 20.0  # degrees; test hands are often bent, so rotation matters
-    affine_p: float = 0.7
-    brightness_contrast: float = 0.2
-    brightness_contrast_p: float = 0.5
-    clahe_p: float = 0.0
+    hflip: float = key(0.5, "probability of a horizontal flip", check=_prob, want=PROB)
+    vflip: float = key(0.0, "probability of a vertical flip", check=_prob, want=PROB)
+    shift: float = key(
+        0.06, "fraction of the side", check=lambda v: 0 <= v < 1, want="must be in [0, 1)"
+    )
+    scale: float = key(0.1, "+- fraction", check=lambda v: 0 <= v < 1, want="must be in [0, 1)")
+    rotate: float = key(
+        20.0,
+        "+- degrees: test hands are often bent at the wrist",
+        check=lambda v: 0 <= v <= 180,
+        want="must be in [0, 180] degrees",
+    )
+    affine_p: float = key(
+        0.7, "probability of the shift-scale-rotate above", check=_prob, want=PROB
+    )
+    brightness_contrast: float = key(
+        0.2,
+        "+- fraction of brightness and of contrast",
+        check=lambda v: 0 <= v <= 1,
+        want="must be in [0, 1]",
+    )
+    brightness_contrast_p: float = key(
+        0.5, "probability of the brightness/contrast change", check=_prob, want=PROB
+    )
+    clahe_p: float = key(0.0, "probability of CLAHE (local contrast)", check=_prob, want=PROB)
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/competition"
-    image_size: int = 512  # square training resolution; the cache is built at this size
-    cache_dir: str = "cache"
-    n_splits: int = 5
-    fold_seed: int | None = None  # None: plain GroupKFold; an int shuffles patients
-    exclude: list[str] = field(default_factory=list)  # training image names to drop
-    soft_targets: bool = True  # fractional pixel coverage as targets (see data/rasterize.py)
-    soft_k: int = 4  # sub-samples per side for soft targets
-    num_workers: int = 8
-    on_bad_image: Literal["error", "skip"] = "error"  # unusable training image: stop or skip it
-    crop: Literal["carpal"] | None = None  # train on crops: "carpal" = box of the 8 carpals
-    crop_margin: float = 0.25  # crop box: the carpals' square box grown by this share per side
-    crop_jitter: float = 0.05  # training: random shift/scale of the crop, share of its side
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    root: str = key(
+        "data/competition",
+        "docs/format.md layout: train/DCM, train/outputs_json, test/DCM",
+        resume=True,
+    )
+    image_size: int = key(
+        512,
+        "square training size, a multiple of 32; the cache is built at it",
+        check=_positive_multiple_of_32,
+        want=MULTIPLE_OF_32,
+    )
+    cache_dir: str = key(
+        "cache", "training cache and folds file per data root, built once", resume=True
+    )
+    n_splits: int = key(
+        5, "GroupKFold by patient folder (>= 2)", check=lambda v: v >= 2, want="must be >= 2"
+    )
+    fold_seed: int | None = key(
+        None, "null: plain GroupKFold by patient (deterministic); int: shuffled"
+    )
+    exclude: list[str] = key([], "training images with known annotation errors")
+    soft_targets: bool = key(True, "fractional pixel coverage as targets (data/rasterize.py)")
+    soft_k: int = key(
+        4,
+        "sub-samples per pixel side for soft targets (1..15)",
+        check=lambda v: 1 <= v <= 15,
+        want="must be in 1..15",
+    )
+    num_workers: int = key(
+        8, "DataLoader processes", check=lambda v: v >= 0, want="must be >= 0", resume=True
+    )
+    on_bad_image: Literal["error", "skip"] = key(
+        "error",
+        "a training PNG/JSON that cannot be used (undecodable, bad JSON, points outside the"
+        " PNG): error stops the cache build naming it; skip leaves it out with a warning",
+    )
+    crop: Literal["carpal"] | None = key(
+        None,
+        "null: whole images; carpal: train on the carpal box (a crop experiment for"
+        " infer.crop; cache train_<size>_carpal-m<margin>)",
+    )
+    crop_margin: float = key(
+        0.25,
+        "the carpals' box made square and grown by this share per side",
+        check=lambda v: 0 <= v <= 2,
+        want="must be in [0, 2] (share of the box per side)",
+    )
+    crop_jitter: float = key(
+        0.05,
+        "training: random shift/scale of the crop box (share of its side)",
+        check=lambda v: 0 <= v < 0.5,
+        want="must be in [0, 0.5)",
+    )
+    augment: AugmentConfig = section(
+        AugmentConfig, "training only (albumentations); probabilities in [0, 1]"
+    )
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "unet"
-    encoder: str = "resnet34"
-    encoder_weights: str | None = "imagenet"  # "imagenet", None, or a path to a weights file
-    fcn_upsample: Literal["bilinear", "learned"] = "bilinear"  # FCN heads only
-    init_bias: float | None = -4.0  # output bias start: foreground prior logit (None: default)
+    arch: str = key(
+        "unet",
+        "fcn32s, fcn16s, fcn8s, unet, unetplusplus, deeplabv3, deeplabv3plus, any smp arch",
+    )
+    encoder: str = key("resnet34", "an smp encoder name or tu-<any timm model>")
+    encoder_weights: str | None = key(
+        "imagenet", "needs the network once; null = from scratch; or a path"
+    )
+    fcn_upsample: Literal["bilinear", "learned"] = key("bilinear", "FCN heads: bilinear or learned")
+    init_bias: float | None = key(-4.0, "output bias at the foreground prior: fast, stable start")
 
 
 @dataclass
 class LossConfig:
-    terms: dict[str, float] = field(default_factory=lambda: {"bce": 0.5, "dice": 0.5})
-    dice_smooth: float = 1.0
-    dice_over_batch: bool = True  # soft Dice over the whole batch per class (stable early on)
-    focal_gamma: float = 2.0
-    tversky_alpha: float = 0.3  # weight of false positives
-    tversky_beta: float = 0.7  # weight of false negatives (thin bone tips are missed first)
+    # The weights' rule (>= 0, one > 0) and the term names: losses.check_loss_config.
+    terms: dict[str, float] = key(
+        {"bce": 0.5, "dice": 0.5},
+        "weighted sum; terms: bce, dice, focal, jaccard, lovasz, tversky",
+    )
+    dice_smooth: float = key(
+        1.0,
+        "dice: smoothing added to numerator and denominator",
+        check=lambda v: v >= 0,
+        want="must be >= 0",
+    )
+    dice_over_batch: bool = key(
+        True, "dice: per class over the whole batch (stable if a batch lacks one)"
+    )
+    focal_gamma: float = key(
+        2.0, "focal: focusing exponent", check=lambda v: v >= 0, want="must be >= 0"
+    )
+    tversky_alpha: float = key(
+        0.3, "tversky: weight of false positives", check=lambda v: v >= 0, want="must be >= 0"
+    )
+    tversky_beta: float = key(
+        0.7,
+        "tversky: weight of false negatives (thin tips are missed first)",
+        check=lambda v: v >= 0,
+        want="must be >= 0",
+    )
 
 
-SCHEDULERS = ("cosine", "poly", "step", "plateau", "constant", "none")
+Scheduler = Literal["cosine", "poly", "step", "plateau", "constant", "none"]
+SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)  # the names, for optim and tests
 
 
 @dataclass
 class TrainConfig:
-    experiment: str = "default"
-    output_dir: str = "runs"
-    epochs: int = 40
-    batch_size: int = 8
-    optimizer: str = "adamw"  # any timm optimizer name (timm.optim.list_optimizers())
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # optimizers with momentum only (sgd, ...)
-    scheduler: Literal["cosine", "poly", "step", "plateau", "constant", "none"] = "cosine"
-    warmup_epochs: float = 1.0  # linear warm-up, per update, from min_lr
-    min_lr: float | None = None  # floor of the schedule and start of warm-up; None: lr / 100
-    decay_epochs: float = 10.0  # step: epochs between decays
-    decay_rate: float = 0.1  # step, plateau: lr factor at each decay
-    patience_epochs: int = 5  # plateau: validations without a better Dice before a decay
-    poly_power: float = 0.9  # poly: exponent of the decay
-    grad_clip: float | None = 1.0
-    accum_steps: int = 1
-    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
-    channels_last: bool | Literal["auto"] = "auto"  # auto: on CUDA only (slower on CPU)
-    ema: float | None = None  # EMA decay of weights, e.g. 0.999
-    seed: int = 42
-    val_every: int = 1
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
-    max_train_minutes: float | None = None  # stop after this long (demo on CPU)
-    save_oof: bool = True
-    oof_size: int = 256  # side of the saved out-of-fold probabilities
-    tensorboard: bool = False
-    wandb: bool = False
-    # images per forward: None (the batch), n, or "auto" (probed on the GPU)
-    micro_batch: int | Literal["auto"] | None = None
-    memory_fraction: float = 0.85  # "auto" keeps the probed peak under this share of the GPU
-    compile: bool = False  # torch.compile the training model (checkpoints stay plain)
-    report: bool = True  # scripts/train.py refreshes runs/<experiment>/report.html per fold
-    pseudo_labels: str | None = None  # folder from scripts/pseudo_label.py: added to training
-    pseudo_weight: float = 1.0  # pseudo images drawn per epoch, as a share of the pseudo set
-    pseudo_rule: Literal["soft", "sharpen"] = "soft"  # target: the probability, or snapped
-    pseudo_confidence: float = 0.9  # sharpen: p >= this -> 1, p <= 1 - this -> 0
+    experiment: str = key(
+        "default",
+        "runs/<experiment>/fold<k>/",
+        check=_name,
+        want="must be a non-empty name without '/'",
+        resume=True,
+    )
+    output_dir: str = key("runs", "folder of the experiments' run folders", resume=True)
+    epochs: int = key(
+        40, "passes over the fold's training images", check=lambda v: v >= 1, want="must be >= 1"
+    )
+    batch_size: int = key(8, "per GPU", check=lambda v: v >= 1, want="must be >= 1")
+    optimizer: str = key("adamw", "any timm optimizer: adamw, sgd, lion, lamb, ...")
+    lr: float = key(
+        1e-3, "peak learning rate (after the warm-up)", check=lambda v: v > 0, want="must be > 0"
+    )
+    weight_decay: float = key(
+        1e-4,
+        "of every parameter, biases and norms included",
+        check=lambda v: v >= 0,
+        want="must be >= 0",
+    )
+    momentum: float = key(
+        0.9,
+        "optimizers with momentum only (sgd, ...)",
+        check=lambda v: 0 <= v < 1,
+        want="must be in [0, 1)",
+    )
+    scheduler: Scheduler = key(
+        "cosine",
+        "cosine, poly, step, plateau (on val Dice), constant, none (flat lr, no warm-up)",
+    )
+    warmup_epochs: float = key(
+        1.0,
+        "linear warm-up per update from min_lr (may be fractional)",
+        check=lambda v: v >= 0,
+        want="must be >= 0",
+    )
+    min_lr: float | None = key(
+        None,
+        "floor of the schedule and start of the warm-up; null = lr / 100",
+        check=lambda v: v >= 0,
+        want="must be >= 0 or null",
+    )
+    decay_epochs: float = key(
+        10.0, "step: epochs between decays", check=lambda v: v > 0, want="must be > 0"
+    )
+    decay_rate: float = key(
+        0.1,
+        "step, plateau: lr factor at each decay",
+        check=lambda v: 0 < v <= 1,
+        want="must be in (0, 1]",
+    )
+    patience_epochs: int = key(
+        5,
+        "plateau: validations without a better Dice before a decay",
+        check=lambda v: v >= 0,
+        want="must be >= 0",
+    )
+    poly_power: float = key(
+        0.9, "poly: exponent of the decay", check=lambda v: v > 0, want="must be > 0"
+    )
+    grad_clip: float | None = key(
+        1.0, "max gradient norm; null = none", check=lambda v: v > 0, want="must be > 0 or null"
+    )
+    accum_steps: int = key(
+        1,
+        "batches per update (effective batch = batch_size x accum_steps)",
+        check=lambda v: v >= 1,
+        want="must be >= 1",
+    )
+    amp: bool = key(True, "CUDA only: bf16 where supported, else fp16 with a grad scaler")
+    channels_last: bool | Literal["auto"] = key(
+        "auto",
+        "auto: CUDA only (on CPU the demo model ran at 0.77x); true; false",
+        resume=True,
+    )
+    ema: float | None = key(
+        None,
+        "EMA decay of weights, e.g. 0.999",
+        check=lambda v: 0 < v < 1,
+        want="must be in (0, 1) or null",
+    )
+    seed: int = key(42, "seed of the initial weights, the data order and the augmentations")
+    val_every: int = key(
+        1,
+        "validate every n epochs (and after the last)",
+        check=lambda v: v >= 1,
+        want="must be >= 1",
+    )
+    device: str = key(
+        "auto", "auto, cpu, cuda, cuda:1", check=DEVICE.fullmatch, want=DEVICE_WANT, resume=True
+    )
+    max_train_minutes: float | None = key(
+        None,
+        "stop cleanly (validate, save) after this long",
+        check=lambda v: v > 0,
+        want="must be > 0 or null",
+        resume=True,
+    )
+    save_oof: bool = key(True, "out-of-fold probabilities for threshold tuning")
+    oof_size: int = key(
+        256, "side of the saved out-of-fold maps", check=lambda v: v >= 1, want="must be >= 1"
+    )
+    tensorboard: bool = key(False, "TensorBoard logs in the fold folder (tb/)", resume=True)
+    wandb: bool = key(False, "log to Weights & Biases (project bonecomp)", resume=True)
+    micro_batch: int | Literal["auto"] | None = key(
+        None,
+        "images per forward: null = batch_size; n; auto = probe the GPU",
+        check=lambda v: v == "auto" or v >= 1,
+        want="must be >= 1, auto or null",
+        resume=True,
+    )
+    memory_fraction: float = key(
+        0.85,
+        "auto: largest micro-batch whose peak stays under this share",
+        check=lambda v: 0 < v <= 1,
+        want="must be in (0, 1]",
+        resume=True,
+    )
+    compile: bool = key(False, "torch.compile the training model (off until measured)", resume=True)
+    report: bool = key(True, "scripts/train.py refreshes runs/<experiment>/report.html per fold")
+    pseudo_labels: str | None = key(
+        None,
+        "folder from scripts/pseudo_label.py: its test images join every fold's training"
+        " part (never validation)",
+        check=bool,
+        want="must name a folder or be null",
+    )
+    pseudo_weight: float = key(
+        1.0,
+        "pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real"
+        " image; 0.5: a random half)",
+        check=lambda v: v > 0,
+        want="must be > 0 (1.0: each pseudo image once per epoch)",
+    )
+    pseudo_rule: Literal["soft", "sharpen"] = key(
+        "soft",
+        "soft: the ensemble's probability is the target; sharpen: confident pixels snapped"
+        " to 0/1, the rest kept soft",
+    )
+    pseudo_confidence: float = key(
+        0.9,
+        "sharpen: p >= this -> 1, p <= 1 - this -> 0 (in (0.5, 1])",
+        check=lambda v: 0.5 < v <= 1,
+        want="must be in (0.5, 1]",
+    )
 
 
 @dataclass
 class EnsembleMember:
-    experiment: str = ""
-    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    weight: float = 1.0
-    checkpoint: str = "best"  # "best", "last", or a checkpoint file name in the fold folder
+    """One entry of ``infer.ensemble``: folds of one experiment (listed once)."""
+
+    experiment: str = key(
+        "",
+        "train.experiment of the member's runs",
+        check=bool,
+        want="must name an experiment (train.experiment of its runs)",
+    )
+    folds: list[int] = key(
+        [0, 1, 2, 3, 4], "its folds, each once", check=bool, want="must list at least one fold"
+    )
+    weight: float = key(
+        1.0, "its share of the ensemble's average", check=lambda v: v > 0, want="must be > 0"
+    )
+    checkpoint: str = key("best", "best, last, or a checkpoint file name in the fold folder")
 
 
 @dataclass
@@ -153,41 +457,103 @@ class CarpalStageConfig:
     """Second stage: a crop experiment re-predicts the carpals inside the box that the
     first stage's carpal pixels give (``inference.carpal_stage``)."""
 
-    experiment: str | None = None  # None: no crop stage
-    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    checkpoint: str = "best"
-    weight: float | list[float] = 1.0  # crop's share in the carpals' blend: one, or 8 (per carpal)
-    margin: float | None = None  # None: data.crop_margin of the crop experiment's checkpoint
-    threshold: float = 0.5  # first-stage probability that counts as a carpal pixel for the box
+    experiment: str | None = key(
+        None,
+        "a data.crop=carpal experiment; null = no crop stage",
+        check=_name,
+        want="must be a name without '/' or null",
+    )
+    folds: list[int] = key([0, 1, 2, 3, 4], "the crop experiment's folds, each once")
+    checkpoint: str = key("best", "best, last, or a checkpoint file name in the fold folder")
+    weight: float | list[float] = key(
+        1.0,
+        "crop's share of the carpal probabilities in the box (or 8 values)",
+        check=lambda v: (
+            all(0 <= w <= 1 for w in ([v] if isinstance(v, float) else v))
+            and (isinstance(v, float) or len(v) == 8)
+        ),
+        want="must be one share in [0, 1] or 8 (one per carpal, classes.CARPALS order)",
+    )
+    margin: float | None = key(
+        None,
+        "box margin; null = data.crop_margin of the crop checkpoint",
+        check=lambda v: 0 <= v <= 2,
+        want="must be in [0, 2] (share of the box per side) or null",
+    )
+    threshold: float = key(
+        0.5,
+        "first-stage carpal probability that marks the box",
+        check=lambda v: 0 < v < 1,
+        want="must be in (0, 1)",
+    )
 
 
 @dataclass
 class InferConfig:
-    name: str = "submission"
-    out_dir: str = "submissions"
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
-    amp: bool = True  # CUDA only: bf16 where supported, else fp16
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    sliding_window: bool = False
-    tile: int = 1024
-    overlap: float = 0.25
-    batch_size: int = 4
-    thresholds: str | None = None  # thresholds file from scripts/tune_thresholds.py
-    threshold: float = 0.5
-    num_workers: int = 4
-    ensemble: list[EnsembleMember] = field(default_factory=list)  # empty: train.experiment
-    compile: bool = False  # torch.compile each member
-    crop: CarpalStageConfig = field(default_factory=CarpalStageConfig)
+    name: str = key(
+        "submission",
+        "submissions/<name>_<timestamp>.csv",
+        check=bool,
+        want="must be a non-empty name",
+    )
+    out_dir: str = key("submissions", "folder of the submission CSVs")
+    device: str = key("auto", "auto, cpu, cuda, cuda:1", check=DEVICE.fullmatch, want=DEVICE_WANT)
+    amp: bool = key(True, "CUDA only: bf16 where supported, else fp16")
+    tta: list[str] = key(
+        ["none", "hflip"],
+        "none, hflip, vflip, hvflip",
+        check=bool,
+        want="must be a non-empty list",
+    )
+    scales: list[float] = key(
+        [1.0],
+        "TTA scale factors",
+        check=lambda v: bool(v) and all(s > 0 for s in v),
+        want="must be a non-empty list of > 0",
+    )
+    sliding_window: bool = key(False, "predict in overlapping infer.tile tiles (Gaussian-weighted)")
+    tile: int = key(
+        1024,
+        "sliding-window tile side (a multiple of 32)",
+        check=_positive_multiple_of_32,
+        want=MULTIPLE_OF_32,
+    )
+    overlap: float = key(
+        0.25,
+        "sliding-window overlap, in [0, 1)",
+        check=lambda v: 0 <= v < 1,
+        want="must be in [0, 1)",
+    )
+    batch_size: int = key(4, "images per forward", check=lambda v: v >= 1, want="must be >= 1")
+    thresholds: str | None = key(
+        None, "thresholds file; null = runs/thresholds_<name>.json when present"
+    )
+    threshold: float = key(
+        0.5,
+        "per-class default, in (0, 1)",
+        check=lambda v: 0 < v < 1,
+        want="must be in (0, 1)",
+    )
+    num_workers: int = key(4, "DataLoader processes", check=lambda v: v >= 0, want="must be >= 0")
+    ensemble: list[EnsembleMember] = key(
+        [],
+        "[{experiment: NAME, folds: [0, 1, 2, 3, 4], weight: 1.0, checkpoint: best}];"
+        " [] = every trained fold of train.experiment",
+    )
+    compile: bool = key(False, "torch.compile each ensemble member")
+    crop: CarpalStageConfig = section(
+        CarpalStageConfig, 'second stage on the carpal box (docs/pipeline.md "Carpal crop")'
+    )
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
+    data: DataConfig = section(DataConfig)
+    model: ModelConfig = section(ModelConfig)
+    loss: LossConfig = section(LossConfig)
+    train: TrainConfig = section(TrainConfig)
+    # Inference settings do not change what a training run computes: --resume may.
+    infer: InferConfig = section(InferConfig, resume=True)
 
 
 # Keys that were renamed: a file that still uses one gets the new form in the error.
@@ -410,118 +776,55 @@ _HINTS = {
 
 
 # ----------------------------------------------------------------------------- values
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def _prob(v: float) -> bool:
-    return 0 <= v <= 1
-
-
-# (key, test, what the value must be); None passes wherever a key is optional.
-RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("data.image_size", lambda v: v > 0 and v % 32 == 0, "must be a positive multiple of 32"),
-    ("data.n_splits", lambda v: v >= 2, "must be >= 2"),
-    ("data.soft_k", lambda v: 1 <= v <= 15, "must be in 1..15"),
-    ("data.num_workers", lambda v: v >= 0, "must be >= 0"),
-    ("data.crop_margin", lambda v: 0 <= v <= 2, "must be in [0, 2] (share of the box per side)"),
-    ("data.crop_jitter", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
-    ("data.augment.hflip", _prob, "must be a probability in [0, 1]"),
-    ("data.augment.vflip", _prob, "must be a probability in [0, 1]"),
-    ("data.augment.affine_p", _prob, "must be a probability in [0, 1]"),
-    ("data.augment.brightness_contrast_p", _prob, "must be a probability in [0, 1]"),
-    ("data.augment.clahe_p", _prob, "must be a probability in [0, 1]"),
-    ("data.augment.shift", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("data.augment.scale", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("data.augment.rotate", lambda v: 0 <= v <= 180, "must be in [0, 180] degrees"),
-    ("data.augment.brightness_contrast", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    ("loss.terms", lambda v: all(w >= 0 for w in v.values()), "must have weights >= 0"),
-    ("loss.terms", lambda v: any(w > 0 for w in v.values()), "needs a weight > 0"),
-    ("loss.dice_smooth", lambda v: v >= 0, "must be >= 0"),
-    ("loss.focal_gamma", lambda v: v >= 0, "must be >= 0"),
-    ("loss.tversky_alpha", lambda v: v >= 0, "must be >= 0"),
-    ("loss.tversky_beta", lambda v: v >= 0, "must be >= 0"),
-    (
-        "train.experiment",
-        lambda v: bool(v) and "/" not in v,
-        "must be a non-empty name without '/'",
-    ),
-    ("train.epochs", lambda v: v >= 1, "must be >= 1"),
-    ("train.batch_size", lambda v: v >= 1, "must be >= 1"),
-    ("train.lr", lambda v: v > 0, "must be > 0"),
-    ("train.weight_decay", lambda v: v >= 0, "must be >= 0"),
-    ("train.momentum", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("train.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
-    ("train.min_lr", lambda v: v is None or v >= 0, "must be >= 0 or null"),
-    ("train.decay_epochs", lambda v: v > 0, "must be > 0"),
-    ("train.decay_rate", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    ("train.patience_epochs", lambda v: v >= 0, "must be >= 0"),
-    ("train.poly_power", lambda v: v > 0, "must be > 0"),
-    ("train.grad_clip", lambda v: v is None or v > 0, "must be > 0 or null"),
-    ("train.accum_steps", lambda v: v >= 1, "must be >= 1"),
-    ("train.micro_batch", lambda v: v in (None, "auto") or v >= 1, "must be >= 1, auto or null"),
-    ("train.memory_fraction", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    ("train.ema", lambda v: v is None or 0 < v < 1, "must be in (0, 1) or null"),
-    ("train.val_every", lambda v: v >= 1, "must be >= 1"),
-    ("train.device", DEVICE.fullmatch, "must be auto, cpu, mps, cuda or cuda:<index>"),
-    ("train.max_train_minutes", lambda v: v is None or v > 0, "must be > 0 or null"),
-    ("train.oof_size", lambda v: v >= 1, "must be >= 1"),
-    ("train.pseudo_labels", lambda v: v is None or bool(v), "must name a folder or be null"),
-    (
-        "train.pseudo_weight",
-        lambda v: v > 0 and math.isfinite(v),
-        "must be > 0 (1.0: each pseudo image once per epoch)",
-    ),
-    ("train.pseudo_confidence", lambda v: 0.5 < v <= 1, "must be in (0.5, 1]"),
-    ("infer.name", bool, "must be a non-empty name"),
-    ("infer.device", DEVICE.fullmatch, "must be auto, cpu, mps, cuda or cuda:<index>"),
-    ("infer.tta", bool, "must be a non-empty list"),
-    (
-        "infer.scales",
-        lambda v: bool(v) and all(s > 0 for s in v),
-        "must be a non-empty list of > 0",
-    ),
-    ("infer.tile", lambda v: v > 0 and v % 32 == 0, "must be a positive multiple of 32"),
-    ("infer.overlap", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("infer.batch_size", lambda v: v >= 1, "must be >= 1"),
-    ("infer.threshold", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("infer.num_workers", lambda v: v >= 0, "must be >= 0"),
-    (
-        "infer.crop.margin",
-        lambda v: v is None or 0 <= v <= 2,
-        "must be in [0, 2] (share of the box per side) or null",
-    ),
-    ("infer.crop.threshold", lambda v: 0 < v < 1, "must be in (0, 1)"),
-    (
-        "infer.crop.weight",
-        lambda v: (
-            all(0 <= w <= 1 for w in ([v] if isinstance(v, float) else v))
-            and (isinstance(v, float) or len(v) == 8)
-        ),
-        "must be one share in [0, 1] or 8 (one per carpal, classes.CARPALS order)",
-    ),
-]
-
-
 def check_values(cfg: Config) -> None:
     """Raise ``ConfigError`` for the first value out of range; needs no registry.
 
+    Each key's own ``check`` (and the finite-float rule), then the rules between keys.
     The message is one line: where the value came from, the key, what it must be.
     """
-    for key, message in _value_problems(cfg):
-        raise ConfigError(f"{source_of(cfg, key)}: {key} {message}", key)
+    for k, message in _value_problems(cfg):
+        raise ConfigError(f"{source_of(cfg, k)}: {k} {message}", k)
 
 
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+def _values(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, KeyInfo]]:
+    """(dotted key, value, declaration) of every key of ``obj``, sections and list
+    entries (``infer.ensemble[0].weight``) included."""
+    for f in dataclasses.fields(obj):
+        k, v, info = prefix + f.name, getattr(obj, f.name), key_info(f)
+        if dataclasses.is_dataclass(v):
+            yield from _values(v, k + ".")
+            continue
+        yield k, v, info
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                if dataclasses.is_dataclass(x):
+                    yield from _values(x, f"{k}[{i}].")
+
+
+def _non_finite(k: str, v: Any) -> tuple[str, float] | None:
+    """The first inf/nan float in ``v`` (a float, or one inside a list or mapping)."""
+    if isinstance(v, float):
+        return None if math.isfinite(v) else (k, v)
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for sub, x in items:
+        bad = _non_finite(f"{k}.{sub}" if isinstance(v, dict) else f"{k}[{sub}]", x)
+        if bad:
+            return bad
+    return None
 
 
 def _value_problems(cfg: Config) -> Iterator[tuple[str, str]]:
-    for key, ok, want in RULES:
-        v = _get(cfg, key)
-        if not ok(v):
-            yield key, f"{want}, got {v!r}"
+    for k, v, info in _values(cfg):
+        bad = _non_finite(k, v) if info.finite else None
+        if bad:
+            yield bad[0], f"must be a finite number, got {bad[1]!r}"
+        elif info.check is not None and v is not None and not info.check(v):
+            yield k, f"{info.want}, got {v!r}"
+    yield from _cross_field_problems(cfg)
+
+
+def _cross_field_problems(cfg: Config) -> Iterator[tuple[str, str]]:
+    """The rules that relate keys to each other, each worded once."""
     t = cfg.train
     if t.warmup_epochs > t.epochs:
         yield "train.warmup_epochs", f"must be <= train.epochs ({t.epochs}), got {t.warmup_epochs}"
@@ -534,35 +837,111 @@ def _value_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         seen_tta.add(name)
     crop = cfg.infer.crop
     if crop.experiment is not None:
-        if not crop.experiment or "/" in crop.experiment:
-            got = f"got {crop.experiment!r}"
-            yield "infer.crop.experiment", f"must be a name without '/' or null, {got}"
-        if not crop.folds or len(set(crop.folds)) != len(crop.folds):
-            yield "infer.crop.folds", f"must list folds once each, got {crop.folds}"
-        bad = [f for f in crop.folds if not 0 <= f < cfg.data.n_splits]
-        if bad:
-            yield "infer.crop.folds", f"must be in 0..{cfg.data.n_splits - 1}, got {bad}"
-    members: dict[tuple[str, str], int] = {}
+        yield from _fold_problems("infer.crop.folds", crop.folds, cfg.data.n_splits)
+    first: dict[str, int] = {}
     for i, m in enumerate(cfg.infer.ensemble):
-        key = f"infer.ensemble[{i}]"
-        if not m.experiment:
-            yield f"{key}.experiment", "must name an experiment (train.experiment of its runs)"
-        if not m.folds:
-            yield f"{key}.folds", "must list at least one fold"
-        bad = [f for f in m.folds if not 0 <= f < cfg.data.n_splits]
-        if bad:
+        yield from _fold_problems(f"infer.ensemble[{i}].folds", m.folds, cfg.data.n_splits)
+        # One entry per experiment: threshold tuning, class-wise weights and the OOF maps
+        # are all kept per experiment, so a second entry would be merged or weighted twice.
+        j = first.setdefault(m.experiment, i)
+        if j != i:
             yield (
-                f"{key}.folds",
-                f"must be in 0..{cfg.data.n_splits - 1} (data.n_splits), got {bad}",
+                f"infer.ensemble[{i}].experiment",
+                f"{m.experiment!r} is listed more than once (also infer.ensemble[{j}]); "
+                "list each experiment once, with all its folds",
             )
-        if len(set(m.folds)) != len(m.folds):
-            yield f"{key}.folds", f"lists a fold twice: {m.folds}"
-        if not (m.weight > 0 and math.isfinite(m.weight)):
-            yield f"{key}.weight", f"must be > 0, got {m.weight!r}"
-        first = members.setdefault((m.experiment, m.checkpoint), i)
-        if first != i:
-            yield (
-                f"{key}.experiment",
-                f"{m.experiment!r} ({m.checkpoint}) is already infer.ensemble[{first}]; "
-                "list its folds once",
-            )
+
+
+def _fold_problems(k: str, folds: list[int], n_splits: int) -> Iterator[tuple[str, str]]:
+    if not folds or len(set(folds)) != len(folds):
+        yield k, f"must list folds once each, got {folds}"
+    bad = [f for f in folds if not 0 <= f < n_splits]
+    if bad:
+        yield k, f"must be in 0..{n_splits - 1} (data.n_splits), got {bad}"
+
+
+# ----------------------------------------------------------------------------- resume
+def resume_may_change(cls: type = Config, prefix: str = "") -> set[str]:
+    """Dotted keys (or whole sections) declared ``resume=True``: ``--resume`` may change
+    them (``training.state.check_resumable``)."""
+    out: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        info, k = key_info(f), prefix + f.name
+        if info.resume:
+            out.add(k)
+        elif info.section:
+            out |= resume_may_change(hints[f.name], k + ".")
+    return out
+
+
+# ----------------------------------------------------------------------------- base.yaml
+BASE_YAML = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+_COMMENT_AT = 32  # column of the comments
+_WIDTH = 100
+
+_BASE_HEADER = """\
+# Every knob of the pipeline with its default. GENERATED from the dataclasses in
+# bonecomp/config.py by `make base-config` (python scripts/write_base_config.py): edit a
+# key's default or doc there, never here (tests/test_config.py fails when this is stale).
+# A recipe says `extends: base.yaml` and overrides what differs; any key can also be
+# overridden on the command line (train.epochs=50). Sections merge key by key; a list or
+# a mapping given by a recipe (loss.terms, infer.tta) replaces the whole value.
+"""
+
+
+def base_yaml(cls: type = Config) -> str:
+    """The text of ``configs/base.yaml``: every key of ``cls`` with its default and its
+    doc as a comment, sections nested (see ``scripts/write_base_config.py``)."""
+    return _BASE_HEADER + "".join(line + "\n" for line in _yaml_lines(cls, 0))
+
+
+def _yaml_lines(cls: type, depth: int) -> Iterator[str]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        info, pad = key_info(f), "  " * depth
+        if info.section:
+            yield from _commented(f"{pad}{f.name}:", info.doc)
+            yield from _yaml_lines(hints[f.name], depth + 1)
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            yield from _commented(f"{pad}{f.name}: {_yaml_value(default)}", info.doc)
+
+
+def _commented(left: str, doc: str) -> Iterator[str]:
+    if not doc:
+        yield left
+        return
+    col = max(_COMMENT_AT, len(left) + 2)
+    parts = textwrap.wrap(doc, _WIDTH - col - 2, break_long_words=False, break_on_hyphens=False)
+    yield f"{left.ljust(col)}# {parts[0]}"
+    for part in parts[1:]:
+        yield f"{' ' * col}# {part}"
+
+
+def _yaml_value(v: Any) -> str:
+    """``v`` in YAML flow style; floats as PyYAML reads them back (``1.0e-3``)."""
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return ".nan" if math.isnan(v) else ".inf" if v > 0 else "-.inf"
+        if v == 0 or (abs(v) >= 1e-2 and "e" not in repr(v)):
+            return repr(v)
+        for digits in range(1, 18):  # the shortest mantissa that reads back exactly
+            mantissa, exp = f"{v:.{digits}e}".split("e")
+            if float(f"{mantissa}e{exp}") == v:
+                break
+        return f"{mantissa}e{int(exp):+d}"  # 1.0e-3: PyYAML reads 1e-3 as a string
+    if isinstance(v, list):
+        return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_yaml_value(k)}: {_yaml_value(x)}" for k, x in v.items()) + "}"
+    return yaml.safe_dump(v, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+
+
+def write_base_yaml(path: Path = BASE_YAML) -> bool:
+    """Write ``base_yaml()`` to ``path``; False when it was already up to date."""
+    text = base_yaml()
+    if path.is_file() and path.read_text() == text:
+        return False
+    write_text(path, text)
+    return True

@@ -17,7 +17,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
-from bonecomp.config import SCHEDULERS, ConfigError, TrainConfig
+from bonecomp.config import ConfigError, TrainConfig
 
 
 def check_optimizer_name(name: str) -> None:
@@ -64,11 +64,6 @@ def build_scheduler(
     updates; ``none`` is a flat ``train.lr`` without warm-up; ``plateau`` decays when the
     validation Dice stops improving (``PlateauScheduler``).
     """
-    if cfg.scheduler not in SCHEDULERS:
-        raise ConfigError(
-            f"train.scheduler: unknown {cfg.scheduler!r}; valid: {list(SCHEDULERS)}",
-            "train.scheduler",
-        )
     per_epoch = max(updates_per_epoch, 1)
     floor = min_lr(cfg)
     warmup = int(cfg.warmup_epochs * per_epoch)

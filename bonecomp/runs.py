@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from bonecomp.config import Config, config_from_saved
+from bonecomp.config import Config, check_values, config_from_saved
 from bonecomp.fileio import output_errors, pid_alive
 
 CONFIG = "config.yaml"
@@ -228,17 +228,15 @@ def ensemble_members(
     ``explicit`` paths win (weight 1 each). Else, with ``ensemble``, the ``infer.ensemble``
     section (experiments x folds x checkpoint name, with weights); an empty section means
     every fold of the config's own experiment that has a ``best.pt``. Without
-    ``ensemble``: the first trained fold of the config's own experiment. An experiment
-    listed twice is an error (it would be silently weighted twice); so is a missing file.
+    ``ensemble``: the first trained fold of the config's own experiment. A missing file is
+    an error, and so is a section that breaks ``config.check_values`` (an experiment listed
+    twice would be silently weighted twice).
     """
     root = runs_root(cfg)
     if explicit:
         found = [MemberSpec(Path(p)) for p in explicit]
     elif ensemble and cfg.infer.ensemble:
-        names = [m.experiment for m in cfg.infer.ensemble]
-        dups = sorted({n for n in names if names.count(n) > 1})
-        if dups:
-            raise RunError(f"infer.ensemble lists experiment(s) {dups} more than once; merge them")
+        check_values(cfg)  # the section's rules, also for a config changed after loading
         found = [
             MemberSpec(run_dir(cfg, k, m.experiment).path / checkpoint_file(m.checkpoint), m.weight)
             for m in cfg.infer.ensemble

@@ -27,6 +27,9 @@ def test_shipped_recipes_pass(path):
         ("model.encoder=resnet35", "model.encoder"),
         ("model.encoder=tu-no_such_model_xyz", "model.encoder"),
         ("loss.terms={bce: 1, dicee: 1}", "loss.terms"),
+        # The weights' rule is losses.check_loss_config's alone (moved from test_config).
+        ("loss.terms={bce: -1, dice: 1}", "loss.terms"),
+        ("loss.terms={bce: 0}", "loss.terms"),
         ("train.optimizer=adamx", "train.optimizer"),
         ("infer.tta=[none, rot90]", "infer.tta[1]"),
     ],

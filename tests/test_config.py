@@ -4,19 +4,32 @@ and where its value came from."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 from bonecomp.config import (
+    SCHEDULERS,
     Config,
     ConfigError,
+    TrainConfig,
+    base_yaml,
+    check_values,
     config_from_saved,
+    from_dict,
+    key,
+    key_info,
     load_config,
+    resume_may_change,
+    section,
     source_of,
     to_dict,
+    write_base_yaml,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -184,13 +197,18 @@ def test_saved_configs_of_older_versions_still_load():
         ("infer.scales=[]", "infer.scales"),
         ("infer.device=cuda:x", "infer.device"),
         ("infer.tta=[hflip, hflip]", "infer.tta[1]"),
-        ("loss.terms={bce: -1, dice: 1}", "loss.terms"),
-        ("loss.terms={bce: 0}", "loss.terms"),
         ("infer.ensemble=[{experiment: a, weight: 0}]", "infer.ensemble[0].weight"),
         ("infer.ensemble=[{experiment: a, weight: -1}]", "infer.ensemble[0].weight"),
         ("infer.ensemble=[{experiment: a, folds: [5]}]", "infer.ensemble[0].folds"),
         ("infer.ensemble=[{experiment: a, folds: []}]", "infer.ensemble[0].folds"),
         ("infer.ensemble=[{experiment: a}, {experiment: a, folds: [0]}]", "infer.ensemble[1]"),
+        # an experiment is one entry, also with another checkpoint: the OOF maps, tuned
+        # thresholds and class-wise weights are kept per experiment (was refused by runs.py)
+        (
+            "infer.ensemble=[{experiment: a}, {experiment: a, checkpoint: last.pt}]",
+            "infer.ensemble[1].experiment",
+        ),
+        ("train.lr=inf", "train.lr"),  # issue 19: non-finite floats are refused at the check
     ],
 )
 def test_values_out_of_range_name_the_key(override, key):
@@ -209,9 +227,129 @@ def test_values_out_of_range_name_the_key(override, key):
         "train.device=cuda:1",  # checked when the device is picked, not here
         "infer.overlap=0",
         "infer.ensemble=[{experiment: a, folds: [0]}, {experiment: b, weight: 2}]",
-        "infer.ensemble=[{experiment: a}, {experiment: a, checkpoint: last.pt}]",
         "loss.terms={bce: 0, dice: 1}",
     ],
 )
 def test_values_in_range_pass(override):
     load_config(BASE, [override])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=inf", "train.lr"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.pseudo_weight=.inf", "train.pseudo_weight"),
+        ("train.max_train_minutes=.inf", "train.max_train_minutes"),
+        ("data.augment.rotate=.nan", "data.augment.rotate"),
+        ("infer.scales=[1.0, .inf]", "infer.scales[1]"),
+        ("loss.terms={bce: .inf}", "loss.terms.bce"),
+        ("infer.crop.weight=[0.5, .nan]", "infer.crop.weight[1]"),
+        ("infer.ensemble=[{experiment: a, weight: .inf}]", "infer.ensemble[0].weight"),
+    ],
+)
+def test_non_finite_floats_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE, [override])
+    msg = str(info.value)
+    assert re.fullmatch(rf"command line: {re.escape(key)} must be a finite number, got \S+", msg)
+    assert info.value.key == key
+
+
+# ------------------------------------------------------------- one declaration per key
+def test_base_yaml_is_generated_from_the_dataclasses():
+    """configs/base.yaml is written by `make base-config`; edit bonecomp/config.py instead."""
+    assert BASE.read_text() == base_yaml(), (
+        "configs/base.yaml is stale: run `make base-config` (python scripts/write_base_config.py)"
+    )
+
+
+def test_the_writer_rewrites_a_stale_file(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(BASE.read_text().replace("epochs: 40", "epochs: 41"))
+    assert write_base_yaml(path) and path.read_text() == base_yaml()
+    assert not write_base_yaml(path)  # up to date: untouched
+
+
+def test_every_key_is_declared_with_a_doc():
+    def walk(cls: type, prefix: str = ""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            info = key_info(f)  # a field made without key()/section() raises here
+            if info.section:
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", info
+            if typing.get_origin(hints[f.name]) is list:
+                (item,) = typing.get_args(hints[f.name])
+                if dataclasses.is_dataclass(item):  # infer.ensemble's entries
+                    yield from walk(item, f"{prefix}{f.name}[].")
+
+    undocumented = [k for k, info in walk(Config) if not info.doc]
+    assert undocumented == []
+    assert len(list(walk(Config))) > 90  # the walk reached every section
+
+
+def test_resume_rule_is_todays_set():
+    """The keys --resume may change, as RESUME_MAY_CHANGE listed them before the flags."""
+    assert resume_may_change() == {
+        "data.num_workers", "data.cache_dir", "data.root", "train.max_train_minutes",
+        "train.tensorboard", "train.wandb", "train.device", "train.output_dir",
+        "train.experiment", "train.channels_last", "infer",
+        "train.micro_batch", "train.memory_fraction", "train.compile",
+    }  # fmt: skip
+
+
+def test_scheduler_names_have_one_source():
+    hint = typing.get_type_hints(TrainConfig)["scheduler"]
+    assert typing.get_args(hint) == SCHEDULERS
+    assert "plateau" in SCHEDULERS
+
+
+@dataclass
+class _TrainWithANewKey(TrainConfig):
+    """What a contributor writes to add a key: one declaration (and the code that reads it)."""
+
+    warmup_share: float = key(
+        0.1,
+        "share of the first epoch spent warming up",
+        check=lambda v: 0 <= v < 1,
+        want="must be in [0, 1)",
+        resume=True,
+    )
+    ceiling: float = key(2.0, "a float that may be infinite", finite=False)
+
+
+@dataclass
+class _ConfigWithANewKey(Config):
+    train: _TrainWithANewKey = section(_TrainWithANewKey)
+
+
+def test_a_new_key_is_one_declaration():
+    # base.yaml: the key with its default and its doc, in its section
+    text = base_yaml(_ConfigWithANewKey)
+    train = text[text.index("\ntrain:\n") : text.index("\ninfer:\n")]
+    assert re.search(
+        r"\n  warmup_share: 0\.1 +# share of the first epoch spent warming up\n", train
+    )
+    assert re.search(r"\n  ceiling: 2\.0 +# a float that may be infinite", train)
+    assert yaml.safe_load(text)["train"]["warmup_share"] == 0.1
+    # the loader knows its type, check_values its rule (with the source of the value)
+    cfg = from_dict(_ConfigWithANewKey, {"train": {"warmup_share": 0.3}})
+    assert cfg.train.warmup_share == 0.3
+    check_values(cfg)
+    with pytest.raises(ConfigError, match=r"train\.warmup_share must be float"):
+        from_dict(_ConfigWithANewKey, {"train": {"warmup_share": "x"}})
+    cfg.train.warmup_share = 1.5
+    with pytest.raises(ConfigError, match=r"^config: train\.warmup_share must be in \[0, 1\)"):
+        check_values(cfg)
+    cfg.train.warmup_share, cfg.train.ceiling = 0.3, math.inf
+    check_values(cfg)  # finite=False lets this one be inf
+    # --resume follows the flag
+    may = resume_may_change(_ConfigWithANewKey)
+    assert may == resume_may_change() | {"train.warmup_share"}
+
+
+def test_a_check_needs_its_wording():
+    with pytest.raises(TypeError, match="want="):
+        key(1, "a doc", check=lambda v: v > 0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bonecomp import rle
+from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
 from bonecomp.inference.predict import predict_submission
@@ -122,7 +123,9 @@ def test_ensemble_members_refuse_duplicates_and_missing_files(trained):
     twice = [cfg.infer.ensemble[0], cfg.infer.ensemble[0]]
     cfg.infer.ensemble, saved = twice, cfg.infer.ensemble
     try:
-        with pytest.raises(RunError, match=r"\['tiny'\] more than once"):
+        with pytest.raises(
+            ConfigError, match=r"infer\.ensemble\[1\]\.experiment 'tiny' is listed more than once"
+        ):
             ensemble_members(cfg)
     finally:
         cfg.infer.ensemble = saved

@@ -18,7 +18,7 @@ from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from bonecomp.classes import CLASSES
-from bonecomp.config import Config, config_from_saved, to_dict
+from bonecomp.config import Config, config_from_saved, resume_may_change, to_dict
 from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.distributed import Dist
 from bonecomp.engine import StepContext
@@ -28,14 +28,10 @@ from bonecomp.models import create_model
 from bonecomp.optim import build_optimizer, build_scheduler
 from bonecomp.runs import RunDir, RunError
 
-# Keys that may change when resuming: they do not alter what the run computes, or only
-# say where files live (a run folder may be moved or copied).
-RESUME_MAY_CHANGE = {
-    "data.num_workers", "data.cache_dir", "data.root", "train.max_train_minutes",
-    "train.tensorboard", "train.wandb", "train.device", "train.output_dir", "train.experiment",
-    "train.channels_last", "infer",
-    "train.micro_batch", "train.memory_fraction", "train.compile",  # how, not what, it computes
-}  # fmt: skip
+# Keys (or sections) that may change when resuming: declared ``resume=True`` next to the
+# key in bonecomp/config.py (they do not alter what the run computes, or only say where
+# files live: a run folder may be moved or copied).
+RESUME_MAY_CHANGE = frozenset(resume_may_change())
 
 
 @dataclass
