@@ -61,13 +61,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.data.annotations import (
-    AnnotationError,
-    Polygons,
-    check_annotation,
-    parse_annotation,
-    read_json,
-)
+from bonecomp.data.annotations import AnnotationError, Polygons, load_annotation
 from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
@@ -445,17 +439,17 @@ def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:
     try:
         img = read_image(image_path)
         hw = img.shape[:2]
-        doc = read_json(json_path)
-    except (ImageReadError, AnnotationError) as e:
+        polys = load_annotation(json_path, hw)  # checked once: labels, points, PNG's frame
+    except ImageReadError as e:
         return str(e)
-    problems = check_annotation(doc, hw)  # labels, points, and inside the PNG's frame
-    if problems:
-        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+    except AnnotationError as e:
+        if not e.problems:  # the JSON did not read
+            return str(e)
+        more = f" (+{len(e.problems) - 2} more)" if len(e.problems) > 2 else ""
         return (
-            f"{json_path}: " + "; ".join(problems[:2]) + more
+            f"{json_path}: " + "; ".join(e.problems[:2]) + more
             + f" (its image {image_path} is {hw[1]}x{hw[0]} px)"
         )  # fmt: skip
-    polys = parse_annotation(doc, json_path)
     box = (0, hw[0], 0, hw[1])
     if crop_margin is not None:
         box = truth_box(polys, hw, crop_margin)
