@@ -22,7 +22,7 @@ from bonecomp.data.images import png_shapes, read_image
 from bonecomp.data.layout import discover, image_path
 from bonecomp.data.rasterize import rasterize, truth_crops
 from bonecomp.data.truth import GroundTruth
-from bonecomp.inference.oof import open_oof
+from bonecomp.inference.oof import RunOOF, open_oof
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import image_dice
 from bonecomp.metrics import summarize
@@ -162,13 +162,13 @@ class OofImage:
     image_path: Path
     hw: tuple[int, int]
     polygons: Polygons
-    oof: np.ndarray  # the fold's memory-mapped (N, C, h, w) array
+    oof: RunOOF  # the fold's OOF maps (memory-mapped)
     row: int
     box: tuple[int, int, int, int] | None = None  # a crop experiment's box: image cut to it
 
     @property
     def probs(self) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.oof[self.row], np.float32))
+        return self.oof.probs(self.row)
 
     def dice(self, thresholds: float | Sequence[float] = 0.5) -> np.ndarray:
         """Competition Dice per class at the original size (exact truth, no dense mask)."""
@@ -209,7 +209,7 @@ def oof_images(
             continue
         polys = truth.polygons(r.rel, r.box)  # a crop experiment: in its box's frame
         path = image_path(data.root, r.rel)
-        out.append(OofImage(r.name, r.rel, path, r.hw, polys, oof.array, r.row, r.box))
+        out.append(OofImage(r.name, r.rel, path, r.hw, polys, oof, r.row, r.box))
     return out
 
 
