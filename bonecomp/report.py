@@ -32,8 +32,10 @@ from bonecomp.classes import CLASSES
 from bonecomp.config import Config, to_dict
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.data.truth import GroundTruth
 from bonecomp.fileio import write_text
 from bonecomp.inference.class_weights import read_class_weights, resolve_class_weights
+from bonecomp.inference.oof import has_oof
 from bonecomp.inference.thresholds import grid_dice, oof_items, read_thresholds
 from bonecomp.runs import (
     RunDir,
@@ -166,7 +168,8 @@ def write_ensemble_report(
         ts, tuned_on = read_thresholds(tpath)
         try:  # the class weights inference would use (refused if tuned for other models)
             _, table, _ = resolve_class_weights(cfg, members)
-            items = oof_items(members, cfg.data.root, progress=False, class_weights=table)
+            truth = GroundTruth.of(cfg.data)  # the cache's polygons, else the JSON
+            items = oof_items(members, truth, progress=False, class_weights=table)
             dice, n = grid_dice(items, [0.5, ts])
         except RunError as e:  # e.g. a member without OOF files: the rest of the page helps
             tv = ThresholdView(str(tpath), "", tuned_on, [], 0.0, 0.0, (None, None))
@@ -266,10 +269,12 @@ def experiment_view(
         heatmap=Picture(_figure_uri(heatmap_figure(dice[order]))),
         configs=[(r.path.name, r.config.read_text()) for r in runs if r.config.is_file()],
     )
-    with_oof = [r for r in runs if r.oof.is_file() and r.oof_index.is_file()]
+    with_oof = [r for r in runs if has_oof(r)]
     if not with_oof:
         return view
-    images = [(r.fold, im) for r in with_oof for im in oof_images(r)]
+    cfg = with_oof[0].saved_config()
+    truth = GroundTruth.of(cfg.data)  # the folds share the data: one truth, read once
+    images = [(r.fold, im) for r in with_oof for im in oof_images(r, truth=truth)]
     scored = [(im.dice(), fold, im) for fold, im in images]
     weak = [CLASSES.index(c) for c in order[:n_classes]]
     view.worst_classes = len(weak)
@@ -278,7 +283,6 @@ def experiment_view(
         caption = f"fold {fold}, {im.rel}: mean Dice {d.mean():.4f}; {worst}"
         scale = min(1.0, size / max(im.hw))
         view.worst.append(Picture(_png_uri(im.picture(weak, scale, dim=0.5)), caption))
-    cfg = with_oof[0].saved_config()
     tpath = thresholds_in_use(cfg)
     if thresholds and _tuned_for(tpath, experiment_dir.name):
         ts, tuned_on = read_thresholds(tpath)

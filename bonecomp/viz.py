@@ -18,10 +18,11 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.annotations import Polygons, load_annotation
-from bonecomp.data.carpal_box import crop_polygons, index_boxes
 from bonecomp.data.images import png_shapes, read_image
-from bonecomp.data.layout import discover
+from bonecomp.data.layout import discover, image_path
 from bonecomp.data.rasterize import rasterize, truth_crops
+from bonecomp.data.truth import GroundTruth
+from bonecomp.inference.oof import RunOOF, open_oof
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import image_dice
 from bonecomp.metrics import summarize
@@ -161,13 +162,13 @@ class OofImage:
     image_path: Path
     hw: tuple[int, int]
     polygons: Polygons
-    oof: np.ndarray  # the fold's memory-mapped (N, C, h, w) array
+    oof: RunOOF  # the fold's OOF maps (memory-mapped)
     row: int
     box: tuple[int, int, int, int] | None = None  # a crop experiment's box: image cut to it
 
     @property
     def probs(self) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.oof[self.row], np.float32))
+        return self.oof.probs(self.row)
 
     def dice(self, thresholds: float | Sequence[float] = 0.5) -> np.ndarray:
         """Competition Dice per class at the original size (exact truth, no dense mask)."""
@@ -192,25 +193,23 @@ class OofImage:
         return overlay(image, pred, truth, classes, scale, dim)
 
 
-def oof_images(run: Path | str | RunDir, images: list[str] | None = None) -> list[OofImage]:
+def oof_images(
+    run: Path | str | RunDir, images: list[str] | None = None, truth: GroundTruth | None = None
+) -> list[OofImage]:
     """The validation images of a fold with saved OOF probabilities (``images``: only
-    these file names), in the order of its ``oof_index.csv``."""
+    these file names), in the order of its ``oof_index.csv``. ``truth``: where the
+    polygons come from (default: ``GroundTruth.of`` the run's saved data section)."""
     run = run if isinstance(run, RunDir) else RunDir(Path(run))
-    cfg = run.saved_config()
-    index = pd.read_csv(run.oof_index, dtype={"rel": str})
-    oof = np.load(run.oof, mmap_mode="r")
-    root = Path(cfg.data.root) / "train"
-    boxes = index_boxes(index)  # a crop experiment: its OOF is in each box's frame
+    oof = open_oof(run)
+    data = run.saved_config().data
+    truth = truth if truth is not None else GroundTruth.of(data)
     out = []
-    for i, r in enumerate(index.itertuples()):
+    for r in oof.rows:
         if images and r.name not in images:
             continue
-        polys = load_annotation(root / "outputs_json" / Path(r.rel).with_suffix(".json"))
-        box = boxes[i] if boxes else None
-        if box is not None:
-            polys = crop_polygons(polys, box)
-        hw = (int(r.src_h), int(r.src_w))
-        out.append(OofImage(r.name, r.rel, root / "DCM" / r.rel, hw, polys, oof, int(r.row), box))
+        polys = truth.polygons(r.rel, r.box)  # a crop experiment: in its box's frame
+        path = image_path(data.root, r.rel)
+        out.append(OofImage(r.name, r.rel, path, r.hw, polys, oof, r.row, r.box))
     return out
 
 

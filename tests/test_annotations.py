@@ -83,6 +83,15 @@ def test_out_of_image_needs_the_size():
     assert any("outside the 256x256 image" in p for p in check_annotation(doc, (256, 256)))
 
 
+def test_parse_checks_the_frame_when_given_and_keeps_every_problem():
+    doc = _doc()
+    doc["annotations"][3]["points"] = [[0, 0], [300, 0], [300, 5]]
+    assert len(parse_annotation(doc, "f.json")) == 29  # no frame: nothing to refuse
+    with pytest.raises(AnnotationError, match=r"f\.json: .*outside the 256x256") as e:
+        parse_annotation(doc, "f.json", (256, 256))
+    assert e.value.problems == check_annotation(doc, (256, 256))
+
+
 def test_all_problems_listed_together():
     doc = _doc()
     doc["annotations"][0]["points"] = [[1, 2]]

@@ -22,6 +22,7 @@ LAYERS = {
     "bonecomp.memory": 0,  # out-of-memory handling and meters (torch only)
     "bonecomp.runs": 1,  # the run folder's names (config + file helpers only)
     "bonecomp.data": 1,
+    "bonecomp.data.truth": 1,  # truth polygons by image: the cache's, else the JSON
     "bonecomp.models": 1,
     "bonecomp.losses": 1,
     "bonecomp.optim": 1,
@@ -30,6 +31,7 @@ LAYERS = {
     "bonecomp.submission": 2,
     "bonecomp.engine": 2,
     "bonecomp.inference": 2,
+    "bonecomp.inference.oof": 2,  # the one reader of a run's oof.npy / oof_index.csv
     "bonecomp.checks": 2,  # the whole config against the registries
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.inference.pseudo_labels": 3,  # wiring: test images -> pseudo-label folder

@@ -67,6 +67,25 @@ def test_contents(built):
     assert cache.index["rel"].tolist() == df["rel"].tolist()
 
 
+def test_an_annotation_is_checked_once_on_its_way_in(tiny_copy, tmp_path, monkeypatch):
+    """One ``check_annotation`` per training image while the cache is built (it used to
+    run twice: once with the PNG's frame, again inside ``parse_annotation``)."""
+    from bonecomp.data import annotations
+
+    calls = []
+    real = annotations.check_annotation
+
+    def counted(doc, image_hw=None):
+        calls.append(image_hw)
+        return real(doc, image_hw)
+
+    monkeypatch.setattr(annotations, "check_annotation", counted)
+    monkeypatch.setattr(cache_mod, "check_annotation", counted, raising=False)
+    df = discover(tiny_copy)
+    open_cache(df, tmp_path / "cache", SIZE, workers=1, progress=False)
+    assert calls == [(128, 128)] * len(df)  # once each, with the PNG's frame
+
+
 def test_reused_when_unchanged(built, monkeypatch):
     df, _, folder = built
     calls = _counting(monkeypatch)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
-from bonecomp.data.layout import DataLayoutError, discover
+from bonecomp.data.layout import DataLayoutError, annotation_path, discover, image_path
 
 
 def test_train_table(tiny_root):
@@ -18,6 +19,15 @@ def test_train_table(tiny_root):
         assert img.endswith(rel)
         assert js.endswith(rel.replace(".png", ".json")) and "outputs_json" in js
     assert df["patient"].tolist() == [r.split("/")[0] for r in df["rel"]]
+
+
+def test_paths_of_an_image_are_spelled_once(tiny_root):
+    df = discover(tiny_root)
+    for rel, img, js in zip(df["rel"], df["image_path"], df["json_path"], strict=True):
+        assert image_path(tiny_root, rel) == Path(img) and Path(img).is_file()
+        assert annotation_path(tiny_root, rel) == Path(js) and Path(js).is_file()
+    assert annotation_path("r", "ID001/a.png") == Path("r/train/outputs_json/ID001/a.json")
+    assert image_path("r", "ID040/b.png", "test") == Path("r/test/DCM/ID040/b.png")
 
 
 def test_test_table_has_no_json(tiny_root):

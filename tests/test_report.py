@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from bonecomp.classes import CLASSES, NUM_CLASSES
+from bonecomp.data.truth import GroundTruth
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import tune_thresholds, write_thresholds
 from bonecomp.report import experiment_view, write_ensemble_report, write_run_report
@@ -166,6 +167,23 @@ def test_threshold_effect_matches_the_tuning(trained, tmp_path):
         assert experiment_view(experiment).thresholds is None
     finally:
         tpath.unlink()
+
+
+def test_a_report_without_the_cache_reads_the_truth_from_the_json(trained, tmp_path):
+    """Truth polygons come from the training cache; where it was deleted (another
+    machine, a cleaned disk) the report reads the JSON and shows the same."""
+    cfg, experiment, _, _ = trained
+    assert GroundTruth.of(cfg.data).cache is not None  # training left one
+    with_cache = experiment_view(experiment, n_images=2)
+    cache = Path(cfg.data.cache_dir)
+    moved = cache.rename(tmp_path / "cache-away")
+    try:
+        assert GroundTruth.of(cfg.data).cache is None
+        without = experiment_view(experiment, n_images=2)
+    finally:
+        moved.rename(cache)
+    assert [p.caption for p in without.worst] == [p.caption for p in with_cache.worst]
+    assert [p.uri for p in without.worst] == [p.uri for p in with_cache.worst]
 
 
 def test_ensemble_report_checks_and_scores_a_submission(trained, tiny_root, tmp_path):

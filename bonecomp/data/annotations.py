@@ -20,7 +20,15 @@ from bonecomp.classes import CLASS_TO_INDEX, CLASSES
 
 
 class AnnotationError(ValueError):
-    """An annotation file that cannot be turned into 29 polygons; the message names the file."""
+    """An annotation file that cannot be turned into 29 polygons; the message names the file.
+
+    ``problems`` lists what ``check_annotation`` found (empty when the file did not read),
+    so a caller can word them its own way without checking the document again.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 @dataclass(frozen=True)
@@ -111,20 +119,23 @@ def _point_problems(points: object, image_hw: tuple[int, int] | None) -> list[st
     return problems
 
 
-def parse_annotation(doc: object, path: Path | str = "<json>") -> Polygons:
+def parse_annotation(
+    doc: object, path: Path | str = "<json>", image_hw: tuple[int, int] | None = None
+) -> Polygons:
     """Turn a parsed annotation document into 29 polygons in class order.
 
-    Raises ``AnnotationError`` naming the file and its problems when the document is not
-    valid (see ``check_annotation``).
+    The document is checked once (``check_annotation``, with the image's (height, width)
+    when given: points must then lie inside it); any problem raises ``AnnotationError``
+    naming the file, its first problems in the message and all of them in ``problems``.
     """
-    problems = check_annotation(doc)
+    problems = check_annotation(doc, image_hw)
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise AnnotationError(f"{path}: " + "; ".join(problems[:3]) + more)
+        raise AnnotationError(f"{path}: " + "; ".join(problems[:3]) + more, problems)
     by_label = {a["label"]: a["points"] for a in doc["annotations"]}  # type: ignore[index]
     return Polygons.from_list([np.asarray(by_label[c]) for c in CLASSES])
 
 
-def load_annotation(path: Path | str) -> Polygons:
-    """Read and parse one annotation JSON file."""
-    return parse_annotation(read_json(path), path)
+def load_annotation(path: Path | str, image_hw: tuple[int, int] | None = None) -> Polygons:
+    """Read and parse one annotation JSON file (see ``parse_annotation``)."""
+    return parse_annotation(read_json(path), path, image_hw)

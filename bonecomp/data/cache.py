@@ -61,15 +61,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.data.annotations import (
-    AnnotationError,
-    Polygons,
-    check_annotation,
-    parse_annotation,
-    read_json,
-)
+from bonecomp.config import DataConfig
+from bonecomp.data.annotations import AnnotationError, Polygons, load_annotation
 from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
+from bonecomp.data.layout import discover
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
@@ -155,6 +151,27 @@ def open_cache(
                 print(f"cache {folder}: {problem}; rebuilding")
             build_cache(df, folder, size, fingerprint, workers, progress, on_bad_image, crop_margin)
         return load_cache(folder)
+
+
+def find_cache(data: DataConfig) -> TrainCache | None:
+    """The built training cache of a ``data`` section (the folder training opens), when
+    it is complete and matches the current sources; None otherwise. Never builds, never
+    waits for a builder: readers of the truth fall back to the JSON instead."""
+    margin = data.crop_margin if data.crop else None
+    folder = data_cache_dir(data.cache_dir, data.root) / cache_name(data.image_size, margin)
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        df = discover(data.root, "train", data.exclude)
+        fingerprint = source_fingerprint(df, data.image_size, data.on_bad_image, margin)
+    except OSError:  # the data root moved or is incomplete (DataLayoutError is one)
+        return None
+    if check_cache(folder, fingerprint) is not None:
+        return None
+    try:
+        return load_cache(folder)
+    except (OSError, ValueError, KeyError):  # replaced or damaged since the check
+        return None
 
 
 def cache_name(size: int, crop_margin: float | None = None) -> str:
@@ -445,17 +462,17 @@ def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:
     try:
         img = read_image(image_path)
         hw = img.shape[:2]
-        doc = read_json(json_path)
-    except (ImageReadError, AnnotationError) as e:
+        polys = load_annotation(json_path, hw)  # checked once: labels, points, PNG's frame
+    except ImageReadError as e:
         return str(e)
-    problems = check_annotation(doc, hw)  # labels, points, and inside the PNG's frame
-    if problems:
-        more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+    except AnnotationError as e:
+        if not e.problems:  # the JSON did not read
+            return str(e)
+        more = f" (+{len(e.problems) - 2} more)" if len(e.problems) > 2 else ""
         return (
-            f"{json_path}: " + "; ".join(problems[:2]) + more
+            f"{json_path}: " + "; ".join(e.problems[:2]) + more
             + f" (its image {image_path} is {hw[1]}x{hw[0]} px)"
         )  # fmt: skip
-    polys = parse_annotation(doc, json_path)
     box = (0, hw[0], 0, hw[1])
     if crop_margin is not None:
         box = truth_box(polys, hw, crop_margin)

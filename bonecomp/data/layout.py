@@ -30,6 +30,22 @@ class DataLayoutError(FileNotFoundError):
     """The data root is missing, empty or not laid out as docs/format.md says."""
 
 
+def image_path(root: Path | str, rel: str, split: str = "train") -> Path:
+    """The PNG of image ``rel`` (``<ID>/<name>.png``): ``root/<split>/DCM/<rel>``."""
+    return Path(root) / split / "DCM" / rel
+
+
+def annotation_path(root: Path | str, rel: str) -> Path:
+    """The annotation JSON of training image ``rel`` (``<ID>/<name>.png``):
+    ``root/train/outputs_json/<ID>/<name>.json``, the one place that spells it."""
+    return annotation_dir(root) / Path(rel).with_suffix(".json")
+
+
+def annotation_dir(root: Path | str) -> Path:
+    """The training annotations' folder: ``root/train/outputs_json``."""
+    return Path(root) / "train" / "outputs_json"
+
+
 def find_images(root: Path | str, split: str = "train") -> list[Path]:
     """PNG paths under ``root/<split>/DCM``, relative to that folder, sorted."""
     dcm = Path(root) / split / "DCM"
@@ -64,7 +80,7 @@ def discover(root: Path | str, split: str = "train", exclude: Iterable[str] = ()
         raise DataLayoutError(f"{dcm}: no images (expected {split}/DCM/ID*/*.png). {PHANTOM_HINT}")
     json_paths = [""] * len(images)
     if split == "train":
-        jdir = root / split / "outputs_json"
+        jdir = annotation_dir(root)
         if not jdir.is_dir():
             raise DataLayoutError(f"{root}: no train/outputs_json folder. {PHANTOM_HINT}")
         jsons = {p.with_suffix("") for p in find_jsons(jdir)}
@@ -76,7 +92,7 @@ def discover(root: Path | str, split: str = "train", exclude: Iterable[str] = ()
             problems.append(f"JSONs without image: {_few(sorted(jsons - imgs), dcm, '.png')}")
         if problems:
             raise DataLayoutError(f"{root}: unpaired training files; " + "; ".join(problems))
-        json_paths = [str(jdir / p.with_suffix(".json")) for p in images]
+        json_paths = [str(annotation_path(root, p.as_posix())) for p in images]
     df = pd.DataFrame(
         {
             "patient": [p.parts[0] for p in images],

@@ -17,7 +17,7 @@ import cv2
 from tqdm.auto import tqdm
 
 from bonecomp.data.annotations import AnnotationError, check_annotation, read_json
-from bonecomp.data.layout import PHANTOM_HINT, find_images, find_jsons
+from bonecomp.data.layout import PHANTOM_HINT, annotation_dir, find_images, find_jsons
 
 _PNG_END = b"IEND\xaeB`\x82"
 
@@ -66,7 +66,7 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
         report.problems.append(Problem(str(test_dcm), "missing (the test images to predict)"))
     elif not find_images(root, "test"):
         report.problems.append(Problem(str(test_dcm), "holds no PNG images (expected ID*/*.png)"))
-    jdir = root / "train" / "outputs_json"
+    jdir = annotation_dir(root)
     if "train" in splits and not jdir.is_dir():
         report.problems.append(Problem(str(jdir), "missing (training annotations)"))
 

@@ -25,16 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from bonecomp.classes import CARPALS
 from bonecomp.config import Config
-from bonecomp.data.carpal_box import Box, crop_image, grid_box, index_boxes
+from bonecomp.data.carpal_box import Box, crop_image, grid_box
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
+from bonecomp.data.truth import GroundTruth
 from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
+from bonecomp.inference.oof import OofRow, RunOOF, open_oof
 from bonecomp.inference.postprocess import (
     SparseMask,
     SparseMasks,
@@ -243,7 +244,7 @@ class CropOOF:
 def crop_oof_dice(
     first: Sequence[MemberSpec],
     crop: Sequence[MemberSpec],
-    data_root: Path | str,
+    truth: GroundTruth | Path | str,
     thresholds: Sequence[float],
     grid: Sequence[float] = WEIGHT_GRID,
     progress: bool = True,
@@ -256,7 +257,8 @@ def crop_oof_dice(
 
     The crop OOF was predicted on the truth's carpal box (jittered boxes are training
     only), so this measures the crop model given a good box; at inference the box comes
-    from the first stage's carpals.
+    from the first stage's carpals. ``truth``: the first stage's truth polygons
+    (``GroundTruth.of(cfg.data)``, or a data root: its JSON).
     """
     grid = tuple(float(w) for w in grid)
     if 0.0 not in grid:
@@ -264,15 +266,15 @@ def crop_oof_dice(
     crops = _crop_oof_rows(crop)
     weight = experiment_weights(first, class_weights)
     total, n = np.zeros((len(CARPALS), len(grid))), 0
-    for rel, maps, truth, hw in oof_maps_by_image(first, data_root, progress):
+    for rel, maps, crops_truth, hw in oof_maps_by_image(first, truth, progress):
         if rel not in crops:
             continue
         box, rows = crops[rel]
-        cmap = sum(torch.from_numpy(np.asarray(a[r], np.float32)) for a, r in rows) / len(rows)
+        cmap = sum(oof.probs(r) for oof, r in rows) / len(rows)
         probs = weighted_mean(maps, weight)
         base = upsample_threshold(probs, hw, thresholds, logits=False)
         p, q = carpal_probs(probs, hw, False, box, cmap, False)
-        truth_c = [truth[c] for c in CARPALS]
+        truth_c = [crops_truth[c] for c in CARPALS]
         for j, w in enumerate(grid):
             masks = blend(base, p, q, box, thresholds, [w] * len(CARPALS))
             pred = [masks.masks[c] for c in CARPALS]
@@ -285,19 +287,14 @@ def crop_oof_dice(
     return CropOOF(grid, total / n, n)
 
 
-def _crop_oof_rows(members: Sequence[MemberSpec]) -> dict[str, tuple[Box, list]]:
-    """rel -> (box, [(memory-mapped OOF array, row)] of the crop folds holding it): read
-    one image at a time, as the first stage's maps are."""
-    out: dict[str, tuple[Box, list]] = {}
+def _crop_oof_rows(
+    members: Sequence[MemberSpec],
+) -> dict[str, tuple[Box, list[tuple[RunOOF, OofRow]]]]:
+    """rel -> (box, [(crop fold's OOF, row)] of the folds holding it): the maps are read
+    one image at a time, as the first stage's are."""
+    out: dict[str, tuple[Box, list[tuple[RunOOF, OofRow]]]] = {}
     for m in members:
-        run = m.run
-        if not (run.oof.is_file() and run.oof_index.is_file()):
-            raise RunError(f"{run}: no out-of-fold predictions; train with train.save_oof=true")
-        index = pd.read_csv(run.oof_index, dtype={"rel": str})
-        boxes = index_boxes(index)
-        if boxes is None:
-            raise RunError(f"{run.oof_index} has no crop boxes: not a data.crop experiment")
-        arr = np.load(run.oof, mmap_mode="r")
-        for rel, r, box in zip(index["rel"], index["row"], boxes, strict=True):
-            out.setdefault(rel, (box, []))[1].append((arr, int(r)))
+        oof = open_oof(m.run, crop=True)
+        for r in oof.rows:
+            out.setdefault(r.rel, (r.box, []))[1].append((oof, r))  # type: ignore[arg-type]
     return out

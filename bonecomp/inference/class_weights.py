@@ -34,6 +34,7 @@ import torch
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
+from bonecomp.data.truth import GroundTruth
 from bonecomp.inference.thresholds import (
     DEFAULT,
     GRID,
@@ -170,7 +171,7 @@ def tune_ensemble(
 
     t0 = time.monotonic()
     total, n = None, 0
-    for maps, truth, hw in oof_maps(members, cfg.data.root, progress):
+    for maps, truth, hw in oof_maps(members, GroundTruth.of(cfg.data), progress):
         d = score_candidates(maps, truth, hw, experiments, candidates, grid)
         total = d if total is None else total + d
         n += 1

@@ -17,17 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
-from bonecomp.data.annotations import load_annotation
-from bonecomp.data.carpal_box import BOX_COLUMNS
 from bonecomp.data.rasterize import truth_crops
+from bonecomp.data.truth import GroundTruth, as_truth
 from bonecomp.fileio import write_text
+from bonecomp.inference.oof import OofRow, RunOOF, open_oof
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceTable, dice_from_counts
 from bonecomp.runs import MemberSpec, RunError, thresholds_in_use, thresholds_path
@@ -90,20 +89,21 @@ def choose(dice: np.ndarray, grid: Sequence[float] = GRID, min_gain: float = 1e-
 
 def oof_items(
     members: Sequence[MemberSpec],
-    data_root: Path | str,
+    truth: GroundTruth | Path | str,
     progress: bool = True,
     class_weights: dict[str, Sequence[float]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, list, tuple[int, int]]]:
     """(probs, truth crops, hw) per OOF image: the members' weighted mean probability,
     with each experiment's scalar weight or, given ``class_weights``, its (C,) weights.
 
-    Folds of one experiment cover disjoint images; experiments of an ensemble cover the
-    same ones. Members saved at different ``train.oof_size`` are brought to the largest
-    size (bilinear) before averaging.
+    ``truth``: where the polygons come from (``GroundTruth.of(cfg.data)``: the cache,
+    else the JSON), or a data root (its JSON). Folds of one experiment cover disjoint
+    images; experiments of an ensemble cover the same ones. Members saved at different
+    ``train.oof_size`` are brought to the largest size (bilinear) before averaging.
     """
     weight = experiment_weights(members, class_weights)
-    for maps, truth, hw in oof_maps(members, data_root, progress):
-        yield weighted_mean(maps, weight), truth, hw
+    for maps, crops, hw in oof_maps(members, truth, progress):
+        yield weighted_mean(maps, weight), crops, hw
 
 
 def experiment_weights(
@@ -127,56 +127,39 @@ def weighted_mean(
 
 
 def oof_maps(
-    members: Sequence[MemberSpec], data_root: Path | str, progress: bool = True
+    members: Sequence[MemberSpec], truth: GroundTruth | Path | str, progress: bool = True
 ) -> Iterator[tuple[dict[str, torch.Tensor], list, tuple[int, int]]]:
     """({experiment: probs (C, S, S)}, truth crops, hw) per OOF image, read once.
 
     Each experiment's map is its folds' prediction of the image (the mean, should two
     folds of an experiment hold it), at the largest ``train.oof_size`` of the members.
     """
-    for _, maps, truth, hw in oof_maps_by_image(members, data_root, progress):
-        yield maps, truth, hw
+    for _, maps, crops, hw in oof_maps_by_image(members, truth, progress):
+        yield maps, crops, hw
 
 
 def oof_maps_by_image(
-    members: Sequence[MemberSpec], data_root: Path | str, progress: bool = True
+    members: Sequence[MemberSpec], truth: GroundTruth | Path | str, progress: bool = True
 ) -> Iterator[tuple[str, dict[str, torch.Tensor], list, tuple[int, int]]]:
-    """``oof_maps`` with each image's relative path first, in sorted order."""
-    parts: dict[str, dict[str, list]] = {}
-    size = 0
-    for m in members:
-        run = m.run
-        if not (run.oof.is_file() and run.oof_index.is_file()):
-            raise RunError(
-                f"{run}: no out-of-fold predictions ({run.oof.name}); train with "
-                "train.save_oof=true first"
-            )
-        index = pd.read_csv(run.oof_index, dtype={"rel": str})
-        if BOX_COLUMNS[0] in index.columns:
-            raise RunError(
-                f"{run} is a crop experiment (data.crop): its out-of-fold maps cover the "
-                "carpal box, not the image; use it as infer.crop (scripts/crop_oof.py)"
-            )
-        arr = np.load(run.oof, mmap_mode="r")
-        size = max(size, arr.shape[-1])
-        for rel, r, h, w in zip(
-            index["rel"], index["row"], index["src_h"], index["src_w"], strict=True
-        ):
-            by_exp = parts.setdefault(rel, {})
-            by_exp.setdefault(run.experiment, []).append((arr, int(r), (int(h), int(w))))
-    jdir = Path(data_root) / "train" / "outputs_json"
+    """``oof_maps`` with each image's relative path first, in sorted order. A crop
+    experiment's maps cover boxes, not images: such a member is refused."""
+    oofs = [open_oof(m.run, crop=False) for m in members]
+    size = max((o.size for o in oofs), default=0)
+    parts: dict[str, dict[str, list[tuple[RunOOF, OofRow]]]] = {}
+    for m, oof in zip(members, oofs, strict=True):
+        for r in oof.rows:
+            parts.setdefault(r.rel, {}).setdefault(m.run.experiment, []).append((oof, r))
+    source = as_truth(truth)
     for rel in tqdm(sorted(parts), desc="tune", unit="img", disable=not progress):
         maps = {
-            e: sum(_at_size(a[r], size) for a, r, _ in entries) / len(entries)
+            e: sum(_at_size(o.probs(r), size) for o, r in entries) / len(entries)
             for e, entries in parts[rel].items()
         }
-        hw = next(iter(parts[rel].values()))[0][2]
-        polys = load_annotation(jdir / Path(rel).with_suffix(".json"))
-        yield rel, maps, truth_crops(polys, hw), hw
+        hw = next(iter(parts[rel].values()))[0][1].hw
+        yield rel, maps, truth_crops(source.polygons(rel), hw), hw
 
 
-def _at_size(a: np.ndarray, size: int) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(a, np.float32))
+def _at_size(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size:
         return x
     return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
@@ -192,7 +175,7 @@ def tune_thresholds(
 ) -> tuple[TuneResult, Path]:
     """Tune per-class thresholds on the members' OOF probabilities and write the file
     inference reads (``runs.thresholds_path(cfg)`` unless ``out``)."""
-    dice, n = grid_dice(oof_items(members, cfg.data.root, progress), grid)
+    dice, n = grid_dice(oof_items(members, GroundTruth.of(cfg.data), progress), grid)
     result = choose(dice, grid, min_gain)
     result.before.n_images = result.after.n_images = n
     path = Path(out) if out else thresholds_path(cfg)
