@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bonecomp.config import Config, ConfigError, check_values, source_of
-from bonecomp.inference.tta import FLIPS
+from bonecomp.inference.tta import view_names
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_model_config
 from bonecomp.optim import check_optimizer_name
@@ -36,7 +36,9 @@ def check_config(cfg: Config) -> None:
 
 
 def _check_tta(names: list[str]) -> None:
+    """Each ``infer.tta`` name is a registered view (``inference.tta.register_view``)."""
+    valid = view_names()
     for i, name in enumerate(names):
-        if name not in FLIPS:
+        if name not in valid:
             key = f"infer.tta[{i}]"
-            raise ConfigError(f"{key}: unknown view {name!r}; valid: {sorted(FLIPS)}", key)
+            raise ConfigError(f"{key}: unknown view {name!r}; valid: {valid}", key)

@@ -35,6 +35,7 @@ def infer(args) -> int:
     members = ensemble_members(cfg, args.ensemble, args.checkpoints)
     print(f"{len(members)} model(s): " + ", ".join(str(m.checkpoint) for m in members))
     res = predict_submission(cfg, members, args.out, args.data, not args.quiet)
+    print(f"TTA views: {', '.join(res.views)}")
     print(f"thresholds: {res.thresholds_from}")
     print(f"ensemble weights: {res.weights_from}")
     if res.crop_boxes is not None:

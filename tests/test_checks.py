@@ -31,7 +31,7 @@ def test_shipped_recipes_pass(path):
         ("loss.terms={bce: -1, dice: 1}", "loss.terms"),
         ("loss.terms={bce: 0}", "loss.terms"),
         ("train.optimizer=adamx", "train.optimizer"),
-        ("infer.tta=[none, rot90]", "infer.tta[1]"),
+        ("infer.tta=[none, rot45]", "infer.tta[1]"),
     ],
 )
 def test_registry_names_are_checked_with_their_source(override, key):

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from bonecomp.inference.ensemble import Ensemble, Member
+from bonecomp.checks import check_config
+from bonecomp.config import ConfigError, InferConfig, load_config
+from bonecomp.inference import tta as tta_mod
+from bonecomp.inference.ensemble import Ensemble, Member, infer_ensemble
 from bonecomp.inference.sliding import gaussian_weight, sliding_window, tile_starts
 from bonecomp.inference.thresholds import choose
-from bonecomp.inference.tta import View, tta_mean, views
+from bonecomp.inference.tta import View, register_view, tta_mean, view_names, views
+
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
 class Echo(nn.Module):
@@ -55,7 +62,94 @@ def test_tta_scales_come_back_to_input_size():
 
 def test_unknown_tta_rejected():
     with pytest.raises(ValueError, match="unknown TTA"):
-        views(["rot90"])
+        views(["rot45"])
+
+
+class Ramp(nn.Module):
+    """Position-dependent: the input's first channel plus a ramp that grows down the rows
+    and (differently) along the columns, so no flip, rotation or transpose leaves it be."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, dtype=x.dtype)[:, None] / h
+        cols = torch.arange(w, dtype=x.dtype)[None, :] / w
+        return (x[:, :1] + 2 * rows + 0.5 * cols + rows * cols).expand(-1, 29, -1, -1)
+
+
+# Each built-in view as plain torch: (augment, de-augment).
+BUILTIN = {
+    "none": (lambda t: t, lambda t: t),
+    "hflip": (lambda t: t.flip(-1), lambda t: t.flip(-1)),
+    "vflip": (lambda t: t.flip(-2), lambda t: t.flip(-2)),
+    "hvflip": (lambda t: t.flip(-2, -1), lambda t: t.flip(-2, -1)),
+    "rot90": (lambda t: torch.rot90(t, 1, (-2, -1)), lambda t: torch.rot90(t, -1, (-2, -1))),
+    "transpose": (lambda t: t.transpose(-2, -1), lambda t: t.transpose(-2, -1)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_builtin_view_is_its_transform_and_undoes_it(name):
+    """Equivariant model: the view gives back model(x); position-dependent model: the view
+    gives de-augment(model(augment(x))), which differs from model(x) for all but none. A
+    view whose augment or de-augment did nothing would fail one of the two."""
+    assert name in view_names()
+    x = torch.rand(2, 3, 64, 96)  # not square: rot90 and transpose swap the sides
+    view = [View(name)]
+    assert torch.equal(tta_mean(Echo(), x, view, sigmoid=False), Echo()(x))
+    aug, deaug = BUILTIN[name]
+    got = tta_mean(Ramp(), x, view, sigmoid=False)
+    assert got.shape == (2, 29, 64, 96)
+    assert torch.equal(got, deaug(Ramp()(aug(x))))
+    assert torch.equal(got, Ramp()(x)) == (name == "none")
+
+
+def test_views_that_swap_the_sides_work_with_sliding_windows_on_any_shape():
+    model = Conv()  # pointwise: equivariant to every view, tile by tile
+    x = torch.rand(1, 3, 64, 96)
+    tiles = []
+
+    def windowed(t):
+        return sliding_window(lambda tile: tiles.append(tile.shape[-2:]) or model(tile), t, 32)
+
+    got = tta_mean(windowed, x, views(["rot90", "transpose"]), sigmoid=False)
+    assert torch.allclose(got, model(x), atol=1e-5)
+    assert set(tiles) == {(32, 32)}  # the whole image is turned first, then tiled
+
+
+@pytest.fixture
+def roll_view(monkeypatch):
+    """A view registered as user code would, in a registry restored afterwards."""
+    monkeypatch.setattr(tta_mod, "_VIEWS", dict(tta_mod._VIEWS))
+    calls = []
+
+    def augment(x):
+        calls.append(tuple(x.shape))
+        return x.roll(5, -1)
+
+    register_view("roll", augment, lambda y: y.roll(-5, -1))
+    return calls
+
+
+def test_registered_view_passes_the_config_check(roll_view):
+    check_config(load_config(BASE, ["infer.tta=[none, roll]"]))
+    with pytest.raises(ConfigError) as info:
+        check_config(load_config(BASE, ["infer.tta=[none, rol]"]))
+    assert info.value.key == "infer.tta[1]"
+    assert "unknown view 'rol'; valid: ['none'" in str(info.value)
+    assert "'rot90', 'transpose', 'roll']" in str(info.value)
+    with pytest.raises(ValueError, match="already registered"):
+        register_view("roll", lambda x: x, lambda y: y)
+
+
+def test_registered_view_is_used_by_the_ensemble(roll_view):
+    ens = infer_ensemble([Member("a", Ramp(), 32)], InferConfig(tta=["none", "roll"]))
+    assert [v.label for v in ens.tta] == ["none", "roll"]
+    x = torch.rand(2, 3, 32, 32)
+    got = ens({32: x})
+    assert roll_view == [(2, 3, 32, 32)]
+    rolled = Ramp()(x.roll(5, -1)).roll(-5, -1)
+    assert torch.allclose(got, (torch.sigmoid(Ramp()(x)) + torch.sigmoid(rolled)) / 2)
+    assert not torch.allclose(got, torch.sigmoid(Ramp()(x)))
 
 
 def test_sliding_window_with_full_tiles_is_plain_forward():

@@ -1,18 +1,25 @@
-"""Every architecture of the factory passes the same checks; FCN strides; weights."""
+"""Every architecture of the registry passes the same checks; FCN strides; weights; an
+architecture registered from outside the package is checked, built and trained."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from segmentation_models_pytorch.base import SegmentationHead, SegmentationModel
+from segmentation_models_pytorch.encoders import get_encoder
 
 from bonecomp import models
-from bonecomp.config import ModelConfig
-from bonecomp.models import ARCHS, SegModel, create_model
+from bonecomp.checks import check_config
+from bonecomp.config import ConfigError, ModelConfig, load_config
+from bonecomp.models import SegModel, arch_names, check_model_config, create_model, register_arch
 from bonecomp.models import encoder_weights as weights_mod
 from bonecomp.models.encoder_weights import WeightsError
 
 # DPT only accepts timm ViT encoders; PAN needs larger inputs than the others.
-SHARED = [a for a in ARCHS if a != "dpt"]
+SHARED = [a for a in arch_names() if a != "dpt"]
 
 
 @pytest.fixture(params=SHARED, scope="module")
@@ -89,7 +96,7 @@ def test_fcn_refuses_encoders_without_stride_8_16_32_features(monkeypatch):
         out_channels = (3, 64, 64, 0, 256, 512)
         output_stride = 32
 
-    monkeypatch.setattr(models, "_get_encoder", lambda name, w: NoStride8())
+    monkeypatch.setattr(models, "_get_encoder", lambda name, w: NoStride8())  # the FCN check
     with pytest.raises(ValueError, match=r"no features at strides \[8\]"):
         create_model(ModelConfig(arch="fcn8s", encoder="resnet18", encoder_weights=None))
     create_model(
@@ -158,3 +165,90 @@ def test_normalisation_lives_in_the_model():
     model = create_model(ModelConfig(encoder="resnet18", encoder_weights=None))
     assert isinstance(model, SegModel)
     assert {"mean", "std"} <= set(dict(model.named_buffers()))
+
+
+def test_fcn_keeps_the_state_dict_keys_of_old_checkpoints():
+    """FCN is an smp SegmentationModel now; its keys are those of the stand-alone FCN that
+    wrote existing run folders (encoder.*, decoder.score.*, decoder.up.*)."""
+    cfg = ModelConfig(
+        arch="fcn8s", encoder="resnet18", fcn_upsample="learned", encoder_weights=None
+    )
+    keys = set(create_model(cfg).state_dict())
+    encoder = {f"net.encoder.{k}" for k in models._get_encoder("resnet18", None).state_dict()}
+    head = {f"net.decoder.score.{s}.{p}" for s in (32, 16, 8) for p in ("weight", "bias")}
+    head |= {f"net.decoder.up.{i}.conv.weight" for i in range(3)}
+    assert keys == encoder | head | {"mean", "std"}
+
+
+# --- an architecture registered from outside the package --------------------------------
+
+
+class _LastFeatures(torch.nn.Module):
+    """Decoder: the deepest features, upsampled back to the input size."""
+
+    def forward(self, features):
+        return torch.nn.functional.interpolate(features[-1], size=features[0].shape[-2:])
+
+
+class TinyNet(SegmentationModel):
+    """A depth-3 smp-style model, not one the package knows."""
+
+    def __init__(self, encoder_name, encoder_weights, classes):
+        super().__init__()
+        self.encoder = get_encoder(encoder_name, depth=3, weights=encoder_weights)
+        self.decoder = _LastFeatures()
+        self.segmentation_head = SegmentationHead(self.encoder.out_channels[-1], classes, 1)
+        self.classification_head = None
+
+
+@pytest.fixture
+def tinynet(monkeypatch):
+    """``tinynet`` registered as user code would, in a registry restored afterwards."""
+    monkeypatch.setattr(models, "_ARCHS", dict(models._ARCHS))
+    calls = []
+
+    @register_arch("tinynet", output_stride=64)  # stricter than it needs
+    def build(cfg, classes, encoder_weights):
+        calls.append((cfg.encoder, classes, encoder_weights))
+        return TinyNet(cfg.encoder, encoder_weights, classes)
+
+    return calls
+
+
+def test_registered_arch_passes_the_config_check_with_its_stride(tinynet):
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+    check_config(load_config(base, ["model.arch=tinynet", "data.image_size=128"]))
+    with pytest.raises(ConfigError, match=r"data\.image_size: 96 is not a multiple of 64"):
+        check_config(load_config(base, ["model.arch=tinynet", "data.image_size=96"]))
+    check_model_config(ModelConfig(arch="unet"), 96)  # the other archs keep their own stride
+    assert "tinynet" in arch_names()
+
+
+def test_registered_arch_is_built_trained_and_reloaded(tinynet, tmp_path):
+    cfg = ModelConfig(arch="TinyNet", encoder="resnet18", encoder_weights=None)
+    model = create_model(cfg)
+    assert tinynet == [("resnet18", 29, None)] and isinstance(model.net, TinyNet)
+    assert torch.allclose(model.output_bias, torch.full_like(model.output_bias, -4.0))
+    x = torch.rand(2, 3, 72, 72)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model(x).detach()
+    model(x).square().mean().backward()
+    opt.step()
+    assert model(x).shape == (2, 29, 72, 72) and not torch.equal(model(x).detach(), before)
+    fresh = create_model(cfg)  # as inference rebuilds it from the saved config
+    fresh.load_state_dict(model.state_dict())
+    assert len(tinynet) == 2 and torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def test_unknown_arch_is_refused_in_one_wording_listing_registered_ones(tinynet):
+    with pytest.raises(ConfigError) as checked:
+        check_model_config(ModelConfig(arch="tinynet2"), 512)
+    with pytest.raises(ConfigError) as built:
+        create_model(ModelConfig(arch="tinynet2"))
+    assert checked.value.key == built.value.key == "model.arch"
+    assert str(checked.value) == str(built.value)
+    assert re.search(
+        r"model\.arch: unknown 'tinynet2'; valid: \[.*'fcn8s'.*'tinynet'", str(built.value)
+    )
+    with pytest.raises(ValueError, match="already registered"):
+        register_arch("tinynet", lambda *a: None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -49,6 +49,7 @@ class InferResult:
     weights_from: str = ""
     class_weights: dict[str, list[float]] | None = None  # {experiment: per-class} when used
     crop_boxes: dict[str, tuple[int, int, int, int] | None] | None = None  # infer.crop: per image
+    views: list[str] = field(default_factory=list)  # the TTA views run (View.label)
 
 
 def build_ensemble(
@@ -147,4 +148,5 @@ def predict_submission(
         weights_from,
         table,
         boxes if crop is not None else None,
+        [v.label for v in ens.tta],
     )

@@ -1,15 +1,35 @@
-"""Model factory: ``create_model(cfg)`` keyed by ``model.arch``.
+"""Model factory: ``create_model(cfg)`` keyed by ``model.arch``, over a registry.
 
-``fcn32s``/``fcn16s``/``fcn8s`` are ours (``fcn.py``); ``unet``, ``unetplusplus``,
-``deeplabv3``, ``deeplabv3plus`` and any other segmentation_models_pytorch architecture
-come from smp. Every model takes images in [0, 1] (3 channels) and returns one logit per
-class at the input resolution (sides divisible by 32).
+Every architecture is an entry of one registry, used by both ``create_model`` and the
+config check (``check_model_config``): ``fcn32s``/``fcn16s``/``fcn8s`` (ours, ``fcn.py``),
+and ``unet``, ``unetplusplus``, ``deeplabv3``, ``deeplabv3plus`` and every other
+segmentation_models_pytorch architecture. Every model takes images in [0, 1] (3 channels)
+and returns one logit per class at the input resolution.
+
+Add an architecture from your own code with one call (then ``model.arch: mynet`` passes
+the config check, trains and infers)::
+
+    from bonecomp.models import register_arch
+
+    def build(cfg, classes, encoder_weights):  # cfg: the ModelConfig
+        return MyNet(encoder_name=cfg.encoder, encoder_weights=encoder_weights,
+                     classes=classes)
+
+    register_arch("mynet", build, output_stride=32)   # or @register_arch("mynet")
+
+The built network is what smp builds (e.g. a ``segmentation_models_pytorch.base.
+SegmentationModel`` subclass): an ``encoder`` (an smp encoder, so ``model.encoder_weights``
+files load into it) and a ``segmentation_head`` whose last conv with a bias receives the
+foreground prior (``model.init_bias``); a net whose prior lives elsewhere says so with an
+``output_bias`` property (FCN does).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import segmentation_models_pytorch as smp
 import torch
@@ -23,15 +43,69 @@ from bonecomp.models.fcn import FCN, STRIDES
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_SMP = {
-    "unet": smp.Unet,
-    "unetplusplus": smp.UnetPlusPlus,
-    "deeplabv3": smp.DeepLabV3,
-    "deeplabv3plus": smp.DeepLabV3Plus,
-}
-# Any other smp architecture passes through by its lower-case class name.
-_SMP_ALL = {**smp.MODEL_ARCHITECTURES_MAPPING, **_SMP}
-ARCHS: tuple[str, ...] = (*STRIDES, *_SMP, *sorted(set(_SMP_ALL) - set(_SMP)))
+# (cfg, classes, encoder_weights) -> the network; encoder_weights is what smp's
+# ``encoder_weights`` takes: None, "imagenet", or True for a ``tu-`` (timm) encoder.
+Builder = Callable[[ModelConfig, int, "str | bool | None"], nn.Module]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A registered architecture: how to build it and the input sides it needs.
+
+    ``output_stride``: input sides must be multiples of it (``data.image_size`` is checked),
+    an int or a function of the ``ModelConfig`` (a ViT's patch size for ``dpt``).
+    ``check``: optional, run by ``create_model`` before any weights download; raises a
+    one-line ``ValueError`` naming the key when this config cannot build the arch.
+    """
+
+    name: str
+    build: Builder
+    output_stride: int | Callable[[ModelConfig], int] = 32
+    check: Callable[[ModelConfig], None] | None = None
+
+    def stride(self, cfg: ModelConfig) -> int:
+        s = self.output_stride
+        return int(s(cfg) if callable(s) else s)
+
+
+_ARCHS: dict[str, Arch] = {}
+
+
+def register_arch(
+    name: str,
+    build: Builder | None = None,
+    *,
+    output_stride: int | Callable[[ModelConfig], int] = 32,
+    check: Callable[[ModelConfig], None] | None = None,
+    replace: bool = False,
+):
+    """Register ``build`` as ``model.arch: name`` (case-insensitive); see the module docstring.
+
+    Without ``build`` it is a decorator. A name already registered is refused unless
+    ``replace=True``. Returns ``build``.
+    """
+    if build is None:
+        return functools.partial(
+            register_arch, name, output_stride=output_stride, check=check, replace=replace
+        )
+    key = name.lower()
+    if key in _ARCHS and not replace:
+        raise ValueError(f"model.arch {name!r} is already registered (pass replace=True)")
+    _ARCHS[key] = Arch(key, build, output_stride, check)
+    return build
+
+
+def arch_names() -> list[str]:
+    """The valid ``model.arch`` values, in registration order."""
+    return list(_ARCHS)
+
+
+def get_arch(name: str) -> Arch:
+    """The registered architecture; an unknown name is a ``ConfigError`` listing the valid."""
+    arch = _ARCHS.get(name.lower())
+    if arch is None:
+        raise ConfigError(f"model.arch: unknown {name!r}; valid: {arch_names()}", "model.arch")
+    return arch
 
 
 class SegModel(nn.Module):
@@ -52,9 +126,11 @@ class SegModel(nn.Module):
 
     @property
     def output_bias(self) -> torch.Tensor:
-        """The bias added to every logit: where the foreground prior goes."""
-        if isinstance(self.net, FCN):
-            return self.net.decoder.output_bias
+        """The bias added to every logit: where the foreground prior goes (the net's own
+        ``output_bias`` if it has one, else the last biased conv of its segmentation head)."""
+        own = getattr(self.net, "output_bias", None)
+        if isinstance(own, torch.Tensor):
+            return own
         convs = [
             m
             for m in self.net.segmentation_head.modules()
@@ -69,16 +145,21 @@ class SegModel(nn.Module):
 
 def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
     """Build the configured model; an unknown arch or encoder lists the valid names."""
-    arch = cfg.arch.lower()
-    if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch {cfg.arch!r}; valid: {list(ARCHS)}")
+    arch = get_arch(cfg.arch)
     _check_encoder(cfg.encoder)
+    if arch.check is not None:  # before any download: an unfit encoder fails with its name
+        arch.check(cfg)
     weights = cfg.encoder_weights
-    pretrained = weights == "imagenet"
-    build = _builder(arch, cfg, num_classes)
-    net = (
-        with_imagenet_weights(lambda: build("imagenet"), cfg.encoder) if pretrained else build(None)
-    )
+
+    def build(weights: str | None) -> nn.Module:
+        # timm ("tu-") encoders take True/None; smp encoders take the weights' name.
+        w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
+        return arch.build(cfg, num_classes, w)
+
+    if weights == "imagenet":
+        net = with_imagenet_weights(lambda: build("imagenet"), cfg.encoder)
+    else:
+        net = build(None)
     if weights not in (None, "imagenet"):
         load_encoder_weights(net.encoder, weights)
     model = SegModel(net)
@@ -92,17 +173,15 @@ def check_model_config(cfg: ModelConfig, image_size: int) -> None:
     """Check ``model.arch``, ``model.encoder`` and the input size without building anything.
 
     Raises ``ConfigError`` naming the key: an unknown architecture or encoder (listing the
-    valid names), or ``data.image_size`` not divisible by the network's output stride
+    valid names), or ``data.image_size`` not divisible by the architecture's output stride
     (32 for every encoder at depth 5; a ViT's patch size for ``dpt``).
     """
-    arch = cfg.arch.lower()
-    if arch not in ARCHS:
-        raise ConfigError(f"model.arch: unknown {cfg.arch!r}; valid: {list(ARCHS)}", "model.arch")
+    arch = get_arch(cfg.arch)
     try:
         _check_encoder(cfg.encoder)
     except ValueError as e:
         raise ConfigError(f"model.encoder: {e}", "model.encoder") from e
-    stride = _output_stride(arch, cfg.encoder)
+    stride = arch.stride(cfg)
     if image_size <= 0 or image_size % stride:
         raise ConfigError(
             f"data.image_size: {image_size} is not a multiple of {stride}, the output stride "
@@ -111,27 +190,32 @@ def check_model_config(cfg: ModelConfig, image_size: int) -> None:
         )
 
 
-def _output_stride(arch: str, encoder: str) -> int:
-    if arch == "dpt":  # a timm ViT: the patch size, as its name says (patch16 by default)
-        m = re.search(r"patch(\d+)", encoder)
-        return int(m.group(1)) if m else 16
-    return 32
+def _vit_patch_stride(cfg: ModelConfig) -> int:
+    """A timm ViT's patch size, as its name says (patch16 by default)."""
+    m = re.search(r"patch(\d+)", cfg.encoder)
+    return int(m.group(1)) if m else 16
 
 
-def _builder(arch: str, cfg: ModelConfig, num_classes: int) -> Callable[[str | None], nn.Module]:
-    # FCN: check (and build, without weights) the encoder first, so an encoder the head
-    # cannot take fails here with its name, not as a weights-download problem.
-    fcn_encoder = _fcn_encoder(cfg.encoder, arch) if arch in STRIDES else None
-
-    def build(weights: str | None) -> nn.Module:
-        # timm ("tu-") encoders take True/None; smp encoders take the weights' name.
-        w = (True if weights else None) if cfg.encoder.startswith("tu-") else weights
-        if arch in STRIDES:
-            enc = fcn_encoder if w is None else _get_encoder(cfg.encoder, w)
-            return FCN(enc, num_classes, arch, cfg.fcn_upsample)
-        return _SMP_ALL[arch](encoder_name=cfg.encoder, encoder_weights=w, classes=num_classes)
+def _smp_builder(cls: type[nn.Module]) -> Builder:
+    def build(cfg: ModelConfig, classes: int, encoder_weights) -> nn.Module:
+        return cls(encoder_name=cfg.encoder, encoder_weights=encoder_weights, classes=classes)
 
     return build
+
+
+def _fcn_builder(variant: str) -> Builder:
+    def build(cfg: ModelConfig, classes: int, encoder_weights) -> nn.Module:
+        return FCN(cfg.encoder, encoder_weights, classes, variant, cfg.fcn_upsample)
+
+    return build
+
+
+def _fcn_check(variant: str) -> Callable[[ModelConfig], None]:
+    def check(cfg: ModelConfig) -> None:
+        with torch.random.fork_rng(devices=[]):  # the model's random init stays the same
+            _fcn_encoder(cfg.encoder, variant)
+
+    return check
 
 
 def _get_encoder(name: str, weights) -> nn.Module:
@@ -186,3 +270,14 @@ def _check_encoder(name: str) -> None:
             f"unknown model.encoder {name!r}; valid smp encoders: {valid}, "
             "or any timm model as 'tu-<name>'"
         )
+
+
+for _variant in STRIDES:
+    register_arch(_variant, _fcn_builder(_variant), check=_fcn_check(_variant))
+_MAIN_SMP = ("unet", "unetplusplus", "deeplabv3", "deeplabv3plus")
+for _name in (*_MAIN_SMP, *sorted(set(smp.MODEL_ARCHITECTURES_MAPPING) - set(_MAIN_SMP))):
+    register_arch(
+        _name,
+        _smp_builder(smp.MODEL_ARCHITECTURES_MAPPING[_name]),
+        output_stride=_vit_patch_stride if _name == "dpt" else 32,
+    )

@@ -1,15 +1,23 @@
-"""FCN-32s / 16s / 8s (Long et al.) on any smp or timm encoder.
+"""FCN-32s / 16s / 8s (Long et al.) on any smp or timm encoder, built like an smp model.
 
-The decoder is a pure module fed the encoder's stride-8/16/32 features: each is scored
-with a 1x1 conv, the coarsest score is upsampled and added to the next finer one, and
-the sum is upsampled to the input size. Upsampling is bilinear, or learned transposed
-convolutions initialised to bilinear as in the paper.
+``FCN`` is an ``smp.base.SegmentationModel``: an smp encoder, a decoder fed the encoder's
+channel list, and a segmentation head. The decoder scores the stride-8/16/32 features
+with 1x1 convs, upsamples the coarsest score and adds it to the next finer one, and
+upsamples the sum to the input size (bilinear, or learned transposed convolutions
+initialised to bilinear as in the paper). The score convs are the classifier, so the
+head is the identity and the prior bias is the coarsest score's (``FCN.output_bias``).
+State-dict keys (``encoder.*``, ``decoder.score.*``, ``decoder.up.*``) are those of the
+earlier stand-alone FCN, so old checkpoints load unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.base import SegmentationModel
+from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
 
 STRIDES = {"fcn32s": (32,), "fcn16s": (32, 16), "fcn8s": (32, 16, 8)}
@@ -53,16 +61,21 @@ class LearnedUpsample(nn.Module):
 
 
 class FCNDecoder(nn.Module):
-    """Score convs on the chosen strides, fused coarse to fine by addition."""
+    """Score convs on the chosen strides, fused coarse to fine by addition.
+
+    ``encoder_channels`` is the smp encoder's ``out_channels`` (strides 1, 2, 4, ..., 32);
+    ``forward`` takes its feature list (the first is the input: it gives the output size).
+    """
 
     def __init__(
-        self, channels: dict[int, int], num_classes: int, variant: str, upsample: str
+        self, encoder_channels: Sequence[int], num_classes: int, variant: str, upsample: str
     ) -> None:
         super().__init__()
         if variant not in STRIDES:
             raise ValueError(f"unknown FCN variant {variant!r}; valid: {sorted(STRIDES)}")
         if upsample not in ("bilinear", "learned"):
             raise ValueError(f"fcn_upsample must be 'bilinear' or 'learned', got {upsample!r}")
+        channels = dict(zip((2**i for i in range(6)), encoder_channels, strict=True))
         self.strides = STRIDES[variant]
         self.score = nn.ModuleDict(
             {str(s): nn.Conv2d(channels[s], num_classes, 1) for s in self.strides}
@@ -82,12 +95,13 @@ class FCNDecoder(nn.Module):
         """The bias that ends up in every logit (the coarsest score's)."""
         return self.score[str(self.strides[0])].bias
 
-    def forward(self, feats: dict[int, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        by_stride = {2**i: f for i, f in enumerate(features)}
         out = None
         for i, s in enumerate(self.strides):
-            score = self.score[str(s)](feats[s])
+            score = self.score[str(s)](by_stride[s])
             out = score if out is None else self._up(out, i - 1, score.shape[-2:]) + score
-        return self._up(out, len(self.strides) - 1, size)
+        return self._up(out, len(self.strides) - 1, features[0].shape[-2:])
 
     def _up(self, x: torch.Tensor, i: int, size: tuple[int, int]) -> torch.Tensor:
         if self.learned:
@@ -95,17 +109,31 @@ class FCNDecoder(nn.Module):
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class FCN(nn.Module):
-    """Encoder (smp ``get_encoder``: smp names or ``tu-<timm name>``) + FCN decoder."""
+class FCN(SegmentationModel):
+    """An smp-style FCN: ``get_encoder`` (smp names or ``tu-<timm name>``) + ``FCNDecoder``
+    + an identity head; the arguments are smp's (``encoder_name``, ``encoder_weights``,
+    ``classes``) plus the ``variant`` (fcn32s/16s/8s) and the ``upsample`` mode."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, variant: str, upsample: str):
+    requires_divisible_input_shape = False  # every score is resized to the next size
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet34",
+        encoder_weights: str | bool | None = None,
+        classes: int = 1,
+        variant: str = "fcn8s",
+        upsample: str = "bilinear",
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
-        self.encoder = encoder
-        # smp encoders return features at strides 1, 2, 4, ..., 32 with these channels.
-        chans = dict(zip((2**i for i in range(6)), encoder.out_channels, strict=True))
-        self.decoder = FCNDecoder(chans, num_classes, variant, upsample)
+        self.encoder = get_encoder(encoder_name, in_channels=in_channels, depth=5,
+                                   weights=encoder_weights)  # fmt: skip
+        self.decoder = FCNDecoder(self.encoder.out_channels, classes, variant, upsample)
+        self.segmentation_head = nn.Identity()  # the decoder's score convs classify
+        self.classification_head = None
+        self.name = f"{variant}-{encoder_name}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)
-        by_stride = {2**i: f for i, f in enumerate(feats)}
-        return self.decoder(by_stride, x.shape[-2:])
+    @property
+    def output_bias(self) -> torch.Tensor:
+        """The bias in every logit (``SegModel.output_bias`` reads it): the coarsest score's."""
+        return self.decoder.output_bias
