@@ -24,7 +24,7 @@ from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import coverage
-from bonecomp.engine import StepContext, train_one_epoch, validate
+from bonecomp.engine import Epoch, StepContext, train_one_epoch, validate
 from bonecomp.losses import build_loss
 from bonecomp.testing import dense_validation_dice
 
@@ -68,7 +68,7 @@ def run(model, loader, **ctx) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ctx = StepContext(CPU, progress=False, **ctx)
     loss = build_loss(LossConfig(terms={"bce": 1.0}))  # a mean over pixels
-    return train_one_epoch(model, loader, opt, NoSchedule(), loss, ctx, epoch=0, num_updates=0)
+    return train_one_epoch(model, loader, opt, NoSchedule(), loss, ctx, Epoch(0))
 
 
 def params(model: nn.Module) -> torch.Tensor:
@@ -171,7 +171,7 @@ def test_validation_dice_equals_the_dense_leaderboard_dice(tiny_root, tmp_path):
     loss = build_loss(LossConfig())
     ctx = StepContext(CPU, progress=False)
     got = validate(model, loader, cache, loss, ctx)
-    assert got["n_images"] == len(indices) == len(logits)
+    assert got.table.n_images == len(indices) == len(logits)
 
     def dense(threshold: float) -> np.ndarray:
         rows = []
@@ -183,13 +183,13 @@ def test_validation_dice_equals_the_dense_leaderboard_dice(tiny_root, tmp_path):
 
     want = dense(0.5)
     assert 0.3 < want.mean() < 0.99 and ((want > 0.05) & (want < 0.99)).sum() >= 10
-    np.testing.assert_allclose(got["per_class"], want, rtol=0, atol=1e-9)
-    assert abs(got["dice"] - want.mean()) < 1e-9
+    np.testing.assert_allclose(got.table.per_class, want, rtol=0, atol=1e-9)
+    assert abs(got.metrics["dice"] - want.mean()) < 1e-9
     # the comparison can fail: another threshold moves the Dice well past the tolerance
     logits.clear()
     other = validate(model, loader, cache, loss, ctx, thresholds=0.7)
-    assert abs(other["dice"] - want.mean()) > 1e-4
-    np.testing.assert_allclose(other["per_class"], dense(0.7), rtol=0, atol=1e-9)
+    assert abs(other.metrics["dice"] - want.mean()) > 1e-4
+    np.testing.assert_allclose(other.table.per_class, dense(0.7), rtol=0, atol=1e-9)
 
 
 def test_metrics_hold_every_loss_part():
@@ -207,7 +207,7 @@ def test_metrics_hold_every_loss_part():
     expected = {"loss_bce": 0.0, "loss_focal": 0.0}
     with torch.no_grad():
         for b in batches:
-            for k, v in loss_fn(model(b["image"]), b["mask"])[1].items():
+            for k, v in loss_fn(model(b["image"]), b)[1].items():
                 expected[k] += v / len(batches)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # every batch sees the same weights
     out = train_one_epoch(
@@ -217,8 +217,7 @@ def test_metrics_hold_every_loss_part():
         SimpleNamespace(step_update=lambda n: None),
         loss_fn,
         StepContext(torch.device("cpu"), progress=False),
-        epoch=0,
-        num_updates=0,
+        Epoch(0),
     )
     assert {"loss", "loss_bce", "loss_focal"} <= set(out) and "loss_jaccard" not in out
     assert "bce" not in out and "dice" not in out

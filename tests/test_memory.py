@@ -84,7 +84,7 @@ def _train(budget: MemoryBudget | None, micro: int | None = None, accum: int = 2
     ctx = engine.StepContext(torch.device("cpu"), accum_steps=accum, progress=False)
     ctx.micro_batch = micro
     loss = build_loss(from_dict(Config, {"loss": {"terms": {"bce": 1.0}}}).loss)  # linear in images
-    row = engine.train_one_epoch(model, _batches(4, 4), opt, _Sched(), loss, ctx, 0, 0)
+    row = engine.train_one_epoch(model, _batches(4, 4), opt, _Sched(), loss, ctx, engine.Epoch(0))
     return row, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -140,9 +140,10 @@ def test_validation_out_of_memory_gives_the_same_scores(tiny_root, tmp_path):
     budget.attach(model)
     got = engine.validate(model, data.val_loader, cache, loss, ctx)
     assert budget.ooms == 1 and ctx.eval_micro_batch == 1  # the 2 images, then 1 at a time
-    assert got["dice"] == want["dice"] and got["n_images"] == want["n_images"]
-    np.testing.assert_array_equal(got["per_class"], want["per_class"])
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert got.metrics["dice"] == want.metrics["dice"]
+    assert got.table.n_images == want.table.n_images
+    np.testing.assert_array_equal(got.table.per_class, want.table.per_class)
+    assert got.metrics["loss"] == pytest.approx(want.metrics["loss"], rel=1e-6)
 
 
 def test_inference_out_of_memory_writes_the_same_csv(baseline, tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
     calls = []
 
     def killed_in_epoch_2(*args, **kwargs):
-        calls.append(kwargs.get("epoch", args[6]))
+        calls.append(kwargs.get("epoch", args[6]).index)
         if len(calls) == 3:
             raise KeyboardInterrupt  # like kill -9 mid-epoch: last.pt is from epoch 1
         return real(*args, **kwargs)
@@ -88,7 +88,7 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
         run_training(changed, 0, resume=True, progress=False)  # would keep the old schedule
     resumed = []
     monkeypatch.setattr(
-        training, "train_one_epoch", lambda *a, **k: resumed.append(a[6]) or real(*a, **k)
+        training, "train_one_epoch", lambda *a, **k: resumed.append(a[6].index) or real(*a, **k)
     )
     result = run_training(cfg, 0, resume=True, progress=False)
     assert resumed == [2] and result.epochs_done == 3
