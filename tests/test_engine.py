@@ -1,6 +1,7 @@
 """train_one_epoch's switches each do what they say (EMA, bf16 autocast, gradient
-accumulation, channels_last), it logs every named loss part, and validate's Dice equals
-the dense leaderboard Dice.
+accumulation, channels_last), it logs every named loss part, train_step hands the loss
+every key of the batch (a registered term reads one the library never names), it is the
+library's only backward, and validate's Dice equals the dense leaderboard Dice.
 
 Each test watches the effect inside the model or on the weights, so it fails when the
 switch is ignored.
@@ -8,24 +9,27 @@ switch is ignored.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bonecomp import losses
 from bonecomp.config import LossConfig
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import coverage
-from bonecomp.engine import Epoch, StepContext, train_one_epoch, validate
-from bonecomp.losses import build_loss
+from bonecomp.engine import Epoch, StepContext, train_one_epoch, train_step, validate
+from bonecomp.losses import build_loss, register_loss
 from bonecomp.testing import dense_validation_dice
 
 CPU = torch.device("cpu")
@@ -225,3 +229,53 @@ def test_metrics_hold_every_loss_part():
         assert out[k] == pytest.approx(v, rel=1e-5)
     assert out["loss"] == pytest.approx(expected["loss_bce"] + 0.5 * expected["loss_focal"])
     assert out["num_updates"] == 3
+
+
+def test_a_registered_term_reads_a_key_only_the_dataset_names(monkeypatch):
+    """A term from outside the package reads ``batch["weight"]``: train_step moves it with
+    the batch, re-cuts it (and a list key) with the micro-batch, and logs the term."""
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # the registration is undone
+    seen = []
+
+    @register_loss("weighted_bce")
+    def weighted_bce(cfg: LossConfig):
+        def term(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+            seen.append((batch["index"].tolist(), batch["weight"][:, 0, 0, 0].tolist(),
+                         batch["name"]))  # fmt: skip
+            return F.binary_cross_entropy_with_logits(logits, batch["mask"], batch["weight"])
+
+        return term
+
+    data = batches(6, 3)
+    for b in data:  # what a dataset wrapper adds: a per-image weight and a name
+        b["weight"] = (b["index"].float() + 1).view(-1, 1, 1, 1).expand(-1, 1, S, S).clone()
+        b["name"] = [f"img{i}" for i in b["index"].tolist()]
+    loss_fn = build_loss(LossConfig(terms={"bce": 1.0, "weighted_bce": 0.5}))
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # every forward sees the same weights
+    ctx = StepContext(CPU, progress=False, micro_batch=2)  # batches of 3 re-cut as 2, 2, 2
+    out = train_step(model, data, opt, loss_fn, ctx)
+    assert seen == [
+        ([2 * k, 2 * k + 1], [2 * k + 1.0, 2 * k + 2.0], [f"img{2 * k}", f"img{2 * k + 1}"])
+        for k in range(3)
+    ]
+    assert out["images"] == 6 and out["forwards"] == 3
+    with torch.no_grad():
+        x = torch.cat([b["image"] for b in data])
+        y, w = torch.cat([b["mask"] for b in data]), torch.cat([b["weight"] for b in data])
+        want = np.mean([F.binary_cross_entropy_with_logits(model(x[s]), y[s], w[s]).item()
+                        for s in (slice(0, 2), slice(2, 4), slice(4, 6))])  # fmt: skip
+    assert out["loss_weighted_bce"] == pytest.approx(want, rel=1e-5)
+    assert out["loss"] == pytest.approx(out["loss_bce"] + 0.5 * want, rel=1e-5)
+
+
+def test_the_step_is_the_only_backward_in_the_library():
+    """Training, the doctor and the batch-size probe share ``engine.train_step``."""
+    package = Path(__file__).resolve().parents[1] / "bonecomp"
+    hits = [
+        f"{p.relative_to(package)}:{n}"
+        for p in sorted(package.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if ".backward(" in line
+    ]
+    assert len(hits) == 1 and hits[0].startswith("engine.py:"), hits

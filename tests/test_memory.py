@@ -102,6 +102,23 @@ def test_an_update_out_of_memory_is_redone_in_halves_with_the_same_gradient():
     torch.testing.assert_close(weights3, weights, rtol=1e-5, atol=1e-6)
 
 
+def test_the_retry_is_a_switch_the_probe_turns_off():
+    """train_step halves and redoes an update out of memory; with ``oom_retry`` off (the
+    batch-size probe, the doctor) the error reaches the caller, which measures it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, C, 1))
+    MemoryBudget(total=3).attach(model)  # forwards of at most 3 images
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = build_loss(from_dict(Config, {"loss": {"terms": {"bce": 1.0}}}).loss)
+    off = engine.StepContext(torch.device("cpu"), progress=False, oom_retry=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.train_step(model, _batches(1, 4), opt, loss, off)
+    assert off.micro_batch is None
+    on = engine.StepContext(torch.device("cpu"), progress=False)
+    out = engine.train_step(model, _batches(1, 4), opt, loss, on)
+    assert on.micro_batch == 2 and out["forwards"] == 2 and out["images"] == 4
+
+
 def test_one_image_out_of_memory_names_the_keys():
     with pytest.raises(BatchMemoryError, match=r"train\.micro_batch=1.*data\.image_size"):
         _train(MemoryBudget(total=0))
