@@ -6,6 +6,10 @@ Per recipe (configs/*.yaml):
 - model: forward + backward + AdamW step, images/s. On a GPU at the recipe's input size
   with our settings (AMP + channels_last) against the plain reference (float32, NCHW) in
   the same run; without one, on CPU at --cpu-size (channels_last vs NCHW, float32).
+- library step: the library's own step (``engine.train_step`` via ``train_one_epoch``:
+  the recipe's loss, uint8 batches as the loader yields them, converted on the device,
+  grad clipping, the non-finite check) against the hand-written loop above with the same
+  settings, in the same run: what the step's bookkeeping costs.
 - GPU memory for the recipe's batch, estimated: activations from forward hooks (halved
   for AMP) plus weights, gradients and AdamW moments in float32. On a GPU the measured
   peak (torch.cuda.max_memory_allocated) is printed beside it.
@@ -20,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -29,6 +34,8 @@ from bonecomp.config import load_config
 from bonecomp.data.cache import open_cache
 from bonecomp.data.layout import discover
 from bonecomp.device import amp_dtype
+from bonecomp.engine import Epoch, StepContext, train_one_epoch
+from bonecomp.losses import build_loss
 from bonecomp.models import create_model
 from bonecomp.training.data import build_loaders
 
@@ -70,6 +77,44 @@ def model_rate(
     else:
         peak = float("nan")
     return batch * steps / (time.perf_counter() - t0), peak
+
+
+def library_rate(cfg, size: int, batch: int, steps: int, device: torch.device) -> float:
+    """Images/s of the library's training step (``train_one_epoch`` -> ``train_step``) with
+    our settings (AMP on GPU, channels_last), the recipe's loss and grad clipping, on
+    compact uint8 batches as the training loader yields them."""
+    torch.manual_seed(0)
+    model = create_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    dtype = amp_dtype(device, True)
+    ctx = StepContext(
+        device,
+        dtype,
+        torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        grad_clip=cfg.train.grad_clip,
+        channels_last=True,
+        progress=False,
+        soft_targets=cfg.data.soft_targets,
+    )
+    g = torch.Generator().manual_seed(0)
+    on = 255 if cfg.data.soft_targets else 1
+    batches = [
+        {
+            "image": torch.randint(0, 256, (batch, size, size), dtype=torch.uint8, generator=g),
+            "mask": ((torch.rand(batch, 29, size, size, generator=g) > 0.95) * on).to(torch.uint8),
+            "index": torch.arange(batch),
+        }
+        for _ in range(steps)
+    ]
+    loss_fn, sched = build_loss(cfg.loss).to(device), SimpleNamespace(step_update=lambda n: None)
+    train_one_epoch(model, batches[:1], opt, sched, loss_fn, ctx, Epoch(0))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    train_one_epoch(model, batches, opt, sched, loss_fn, ctx, Epoch(0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch * steps / (time.perf_counter() - t0)
 
 
 def estimated_gib(cfg, batch: int) -> float:
@@ -131,6 +176,8 @@ def main() -> None:
             ref, _ = model_rate(cfg, size, batch, steps, device, ours=False)
             where = f"{size} px, batch {batch}"
             rows.append(Row(f"{name}: model img/s ({where})", ours, ref, "/s", True))
+            lib = library_rate(cfg, size, batch, steps, device)
+            rows.append(Row(f"{name}: library step vs hand loop img/s", lib, ours, "/s", True, 0.9))
             feed = loader_rate(cfg, root, root / "cache", 3 if args.quick else 8)
             rows.append(Row(f"{name}: loader vs model img/s", feed, ours, "/s", True, 1.0))
             est = estimated_gib(cfg, cfg.train.batch_size)
@@ -140,7 +187,8 @@ def main() -> None:
                 + (f", measured peak {peak:.1f} GiB" if cuda else "")
             )
     print_table(
-        "Training throughput: ours (AMP on GPU, channels_last) vs plain fp32 NCHW; loader vs model",
+        "Training throughput: ours (AMP on GPU, channels_last) vs plain fp32 NCHW; the "
+        "library's step vs the same hand-written loop; loader vs model",
         rows,
     )
     for n in notes:

@@ -9,7 +9,6 @@ without CUDA the GPU checks say "no GPU" and the rest run on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -31,9 +30,9 @@ from torch import nn
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import Config, ConfigError
 from bonecomp.data.cache import TrainCache, bytes_per_image, data_cache_dir, open_cache
-from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.layout import DataLayoutError, discover
 from bonecomp.device import amp_dtype, pick_device, resolve_channels_last
+from bonecomp.engine import StepContext, train_step
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.losses import build_loss
 from bonecomp.models import SegModel, create_model
@@ -209,7 +208,7 @@ def check_amp_step(probe: Probe) -> Row:
     precision = str(amp).removeprefix("torch.") if amp else "float32"
     if probe.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    loss = _train_step(trainer, *_batch(cfg, b, dev, cl))
+    loss = _train_step(trainer, _batch(cfg, b, dev))
     if not math.isfinite(loss):
         return Row("amp step", "fail", f"{what}, {precision}: loss is {loss}; try train.amp=false")
     msg = f"{what}, {precision}, batch {b}: loss {loss:.3f} finite"
@@ -222,7 +221,7 @@ def check_amp_step(probe: Probe) -> Row:
         return Row("amp step", "ok", msg)
     torch.cuda.reset_peak_memory_stats(dev)
     try:
-        loss = _train_step(trainer, *_batch(cfg, full, dev, cl))
+        loss = _train_step(trainer, _batch(cfg, full, dev))
     except torch.cuda.OutOfMemoryError:
         return Row(
             "amp step",
@@ -466,55 +465,53 @@ class _Trainer:
     model: SegModel
     opt: torch.optim.Optimizer
     loss_fn: nn.Module
-    amp: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
+    ctx: StepContext
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        return self.ctx.amp_dtype
 
 
 def _trainable(cfg: Config, device: torch.device, channels_last: bool) -> _Trainer:
-    """The recipe's model (no downloaded weights), optimizer, loss and AMP, as training."""
+    """The recipe's model (no downloaded weights), optimizer, loss and step settings (AMP,
+    grad scaler, clipping, memory format) as training builds them. The step's
+    out-of-memory retry and non-finite check are off: the checks report both."""
     model = create_model(dataclasses.replace(cfg.model, encoder_weights=None)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = build_optimizer(model, cfg.train)
     amp = amp_dtype(device, cfg.train.amp)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    return _Trainer(model, opt, build_loss(cfg.loss), amp, scaler)
+    ctx = StepContext(
+        device,
+        amp_dtype=amp,
+        scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None,
+        grad_clip=cfg.train.grad_clip,
+        channels_last=channels_last,
+        progress=False,
+        soft_targets=cfg.data.soft_targets,
+        oom_retry=False,
+        check_finite=False,
+    )
+    return _Trainer(model, opt, build_loss(cfg.loss), ctx)
 
 
-def _batch(
-    cfg: Config, batch: int, device: torch.device, channels_last: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images and targets shaped and typed as the training loop feeds them."""
+def _batch(cfg: Config, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A random batch as the training loader yields it (compact uint8 images and masks),
+    already on the device."""
     s = cfg.data.image_size
     g = torch.Generator(device).manual_seed(0)
     img = torch.randint(0, 256, (batch, s, s), dtype=torch.uint8, device=device, generator=g)
     shape = (batch, NUM_CLASSES, s, s)
     mask = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
     if not cfg.data.soft_targets:
-        mask = mask > 230
-    x = to_float_image(img)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = to_float_mask(mask.to(torch.uint8), cfg.data.soft_targets)
-    return x.contiguous(memory_format=fmt), y
+        mask = (mask > 230).to(torch.uint8)
+    return {"image": img, "mask": mask, "index": torch.arange(batch)}
 
 
-def _train_step(trainer: _Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Forward, backward and optimizer step as training does them; the loss."""
-    model, opt, amp, scaler = trainer.model, trainer.opt, trainer.amp, trainer.scaler
-    opt.zero_grad(set_to_none=True)
-    autocast = contextlib.nullcontext() if amp is None else torch.autocast(x.device.type, amp)
-    with autocast:
-        logits = model(x)
-    loss, _ = trainer.loss_fn(logits, y)
-    if scaler is not None:  # fp16: loss scaling, as training does
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
+def _train_step(trainer: _Trainer, batch: dict[str, torch.Tensor]) -> float:
+    """One training update (``engine.train_step``, as training runs it); the loss."""
+    return train_step(trainer.model, [batch], trainer.opt, trainer.loss_fn, trainer.ctx)["loss"]
 
 
 def _time_formats(probe: Probe, batch: int, warmup: int, steps: int) -> dict[bool, float]:
@@ -524,14 +521,14 @@ def _time_formats(probe: Probe, batch: int, warmup: int, steps: int) -> dict[boo
     step ignores the slow ones; CUDA is synchronised around each timed step.
     """
     cfg, dev = probe.cfg, probe.device
-    runs = {cl: (_trainable(cfg, dev, cl), _batch(cfg, batch, dev, cl)) for cl in (False, True)}
+    runs = {cl: (_trainable(cfg, dev, cl), _batch(cfg, batch, dev)) for cl in (False, True)}
     best = dict.fromkeys(runs, math.inf)
     for i in range(warmup + steps):
-        for cl, (trainer, (x, y)) in runs.items():
+        for cl, (trainer, b) in runs.items():
             if probe.cuda:
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
-            _train_step(trainer, x, y)
+            _train_step(trainer, b)
             if probe.cuda:
                 torch.cuda.synchronize(dev)
             if i >= warmup:

@@ -1,4 +1,8 @@
-"""One epoch of training, one pass of validation: plain functions returning metric dicts.
+"""The training step, one epoch of training, one pass of validation.
+
+``train_step`` is the only place a batch meets the loss and the optimiser: training,
+the batch-size probe and the doctor all call it. ``train_one_epoch`` and ``validate``
+are plain functions returning metric dicts.
 
 Validation scores the leaderboard's way: logits at the model's resolution are upsampled
 exactly to each image's original size (2048) and thresholded sparsely, then compared with
@@ -8,10 +12,9 @@ the ground truth drawn exactly in each class's bounding box. Only counts are kep
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +31,7 @@ from bonecomp.data.rasterize import truth_crops
 from bonecomp.distributed import all_ranks_true, all_reduce_sum, is_distributed
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.memory import free_memory, halve, run_chunked, spans
-from bonecomp.metrics import DiceAccumulator
+from bonecomp.metrics import DiceAccumulator, DiceTable, compute_metrics
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,9 +49,17 @@ class GroundTruth(Protocol):
     def src_hw(self, i: int) -> tuple[int, int]: ...
 
 
+def _index_names(idx: Sequence[int]) -> list[str]:
+    return [str(i) for i in idx]
+
+
 @dataclass
 class StepContext:
-    """What a training step needs besides model, data and optimizer."""
+    """How a training step runs, besides model, data, loss and optimizer.
+
+    ``oom_retry`` and ``check_finite`` are on for training; the batch-size probe and the
+    doctor turn them off, since they measure out-of-memory errors and losses themselves.
+    """
 
     device: torch.device
     amp_dtype: torch.dtype | None = None  # autocast dtype on CUDA, None for float32
@@ -61,6 +72,12 @@ class StepContext:
     soft_targets: bool = False  # compact uint8 masks hold coverage 0..255
     micro_batch: int | None = None  # images per training forward (None: the loader's batch)
     eval_micro_batch: int | None = None  # images per validation forward (None: the batch)
+    # out of memory: halve micro_batch and redo the update (never under torchrun)
+    oom_retry: bool = True
+    # a NaN/inf loss raises NonFiniteLossError, every rank together (off: the loss is
+    # returned as it is, and no rank waits for the others)
+    check_finite: bool = True
+    image_names: Callable[[Sequence[int]], list[str]] = _index_names  # for messages
 
 
 def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
@@ -69,16 +86,30 @@ def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=ctx.device.type, dtype=ctx.amp_dtype)
 
 
-def to_device(batch: dict, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (B, 3, H, W) and masks (B, C, H, W) as float on the device; compact uint8
-    batches (see ``BoneDataset``) are converted there, after the cheap transfer."""
-    images = batch["image"].to(ctx.device, non_blocking=True)
-    masks = batch["mask"].to(ctx.device, non_blocking=True)
+def to_device(batch: Mapping, ctx: StepContext) -> dict:
+    """The batch on the device: every tensor moved, other values kept as they are.
+
+    Compact uint8 ``image`` (B, H, W) and ``mask`` (B, C, H, W) (see ``BoneDataset``) are
+    converted to float there, after the cheap transfer; ``image`` takes the memory format
+    of ``ctx.channels_last``. Any other key a dataset adds reaches the loss unchanged.
+    """
+    out = {
+        k: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+    images = out["image"]
     if images.dtype == torch.uint8:
         images = to_float_image(images)
-        masks = to_float_mask(masks, ctx.soft_targets)
+    if "mask" in out and out["mask"].dtype == torch.uint8:
+        out["mask"] = to_float_mask(out["mask"], ctx.soft_targets)
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    return images.contiguous(memory_format=fmt), masks
+    out["image"] = images.contiguous(memory_format=fmt)
+    return out
+
+
+def batch_size(batch: Mapping) -> int:
+    """Images in a batch (the length of its ``image``)."""
+    return len(batch["image"])
 
 
 def past(deadline: float) -> bool:
@@ -86,63 +117,124 @@ def past(deadline: float) -> bool:
     return not all_ranks_true(time.monotonic() <= deadline)
 
 
+class LossFn(Protocol):
+    """``loss_fn(logits, batch) -> (total, parts)``: ``batch`` as ``to_device`` gives it,
+    ``parts`` the named floats to log (``loss_bce``, ...). See ``losses.build_loss``."""
+
+    def __call__(
+        self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+OOM_HINT_TRAIN = (
+    "lower data.image_size, use a smaller model, or train with train.amp=true on a GPU "
+    "with more memory"
+)
+
+
+def train_step(
+    model: nn.Module,
+    batches: Sequence[Mapping],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    ctx: StepContext,
+    *,
+    epoch: int = 0,
+    first_batch: int = 0,
+) -> dict[str, float]:
+    """One optimiser update from ``batches``: forward, loss, backward, clip and step.
+
+    ``batches`` are the loader batches of the update (``ctx.accum_steps`` of them in
+    training), dicts as the dataset yields them; each is moved with ``to_device`` and the
+    model sees ``batch["image"]``, the loss the whole batch. They are run as forwards of
+    at most ``ctx.micro_batch`` images (as they come when None or when they already fit;
+    else joined and re-cut, over every key), each loss weighted by its share of the
+    update's images, under ``ctx.amp_dtype`` autocast and ``ctx.scaler`` loss scaling;
+    the gradient norm is clipped to ``ctx.grad_clip``.
+
+    With ``ctx.check_finite`` a NaN/inf loss raises ``NonFiniteLossError`` (naming the
+    epoch, batch and images) before any weight is touched, on every rank together. With
+    ``ctx.oom_retry`` (not under torchrun) an out-of-memory forward/backward drops the
+    partial gradients and redoes the update with half ``ctx.micro_batch``, which is kept.
+    ``epoch`` and ``first_batch`` (the loader index of ``batches[0]``) name the update in
+    messages.
+
+    Returns the mean over the forwards of ``loss`` (the total) and of each named part the
+    loss returns, plus ``images`` and ``forwards`` (their counts).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    done = _backward(model, batches, loss_fn, ctx, epoch, first_batch)
+    _optimizer_step(model, optimizer, ctx)
+    out: dict[str, float] = defaultdict(float)
+    for loss, parts, _ in done:
+        out["loss"] += loss.item() / len(done)
+        for name, value in parts.items():
+            out[name] += value / len(done)
+    return {**out, "images": sum(n for *_, n in done), "forwards": len(done)}
+
+
+@dataclass
+class Epoch:
+    """Which pass ``train_one_epoch`` makes: its number, the updates done before it (the
+    LR schedule's position) and when to stop (``time.monotonic()``; None: never)."""
+
+    index: int
+    num_updates: int = 0
+    deadline: float | None = None
+
+
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader | Sequence[Mapping],
     optimizer: torch.optim.Optimizer,
     scheduler,  # timm scheduler with step_update(num_updates)
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     ctx: StepContext,
-    epoch: int,
-    num_updates: int,
-    image_names: Callable[[Sequence[int]], list[str]] = lambda idx: [str(i) for i in idx],
-    deadline: float | None = None,
+    epoch: Epoch,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``; returns mean losses, lr, img/s, updates done and
     the micro-batch in use.
 
-    One update takes ``ctx.accum_steps`` loader batches, run as forwards of at most
-    ``ctx.micro_batch`` images (the loader's batches when None), each loss weighted by its
-    share of the update's images. Out of memory, the update is dropped and redone with
-    half the micro-batch (kept for the rest of the run): the number of updates and the LR
-    schedule do not change. A non-finite loss raises ``NonFiniteLossError`` before any
-    weight is touched. Stops early at ``deadline`` (``time.monotonic()``), finishing the
-    current update. The losses are ``loss`` (the total) and every named part ``loss_fn``
-    returns (``loss_bce``, ``loss_dice``, ...), each averaged over the forwards.
+    Every ``ctx.accum_steps`` loader batches make one ``train_step``; after each the LR
+    schedule steps and the EMA (``ctx.ema``) takes the new weights. Out of memory the
+    step halves the micro-batch and redoes the update, so the number of updates and the
+    LR schedule do not change. Stops early at ``epoch.deadline``, finishing the current
+    update. The losses are ``loss`` (the total) and every named part ``loss_fn`` returns
+    (``loss_bce``, ``loss_dice``, ...), each averaged over the forwards.
     """
     model.train()
     sums: dict[str, float] = defaultdict(float, loss=0.0)
-    seen, batches, t0 = 0, 0, time.monotonic()
+    seen, forwards, t0 = 0, 0, time.monotonic()
+    num_updates = epoch.num_updates
     n_batches = len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not ctx.progress)
-    optimizer.zero_grad(set_to_none=True)
-    pending: list[dict] = []
+    bar = tqdm(
+        loader, desc=f"epoch {epoch.index}", unit="batch", leave=False, disable=not ctx.progress
+    )
+    pending: list[Mapping] = []
     largest = 0
     for b, batch in enumerate(bar):
         pending.append(batch)
-        largest = max(largest, len(batch["index"]))
-        last_of_update = (b + 1) % ctx.accum_steps == 0 or b + 1 == n_batches
-        if not last_of_update:
+        largest = max(largest, batch_size(batch))
+        if (b + 1) % ctx.accum_steps and b + 1 != n_batches:
             continue
-        done = _update(model, pending, loss_fn, ctx, epoch, b + 1 - len(pending), image_names)
+        step = train_step(model, pending, optimizer, loss_fn, ctx, epoch=epoch.index,
+                          first_batch=b + 1 - len(pending))  # fmt: skip
         pending = []
-        _optimizer_step(model, optimizer, ctx)
         num_updates += 1
         scheduler.step_update(num_updates)
         if ctx.ema is not None:
             ctx.ema.update(_unwrap(model), step=num_updates)
-        for loss, parts, n in done:
-            seen += n
-            batches += 1
-            sums["loss"] += loss.item()
-            for name, value in parts.items():
-                sums[name] += value
+        n = step.pop("forwards")
+        seen += step.pop("images")
+        forwards += n
+        for name, value in step.items():
+            sums[name] += value * n
         rate = seen / max(time.monotonic() - t0, 1e-9)
-        bar.set_postfix(loss=f"{sums['loss'] / batches:.4f}", img_s=f"{rate:.1f}")
-        if deadline is not None and past(deadline):
+        bar.set_postfix(loss=f"{sums['loss'] / forwards:.4f}", img_s=f"{rate:.1f}")
+        if epoch.deadline is not None and past(epoch.deadline):
             break
     elapsed = time.monotonic() - t0
-    out = {k: v / max(batches, 1) for k, v in sums.items()}
+    out = {k: v / max(forwards, 1) for k, v in sums.items()}
     out.update(
         lr=optimizer.param_groups[0]["lr"],
         img_s=seen / max(elapsed, 1e-9),
@@ -153,39 +245,33 @@ def train_one_epoch(
     return out
 
 
-OOM_HINT_TRAIN = (
-    "lower data.image_size, use a smaller model, or train with train.amp=true on a GPU "
-    "with more memory"
-)
-
-
-def _update(
+def _backward(
     model: nn.Module,
-    batches: list[dict],
-    loss_fn: nn.Module,
+    batches: Sequence[Mapping],
+    loss_fn: LossFn,
     ctx: StepContext,
     epoch: int,
     first: int,
-    image_names: Callable[[Sequence[int]], list[str]],
 ) -> list[tuple[torch.Tensor, dict[str, float], int]]:
-    """Forward and backward of one update's loader batches (``first`` is the index of the
-    first); returns (loss, parts, images) per forward. Gradients are left for the step.
+    """Forward and backward of one update's batches; returns (loss, parts, images) per
+    forward. Gradients are left for the optimiser step.
 
-    Out of memory (not under torchrun, where every rank would have to agree), the partial
-    gradients are dropped and the update is redone with half ``ctx.micro_batch``.
+    Out of memory (with ``ctx.oom_retry``, not under torchrun, where every rank would have
+    to agree), the partial gradients are dropped and the update is redone with half
+    ``ctx.micro_batch``.
     """
     while True:
         failed = False
         try:
-            return _accumulate(model, batches, loss_fn, ctx, epoch, first, image_names)
+            return _accumulate(model, batches, loss_fn, ctx, epoch, first)
         except torch.OutOfMemoryError:
-            if is_distributed():
+            if not ctx.oom_retry or is_distributed():
                 raise
             failed = True
         if failed:  # outside the except: its traceback no longer pins the step's tensors
             model.zero_grad(set_to_none=True)
             free_memory(ctx.device)
-            size = ctx.micro_batch or max(len(b["index"]) for b in batches)
+            size = ctx.micro_batch or max(batch_size(b) for b in batches)
             ctx.micro_batch = halve(size, "train.micro_batch", OOM_HINT_TRAIN)
             tqdm.write(
                 f"epoch {epoch}: out of memory with {size} images per forward; redoing the "
@@ -193,32 +279,53 @@ def _update(
             )
 
 
+def _join(batches: Sequence[Mapping]) -> dict:
+    """One batch of all: tensors concatenated on dim 0, lists chained, per key."""
+    out = {}
+    for k, first in batches[0].items():
+        values = [b[k] for b in batches]
+        if isinstance(first, torch.Tensor):
+            out[k] = torch.cat(values)
+        elif isinstance(first, list | tuple):
+            out[k] = [x for v in values for x in v]
+        else:
+            raise TypeError(
+                f"batch key {k!r}: cannot re-cut a {type(first).__name__} into micro-batches "
+                "(a dataset key must be a tensor or a list with one item per image)"
+            )
+    return out
+
+
+def _chunks(batches: Sequence[Mapping], micro: int | None, first: int) -> list[tuple[int, dict]]:
+    """(loader index, batch) per forward: the loader's batches as they come, unless the
+    micro-batch cuts them differently: then the update is joined and re-cut (a CPU copy
+    per update, so only when needed)."""
+    sizes = [batch_size(b) for b in batches]
+    if micro is None or (all(n == micro for n in sizes[:-1]) and sizes[-1] <= micro):
+        return [(first + i, b) for i, b in enumerate(batches)]
+    whole = _join(batches)
+    starts = np.cumsum(sizes)
+    return [
+        (first + int(np.searchsorted(starts, s.start, side="right")),
+         {k: v[s] for k, v in whole.items()})
+        for s in spans(sum(sizes), micro)
+    ]  # fmt: skip
+
+
 def _accumulate(
     model: nn.Module,
-    batches: list[dict],
-    loss_fn: nn.Module,
+    batches: Sequence[Mapping],
+    loss_fn: LossFn,
     ctx: StepContext,
     epoch: int,
     first: int,
-    image_names: Callable[[Sequence[int]], list[str]],
 ) -> list[tuple[torch.Tensor, dict[str, float], int]]:
-    sizes = [len(b["index"]) for b in batches]
-    total, micro = sum(sizes), ctx.micro_batch
-    # The loader's batches as they come, unless the micro-batch cuts them differently: then
-    # the update is joined and re-cut (a CPU copy per update, so only when needed).
-    if micro is None or (all(n == micro for n in sizes[:-1]) and sizes[-1] <= micro):
-        chunks = [(first + i, b) for i, b in enumerate(batches)]
-    else:
-        whole = {k: torch.cat([b[k] for b in batches]) for k in ("image", "mask", "index")}
-        starts = np.cumsum([len(b["index"]) for b in batches])
-        chunks = [
-            (first + int(np.searchsorted(starts, s.start, side="right")),
-             {k: v[s] for k, v in whole.items()})
-            for s in spans(total, micro)
-        ]  # fmt: skip
+    total = sum(batch_size(b) for b in batches)
+    chunks = _chunks(batches, ctx.micro_batch, first)
     done = []
     for c, (b, chunk) in enumerate(chunks):
-        images, masks = to_device(chunk, ctx)
+        on_device = to_device(chunk, ctx)
+        n = batch_size(on_device)
         sync = (
             contextlib.nullcontext()
             if c + 1 == len(chunks) or not hasattr(model, "no_sync")
@@ -226,17 +333,25 @@ def _accumulate(
         )
         with sync:
             with autocast(ctx):
-                logits = model(images)
-            loss, parts = loss_fn(logits, masks)
-            if not all_ranks_true(torch.isfinite(loss)):  # every rank stops together
-                names = image_names(chunk["index"].tolist())
+                logits = model(on_device["image"])
+            loss, parts = loss_fn(logits, on_device)
+            if ctx.check_finite and not all_ranks_true(torch.isfinite(loss)):
+                names = ctx.image_names(_indices(chunk))  # every rank stops together
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {b}; images: {names}"
                 )
-            scaled = loss * (images.shape[0] / total)  # its share of the update's images
+            scaled = loss * (n / total)  # its share of the update's images
             (ctx.scaler.scale(scaled) if ctx.scaler else scaled).backward()
-        done.append((loss.detach(), parts, images.shape[0]))
+        done.append((loss.detach(), parts, n))
     return done
+
+
+def _indices(batch: Mapping) -> list[int]:
+    """The batch's cache indices (``index``), for messages; positions when it has none."""
+    index = batch.get("index")
+    if index is None:
+        return list(range(batch_size(batch)))
+    return index.tolist() if isinstance(index, torch.Tensor) else list(index)
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: StepContext) -> None:
@@ -284,31 +399,41 @@ def _forward_chunked(model: nn.Module, images: torch.Tensor, ctx: StepContext) -
     return logits
 
 
+@dataclass
+class Validation:
+    """What ``validate`` returns: the metrics and the per-class Dice table."""
+
+    metrics: dict[str, float]  # every registered metric (``metrics.METRICS``): loss, dice, ...
+    table: DiceTable  # competition Dice per class and n_images (logs, best.pt, csv)
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module,
     loader: DataLoader,
     truth: GroundTruth,
-    loss_fn: nn.Module,
+    loss_fn: LossFn,
     ctx: StepContext,
     thresholds: float | Sequence[float] = 0.5,
     oof: OOFWriter | None = None,
-) -> dict:
+) -> Validation:
     """Loss at the model's resolution and the competition Dice at each image's source size.
 
-    Returns ``val_loss``, ``dice`` (mean), ``per_class`` (array) and ``n_images``. Under
-    DDP the Dice sums are reduced across ranks (each rank validates its own images).
+    The loss is called as in training, ``loss_fn(logits, batch)``. ``metrics`` holds
+    every function of ``metrics.METRICS`` of the pass (``loss``, ``dice``: the mean
+    competition Dice, and any registered one), a flat dict of floats. Under DDP the sums
+    are reduced across ranks (each rank validates its own images).
     """
     model.eval()
     acc = DiceAccumulator(device=ctx.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     n_batches = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not ctx.progress):
-        images, masks = to_device(batch, ctx)
-        logits = _forward_chunked(model, images, ctx)
-        loss_sum += loss_fn(logits, masks)[0].double()
+        on_device = to_device(batch, ctx)
+        logits = _forward_chunked(model, on_device["image"], ctx)
+        loss_sum += loss_fn(logits, on_device)[0].double()
         n_batches += 1
-        for i, idx in enumerate(batch["index"].tolist()):
+        for i, idx in enumerate(_indices(batch)):
             x = logits[i].float()
             src_hw = truth.src_hw(idx)
             sparse = upsample_threshold(x, src_hw, thresholds)
@@ -318,10 +443,5 @@ def validate(
                 oof.write(idx, torch.sigmoid(x))
     acc.all_reduce()
     all_reduce_sum(loss_sum, n_batches)
-    table = acc.compute()
-    return {
-        "val_loss": float(loss_sum / n_batches.clamp(min=1)),
-        "dice": table.mean if table.n_images else math.nan,
-        "per_class": table.per_class,
-        "n_images": table.n_images,
-    }
+    scores = acc.scores(float(loss_sum / n_batches.clamp(min=1)))
+    return Validation(compute_metrics(scores), scores.table)

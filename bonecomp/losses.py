@@ -1,20 +1,41 @@
 """Multilabel segmentation losses by name: a weighted sum of terms (``loss.terms``).
 
-``TERMS`` is the registry: ``bce`` (torch), ``dice`` (ours, below), and ``focal``,
-``jaccard``, ``lovasz``, ``tversky`` from segmentation_models_pytorch (mode
-"multilabel", from logits). Every term sees float32 logits and targets (also under
-autocast); targets may be soft (fractional coverage in [0, 1]).
+A term is called ``term(logits, batch) -> scalar tensor``: ``logits`` are the model's
+(B, C, H, W) output in float32 (also under autocast) and ``batch`` is the dict the
+dataset yields, on the device (``engine.to_device``): ``batch["mask"]`` holds the
+targets as float in [0, 1] (soft: fractional coverage), and a dataset may add any other
+key (per-pixel weights, distance maps, an ignore mask) for the term that reads it.
+
+``TERMS`` is the registry of term builders ``(LossConfig) -> term``; ``register_loss``
+adds one, from the package or from user code, and the config check, training and the
+summary log (``loss_<name>``) take it with no other edit::
+
+    @register_loss("weighted_bce")
+    def weighted_bce(cfg: LossConfig):
+        def term(logits, batch):
+            return F.binary_cross_entropy_with_logits(
+                logits, batch["mask"], weight=batch["weight"]
+            )
+        return term
+
+Built in: ``bce`` (torch), ``dice`` (ours, below), and ``focal``, ``jaccard``,
+``lovasz``, ``tversky`` from segmentation_models_pytorch (mode "multilabel", from
+logits); each reads ``batch["mask"]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
 from bonecomp.config import ConfigError, LossConfig
+
+Batch = Mapping[str, torch.Tensor]
+Term = Callable[[torch.Tensor, Batch], torch.Tensor]  # (logits, batch) -> scalar
+TermBuilder = Callable[[LossConfig], Term]
 
 
 def soft_dice_loss(
@@ -46,19 +67,65 @@ class SoftDiceLoss(nn.Module):
         return soft_dice_loss(logits, target, self.smooth, self.over_batch)
 
 
-MULTILABEL = smp.losses.MULTILABEL_MODE
+class OnMask(nn.Module):
+    """A ``loss(logits, target)`` as a term: its target is ``batch["mask"]`` (float32)."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.loss(logits, batch["mask"].float())
+
+
+class _Plain(nn.Module):
+    """A term that is a plain function, held like the module terms."""
+
+    def __init__(self, fn: Term) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.fn(logits, batch)
+
 
 # name -> builder from the loss config. An unknown name lists these keys.
-TERMS: dict[str, Callable[[LossConfig], nn.Module]] = {
-    "bce": lambda c: nn.BCEWithLogitsLoss(),
-    "dice": lambda c: SoftDiceLoss(c.dice_smooth, c.dice_over_batch),
-    "focal": lambda c: smp.losses.FocalLoss(MULTILABEL, gamma=c.focal_gamma),
-    "jaccard": lambda c: smp.losses.JaccardLoss(MULTILABEL, from_logits=True),
-    "lovasz": lambda c: smp.losses.LovaszLoss(MULTILABEL, from_logits=True),
-    "tversky": lambda c: smp.losses.TverskyLoss(
-        MULTILABEL, from_logits=True, alpha=c.tversky_alpha, beta=c.tversky_beta
+TERMS: dict[str, TermBuilder] = {}
+
+
+def register_loss(name: str, builder: TermBuilder | None = None):
+    """Add the term ``name`` to ``TERMS``: ``register_loss(name, builder)``, or
+    ``@register_loss(name)`` over the builder. Returns the builder.
+
+    ``builder(cfg: LossConfig)`` returns the term, called ``term(logits, batch)`` (see
+    the module docstring); ``loss.terms: {name: weight}`` then selects it. A name is
+    registered once: a second registration raises ``ValueError``.
+    """
+
+    def add(b: TermBuilder) -> TermBuilder:
+        if name in TERMS:
+            raise ValueError(f"loss term {name!r} is already registered")
+        TERMS[name] = b
+        return b
+
+    return add if builder is None else add(builder)
+
+
+MULTILABEL = smp.losses.MULTILABEL_MODE
+
+register_loss("bce", lambda c: OnMask(nn.BCEWithLogitsLoss()))
+register_loss("dice", lambda c: OnMask(SoftDiceLoss(c.dice_smooth, c.dice_over_batch)))
+register_loss("focal", lambda c: OnMask(smp.losses.FocalLoss(MULTILABEL, gamma=c.focal_gamma)))
+register_loss("jaccard", lambda c: OnMask(smp.losses.JaccardLoss(MULTILABEL, from_logits=True)))
+register_loss("lovasz", lambda c: OnMask(smp.losses.LovaszLoss(MULTILABEL, from_logits=True)))
+register_loss(
+    "tversky",
+    lambda c: OnMask(
+        smp.losses.TverskyLoss(
+            MULTILABEL, from_logits=True, alpha=c.tversky_alpha, beta=c.tversky_beta
+        )
     ),
-}
+)
 
 
 def check_loss_config(cfg: LossConfig) -> None:
@@ -75,10 +142,11 @@ def check_loss_config(cfg: LossConfig) -> None:
 
 
 class WeightedLoss(nn.Module):
-    """``sum(weight * term(logits, target))`` over the terms with a weight > 0.
+    """``sum(weight * term(logits, batch))`` over the terms with a weight > 0.
 
-    ``forward`` returns ``(total, parts)``; ``parts`` holds each unweighted term as a
-    float under ``loss_<term>`` (never a bare ``dice``, which reads like ``val_dice``).
+    ``forward(logits, batch)`` returns ``(total, parts)``; ``parts`` holds each
+    unweighted term as a float under ``loss_<term>`` (never a bare ``dice``, which reads
+    like ``val_dice``). The logits reach every term in float32.
     """
 
     def __init__(self, cfg: LossConfig | None = None) -> None:
@@ -86,21 +154,22 @@ class WeightedLoss(nn.Module):
         cfg = cfg or LossConfig()
         check_loss_config(cfg)
         self.weights = {name: float(w) for name, w in cfg.terms.items() if w > 0}
-        self.terms = nn.ModuleDict({name: TERMS[name](cfg) for name in self.weights})
+        built = {name: TERMS[name](cfg) for name in self.weights}
+        self.terms = nn.ModuleDict(
+            {n: t if isinstance(t, nn.Module) else _Plain(t) for n, t in built.items()}
+        )
 
-    def forward(
-        self, logits: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, target = logits.float(), target.float()
+    def forward(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = logits.float()
         total = logits.new_zeros(())
         parts = {}
         for name, term in self.terms.items():
-            value = term(logits, target)
+            value = term(logits, batch)
             total = total + self.weights[name] * value
             parts[f"loss_{name}"] = float(value.detach())
         return total, parts
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
-    """The configured loss; ``forward(logits, target) -> (total, {"loss_<term>": float})``."""
+    """The configured loss: ``loss_fn(logits, batch) -> (total, {"loss_<term>": float})``."""
     return WeightedLoss(cfg)

@@ -4,10 +4,15 @@ Per (image, class): (2|A∩B| + 1e-4) / (|A| + |B| + 1e-4) on the full-size mask
 empty prediction of an empty truth scores 1. Averaged over images for each class, then
 over classes. Counts (intersection, |A|, |B|) come first, so a validation loop can
 accumulate them batch by batch on any device without keeping masks.
+
+``METRICS`` is the registry of validation metrics: each is one function of the pass's
+:class:`Scores` returning a float, added with ``register_metric``; validation returns
+all of them and the summary log writes each as ``val_<name>``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,21 +85,84 @@ def summarize(dice: np.ndarray) -> DiceTable:
 
 
 class DiceAccumulator:
-    """Running sum of per-(image, class) Dice on a device; reduce across ranks with DDP."""
+    """Running sum of per-(image, class) Dice on a device; reduce across ranks with DDP.
+
+    The pixel counts (intersection, |pred|, |truth|) per class are summed too, for the
+    metrics that pool pixels over images (``Scores``).
+    """
 
     def __init__(self, num_classes: int = len(CLASSES), device: torch.device | str = "cpu"):
         self.sum = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.pixels = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
 
     def update(self, inter: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor) -> None:
         """Add counts of shape (B, C) or (C,)."""
         d = dice_from_counts_torch(inter, pred, gt).to(self.sum.device).reshape(-1, len(self.sum))
         self.sum += d.sum(0)
         self.count += d.shape[0]
+        for row, c in zip(self.pixels, (inter, pred, gt), strict=True):
+            row += c.to(self.pixels).reshape(-1, len(self.sum)).sum(0)
 
     def all_reduce(self) -> None:
-        all_reduce_sum(self.sum, self.count)
+        all_reduce_sum(self.sum, self.count, self.pixels)
 
     def compute(self) -> DiceTable:
         n = int(self.count.item())
         return DiceTable((self.sum / max(n, 1)).cpu().numpy(), n)
+
+    def scores(self, loss: float) -> Scores:
+        """What the pass measured, with its mean ``loss``, for the ``METRICS``."""
+        inter, pred, gt = self.pixels.cpu().numpy()
+        return Scores(loss, self.compute(), inter, pred, gt)
+
+
+@dataclass
+class Scores:
+    """What a validation pass measured: the input of every metric function."""
+
+    loss: float  # mean loss over the batches, at the model's resolution
+    table: DiceTable  # competition Dice per class (means over images) and ``n_images``
+    inter: np.ndarray  # (C,) |pred & truth| pixels at source size, summed over images
+    pred: np.ndarray  # (C,) |pred| pixels
+    gt: np.ndarray  # (C,) |truth| pixels
+
+
+Metric = Callable[[Scores], float]
+
+# name -> metric; validation returns each (in this order), the summary log as val_<name>
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, fn: Metric | None = None):
+    """Add the validation metric ``name``: ``register_metric(name, fn)``, or
+    ``@register_metric(name)`` over ``fn(scores: Scores) -> float``. Returns ``fn``.
+
+    Validation then returns it and ``summary.csv`` (TensorBoard, W&B) logs it as
+    ``val_<name>``. A name is registered once: a second registration raises ``ValueError``.
+    """
+
+    def add(f: Metric) -> Metric:
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} is already registered")
+        METRICS[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def compute_metrics(scores: Scores) -> dict[str, float]:
+    """Every registered metric of ``scores``: a flat dict name -> float."""
+    return {name: float(fn(scores)) for name, fn in METRICS.items()}
+
+
+@register_metric("loss")
+def _loss(s: Scores) -> float:
+    return s.loss
+
+
+@register_metric("dice")
+def _dice(s: Scores) -> float:
+    """The competition score: mean over classes of the per-class mean Dice (NaN without
+    images)."""
+    return s.table.mean if s.table.n_images else float("nan")

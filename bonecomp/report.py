@@ -347,8 +347,9 @@ def _submission_view(cfg: Config, csv: Path | str, labels: Path | str | None) ->
 
 # ------------------------------------------------------------------------------- figures
 def curves_figure(summary: pd.DataFrame, title: str = "") -> Figure:
-    """Losses (every ``loss*`` column and ``val_loss``), validation Dice and learning rate
-    per epoch, side by side."""
+    """Losses (every ``loss*`` column and ``val_loss``), the validation metrics (every other
+    ``val_*`` column, ``val_dice`` with its best value) and learning rate per epoch, side by
+    side."""
     fig = Figure(figsize=(12, 2.8))
     axes = fig.subplots(1, 3)
     x = summary["epoch"]
@@ -359,10 +360,14 @@ def curves_figure(summary: pd.DataFrame, title: str = "") -> Figure:
     axes[0].set_title(f"{title} losses".strip())
     if losses:
         axes[0].legend(fontsize=7)
+    scores = [c for c in summary.columns if c.startswith("val_") and c != "val_loss"]
+    for c in scores:  # a registered metric is one more line here
+        v = summary.dropna(subset=[c])
+        axes[1].plot(v["epoch"], v[c], marker="o", label=c,
+                     color="tab:green" if c == "val_dice" else None)  # fmt: skip
     if "val_dice" in summary:
         v = summary.dropna(subset=["val_dice"])
         xv = v["epoch"]
-        axes[1].plot(xv, v["val_dice"], marker="o", color="tab:green")
         if len(v):
             best = v["val_dice"].idxmax()
             axes[1].annotate(
@@ -373,7 +378,9 @@ def curves_figure(summary: pd.DataFrame, title: str = "") -> Figure:
                 ha="center",
                 fontsize=8,
             )
-    axes[1].set_title("validation Dice (2048 px)")
+    if len(scores) > 1:
+        axes[1].legend(fontsize=7)
+    axes[1].set_title("validation (2048 px)")
     if "lr" in summary:
         axes[2].plot(x, summary["lr"], color="tab:purple")
         if (summary["lr"] > 0).all():

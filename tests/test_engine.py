@@ -1,6 +1,7 @@
 """train_one_epoch's switches each do what they say (EMA, bf16 autocast, gradient
-accumulation, channels_last), it logs every named loss part, and validate's Dice equals
-the dense leaderboard Dice.
+accumulation, channels_last), it logs every named loss part, train_step hands the loss
+every key of the batch (a registered term reads one the library never names), it is the
+library's only backward, and validate's Dice equals the dense leaderboard Dice.
 
 Each test watches the effect inside the model or on the weights, so it fails when the
 switch is ignored.
@@ -8,24 +9,27 @@ switch is ignored.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bonecomp import losses
 from bonecomp.config import LossConfig
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import coverage
-from bonecomp.engine import StepContext, train_one_epoch, validate
-from bonecomp.losses import build_loss
+from bonecomp.engine import Epoch, StepContext, train_one_epoch, train_step, validate
+from bonecomp.losses import build_loss, register_loss
 from bonecomp.testing import dense_validation_dice
 
 CPU = torch.device("cpu")
@@ -68,7 +72,7 @@ def run(model, loader, **ctx) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ctx = StepContext(CPU, progress=False, **ctx)
     loss = build_loss(LossConfig(terms={"bce": 1.0}))  # a mean over pixels
-    return train_one_epoch(model, loader, opt, NoSchedule(), loss, ctx, epoch=0, num_updates=0)
+    return train_one_epoch(model, loader, opt, NoSchedule(), loss, ctx, Epoch(0))
 
 
 def params(model: nn.Module) -> torch.Tensor:
@@ -171,7 +175,7 @@ def test_validation_dice_equals_the_dense_leaderboard_dice(tiny_root, tmp_path):
     loss = build_loss(LossConfig())
     ctx = StepContext(CPU, progress=False)
     got = validate(model, loader, cache, loss, ctx)
-    assert got["n_images"] == len(indices) == len(logits)
+    assert got.table.n_images == len(indices) == len(logits)
 
     def dense(threshold: float) -> np.ndarray:
         rows = []
@@ -183,13 +187,13 @@ def test_validation_dice_equals_the_dense_leaderboard_dice(tiny_root, tmp_path):
 
     want = dense(0.5)
     assert 0.3 < want.mean() < 0.99 and ((want > 0.05) & (want < 0.99)).sum() >= 10
-    np.testing.assert_allclose(got["per_class"], want, rtol=0, atol=1e-9)
-    assert abs(got["dice"] - want.mean()) < 1e-9
+    np.testing.assert_allclose(got.table.per_class, want, rtol=0, atol=1e-9)
+    assert abs(got.metrics["dice"] - want.mean()) < 1e-9
     # the comparison can fail: another threshold moves the Dice well past the tolerance
     logits.clear()
     other = validate(model, loader, cache, loss, ctx, thresholds=0.7)
-    assert abs(other["dice"] - want.mean()) > 1e-4
-    np.testing.assert_allclose(other["per_class"], dense(0.7), rtol=0, atol=1e-9)
+    assert abs(other.metrics["dice"] - want.mean()) > 1e-4
+    np.testing.assert_allclose(other.table.per_class, dense(0.7), rtol=0, atol=1e-9)
 
 
 def test_metrics_hold_every_loss_part():
@@ -207,7 +211,7 @@ def test_metrics_hold_every_loss_part():
     expected = {"loss_bce": 0.0, "loss_focal": 0.0}
     with torch.no_grad():
         for b in batches:
-            for k, v in loss_fn(model(b["image"]), b["mask"])[1].items():
+            for k, v in loss_fn(model(b["image"]), b)[1].items():
                 expected[k] += v / len(batches)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # every batch sees the same weights
     out = train_one_epoch(
@@ -217,8 +221,7 @@ def test_metrics_hold_every_loss_part():
         SimpleNamespace(step_update=lambda n: None),
         loss_fn,
         StepContext(torch.device("cpu"), progress=False),
-        epoch=0,
-        num_updates=0,
+        Epoch(0),
     )
     assert {"loss", "loss_bce", "loss_focal"} <= set(out) and "loss_jaccard" not in out
     assert "bce" not in out and "dice" not in out
@@ -226,3 +229,53 @@ def test_metrics_hold_every_loss_part():
         assert out[k] == pytest.approx(v, rel=1e-5)
     assert out["loss"] == pytest.approx(expected["loss_bce"] + 0.5 * expected["loss_focal"])
     assert out["num_updates"] == 3
+
+
+def test_a_registered_term_reads_a_key_only_the_dataset_names(monkeypatch):
+    """A term from outside the package reads ``batch["weight"]``: train_step moves it with
+    the batch, re-cuts it (and a list key) with the micro-batch, and logs the term."""
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # the registration is undone
+    seen = []
+
+    @register_loss("weighted_bce")
+    def weighted_bce(cfg: LossConfig):
+        def term(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+            seen.append((batch["index"].tolist(), batch["weight"][:, 0, 0, 0].tolist(),
+                         batch["name"]))  # fmt: skip
+            return F.binary_cross_entropy_with_logits(logits, batch["mask"], batch["weight"])
+
+        return term
+
+    data = batches(6, 3)
+    for b in data:  # what a dataset wrapper adds: a per-image weight and a name
+        b["weight"] = (b["index"].float() + 1).view(-1, 1, 1, 1).expand(-1, 1, S, S).clone()
+        b["name"] = [f"img{i}" for i in b["index"].tolist()]
+    loss_fn = build_loss(LossConfig(terms={"bce": 1.0, "weighted_bce": 0.5}))
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # every forward sees the same weights
+    ctx = StepContext(CPU, progress=False, micro_batch=2)  # batches of 3 re-cut as 2, 2, 2
+    out = train_step(model, data, opt, loss_fn, ctx)
+    assert seen == [
+        ([2 * k, 2 * k + 1], [2 * k + 1.0, 2 * k + 2.0], [f"img{2 * k}", f"img{2 * k + 1}"])
+        for k in range(3)
+    ]
+    assert out["images"] == 6 and out["forwards"] == 3
+    with torch.no_grad():
+        x = torch.cat([b["image"] for b in data])
+        y, w = torch.cat([b["mask"] for b in data]), torch.cat([b["weight"] for b in data])
+        want = np.mean([F.binary_cross_entropy_with_logits(model(x[s]), y[s], w[s]).item()
+                        for s in (slice(0, 2), slice(2, 4), slice(4, 6))])  # fmt: skip
+    assert out["loss_weighted_bce"] == pytest.approx(want, rel=1e-5)
+    assert out["loss"] == pytest.approx(out["loss_bce"] + 0.5 * want, rel=1e-5)
+
+
+def test_the_step_is_the_only_backward_in_the_library():
+    """Training, the doctor and the batch-size probe share ``engine.train_step``."""
+    package = Path(__file__).resolve().parents[1] / "bonecomp"
+    hits = [
+        f"{p.relative_to(package)}:{n}"
+        for p in sorted(package.rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if ".backward(" in line
+    ]
+    assert len(hits) == 1 and hits[0].startswith("engine.py:"), hits

@@ -14,7 +14,7 @@ from bonecomp.losses import TERMS, build_loss, soft_dice_loss
 
 def test_bce_of_zero_logits_is_log2():
     loss, parts = build_loss(LossConfig(terms={"bce": 1.0}))(
-        torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+        torch.zeros(2, 3, 4, 4), {"mask": torch.ones(2, 3, 4, 4)}
     )
     assert loss.item() == pytest.approx(math.log(2))
     assert parts == {"loss_bce": pytest.approx(math.log(2))}
@@ -50,14 +50,14 @@ def test_our_dice_penalises_a_class_absent_from_the_batch_unlike_smp():
     logits = torch.full((2, 1, 8, 8), 3.0)  # confident foreground everywhere
     target = torch.zeros(2, 1, 8, 8)
     theirs = smp.losses.DiceLoss("multilabel", from_logits=True)(logits, target)
-    ours = build_loss(LossConfig(terms={"dice": 1.0}))(logits, target)[0]
+    ours = build_loss(LossConfig(terms={"dice": 1.0}))(logits, {"mask": target})[0]
     assert theirs.item() == 0 and ours.item() > 0.9
 
 
 def test_default_is_the_old_bce_dice_sum_with_soft_targets():
     logits = torch.randn(2, 3, 8, 8)
     target = torch.rand(2, 3, 8, 8)  # soft coverage
-    loss, parts = build_loss(LossConfig())(logits, target)
+    loss, parts = build_loss(LossConfig())(logits, {"mask": target})
     assert set(parts) == {"loss_bce", "loss_dice"}
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     want = 0.5 * bce + 0.5 * soft_dice_loss(logits, target, 1.0, True)
@@ -69,7 +69,7 @@ def test_weighted_sum_of_named_parts():
     logits = torch.randn(2, 3, 8, 8)
     target = (torch.rand(2, 3, 8, 8) > 0.5).float()
     terms = {"bce": 0.3, "dice": 0.7, "focal": 2.0}
-    loss, parts = build_loss(LossConfig(terms=terms))(logits, target)
+    loss, parts = build_loss(LossConfig(terms=terms))(logits, {"mask": target})
     assert set(parts) == {f"loss_{t}" for t in terms}
     want = sum(w * parts[f"loss_{t}"] for t, w in terms.items())
     assert loss.item() == pytest.approx(want, rel=1e-5)
@@ -77,7 +77,7 @@ def test_weighted_sum_of_named_parts():
 
 def test_zero_weight_drops_the_term():
     _, parts = build_loss(LossConfig(terms={"bce": 0.0, "dice": 1.0}))(
-        torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4)
+        torch.zeros(1, 2, 4, 4), {"mask": torch.ones(1, 2, 4, 4)}
     )
     assert set(parts) == {"loss_dice"}
 
@@ -92,11 +92,11 @@ def test_every_term_is_finite_differentiable_and_lower_when_right(term):
     bad = -good.detach()
     loss_fn = build_loss(LossConfig(terms={term: 1.0}))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss still runs in float32
-        loss, parts = loss_fn(good.bfloat16(), target)
+        loss, parts = loss_fn(good.bfloat16(), {"mask": target})
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert good.grad is not None and torch.isfinite(good.grad).all()
-    assert parts[f"loss_{term}"] < loss_fn(bad, target)[1][f"loss_{term}"]
+    assert parts[f"loss_{term}"] < loss_fn(bad, {"mask": target})[1][f"loss_{term}"]
 
 
 def test_unknown_term_lists_the_valid_ones():

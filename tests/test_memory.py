@@ -84,7 +84,7 @@ def _train(budget: MemoryBudget | None, micro: int | None = None, accum: int = 2
     ctx = engine.StepContext(torch.device("cpu"), accum_steps=accum, progress=False)
     ctx.micro_batch = micro
     loss = build_loss(from_dict(Config, {"loss": {"terms": {"bce": 1.0}}}).loss)  # linear in images
-    row = engine.train_one_epoch(model, _batches(4, 4), opt, _Sched(), loss, ctx, 0, 0)
+    row = engine.train_one_epoch(model, _batches(4, 4), opt, _Sched(), loss, ctx, engine.Epoch(0))
     return row, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
@@ -100,6 +100,23 @@ def test_an_update_out_of_memory_is_redone_in_halves_with_the_same_gradient():
     # a fixed micro-batch spanning the update's batches: 8 images in chunks of 3, 3, 2
     _, weights3 = _train(None, micro=3)
     torch.testing.assert_close(weights3, weights, rtol=1e-5, atol=1e-6)
+
+
+def test_the_retry_is_a_switch_the_probe_turns_off():
+    """train_step halves and redoes an update out of memory; with ``oom_retry`` off (the
+    batch-size probe, the doctor) the error reaches the caller, which measures it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, C, 1))
+    MemoryBudget(total=3).attach(model)  # forwards of at most 3 images
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = build_loss(from_dict(Config, {"loss": {"terms": {"bce": 1.0}}}).loss)
+    off = engine.StepContext(torch.device("cpu"), progress=False, oom_retry=False)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.train_step(model, _batches(1, 4), opt, loss, off)
+    assert off.micro_batch is None
+    on = engine.StepContext(torch.device("cpu"), progress=False)
+    out = engine.train_step(model, _batches(1, 4), opt, loss, on)
+    assert on.micro_batch == 2 and out["forwards"] == 2 and out["images"] == 4
 
 
 def test_one_image_out_of_memory_names_the_keys():
@@ -140,9 +157,10 @@ def test_validation_out_of_memory_gives_the_same_scores(tiny_root, tmp_path):
     budget.attach(model)
     got = engine.validate(model, data.val_loader, cache, loss, ctx)
     assert budget.ooms == 1 and ctx.eval_micro_batch == 1  # the 2 images, then 1 at a time
-    assert got["dice"] == want["dice"] and got["n_images"] == want["n_images"]
-    np.testing.assert_array_equal(got["per_class"], want["per_class"])
-    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-6)
+    assert got.metrics["dice"] == want.metrics["dice"]
+    assert got.table.n_images == want.table.n_images
+    np.testing.assert_array_equal(got.table.per_class, want.table.per_class)
+    assert got.metrics["loss"] == pytest.approx(want.metrics["loss"], rel=1e-6)
 
 
 def test_inference_out_of_memory_writes_the_same_csv(baseline, tmp_path, monkeypatch):

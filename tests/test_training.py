@@ -12,13 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bonecomp import engine
+from bonecomp import engine, losses, metrics
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import load_config
-from bonecomp.losses import WeightedLoss
+from bonecomp.data.dataset import BoneDataset
+from bonecomp.losses import WeightedLoss, register_loss
+from bonecomp.metrics import register_metric
 from bonecomp.runs import RunDir, RunError
 from bonecomp.testing import tiny_config, tiny_overrides
+from bonecomp.training import data as training_data
 from bonecomp.training import fold as training
 from bonecomp.training import run_training
 
@@ -70,7 +74,7 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
     calls = []
 
     def killed_in_epoch_2(*args, **kwargs):
-        calls.append(kwargs.get("epoch", args[6]))
+        calls.append(kwargs.get("epoch", args[6]).index)
         if len(calls) == 3:
             raise KeyboardInterrupt  # like kill -9 mid-epoch: last.pt is from epoch 1
         return real(*args, **kwargs)
@@ -88,7 +92,7 @@ def test_resume_after_interruption_continues_from_the_right_epoch(tiny_root, tmp
         run_training(changed, 0, resume=True, progress=False)  # would keep the old schedule
     resumed = []
     monkeypatch.setattr(
-        training, "train_one_epoch", lambda *a, **k: resumed.append(a[6]) or real(*a, **k)
+        training, "train_one_epoch", lambda *a, **k: resumed.append(a[6].index) or real(*a, **k)
     )
     result = run_training(cfg, 0, resume=True, progress=False)
     assert resumed == [2] and result.epochs_done == 3
@@ -208,3 +212,47 @@ def test_two_process_ddp_with_gloo(tiny_root, tmp_path):
     assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0]
     assert load_checkpoint(run / "best.pt")["metric"] >= 0
     assert np.load(run / "oof.npy").shape[0] == len(pd.read_csv(run / "oof_index.csv"))
+
+
+class WeightedItems(BoneDataset):
+    """A dataset that adds a key the library never names: a per-pixel loss weight."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        item["weight"] = torch.full((1, *item["image"].shape[-2:]), 1.0 + item["index"] % 3)
+        return item
+
+
+def test_a_term_a_metric_and_a_dataset_key_from_user_code_reach_summary_csv(
+    tiny_root, tmp_path, monkeypatch
+):
+    """Registered outside the package, with no other edit: the config check accepts the
+    term, training and validation hand it the dataset's extra key, and summary.csv logs
+    it as loss_<name> and the metric as val_<name>."""
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # registrations are undone
+    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+    monkeypatch.setattr(training_data, "BoneDataset", WeightedItems)
+    weights_seen = set()
+
+    @register_loss("weighted_bce")
+    def weighted_bce(cfg):
+        def term(logits, batch):
+            weights_seen.update(batch["weight"].unique().tolist())
+            return F.binary_cross_entropy_with_logits(logits, batch["mask"], batch["weight"])
+
+        return term
+
+    @register_metric("worst_dice")
+    def worst_dice(scores: metrics.Scores) -> float:
+        return float(scores.table.per_class.min())
+
+    cfg = tiny_config(tiny_root, tmp_path, **{"loss.terms": {"dice": 0.5, "weighted_bce": 0.5}})
+    run_training(cfg, 0, progress=False)
+    summary = pd.read_csv(tmp_path / "runs" / "tiny" / "fold0" / "summary.csv")
+    assert {"loss_dice", "loss_weighted_bce", "val_loss", "val_dice", "val_worst_dice"} <= set(
+        summary.columns
+    )
+    assert summary["loss_weighted_bce"].gt(0).all() and weights_seen <= {1.0, 2.0, 3.0}
+    assert len(weights_seen) > 1
+    assert (summary["val_worst_dice"] <= summary["val_dice"]).all()
+    assert summary["val_worst_dice"].between(0, 1).all()

@@ -1,32 +1,32 @@
 """Fitting the batch to the device: ``train.micro_batch`` -> images per forward.
 
-``null`` keeps the loader's batch, an int fixes it, ``auto`` measures: forward +
-backward + optimiser step of the real model at the recipe's input size (AMP and
-channels_last as training uses them) with 1, 2, 4, ... images up to ``train.batch_size``,
-keeping the largest whose peak stays under ``train.memory_fraction`` of the device. The
-effective batch (``batch_size x accum_steps`` per update) never changes: a smaller
-micro-batch means more forwards per update. The probe leaves the weights and the random
-streams of training as they were; on CPU there is nothing to measure and ``auto`` is the
-full batch.
+``null`` keeps the loader's batch, an int fixes it, ``auto`` measures one training step
+(``engine.train_step``: forward, backward, optimiser step, with AMP and channels_last as
+training uses them) of the real model at the recipe's input size with 1, 2, 4, ...
+images up to ``train.batch_size``, keeping the largest whose peak stays under
+``train.memory_fraction`` of the device. The effective batch (``batch_size x
+accum_steps`` per update) never changes: a smaller micro-batch means more forwards per
+update. The probe leaves the weights and the random streams of training as they were; on
+CPU there is nothing to measure and ``auto`` is the full batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.config import Config
+from bonecomp.config import Config, LossConfig
 from bonecomp.distributed import all_reduce_min
-from bonecomp.engine import StepContext, autocast
+from bonecomp.engine import LossFn, StepContext, train_step
 from bonecomp.fileio import write_text
+from bonecomp.losses import build_loss
 from bonecomp.memory import BatchMemoryError, MemoryMeter, free_memory
 from bonecomp.runs import RunDir
 
@@ -77,7 +77,7 @@ def plan_batch(
     optimizer: torch.optim.Optimizer,
     ctx: StepContext,
     meter: MemoryMeter | None,
-    loss_fn: Callable | None = None,
+    loss_fn: LossFn | None = None,
 ) -> BatchPlan:
     """The micro-batch for ``cfg``: from the config, or probed on ``meter``'s device.
 
@@ -134,20 +134,25 @@ def probe(
     image_size: int,
     batch_size: int,
     meter: MemoryMeter,
-    loss_fn: Callable | None = None,
+    loss_fn: LossFn | None = None,
     limit: int | None = None,
 ) -> dict[int, int | None]:
-    """Peak bytes of one training step per micro-batch size (None: out of memory), growing
-    until one runs out of memory or passes ``limit``.
+    """Peak bytes of one training step (``engine.train_step`` on a uint8 batch as the
+    loader gives it) per micro-batch size (None: out of memory), growing until one runs
+    out of memory or passes ``limit``.
 
-    Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind, then puts the
-    weights, buffers and every random generator back as they were.
+    Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind (and a fresh
+    grad scaler), then puts the weights, buffers and every random generator back as they
+    were. The step's out-of-memory retry is off: the probe measures the error.
     """
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     was_training = model.training
     scratch = _fresh_like(optimizer, model)
-    loss_fn = loss_fn or (lambda y, t: (F.binary_cross_entropy_with_logits(y.float(), t), {}))
-    fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+    loss_fn = loss_fn or build_loss(LossConfig(terms={"bce": 1.0}))
+    step_ctx = dataclasses.replace(
+        ctx, micro_batch=None, ema=None, progress=False, oom_retry=False, check_finite=False,
+        scaler=torch.amp.GradScaler(ctx.device.type) if ctx.scaler is not None else None,
+    )  # fmt: skip
     peaks: dict[int, int | None] = {}
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
@@ -157,13 +162,9 @@ def probe(
                 meter.reset()
                 failed = False
                 try:
-                    x = torch.rand(m, 3, image_size, image_size, device=ctx.device)
-                    y = torch.rand(m, NUM_CLASSES, image_size, image_size, device=ctx.device)
-                    with autocast(ctx):
-                        logits = model(x.contiguous(memory_format=fmt))
-                    loss_fn(logits, y)[0].backward()
-                    scratch.step()
-                    del x, y, logits
+                    batch = _random_batch(m, image_size, ctx)
+                    train_step(model, [batch], scratch, loss_fn, step_ctx)
+                    del batch
                     peaks[m] = meter.peak()
                 except torch.OutOfMemoryError:
                     failed = True
@@ -181,6 +182,19 @@ def probe(
         model.train(was_training)
         free_memory(ctx.device)
     return peaks
+
+
+def _random_batch(m: int, size: int, ctx: StepContext) -> dict[str, torch.Tensor]:
+    """``m`` random compact images and masks (uint8, as the loader yields them) on the
+    device."""
+    top = 256 if ctx.soft_targets else 2
+    return {
+        "image": torch.randint(0, 256, (m, size, size), dtype=torch.uint8, device=ctx.device),
+        "mask": torch.randint(
+            0, top, (m, NUM_CLASSES, size, size), dtype=torch.uint8, device=ctx.device
+        ),
+        "index": torch.arange(m),
+    }
 
 
 def _fresh_like(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:

@@ -21,14 +21,19 @@ from bonecomp.config import Config, ConfigError, save_config
 from bonecomp.data.layout import discover
 from bonecomp.device import pick_device
 from bonecomp.distributed import Dist
-from bonecomp.engine import past, train_one_epoch, validate
+from bonecomp.engine import Epoch, LossFn, past, train_one_epoch, validate
 from bonecomp.fileio import remove_stale_temps
 from bonecomp.losses import build_loss
 from bonecomp.memory import device_meter
-from bonecomp.metrics import DiceTable
 from bonecomp.runs import RunDir, RunError, run_dir
 from bonecomp.training.batch_plan import plan_batch, save_plan
-from bonecomp.training.data import build_loaders, fold_split, open_pseudo_labels, prepare_cache
+from bonecomp.training.data import (
+    FoldData,
+    build_loaders,
+    fold_split,
+    open_pseudo_labels,
+    prepare_cache,
+)
 from bonecomp.training.records import SummaryLog, commit_oof, stage_oof
 from bonecomp.training.state import (
     Progress,
@@ -100,34 +105,53 @@ def run_training(
             if resume:
                 tqdm.write(f"resumed {run} after epoch {start.epoch} (best {start.best_dice:.4f})")
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
+        state.ctx.image_names = data.image_names  # the non-finite message names images
+        fold_run = FoldRun(cfg, fold, run, data, state, loss_fn, dd, log, progress and dd.main,
+                           on_best)  # fmt: skip
         try:
-            prog = _epochs(
-                cfg, fold, run, data, state, loss_fn, start, dd, progress and dd.main, log,
-                on_best,
-            )  # fmt: skip
+            prog = _epochs(fold_run, start)
         finally:  # TensorBoard / W&B flushed even when training fails
             if log is not None:
                 log.close()
     return TrainResult(run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1)
 
 
-def _epochs(
-    cfg, fold, run, data, state: TrainState, loss_fn, prog: Progress, dd: Dist, progress, log,
-    on_best,
-):  # fmt: skip
-    """The epoch loop: train, validate every ``val_every`` epochs, save best and last."""
+@dataclass
+class FoldRun:
+    """What the epoch loop of one fold works with (built by ``run_training``)."""
+
+    cfg: Config
+    fold: int
+    run: RunDir
+    data: FoldData
+    state: TrainState
+    loss_fn: LossFn
+    dd: Dist
+    log: SummaryLog | None  # rank 0 only
+    progress: bool = True
+    on_best: Callable[[RunDir], None] | None = None  # rank 0, after a new best.pt
+
+
+def _epochs(f: FoldRun, prog: Progress) -> Progress:
+    """The epoch loop: train, validate every ``val_every`` epochs, save best and last.
+
+    The summary row takes every key of the training pass and every validation metric,
+    prefixed ``val_`` (``val_loss``, ``val_dice``, ...).
+    """
+    cfg, run, state, data, dd = f.cfg, f.run, f.state, f.data, f.dd
     t = cfg.train
     deadline = time.monotonic() + 60 * t.max_train_minutes if t.max_train_minutes else None
     start = time.monotonic()
     say = tqdm.write if dd.main else (lambda *_: None)
     bar = tqdm(
-        range(prog.epoch + 1, t.epochs), desc=f"fold {fold}", unit="epoch", disable=not progress
-    )
+        range(prog.epoch + 1, t.epochs), desc=f"fold {f.fold}", unit="epoch",
+        disable=not f.progress,
+    )  # fmt: skip
     for epoch in bar:
         data.start_epoch(t.seed, epoch, dd.rank)
         row = train_one_epoch(
-            state.train_model, data.train_loader, state.optimizer, state.scheduler, loss_fn,
-            state.ctx, epoch, prog.num_updates, data.image_names, deadline,
+            state.train_model, data.train_loader, state.optimizer, state.scheduler, f.loss_fn,
+            state.ctx, Epoch(epoch, prog.num_updates, deadline),
         )  # fmt: skip
         prog.num_updates = int(row.pop("num_updates"))
         out_of_time = deadline is not None and past(deadline)
@@ -135,30 +159,29 @@ def _epochs(
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
             val = validate(
-                state.eval_model, data.val_loader, data.cache, loss_fn, state.ctx, 0.5, oof
+                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof
             )
-            metric = val["dice"]
-            row.update(val_loss=val["val_loss"], val_dice=metric)
+            metric = val.metrics["dice"]
+            row.update({f"val_{k}": v for k, v in val.metrics.items()})
             improved = metric > prog.best_dice
             if improved:
                 prog.best_dice, prog.best_epoch = metric, epoch
             say(
                 f"epoch {epoch}: val Dice {metric:.4f} (best {prog.best_dice:.4f} at epoch "
-                f"{prog.best_epoch})\n"
-                + DiceTable(val["per_class"], val["n_images"]).format_compact()
+                f"{prog.best_epoch})\n" + val.table.format_compact()
             )
             if dd.main and improved:
-                save_best(run, cfg, fold, epoch, state.eval_model, val)
+                save_best(run, cfg, f.fold, epoch, state.eval_model, val)
                 if oof is not None:
                     commit_oof(run)
             dd.barrier()
-            if dd.main and improved and on_best is not None:
-                on_best(run)
+            if dd.main and improved and f.on_best is not None:
+                f.on_best(run)
         state.scheduler.step(epoch + 1, metric)  # epoch-based schedules (plateau needs metric)
         prog.epoch = epoch
         if dd.main:
-            log.log({"epoch": epoch, **row, "elapsed": time.monotonic() - start})
-            save_last(run, cfg, fold, state, prog)
+            f.log.log({"epoch": epoch, **row, "elapsed": time.monotonic() - start})
+            save_last(run, cfg, f.fold, state, prog)
         dd.barrier()
         if out_of_time:
             say(f"stopping: train.max_train_minutes={t.max_train_minutes} reached")

@@ -21,9 +21,8 @@ from bonecomp.classes import CLASSES
 from bonecomp.config import Config, config_from_saved, resume_may_change, to_dict
 from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.distributed import Dist
-from bonecomp.engine import StepContext
+from bonecomp.engine import StepContext, Validation
 from bonecomp.fileio import atomic_write
-from bonecomp.metrics import DiceTable
 from bonecomp.models import create_model
 from bonecomp.optim import build_optimizer, build_scheduler
 from bonecomp.runs import RunDir, RunError
@@ -172,20 +171,21 @@ def _meta(cfg: Config, fold: int, epoch: int) -> dict:
     }
 
 
-def save_best(run: RunDir, cfg: Config, fold: int, epoch: int, model: nn.Module, val: dict) -> None:
+def save_best(
+    run: RunDir, cfg: Config, fold: int, epoch: int, model: nn.Module, val: Validation
+) -> None:
     """``best.pt`` (weights only, self-describing) and the per-class Dice of that epoch."""
     save_checkpoint(
         run.best,
         {
             **_meta(cfg, fold, epoch),
             "model": model.state_dict(),
-            "metric": val["dice"],
-            "per_class": [float(v) for v in val["per_class"]],
+            "metric": val.metrics["dice"],
+            "per_class": [float(v) for v in val.table.per_class],
         },
     )
-    table = DiceTable(val["per_class"], val["n_images"]).to_frame()
     with atomic_write(run.dice_csv) as f:
-        table.to_csv(f, index=False)
+        val.table.to_frame().to_csv(f, index=False)
 
 
 def save_last(run: RunDir, cfg: Config, fold: int, state: TrainState, progress: Progress) -> None:
