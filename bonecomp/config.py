@@ -238,7 +238,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = key(
         "unet",
-        "fcn32s, fcn16s, fcn8s, unet, unetplusplus, deeplabv3, deeplabv3plus, any smp arch",
+        "fcn32s, fcn16s, fcn8s, unet, unetplusplus, deeplabv3, deeplabv3plus, any smp arch, or"
+        " one registered with bonecomp.models.register_arch (docs/extending.md)",
     )
     encoder: str = key("resnet34", "an smp encoder name or tu-<any timm model>")
     encoder_weights: str | None = key(
@@ -501,7 +502,8 @@ class InferConfig:
     amp: bool = key(True, "CUDA only: bf16 where supported, else fp16")
     tta: list[str] = key(
         ["none", "hflip"],
-        "none, hflip, vflip, hvflip",
+        "none, hflip, vflip, hvflip, rot90, transpose, or one registered with"
+        " bonecomp.inference.tta.register_view (docs/extending.md)",
         check=bool,
         want="must be a non-empty list",
     )
