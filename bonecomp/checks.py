@@ -1,9 +1,10 @@
 """The whole config checked before any expensive work (cache build, model, download).
 
-``load_config`` already checks types and ranges; ``check_config`` adds the names that
-need a registry (architecture, encoder and input size, loss terms, optimizer, TTA), in
-milliseconds and without building a model. Every error is one line: where the value
-came from (the YAML file, or "command line"), the key, and what is wrong.
+``load_config`` already checks types and ranges; ``check_config`` imports the user's
+``extensions`` (where their registrations live) and adds the names that need a registry
+(architecture, encoder and input size, loss terms, optimizer, TTA), in milliseconds and
+without building a model. Every error is one line: where the value came from (the YAML
+file, or "command line"), the key, and what is wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bonecomp.config import Config, ConfigError, check_values, source_of
+from bonecomp.extensions import import_extensions
 from bonecomp.inference.tta import view_names
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_model_config
@@ -21,6 +23,7 @@ def check_config(cfg: Config) -> None:
     """Raise ``ConfigError`` for the first problem of ``cfg``; see the module docstring."""
     check_values(cfg)
     checks: list[Callable[[], None]] = [
+        lambda: import_extensions(cfg.extensions),  # first: they add registry entries
         lambda: check_model_config(cfg.model, cfg.data.image_size),
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),

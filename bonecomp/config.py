@@ -550,6 +550,13 @@ class InferConfig:
 
 @dataclass
 class Config:
+    extensions: list[str] = key(
+        [],
+        "your modules with register_loss / register_view / register_arch / register_metric"
+        " calls, imported before the config check: dotted names or .py files"
+        " (docs/extending.md)",
+        resume=True,
+    )
     data: DataConfig = section(DataConfig)
     model: ModelConfig = section(ModelConfig)
     loss: LossConfig = section(LossConfig)

@@ -93,18 +93,18 @@ class _Plain(nn.Module):
 TERMS: dict[str, TermBuilder] = {}
 
 
-def register_loss(name: str, builder: TermBuilder | None = None):
+def register_loss(name: str, builder: TermBuilder | None = None, *, replace: bool = False):
     """Add the term ``name`` to ``TERMS``: ``register_loss(name, builder)``, or
     ``@register_loss(name)`` over the builder. Returns the builder.
 
     ``builder(cfg: LossConfig)`` returns the term, called ``term(logits, batch)`` (see
-    the module docstring); ``loss.terms: {name: weight}`` then selects it. A name is
-    registered once: a second registration raises ``ValueError``.
+    the module docstring); ``loss.terms: {name: weight}`` then selects it. A name already
+    registered is refused (``ValueError``) unless ``replace=True``.
     """
 
     def add(b: TermBuilder) -> TermBuilder:
-        if name in TERMS:
-            raise ValueError(f"loss term {name!r} is already registered")
+        if name in TERMS and not replace:
+            raise ValueError(f"loss term {name!r} is already registered (pass replace=True)")
         TERMS[name] = b
         return b
 

@@ -134,17 +134,18 @@ Metric = Callable[[Scores], float]
 METRICS: dict[str, Metric] = {}
 
 
-def register_metric(name: str, fn: Metric | None = None):
+def register_metric(name: str, fn: Metric | None = None, *, replace: bool = False):
     """Add the validation metric ``name``: ``register_metric(name, fn)``, or
     ``@register_metric(name)`` over ``fn(scores: Scores) -> float``. Returns ``fn``.
 
     Validation then returns it and ``summary.csv`` (TensorBoard, W&B) logs it as
-    ``val_<name>``. A name is registered once: a second registration raises ``ValueError``.
+    ``val_<name>``. A name already registered is refused (``ValueError``) unless
+    ``replace=True``.
     """
 
     def add(f: Metric) -> Metric:
-        if name in METRICS:
-            raise ValueError(f"metric {name!r} is already registered")
+        if name in METRICS and not replace:
+            raise ValueError(f"metric {name!r} is already registered (pass replace=True)")
         METRICS[name] = f
         return f
 

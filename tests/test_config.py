@@ -297,6 +297,7 @@ def test_resume_rule_is_todays_set():
         "train.tensorboard", "train.wandb", "train.device", "train.output_dir",
         "train.experiment", "train.channels_last", "infer",
         "train.micro_batch", "train.memory_fraction", "train.compile",
+        "extensions",  # added since: where the user's registrations live, like data.root
     }  # fmt: skip
 
 

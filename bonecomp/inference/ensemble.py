@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint, load_weights
-from bonecomp.config import InferConfig, config_from_saved
+from bonecomp.config import ConfigError, InferConfig, config_from_saved
 from bonecomp.device import amp_dtype, resolve_channels_last
+from bonecomp.extensions import import_extensions
 from bonecomp.inference.sliding import sliding_window
 from bonecomp.inference.tta import View, tta_mean, views
 from bonecomp.models import create_model
@@ -41,6 +42,10 @@ def load_member(
     """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
     ckpt = load_checkpoint(path, "cpu")
     cfg = config_from_saved(ckpt["config"], where=str(path))
+    try:  # the run's registered architecture may live in its extensions
+        import_extensions(cfg.extensions)
+    except ConfigError as e:
+        raise ConfigError(f"{path} (the run's config): {e}", e.key) from None
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
     cfg.model.init_bias = None
     model = create_model(cfg.model)

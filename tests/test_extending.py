@@ -1,0 +1,188 @@
+"""docs/extending.md runs: its code blocks are the extension module a recipe names, a fold
+is trained and a submission written with them through the normal config, and the config
+key example behaves as the page says. Also the ``extensions`` key's one-line refusals."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from bonecomp import losses, metrics, models
+from bonecomp.checks import check_config
+from bonecomp.config import ConfigError, base_yaml, check_values, from_dict, resume_may_change
+from bonecomp.inference import tta
+from bonecomp.inference.predict import predict_submission
+from bonecomp.runs import ensemble_members
+from bonecomp.testing import REPO, as_overrides, tiny_config, tiny_overrides
+from bonecomp.training import run_training
+
+PAGE = REPO / "docs" / "extending.md"
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", PAGE.read_text(), flags=re.S)
+
+
+def _module_source() -> str:
+    """The page's ``# my_extensions.py`` blocks, in order: the module its recipe names."""
+    parts = [b for b in _blocks("python") if b.startswith("# my_extensions.py")]
+    assert len(parts) == 4, "the page shows a loss term, a view, an architecture, a metric"
+    return "\n".join(parts)
+
+
+def _recipe() -> dict:
+    (block,) = _blocks("yaml")
+    return yaml.safe_load(block)
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "terms":
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.fixture
+def registries(monkeypatch: pytest.MonkeyPatch):
+    """Registrations made by a test are undone afterwards (copies of the four registries;
+    the extension modules imported by the test are forgotten)."""
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))
+    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+    monkeypatch.setattr(tta, "_VIEWS", dict(tta._VIEWS))
+    monkeypatch.setattr(models, "_ARCHS", dict(models._ARCHS))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("bonecomp_extension_") or name == "my_ext_pkg":
+            del sys.modules[name]
+
+
+def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_path, registries):
+    module = tmp_path / "my_extensions.py"
+    module.write_text(_module_source())
+    recipe = _recipe()
+    assert recipe.pop("extends") == "demo.yaml" and recipe.pop("extensions") == [module.name]
+    extra = {**_dotted(recipe), "extensions": [module.name], "train.epochs": 1}
+    cfg = tiny_config(tiny_root, tmp_path, **extra)  # the working folder is tmp_path
+    built = []
+
+    check_config(cfg)  # imports the module: the four names are registered
+    assert {"edge_bce"} <= set(losses.TERMS) and "worst_dice" in metrics.METRICS
+    assert "rot180" in tta.view_names() and "unet_slim" in models.arch_names()
+    arch = models.get_arch("unet_slim")
+    arch_build = arch.build
+
+    def recording(cfg_model, classes, weights):
+        net = arch_build(cfg_model, classes, weights)
+        built.append(net)
+        return net
+
+    models.register_arch("unet_slim", recording, output_stride=arch.output_stride, replace=True)
+
+    result = run_training(cfg, fold=0, progress=False)
+    summary = pd.read_csv(result.run_dir / "summary.csv")
+    assert {"loss_edge_bce", "loss_bce", "loss_dice", "val_worst_dice"} <= set(summary)
+    assert np.isfinite(summary["loss_edge_bce"]).all()
+    per_class = pd.read_csv(result.run_dir / "dice_per_class.csv")  # the only (best) epoch
+    assert summary["val_worst_dice"].iloc[-1] == pytest.approx(np.nanmin(per_class["dice"]))
+    # the registered architecture is what was trained: its decoder is the slim one
+    assert built and built[0].decoder.blocks[-1].conv2[0].out_channels == 8
+
+    views_seen = []
+    rot180 = tta.get_view("rot180")
+
+    def seen(x):
+        views_seen.append(tuple(x.shape))
+        return rot180.augment(x)
+
+    tta.register_view("rot180", seen, rot180.deaugment, replace=True)
+    res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "sub.csv", progress=False)
+    assert res.report.ok and res.rows == 4 * 29
+    assert res.views == ["none", "hflip", "rot180"] and views_seen  # used, not only listed
+    assert len(built) == 2  # inference rebuilt the member through the registry
+
+
+def test_the_config_key_example_is_one_declaration():
+    (block,) = [b for b in _blocks("python") if b.startswith("# config key")]
+    ns: dict = {}
+    exec(compile(block, str(PAGE), "exec", dont_inherit=True), ns)  # as a module of its own
+    my = ns["MyConfig"]
+    text = base_yaml(my)
+    loss = text[text.index("\nloss:\n") : text.index("\ntrain:\n")]
+    assert re.search(r"\n  label_smoothing: 0\.0 +# targets pulled toward 0\.5 by this share", loss)
+    cfg = from_dict(my, {"loss": {"label_smoothing": 0.7}})  # check_values names no file here
+    want = r"^config: loss\.label_smoothing must be in \[0, 0\.5\), got 0\.7$"
+    with pytest.raises(ConfigError, match=want):
+        check_values(cfg)
+    assert "loss.label_smoothing" not in resume_may_change(my)
+
+
+def test_an_unknown_extension_is_one_line_naming_the_key(tiny_root, tmp_path, registries):
+    cfg = tiny_config(tiny_root, tmp_path, extensions=["no_such_module_here"])
+    with pytest.raises(ConfigError, match=r"^command line: extensions\[0\]: no module "):
+        check_config(cfg)
+    cfg = tiny_config(tiny_root, tmp_path, extensions=["missing.py"])
+    with pytest.raises(ConfigError, match=r"^command line: extensions\[0\]: no file .*missing"):
+        check_config(cfg)
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('half-written')\n")
+    cfg = tiny_config(tiny_root, tmp_path, extensions=[str(broken)])
+    with pytest.raises(ConfigError, match=r"extensions\[0\]: importing .*RuntimeError: half"):
+        check_config(cfg)
+
+
+def test_an_extension_is_imported_once(tiny_root, tmp_path, registries):
+    pkg = tmp_path / "my_ext_pkg.py"
+    pkg.write_text(
+        "from bonecomp.losses import register_loss\n"
+        "register_loss('twice_safe', lambda cfg: (lambda logits, batch: logits.mean()))\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cfg = tiny_config(tiny_root, tmp_path, extensions=["my_ext_pkg", str(pkg)])
+        with pytest.raises(ConfigError, match="already registered"):
+            check_config(cfg)  # the same code as a module and as a file: two registrations
+        cfg = tiny_config(tiny_root, tmp_path, extensions=["my_ext_pkg"])
+        check_config(cfg)
+        check_config(cfg)  # a second check imports nothing again
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def test_the_scripts_import_the_recipes_extensions(tiny_root, tmp_path):
+    """train.py in its own process: the registered term reaches summary.csv."""
+    module = tmp_path / "ext.py"
+    module.write_text(
+        "import torch.nn.functional as F\n"
+        "from bonecomp.losses import register_loss\n"
+        "@register_loss('plain_bce')\n"
+        "def plain_bce(cfg):\n"
+        "    return lambda y, batch: F.binary_cross_entropy_with_logits(y, batch['mask'])\n"
+    )
+    extra = {"extensions": [str(module)], "loss.terms": {"plain_bce": 1.0}, "train.epochs": 1}
+    args = tiny_overrides(tiny_root, tmp_path, **extra)
+    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config",
+           str(REPO / "configs" / "demo.yaml"), "--fold", "0", "--quiet", *args]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = pd.read_csv(tmp_path / "runs" / "tiny" / "fold0" / "summary.csv")
+    assert "loss_plain_bce" in summary
+    # and without the module, the same recipe is refused in one line before any work
+    bad = [a for a in args if not a.startswith("extensions=")] + as_overrides(
+        {"train.experiment": "other"}
+    )
+    cmd = [*cmd[:6], "--quiet", *bad]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "loss.terms: unknown term(s) ['plain_bce']" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs" / "other").exists()
