@@ -30,6 +30,7 @@ from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import Config, load_config
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.data.truth import GroundTruth
 from bonecomp.inference.carpal_stage import crop_oof_dice
 from bonecomp.inference.class_weights import tune_ensemble
 from bonecomp.inference.predict import predict_submission
@@ -145,7 +146,9 @@ def measure(args) -> list[Row]:
     cfg_c = config(args, suffix=PSEUDO, **{"infer.crop": crop, "infer.thresholds": str(pl_path)})
     first = ensemble_members(cfg_c, ensemble=True)
     thresholds, _ = resolve_thresholds(cfg_c, first)
-    res = crop_oof_dice(first, crop_members(cfg_c), cfg_c.data.root, thresholds, progress=False)
+    res = crop_oof_dice(
+        first, crop_members(cfg_c), GroundTruth.of(cfg_c.data), thresholds, progress=False
+    )
     weights = res.tuned()
     oof = DiceTable(pl.after.per_class.copy(), pl.after.n_images)
     oof.per_class[list(CARPALS)] = [res.dice[k, res.grid.index(w)] for k, w in enumerate(weights)]

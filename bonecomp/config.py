@@ -254,7 +254,8 @@ class LossConfig:
     # The weights' rule (>= 0, one > 0) and the term names: losses.check_loss_config.
     terms: dict[str, float] = key(
         {"bce": 0.5, "dice": 0.5},
-        "weighted sum; terms: bce, dice, focal, jaccard, lovasz, tversky",
+        "weighted sum; terms: bce, dice, focal, jaccard, lovasz, tversky, or one registered"
+        " with bonecomp.losses.register_loss (docs/extending.md)",
     )
     dice_smooth: float = key(
         1.0,
@@ -601,6 +602,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item, sources)
     cfg = from_dict(Config, raw, where=sources)
+    # a .py extension is kept as an absolute path: the run's saved config (read again at
+    # inference, maybe from another folder) must find the same file
+    cfg.extensions = [str(Path(e).expanduser().resolve()) if e.endswith(".py") else e
+                      for e in cfg.extensions]  # fmt: skip
     cfg._sources = sources  # type: ignore[attr-defined]  # read by source_of()
     check_values(cfg)
     return cfg

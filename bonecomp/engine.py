@@ -1,8 +1,9 @@
 """The training step, one epoch of training, one pass of validation.
 
-``train_step`` is the only place a batch meets the loss and the optimiser: training,
-the batch-size probe and the doctor all call it. ``train_one_epoch`` and ``validate``
-are plain functions returning metric dicts.
+``train_step`` is the one place a training batch meets the loss and the optimiser:
+training, the batch-size probe and the doctor all call it. ``train_one_epoch`` returns a
+dict of the epoch's means; ``validate`` calls the loss the same way and returns a
+``Validation`` (the registered metrics as a flat dict, and the per-class Dice table).
 
 Validation scores the leaderboard's way: logits at the model's resolution are upsampled
 exactly to each image's original size (2048) and thresholded sparsely, then compared with

@@ -39,7 +39,7 @@ def _import_one(name: str, key: str) -> ModuleType:
     except ConfigError:
         raise
     except ModuleNotFoundError as e:
-        if e.name is not None and not name.startswith(e.name) and not e.name.startswith(name):
+        if e.name != name and not name.startswith(f"{e.name}."):
             raise _failed(name, key, e) from e  # a module that it imports is missing
         raise ConfigError(
             f"{key}: no module {name!r} (a dotted module name on the Python path, "

@@ -15,6 +15,7 @@ import sys
 
 from bonecomp import cli
 from bonecomp.classes import CARPALS, CLASSES
+from bonecomp.data.truth import GroundTruth
 from bonecomp.inference.carpal_stage import WEIGHT_GRID, crop_oof_dice
 from bonecomp.inference.class_weights import resolve_class_weights
 from bonecomp.inference.thresholds import resolve_thresholds
@@ -39,7 +40,13 @@ def report(args) -> int:
     print(f"first stage: {len(first)} fold(s), weights: {weights_from}; crop stage: "
           f"{len(crop)} fold(s) of {cfg.infer.crop.experiment}; thresholds: {source}")  # fmt: skip
     res = crop_oof_dice(
-        first, crop, cfg.data.root, thresholds, args.grid, not args.quiet, class_weights=table
+        first,
+        crop,
+        GroundTruth.of(cfg.data),
+        thresholds,
+        args.grid,
+        not args.quiet,
+        class_weights=table,
     )
     tuned = res.tuned(args.min_gain)
     last = max(res.grid)

@@ -138,6 +138,21 @@ def test_an_unknown_extension_is_one_line_naming_the_key(tiny_root, tmp_path, re
     cfg = tiny_config(tiny_root, tmp_path, extensions=[str(broken)])
     with pytest.raises(ConfigError, match=r"extensions\[0\]: importing .*RuntimeError: half"):
         check_config(cfg)
+    needs = tmp_path / "needs.py"
+    needs.write_text("import no_such_dependency_here\n")
+    sys.path.insert(0, str(tmp_path))
+    try:  # the extension exists; what it imports does not: not "no module 'needs'"
+        cfg = tiny_config(tiny_root, tmp_path, extensions=["needs"])
+        with pytest.raises(ConfigError, match=r"importing 'needs' failed: ModuleNotFound"):
+            check_config(cfg)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("needs", None)
+
+
+def test_a_py_extension_is_saved_as_an_absolute_path(tiny_root, tmp_path):
+    cfg = tiny_config(tiny_root, tmp_path, extensions=["my_extensions.py", "my_pkg.losses"])
+    assert cfg.extensions == [str(tmp_path / "my_extensions.py"), "my_pkg.losses"]
 
 
 def test_an_extension_is_imported_once(tiny_root, tmp_path, registries):

@@ -42,13 +42,13 @@ def load_member(
     """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
     ckpt = load_checkpoint(path, "cpu")
     cfg = config_from_saved(ckpt["config"], where=str(path))
-    try:  # the run's registered architecture may live in its extensions
-        import_extensions(cfg.extensions)
-    except ConfigError as e:
-        raise ConfigError(f"{path} (the run's config): {e}", e.key) from None
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
     cfg.model.init_bias = None
-    model = create_model(cfg.model)
+    try:  # the run's registered architecture may live in its extensions
+        import_extensions(cfg.extensions)
+        model = create_model(cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"{path} (the run's config): {e}", e.key) from None
     load_weights(model, ckpt["model"], path)
     device = torch.device(device)
     nhwc = resolve_channels_last("auto", device)

@@ -141,18 +141,26 @@ def probe(
     loader gives it) per micro-batch size (None: out of memory), growing until one runs
     out of memory or passes ``limit``.
 
-    Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind (and a fresh
-    grad scaler), then puts the weights, buffers and every random generator back as they
-    were. The step's out-of-memory retry is off: the probe measures the error.
+    Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind and no grad
+    scaler (so every step allocates the optimiser's state), then puts the weights, buffers
+    and every random generator back as they were. The step's out-of-memory retry is off:
+    the probe measures the error.
     """
     saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     was_training = model.training
     scratch = _fresh_like(optimizer, model)
     loss_fn = loss_fn or build_loss(LossConfig(terms={"bce": 1.0}))
+    # No grad scaler: the probe measures memory, and a scaler's skipped (overflowing) fp16
+    # step would never allocate the optimiser's moments, so the peak would read low.
     step_ctx = dataclasses.replace(
-        ctx, micro_batch=None, ema=None, progress=False, oom_retry=False, check_finite=False,
-        scaler=torch.amp.GradScaler(ctx.device.type) if ctx.scaler is not None else None,
-    )  # fmt: skip
+        ctx,
+        micro_batch=None,
+        ema=None,
+        progress=False,
+        oom_retry=False,
+        check_finite=False,
+        scaler=None,
+    )
     peaks: dict[int, int | None] = {}
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
