@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from bonecomp.config import Config, ConfigError, check_values, source_of
 from bonecomp.extensions import import_extensions
-from bonecomp.inference.tta import view_names
+from bonecomp.inference.tta import get_view
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_model_config
 from bonecomp.optim import check_optimizer_name
@@ -40,8 +40,9 @@ def check_config(cfg: Config) -> None:
 
 def _check_tta(names: list[str]) -> None:
     """Each ``infer.tta`` name is a registered view (``inference.tta.register_view``)."""
-    valid = view_names()
     for i, name in enumerate(names):
-        if name not in valid:
+        try:
+            get_view(name)
+        except ValueError as e:  # worded once, by the registry
             key = f"infer.tta[{i}]"
-            raise ConfigError(f"{key}: unknown view {name!r}; valid: {valid}", key)
+            raise ConfigError(f"{key}: {e}", key) from None

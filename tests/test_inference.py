@@ -61,7 +61,7 @@ def test_tta_scales_come_back_to_input_size():
 
 
 def test_unknown_tta_rejected():
-    with pytest.raises(ValueError, match="unknown TTA"):
+    with pytest.raises(ValueError, match=r"unknown view 'rot45'; valid: \['none', 'hflip'"):
         views(["rot45"])
 
 

@@ -61,7 +61,7 @@ def view_names() -> list[str]:
 def get_view(name: str) -> ViewPair:
     """The registered view; an unknown name is a ``ValueError`` listing the valid ones."""
     if name not in _VIEWS:
-        raise ValueError(f"unknown TTA view {name!r}; valid: {view_names()}")
+        raise ValueError(f"unknown view {name!r}; valid: {view_names()}")
     return _VIEWS[name]
 
 
@@ -98,10 +98,8 @@ class View:
 
 
 def views(names: Sequence[str] = ("none",), scales: Sequence[float] = (1.0,)) -> list[View]:
-    """All combinations of the named views and scale factors."""
-    unknown = [n for n in names if n not in _VIEWS]
-    if unknown:
-        raise ValueError(f"unknown TTA {unknown}; valid: {view_names()}")
+    """All combinations of the named views and scale factors (an unknown name: the
+    ``get_view`` error)."""
     if not names or not scales or any(s <= 0 for s in scales):
         raise ValueError(f"TTA needs at least one view and positive scales, got {names}, {scales}")
     return [View(n, float(s)) for s in scales for n in names]

@@ -106,8 +106,10 @@ def run_training(
                 tqdm.write(f"resumed {run} after epoch {start.epoch} (best {start.best_dice:.4f})")
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
         state.ctx.image_names = data.image_names  # the non-finite message names images
-        fold_run = FoldRun(cfg, fold, run, data, state, loss_fn, dd, log, progress and dd.main,
-                           on_best)  # fmt: skip
+        fold_run = FoldRun(
+            cfg=cfg, fold=fold, run=run, data=data, state=state, loss_fn=loss_fn, dd=dd,
+            log=log, progress=progress and dd.main, on_best=on_best,
+        )  # fmt: skip
         try:
             prog = _epochs(fold_run, start)
         finally:  # TensorBoard / W&B flushed even when training fails
