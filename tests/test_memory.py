@@ -210,6 +210,36 @@ def test_auto_keeps_the_largest_micro_batch_under_the_margin(tiny_root, tmp_path
         check_config(cfg)
 
 
+def test_the_probe_gives_the_loss_the_keys_the_dataset_yields(tiny_root, tmp_path, monkeypatch):
+    """The probe's batches repeat a real training item: a term reading a key the dataset
+    adds gets it (a random image/mask batch would raise KeyError)."""
+    from bonecomp import losses
+
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # the registration is undone
+    seen = []
+
+    def weighted(cfg):
+        def term(logits, batch):
+            seen.append(tuple(batch["weight"].shape))
+            return (logits.float().sigmoid() * batch["weight"][:, None, None, None]).mean()
+
+        return term
+
+    losses.register_loss("probe_weighted", weighted)
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.micro_batch": "auto", "train.batch_size": 4})
+    cfg.loss.terms = {"probe_weighted": 1.0}
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, C, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ctx = engine.StepContext(torch.device("cpu"), progress=False, soft_targets=True)
+    size = cfg.data.image_size
+    item = {"image": torch.zeros(size, size, dtype=torch.uint8),
+            "mask": torch.zeros(C, size, size, dtype=torch.uint8),
+            "index": 0, "weight": torch.tensor(2.0)}  # fmt: skip
+    budget = MemoryBudget(total=1000, bytes_per_image=100)
+    plan = plan_batch(cfg, model, opt, ctx, budget, build_loss(cfg.loss), sample=lambda: item)
+    assert plan.how == "probe" and seen == [(1,), (2,), (4,)]
+
+
 def test_auto_in_a_run_writes_the_plan_and_trains_with_it(tiny_root, tmp_path, monkeypatch):
     budget = MemoryBudget(total=300, bytes_per_image=100)  # 2 images fit under 85%
     monkeypatch.setattr(training, "device_meter", lambda device: budget)

@@ -12,14 +12,19 @@ CPU there is nothing to measure and ``auto`` is the full batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import math
+import random
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import Config, LossConfig
@@ -78,12 +83,15 @@ def plan_batch(
     ctx: StepContext,
     meter: MemoryMeter | None,
     loss_fn: LossFn | None = None,
+    sample: Callable[[], Mapping] | None = None,
 ) -> BatchPlan:
     """The micro-batch for ``cfg``: from the config, or probed on ``meter``'s device.
 
     ``model`` is the bare model (not DDP-wrapped) and ``optimizer`` its optimiser, which
-    must not have stepped yet (the probe uses a fresh one of the same kind). Under
-    torchrun the ranks agree on the smallest micro-batch.
+    must not have stepped yet (the probe uses a fresh one of the same kind). ``sample()``
+    gives one training item as the dataset yields it: the probe's batches repeat it, so a
+    loss term that reads a key the dataset adds finds it (random images and masks when
+    None). Under torchrun the ranks agree on the smallest micro-batch.
     """
     t = cfg.train
     how, peaks, total = "config", {}, None
@@ -92,7 +100,7 @@ def plan_batch(
     elif t.micro_batch == "auto":
         how, total = "probe", meter.total()
         peaks = probe(model, optimizer, ctx, cfg.data.image_size, t.batch_size, meter, loss_fn,
-                      limit=int(t.memory_fraction * total))  # fmt: skip
+                      limit=int(t.memory_fraction * total), sample=sample)  # fmt: skip
         fits = [m for m, p in peaks.items() if p is not None and p <= t.memory_fraction * total]
         if peaks.get(1) is None:
             raise BatchMemoryError(
@@ -136,6 +144,7 @@ def probe(
     meter: MemoryMeter,
     loss_fn: LossFn | None = None,
     limit: int | None = None,
+    sample: Callable[[], Mapping] | None = None,
 ) -> dict[int, int | None]:
     """Peak bytes of one training step (``engine.train_step`` on a uint8 batch as the
     loader gives it) per micro-batch size (None: out of memory), growing until one runs
@@ -164,13 +173,18 @@ def probe(
     peaks: dict[int, int | None] = {}
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), meter.watch(model):
+        with torch.random.fork_rng(devices=devices), _python_rngs_kept(), meter.watch(model):
+            item = sample() if sample is not None else None  # its augmentation draws too
             model.train()
             for m in probe_sizes(batch_size):
                 meter.reset()
                 failed = False
                 try:
-                    batch = _random_batch(m, image_size, ctx)
+                    batch = (
+                        default_collate([item] * m)
+                        if item is not None
+                        else _random_batch(m, image_size, ctx)
+                    )
                     train_step(model, [batch], scratch, loss_fn, step_ctx)
                     del batch
                     peaks[m] = meter.peak()
@@ -190,6 +204,18 @@ def probe(
         model.train(was_training)
         free_memory(ctx.device)
     return peaks
+
+
+@contextlib.contextmanager
+def _python_rngs_kept() -> Iterator[None]:
+    """Python's and numpy's global generators as they were afterwards (augmentations
+    draw from them; the training run's stream must not depend on the probe)."""
+    py, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)  # noqa: NPY002
 
 
 def _random_batch(m: int, size: int, ctx: StepContext) -> dict[str, torch.Tensor]:
