@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,30 @@ def test_a_fold_in_training_is_not_started_twice(tiny_root, tmp_path):
     with run.lock(), pytest.raises(RunError, match=f"being trained by pid {os.getpid()}"):
         run_training(cfg, 0, progress=False)
     assert not run.last.exists() and not run.summary.exists()
+
+
+@pytest.mark.parametrize("second", ["worse", "fails"])
+def test_a_run_leaves_no_lock_or_staged_file(tiny_root, tmp_path, monkeypatch, second):
+    """The second validation's OOF is staged and then not the run's (its Dice is worse,
+    or training fails right after it): neither it nor the run's lock file stays."""
+    real, calls = training.validate, []
+
+    def validate(*args, **kwargs):
+        val = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 and second == "fails":
+            raise RuntimeError("stop")
+        val.metrics["dice"] = 0.5 if len(calls) == 1 else 0.1
+        return val
+
+    monkeypatch.setattr(training, "validate", validate)
+    cfg = tiny_config(tiny_root, tmp_path)
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    with pytest.raises(RuntimeError, match="stop") if second == "fails" else nullcontext():
+        run_training(cfg, 0, progress=False)
+    assert len(calls) == 2
+    assert (run / "oof.npy").is_file() and load_checkpoint(run / "best.pt")["epoch"] == 0
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
 
 
 def test_resume_keeps_a_better_best_and_works_after_the_folder_moved(
