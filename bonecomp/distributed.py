@@ -7,7 +7,10 @@ single-device code calls the same functions.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -48,7 +51,18 @@ def setup(device_pref: str = "auto") -> Dist:
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and not device_pref.startswith("cpu")
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        _exit_cleanly_on_sigterm()
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """torchrun ends a job's other processes with SIGTERM when one exits: raise
+    ``SystemExit`` then, so their ``finally`` blocks and context managers still run (the
+    run folder's lock and staged files are removed) and no traceback is printed."""
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
 def shutdown() -> None:

@@ -106,6 +106,27 @@ def test_two_processes_keep_their_weights_in_sync(tiny_root, tmp_path):
     assert digests == {0: params_hash(run / "last.pt"), 1: params_hash(run / "last.pt")}
 
 
+def test_a_refused_run_folder_ends_every_rank_in_its_one_line(tiny_root, tmp_path):
+    """Rank 0 refuses a run folder that already holds a run: both ranks print rank 0's
+    own message (not a pointer to it), with no traceback, and no lock is left."""
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"an earlier run")
+    logs = tmp_path / "logs"
+    cmd = torchrun(logs, "--nproc_per_node=2", f"--master_port={free_port()}", *TRAIN)
+    cmd += ["--fold", "0", "--quiet", *tiny_overrides(tiny_root, tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert proc.returncode != 0
+    per_rank = [p.read_text().strip().splitlines() for p in sorted(logs.rglob("stderr.log"))]
+    assert len(per_rank) == 2
+    for lines in per_rank:
+        assert len(lines) == 1, lines
+        assert re.fullmatch(
+            r"error: rank 0 \(node 0, .*\): .*fold0 already holds a run; .*", lines[0]
+        )
+    assert sorted(p.name for p in run.iterdir()) == ["last.pt"]
+
+
 def two_nodes(roots: list[Path], tmp_path: Path) -> list[tuple[int, str, str]]:
     """Fold 0 for one epoch on two torchrun nodes of one process each (node ``i`` reads
     ``roots[i]`` and writes under ``tmp_path/node<i>``: nothing shared but the network);
