@@ -187,3 +187,27 @@ def test_a_node_with_other_data_stops_both_in_one_line(tiny_root, tmp_path):
         )
     assert files_under(tmp_path / "node0" / "runs") == []  # no .lock, no .staged
     assert files_under(tmp_path / "node1" / "runs") == []
+
+
+SIGTERM_INSIDE_A_LOCK = """
+import os, signal, sys
+from pathlib import Path
+from bonecomp import distributed
+from bonecomp.runs import RunDir
+distributed._exit_cleanly_on_sigterm()
+with RunDir(Path(sys.argv[1])).lock():
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pause()  # the handler ends it here
+"""
+
+
+def test_a_rank_that_torchrun_ends_removes_its_lock(tmp_path):
+    """torchrun stops the other processes with SIGTERM when one fails: a rank holding the
+    run folder's lock exits through its context managers (143, no lock left)."""
+    run = tmp_path / "fold0"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_INSIDE_A_LOCK, str(run)],
+        capture_output=True, text=True, timeout=60, env=ENV,
+    )  # fmt: skip
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr == "" and list(run.iterdir()) == []
