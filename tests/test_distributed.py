@@ -127,7 +127,9 @@ def test_a_refused_run_folder_ends_every_rank_in_its_one_line(tiny_root, tmp_pat
     assert sorted(p.name for p in run.iterdir()) == ["last.pt"]
 
 
-def two_nodes(roots: list[Path], tmp_path: Path) -> list[tuple[int, str, str]]:
+def two_nodes(
+    roots: list[Path], tmp_path: Path, *args: str, logs: str = "logs"
+) -> list[tuple[int, str, str]]:
     """Fold 0 for one epoch on two torchrun nodes of one process each (node ``i`` reads
     ``roots[i]`` and writes under ``tmp_path/node<i>``: nothing shared but the network);
     each node's (exit code, worker stdout, worker stderr)."""
@@ -135,20 +137,29 @@ def two_nodes(roots: list[Path], tmp_path: Path) -> list[tuple[int, str, str]]:
     procs = []
     for node, root in enumerate(roots):
         work = tmp_path / f"node{node}"
-        work.mkdir()
+        work.mkdir(exist_ok=True)
         cmd = torchrun(
-            work / "logs", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+            work / logs, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
             "--master_addr=127.0.0.1", f"--master_port={port}", *TRAIN,
         )  # fmt: skip
-        cmd += ["--fold", "0", "--quiet", "--debug"]
+        cmd += ["--fold", "0", "--quiet", "--debug", *args]
         cmd += tiny_overrides(root, work, **{"train.epochs": 1})
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       env=ENV, cwd=work))  # fmt: skip
     done = []
-    for node, p in enumerate(procs):
-        logs = tmp_path / f"node{node}" / "logs"
-        rc = p.wait(timeout=300)
-        done.append((rc, worker_output(logs, "stdout"), worker_output(logs, "stderr")))
+    try:
+        for node, p in enumerate(procs):
+            folder = tmp_path / f"node{node}" / logs
+            rc = p.wait(timeout=300)
+            done.append((rc, worker_output(folder, "stdout"), worker_output(folder, "stderr")))
+    finally:  # a node left waiting for the other (a hang is a failure) is ended
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
     return done
 
 
@@ -158,7 +169,9 @@ def files_under(folder: Path) -> list[Path]:
 
 def test_two_nodes_without_a_shared_file_system(tiny_root, tmp_path):
     """Each node builds its own cache; rank 0 alone writes the run folder, complete with
-    the OOF rows of rank 1's validation images; both ranks end with rank 0's weights."""
+    the OOF rows of rank 1's validation images; both ranks end with rank 0's weights,
+    also after ``--resume`` (of the finished run: nothing is left to train, but rank 1 must
+    get ``last.pt``'s weights from rank 0, having no run folder of its own)."""
     (rc0, out0, err0), (rc1, out1, err1) = two_nodes([tiny_root, tiny_root], tmp_path)
     assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
     run = tmp_path / "node0" / "runs" / "tiny" / "fold0"
@@ -170,6 +183,14 @@ def test_two_nodes_without_a_shared_file_system(tiny_root, tmp_path):
     assert digests == {0: params_hash(run / "last.pt"), 1: params_hash(run / "last.pt")}
     items = {**items_by_rank(out0), **items_by_rank(out1)}
     assert set(items) == {0, 1} and not items[0] & items[1]
+
+    nodes = two_nodes([tiny_root, tiny_root], tmp_path, "--resume", logs="again")
+    (rc0, out0, err0), (rc1, out1, err1) = nodes
+    assert rc0 == 0 and rc1 == 0, err0[-2000:] + err1[-2000:]
+    check_run_folder(run)
+    assert files_under(tmp_path / "node1" / "runs") == []
+    digests = {**rank_lines(out0, "weights sha256"), **rank_lines(out1, "weights sha256")}
+    assert digests == {0: params_hash(run / "last.pt"), 1: params_hash(run / "last.pt")}
 
 
 def test_a_node_with_other_data_stops_both_in_one_line(tiny_root, tmp_path):
