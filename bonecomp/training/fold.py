@@ -13,13 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from bonecomp import distributed
+from bonecomp.checkpoint import CheckpointError
 from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, save_config
 from bonecomp.data.layout import discover
+from bonecomp.data.pseudo_dir import PseudoSet
 from bonecomp.device import pick_device
 from bonecomp.distributed import Dist, run_agreed, where
 from bonecomp.engine import Budget, Epoch, LossFn, train_one_epoch, validate
@@ -106,11 +109,11 @@ def run_training(
     dd = distributed.setup(cfg.train.device)
     device = _device(cfg.train.device, dd)
 
-    def find_data():  # each node reads its own copy: a problem on one ends every rank
+    def find_data() -> tuple[pd.DataFrame, PseudoSet | None]:  # each node reads its own copy
         table = discover(cfg.data.root, "train", cfg.data.exclude)
         return table, open_pseudo_labels(cfg, table)  # the user's data: before the run
 
-    table, pseudo = run_agreed(find_data, DATA_ERRORS)
+    table, pseudo = run_agreed(find_data, DATA_ERRORS)  # a problem on one node ends all
     run = run_dir(cfg, fold)
     with contextlib.ExitStack() as held:
 
@@ -119,7 +122,8 @@ def run_training(
             check_resumable(cfg, run) if resume else check_fresh(run)
             remove_stale_temps(run.path)  # half-written files of a killed process
 
-        run_agreed(claim, (RunError, OutputError), on=dd.main)  # no other rank opens it
+        # only rank 0 opens the run folder; a refusal ends every rank with its message
+        run_agreed(claim, (RunError, OutputError, CheckpointError, ConfigError), on=dd.main)
         folds, cache = prepare_cache(cfg, table, dd, progress and dd.main)
         train_idx, val_idx = fold_split(folds, fold)
         data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda", pseudo)
