@@ -10,6 +10,7 @@ file, or "command line"), the key, and what is wrong.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from bonecomp.config import Config, ConfigError, check_values, source_of
 from bonecomp.extensions import import_extensions
@@ -28,6 +29,7 @@ def check_config(cfg: Config) -> None:
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
+        lambda: _check_folders(cfg),
     ]
     for check in checks:
         try:
@@ -46,3 +48,23 @@ def _check_tta(names: list[str]) -> None:
         except ValueError as e:  # worded once, by the registry
             key = f"infer.tta[{i}]"
             raise ConfigError(f"{key}: {e}", key) from None
+
+
+# The keys that name folders the pipeline writes into.
+FOLDER_KEYS = ("data.cache_dir", "train.output_dir", "infer.out_dir")
+
+
+def _check_folders(cfg: Config) -> None:
+    """Each output folder key names a folder or a path that can become one: not a file,
+    and not below one (``mkdir`` would fail later with a traceback, after the work)."""
+    for key in FOLDER_KEYS:
+        section, name = key.split(".")
+        path = Path(getattr(getattr(cfg, section), name))
+        for part in (path, *path.parents):
+            if part.exists() or part.is_symlink():
+                if not part.is_dir():
+                    what = "is a file" if part == path else f"is below the file {part}"
+                    raise ConfigError(
+                        f"{key}: {path} {what}, not a folder; point {key} at a folder", key
+                    )
+                break
