@@ -381,9 +381,18 @@ class TrainConfig:
     )
     max_train_minutes: float | None = key(
         None,
-        "stop cleanly (validate, save) after this long",
+        "time budget: the LR schedule follows the time as well as the epochs, reaching "
+        "its floor at the budget's end; then validate, save and stop",
         check=lambda v: v > 0,
         want="must be > 0 or null",
+        resume=True,
+    )
+    expect_dice: float | None = key(
+        None,
+        "the validation Dice this recipe should reach: a fold cut by max_train_minutes "
+        "below it gets a warning saying what to do",
+        check=lambda v: 0 < v <= 1,
+        want="must be in (0, 1] or null",
         resume=True,
     )
     save_oof: bool = key(True, "out-of-fold probabilities for threshold tuning")

@@ -13,6 +13,7 @@ the ground truth drawn exactly in each class's bounding box. Only counts are kep
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from bonecomp.data.annotations import Polygons
 from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.rasterize import truth_crops
-from bonecomp.distributed import all_ranks_true, all_reduce_sum, is_distributed
+from bonecomp.distributed import all_ranks_true, all_reduce_min, all_reduce_sum, is_distributed
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.memory import free_memory, halve, run_chunked, spans
 from bonecomp.metrics import DiceAccumulator, DiceTable, compute_metrics
@@ -113,9 +114,34 @@ def batch_size(batch: Mapping) -> int:
     return len(batch["image"])
 
 
-def past(deadline: float) -> bool:
-    """Has any rank passed ``deadline`` (``time.monotonic()``)? Same answer on all ranks."""
-    return not all_ranks_true(time.monotonic() <= deadline)
+@dataclass
+class Budget:
+    """A time budget for training (``train.max_train_minutes``) that the LR schedule obeys.
+
+    The schedule's position is the larger of the updates done and the elapsed share of
+    the budget times ``total_updates``: a run cut by time still anneals, reaching the
+    schedule's floor at the deadline, instead of stopping with the learning rate
+    mid-way. ``spent`` is the time of earlier processes of the run (``--resume``).
+    """
+
+    seconds: float
+    total_updates: int
+    spent: float = 0.0
+    clock: Callable[[], float] = time.monotonic
+    start: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.start = self.clock()
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, the largest over ranks (same answer on all)."""
+        mine = self.spent + self.clock() - self.start
+        return -all_reduce_min(-round(mine * 1000)) / 1000
+
+    def position(self, num_updates: int) -> tuple[int, bool]:
+        """(the schedule's position after ``num_updates`` updates, is the time up)."""
+        share = self.elapsed() / self.seconds
+        return max(num_updates, math.ceil(min(share, 1.0) * self.total_updates)), share >= 1
 
 
 class LossFn(Protocol):
@@ -176,12 +202,12 @@ def train_step(
 
 @dataclass
 class Epoch:
-    """Which pass ``train_one_epoch`` makes: its number, the updates done before it (the
-    LR schedule's position) and when to stop (``time.monotonic()``; None: never)."""
+    """Which pass ``train_one_epoch`` makes: its number, the updates done before it and
+    the run's time budget (None: none)."""
 
     index: int
     num_updates: int = 0
-    deadline: float | None = None
+    budget: Budget | None = None
 
 
 def train_one_epoch(
@@ -199,8 +225,9 @@ def train_one_epoch(
     Every ``ctx.accum_steps`` loader batches make one ``train_step``; after each the LR
     schedule steps and the EMA (``ctx.ema``) takes the new weights. Out of memory the
     step halves the micro-batch and redoes the update, so the number of updates and the
-    LR schedule do not change. Stops early at ``epoch.deadline``, finishing the current
-    update. The losses are ``loss`` (the total) and every named part ``loss_fn`` returns
+    LR schedule do not change. With ``epoch.budget`` the schedule moves at least as fast
+    as the time (``Budget.position``) and the pass stops when the time is up, after the
+    current update. The losses are ``loss`` (the total) and every named part ``loss_fn`` returns
     (``loss_bce``, ``loss_dice``, ...), each averaged over the forwards.
     """
     model.train()
@@ -222,7 +249,10 @@ def train_one_epoch(
                           first_batch=b + 1 - len(pending))  # fmt: skip
         pending = []
         num_updates += 1
-        scheduler.step_update(num_updates)
+        position, out_of_time = (num_updates, False)
+        if epoch.budget is not None:
+            position, out_of_time = epoch.budget.position(num_updates)
+        scheduler.step_update(position)
         if ctx.ema is not None:
             ctx.ema.update(_unwrap(model), step=num_updates)
         n = step.pop("forwards")
@@ -232,7 +262,7 @@ def train_one_epoch(
             sums[name] += value * n
         rate = seen / max(time.monotonic() - t0, 1e-9)
         bar.set_postfix(loss=f"{sums['loss'] / forwards:.4f}", img_s=f"{rate:.1f}")
-        if epoch.deadline is not None and past(epoch.deadline):
+        if out_of_time:
             break
     elapsed = time.monotonic() - t0
     out = {k: v / max(forwards, 1) for k, v in sums.items()}

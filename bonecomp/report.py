@@ -74,6 +74,7 @@ class FoldView:
     best_epoch: int | None
     epochs: int
     curves: Picture | None
+    cut: str = ""  # why training stopped before its last epoch (summary.csv's ``stop``)
 
 
 @dataclass
@@ -311,7 +312,10 @@ def _fold_view(run: RunDir, best: float) -> FoldView:
     curves = None
     if len(summary):
         curves = Picture(_figure_uri(curves_figure(summary, f"fold {run.fold}")))
-    return FoldView(run.fold, str(run.path), best, epoch, len(summary), curves)
+    cut = ""
+    if "stop" in summary and summary["stop"].notna().any():
+        cut = str(summary["stop"].dropna().iloc[-1])
+    return FoldView(run.fold, str(run.path), best, epoch, len(summary), curves, cut)
 
 
 def _threshold_view(

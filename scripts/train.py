@@ -36,10 +36,14 @@ def train(args) -> int:
             result = run_training(
                 cfg, fold, args.resume, not args.quiet, lambda run: plot_dice_bars(run.dice_csv)
             )
+            cut = f" ({result.cut})" if result.cut else ""
             print(
                 f"fold {fold}: best val Dice {result.best_dice:.4f} at epoch "
-                f"{result.best_epoch} -> {result.run_dir}"
+                f"{result.best_epoch}{cut} -> {result.run_dir}"
             )
+            warning = result.warning(fold, cfg.train.expect_dice)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
             # under torchrun the other ranks would wait for rank 0's page: last fold only
             dd = distributed.setup(cfg.train.device)  # the job run_training joined
             if fold == folds[-1] or dd.world == 1:

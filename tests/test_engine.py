@@ -279,3 +279,52 @@ def test_the_step_is_the_only_backward_in_the_library():
         if ".backward(" in line
     ]
     assert len(hits) == 1 and hits[0].startswith("engine.py:"), hits
+
+
+class _Clocked(list):
+    """A loader whose every batch takes one second on the test's clock."""
+
+    def __init__(self, items: list[dict], now: list[float]) -> None:
+        super().__init__(items)
+        self.now = now
+
+    def __iter__(self):
+        for item in list.__iter__(self):
+            self.now[0] += 1.0
+            yield item
+
+
+def test_a_time_budget_moves_the_schedule_to_its_end_and_stops_the_pass():
+    """With a 4 s budget over 100 planned updates and 1 s per update, the schedule is at
+    25, 50, 75, 100 updates after the four updates that fit, and the pass stops there,
+    although 10 batches were planned (real timm cosine: the lr is at its floor)."""
+    from timm.scheduler import CosineLRScheduler
+
+    from bonecomp.engine import Budget
+
+    now = [0.0]
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cosine = CosineLRScheduler(opt, t_initial=100, lr_min=1e-4, t_in_epochs=False)
+    seen = []
+
+    class Recorder:
+        def step_update(self, num_updates: int) -> None:
+            seen.append(num_updates)
+            cosine.step_update(num_updates)
+
+    budget = Budget(4.0, 100, clock=lambda: now[0])
+    loss = build_loss(LossConfig(terms={"bce": 1.0}))
+    out = train_one_epoch(
+        model, _Clocked(batches(10, 1), now), opt, Recorder(), loss,
+        StepContext(CPU, progress=False), Epoch(0, 0, budget),
+    )  # fmt: skip
+    assert seen == [25, 50, 75, 100]
+    assert out["num_updates"] == 4  # the updates really made (EMA, resume) stay counted
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
+    # time that is slower than the epochs leaves the schedule on the update count
+    seen.clear()
+    slow = Budget(1000.0, 100, clock=lambda: now[0])
+    train_one_epoch(model, _Clocked(batches(3, 1), now), opt, Recorder(), loss,
+                    StepContext(CPU, progress=False), Epoch(1, 4, slow))  # fmt: skip
+    assert seen == [5, 6, 7]

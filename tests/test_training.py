@@ -256,3 +256,45 @@ def test_a_term_a_metric_and_a_dataset_key_from_user_code_reach_summary_csv(
     assert len(weights_seen) > 1
     assert (summary["val_worst_dice"] <= summary["val_dice"]).all()
     assert summary["val_worst_dice"].between(0, 1).all()
+
+
+def test_a_run_cut_by_its_time_budget_is_annealed_and_says_so(tiny_root, tmp_path, capsys):
+    """A budget far shorter than one epoch: training stops after epoch 0 of 6 with the lr
+    at the schedule's floor (train.min_lr), validates, and summary.csv, the console, the
+    warning below train.expect_dice and the report all say it was cut."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    from bonecomp.report import write_run_report
+
+    extra = {
+        "train.max_train_minutes": 1e-4, "train.epochs": 6, "train.min_lr": 1e-5,
+        "train.expect_dice": 0.99, "train.report": False,
+    }  # fmt: skip
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--fold", "0", "--quiet"]
+    assert train_script.main(args + tiny_overrides(tiny_root, tmp_path, **extra)) == 0
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    summary = pd.read_csv(run / "summary.csv")
+    assert summary["epoch"].tolist() == [0]
+    assert summary["lr"].iloc[-1] == pytest.approx(1e-5)
+    assert summary["schedule"].iloc[-1] == pytest.approx(1.0)
+    assert summary["val_dice"].notna().iloc[-1]
+    note = "cut by train.max_train_minutes=0.0001 after 1 of 6 epochs"
+    assert summary["stop"].iloc[-1] == note
+    out = capsys.readouterr()
+    assert note in out.out
+    warning = [line for line in out.err.splitlines() if line.startswith("warning: fold 0")]
+    assert len(warning) == 1 and "train.max_train_minutes=null" in warning[0]
+    assert "train.expect_dice" in warning[0]
+    page = write_run_report(tmp_path / "runs" / "tiny").read_text()
+    assert f"fold 0 was {note}" in page
+
+
+def test_a_run_within_its_budget_follows_its_epochs(tiny_root, tmp_path):
+    """A budget that is never reached changes nothing: every epoch runs, no stop note."""
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.max_train_minutes": 60})
+    result = run_training(cfg, 0, progress=False)
+    summary = pd.read_csv(result.run_dir / "summary.csv")
+    assert summary["epoch"].tolist() == [0, 1] and result.cut == ""
+    assert "stop" not in summary and (summary["schedule"] < 1).iloc[0]
+    assert result.warning(0, 0.99) is None

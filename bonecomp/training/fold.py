@@ -21,7 +21,7 @@ from bonecomp.config import Config, ConfigError, save_config
 from bonecomp.data.layout import discover
 from bonecomp.device import pick_device
 from bonecomp.distributed import Dist
-from bonecomp.engine import Epoch, LossFn, past, train_one_epoch, validate
+from bonecomp.engine import Budget, Epoch, LossFn, train_one_epoch, validate
 from bonecomp.fileio import remove_stale_temps
 from bonecomp.losses import build_loss
 from bonecomp.memory import device_meter
@@ -54,6 +54,26 @@ class TrainResult:
     best_dice: float
     best_epoch: int
     epochs_done: int
+    epochs_planned: int = 0
+    cut: str = ""  # why training stopped before its last epoch ("" when it did not)
+
+    def warning(self, fold: int, expect_dice: float | None) -> str | None:
+        """One line when a cut run ended below what its recipe should reach, with what
+        to do; None otherwise."""
+        if not self.cut or expect_dice is None or self.best_dice >= expect_dice:
+            return None
+        return (
+            f"fold {fold} was {self.cut} and reached val Dice "
+            f"{self.best_dice:.4f}, below the {expect_dice} this recipe should reach "
+            "(train.expect_dice): this model is undertrained; train the whole schedule "
+            "with train.max_train_minutes=null, or use a smaller recipe (fewer epochs, "
+            "smaller data.image_size)"
+        )
+
+
+def cut_note(minutes: float, epochs_done: int, epochs: int) -> str:
+    """How a run cut by its time budget is described (console, summary.csv, report)."""
+    return f"cut by train.max_train_minutes={minutes:g} after {epochs_done} of {epochs} epochs"
 
 
 def run_training(
@@ -115,7 +135,9 @@ def run_training(
         finally:  # TensorBoard / W&B flushed even when training fails
             if log is not None:
                 log.close()
-    return TrainResult(run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1)
+    return TrainResult(
+        run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1, cfg.train.epochs, prog.cut
+    )
 
 
 @dataclass
@@ -142,7 +164,10 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
     """
     cfg, run, state, data, dd = f.cfg, f.run, f.state, f.data, f.dd
     t = cfg.train
-    deadline = time.monotonic() + 60 * t.max_train_minutes if t.max_train_minutes else None
+    budget, prog.cut = None, ""
+    if t.max_train_minutes:
+        total = t.epochs * updates_per_epoch(len(data.train_loader), t.accum_steps)
+        budget = Budget(60 * t.max_train_minutes, total, spent=prog.train_seconds)
     start = time.monotonic()
     say = tqdm.write if dd.main else (lambda *_: None)
     bar = tqdm(
@@ -153,10 +178,13 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         data.start_epoch(t.seed, epoch, dd.rank)
         row = train_one_epoch(
             state.train_model, data.train_loader, state.optimizer, state.scheduler, f.loss_fn,
-            state.ctx, Epoch(epoch, prog.num_updates, deadline),
+            state.ctx, Epoch(epoch, prog.num_updates, budget),
         )  # fmt: skip
         prog.num_updates = int(row.pop("num_updates"))
-        out_of_time = deadline is not None and past(deadline)
+        out_of_time = False
+        if budget is not None:
+            position, out_of_time = budget.position(prog.num_updates)
+            row["schedule"] = min(position / max(budget.total_updates, 1), 1.0)
         metric = None
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
@@ -181,12 +209,20 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
                 f.on_best(run)
         state.scheduler.step(epoch + 1, metric)  # epoch-based schedules (plateau needs metric)
         prog.epoch = epoch
+        if budget is not None:
+            prog.train_seconds = budget.elapsed()
+        if out_of_time and epoch < t.epochs - 1:
+            prog.cut = cut_note(t.max_train_minutes, epoch + 1, t.epochs)
+            row["stop"] = prog.cut
         if dd.main:
             f.log.log({"epoch": epoch, **row, "elapsed": time.monotonic() - start})
             save_last(run, cfg, f.fold, state, prog)
         dd.barrier()
-        if out_of_time:
-            say(f"stopping: train.max_train_minutes={t.max_train_minutes} reached")
+        if prog.cut:
+            say(
+                f"stopping: {prog.cut}; the learning rate was annealed to its floor by "
+                "then (the schedule follows the time budget)"
+            )
             break
     return prog
 

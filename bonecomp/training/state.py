@@ -41,6 +41,8 @@ class Progress:
     num_updates: int = 0
     best_dice: float = -1.0
     best_epoch: int = -1
+    train_seconds: float = 0.0  # spent by the processes of the run so far (time budget)
+    cut: str = ""  # why this process stopped before the last epoch (``cut_note``)
 
 
 @dataclass
@@ -153,7 +155,7 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
         state.ema.load_state_dict(ckpt["ema"])
     set_rng_state(ckpt["rng"])
     saved = ckpt.get("progress", ckpt)  # checkpoints before 0.2 kept these at the top
-    progress = Progress(**{k: saved[k] for k in asdict(Progress())})
+    progress = Progress(**{k: saved.get(k, v) for k, v in asdict(Progress()).items()})
     if run.best.is_file():
         best = load_checkpoint(run.best)
         progress.best_dice, progress.best_epoch = float(best["metric"]), int(best["epoch"])
