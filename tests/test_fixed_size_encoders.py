@@ -4,13 +4,16 @@ check refuses the size in one line before any work (the forward pass would asser
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 
 from bonecomp.checks import check_config
+from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import ConfigError, ModelConfig, load_config
 from bonecomp.models import create_model
 
@@ -67,3 +70,16 @@ def test_a_size_a_fixed_size_encoder_cannot_take_is_refused_at_the_check(overrid
 def test_a_fixed_size_encoder_at_its_own_size_passes():
     check_config(load_config(BASE, ["model.arch=unet", f"model.encoder={FIXED}",
                                     "data.image_size=224", "infer.scales=[1.0]"]))  # fmt: skip
+
+
+def test_checkpoints_of_the_fixed_size_build_load_and_predict_the_same():
+    """``dynamic_img_size`` changes no weight: a model built as before (plain smp, at
+    timm's fixed 224) loads strictly and gives the same logits at 224."""
+    torch.manual_seed(0)
+    old = smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, classes=NUM_CLASSES).eval()
+    cfg = ModelConfig(arch="dpt", encoder="tu-vit_tiny_patch16_224", encoder_weights=None)
+    new = create_model(dataclasses.replace(cfg, init_bias=None)).eval()
+    new.net.load_state_dict(old.state_dict(), strict=True)
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(new.net(x), old(x))
