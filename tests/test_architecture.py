@@ -20,6 +20,7 @@ LAYERS = {
     "bonecomp.fileio": 0,
     "bonecomp.distributed": 0,
     "bonecomp.memory": 0,  # out-of-memory handling and meters (torch only)
+    "bonecomp.workers": 0,  # worker processes end with their parent (stdlib only)
     "bonecomp.extensions": 1,  # imports the user's modules named by the config
     "bonecomp.runs": 1,  # the run folder's names (config + file helpers only)
     "bonecomp.data": 1,
