@@ -2,9 +2,10 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(architecture, encoder and input size, loss terms, optimizer, TTA), in milliseconds and
-without building a model. Every error is one line: where the value came from (the YAML
-file, or "command line"), the key, and what is wrong.
+(architecture, encoder and input size, loss terms, optimizer, TTA) and the packages of the
+experiment trackers, in milliseconds and without building a model. Every error is one
+line: where the value came from (the YAML file, or "command line"), the key, and what is
+wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bonecomp.inference.tta import get_view
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_model_config
 from bonecomp.optim import check_optimizer_name
+from bonecomp.trackers import check_trackers
 
 
 def check_config(cfg: Config) -> None:
@@ -28,6 +30,7 @@ def check_config(cfg: Config) -> None:
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
+        lambda: check_trackers(cfg.train.trackers),
     ]
     for check in checks:
         try:
