@@ -4,6 +4,7 @@ with the run's ``summary.csv`` and ``dice_per_class.csv`` (read by pandas)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -190,24 +191,42 @@ def test_mlflow_local_store_holds_params_every_column_the_final_dice_and_the_rep
 
 
 # --------------------------------------------------------------------------- config check
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"),
+     ("mlflow", "sqlalchemy")],  # the default SQLite store's
+)  # fmt: skip
 def test_a_tracker_whose_package_is_missing_is_one_line_before_any_work(
-    name, tiny_root, tmp_path, capsys, monkeypatch
+    name, module, tiny_root, tmp_path, capsys, monkeypatch
 ):
     """The import fails (as without the package): one line naming the key, the package
     and the install command, before the cache or the run folder is written."""
-    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[name]
     monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    trackers = [name] if name == "tensorboard" else ["tensorboard", name]
+    key = f"train.trackers[{len(trackers) - 1}]"
+    if name != "tensorboard":
+        pytest.importorskip("tensorboard")  # the first entry must pass
     args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
-    over = tiny_overrides(tiny_root, tmp_path, **{"train.trackers": ["tensorboard", name]})
+    over = tiny_overrides(tiny_root, tmp_path, **{"train.trackers": trackers})
     assert _train_script().main(args + over) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    key = "train.trackers[1]" if name != "tensorboard" else "train.trackers[0]"
-    assert err.startswith(f"error: command line: {key}: {name} needs {module}")
+    assert err.startswith(f"error: command line: {key}: {name} needs {module}"), err
     assert 'pip install -e ".[track]"' in err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_mlflow_with_a_server_needs_no_sqlite_support(monkeypatch):
+    from bonecomp.trackers import check_trackers
+
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="mlflow needs sqlalchemy"):
+        check_trackers(["mlflow"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    if importlib.util.find_spec("mlflow") is not None:
+        check_trackers(["mlflow"])  # the server keeps the store
 
 
 def test_an_unknown_or_repeated_tracker_is_one_line_naming_the_valid_ones(tmp_path):
