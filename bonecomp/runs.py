@@ -53,7 +53,6 @@ OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
 BATCH_PLAN = "batch_plan.json"
 TENSORBOARD = "tb"  # train.trackers: the fold's TensorBoard event files
-WANDB = "wandb"  # train.trackers: where W&B keeps the fold's run (unless WANDB_DIR is set)
 MLFLOW_DB = "mlflow.db"  # train.trackers: MLflow's default store, in train.output_dir
 MLFLOW_ARTIFACTS = "mlartifacts"  # beside it: the artifacts of that store's runs
 REPORT = "report.html"  # per experiment (runs/<experiment>/) and per ensemble (runs/)

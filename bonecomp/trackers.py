@@ -13,6 +13,7 @@ A library is imported only when its tracker starts; ``check_trackers`` (from
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -38,6 +39,7 @@ class Tracker:
 
     modules: ClassVar[tuple[str, ...]] = ()  # import names that must be installed
     packages: ClassVar[str] = ""  # their pip names, for the message
+    hint: ClassVar[str] = ""  # what to do when the library refuses to start a run
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -119,6 +121,7 @@ class WandB(Tracker):
 
     modules = ("wandb",)
     packages = "wandb"
+    hint = "log in with `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
 
     def start(self, config: dict[str, Any], run: RunDir) -> None:
         import wandb
@@ -160,6 +163,7 @@ class MLflow(Tracker):
 
     modules = ("mlflow",)
     packages = "mlflow-skinny"
+    hint = "check MLFLOW_TRACKING_URI (unset: SQLite in train.output_dir)"
 
     @classmethod
     def missing(cls) -> list[str]:
@@ -258,14 +262,22 @@ class Trackers:
 
     def __init__(self, names: list[str], config: dict[str, Any], run: RunDir) -> None:
         self.started: list[Tracker] = []
-        try:
-            for name in names:
-                tracker = TRACKERS[name]()
+        for i, name in enumerate(names):
+            tracker = TRACKERS[name]()
+            try:
                 tracker.start(config, run)
-                self.started.append(tracker)
-        except BaseException:
-            self.finish(ok=False)
-            raise
+            except BaseException as e:
+                with contextlib.suppress(Exception):  # the reason to report is ``e``
+                    self.finish(ok=False)
+                if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit
+                    raise
+                # the library's own reason (no login, no server) in one line, and the way out
+                key, why = f"train.trackers[{i}]", " ".join(str(e).split())[:300]
+                hint = f"; {tracker.hint}" if tracker.hint else ""
+                raise ConfigError(
+                    f"{key}: {name} did not start ({type(e).__name__}: {why}){hint}", key
+                ) from e
+            self.started.append(tracker)
 
     def log(self, values: Values, step: int) -> None:
         for t in self.started:

@@ -217,6 +217,27 @@ def test_a_tracker_whose_package_is_missing_is_one_line_before_any_work(
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
+def test_wandb_without_a_login_is_one_line_saying_what_to_do(
+    tiny_root, tmp_path, capsys, monkeypatch
+):
+    """W&B online without an API key (a fresh machine): its own reason and the ways out
+    (login, WANDB_MODE=offline) in one line, not a traceback."""
+    pytest.importorskip("wandb")
+    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no saved settings
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
+    over = tiny_overrides(tiny_root, tmp_path, **{"train.trackers": ["wandb"]})
+    assert _train_script().main(args + over) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: train.trackers[0]: wandb did not start (") and "API key" in err
+    assert "wandb login" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "runs" / "tiny" / "fold0" / "last.pt").exists()
+
+
 def test_mlflow_with_a_server_needs_no_sqlite_support(monkeypatch):
     from bonecomp.trackers import check_trackers
 
