@@ -50,6 +50,9 @@ def tracked(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
         over = tiny_overrides(tiny_root, work, **{"train.trackers": ALL})
         assert _train_script().main(args + over) == 0
+    import wandb
+
+    wandb.teardown()  # W&B's settings are process-wide: the next test reads its own
     run = work / "runs" / "tiny" / "fold0"
     dice = pd.read_csv(run / "dice_per_class.csv")
     return {
@@ -222,7 +225,8 @@ def test_wandb_without_a_login_is_one_line_saying_what_to_do(
 ):
     """W&B online without an API key (a fresh machine): its own reason and the ways out
     (login, WANDB_MODE=offline) in one line, not a traceback."""
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # settings are read again, from this test's environment
     for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no saved settings
