@@ -38,6 +38,9 @@ def tracked(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name in ALL:
         pytest.importorskip(name)
     pytest.importorskip("sqlalchemy")
+    import wandb
+
+    wandb.teardown()  # W&B's settings are process-wide: read them from this environment
     work = tmp_path_factory.mktemp("tracked")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
@@ -50,9 +53,7 @@ def tracked(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
         over = tiny_overrides(tiny_root, work, **{"train.trackers": ALL})
         assert _train_script().main(args + over) == 0
-    import wandb
-
-    wandb.teardown()  # W&B's settings are process-wide: the next test reads its own
+    wandb.teardown()  # and the next test reads its own
     run = work / "runs" / "tiny" / "fold0"
     dice = pd.read_csv(run / "dice_per_class.csv")
     return {
