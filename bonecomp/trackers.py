@@ -162,7 +162,7 @@ class MLflow(Tracker):
     """
 
     modules = ("mlflow",)
-    packages = "mlflow-skinny"
+    packages = "mlflow-skinny sqlalchemy alembic"
     hint = "check MLFLOW_TRACKING_URI (unset: SQLite in train.output_dir)"
 
     @classmethod
