@@ -96,6 +96,9 @@ def test_tensorboard_events_hold_config_every_column_and_the_final_dice(tracked)
     _check_final(final, tracked["dice"])
     config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "image_size: 64" in config and "experiment: tiny" in config
+    # TensorBoard keeps no files: the report's path is noted as text
+    where = acc.Tensors("report/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert Path(where) == tracked["report"].resolve() and tracked["report"].is_file()
 
 
 # --------------------------------------------------------------------------- W&B
