@@ -15,7 +15,9 @@ import pytest
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError, config_from_saved, load_config, to_dict
-from bonecomp.testing import DEMO_CONFIG, tiny_overrides
+from bonecomp.testing import DEMO_CONFIG, tiny_config, tiny_overrides
+from bonecomp.training import fold as training
+from bonecomp.training import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL = ["tensorboard", "wandb", "mlflow"]
@@ -195,6 +197,23 @@ def test_mlflow_local_store_holds_params_every_column_the_final_dice_and_the_rep
     assert {"report.html", "config.yaml"} <= names
     local = Path(client.download_artifacts(run.info.run_id, "report.html", str(tracked["work"])))
     assert local.read_bytes() == tracked["report"].read_bytes()
+
+
+def test_a_fold_that_fails_closes_its_tracker_run_as_failed(tiny_root, tmp_path, monkeypatch):
+    MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
+    pytest.importorskip("sqlalchemy")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the first epoch broke")
+
+    monkeypatch.setattr(training, "train_one_epoch", broken)
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.trackers": ["mlflow"]})
+    with pytest.raises(RuntimeError, match="the first epoch broke"):
+        run_training(cfg, 0, progress=False)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bonecomp").experiment_id])
+    assert run.info.status == "FAILED"
 
 
 # --------------------------------------------------------------------------- config check
