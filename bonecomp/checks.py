@@ -2,11 +2,11 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(architecture, encoder and input size, loss terms, optimizer, TTA), in milliseconds and
-without building a model (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read
-the input size it takes: every side the network will see is checked against it). Every
-error is one line: where the value came from (the YAML file, or "command line"), the key,
-and what is wrong.
+(architecture, encoder and input size, loss terms, optimizer, TTA), the output folders
+and the packages of the experiment trackers, in milliseconds and without building a model
+(a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
+every side the network will see is checked against it). Every error is one line: where
+the value came from (the YAML file, or "command line"), the key, and what is wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from bonecomp.inference.tta import get_view, scaled_side
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_input_side, check_model_config
 from bonecomp.optim import check_optimizer_name
+from bonecomp.trackers import check_trackers
 
 
 def check_config(cfg: Config) -> None:
@@ -33,6 +34,7 @@ def check_config(cfg: Config) -> None:
         lambda: _check_tta(cfg.infer.tta),
         lambda: _check_input_sides(cfg),
         lambda: _check_folders(cfg),
+        lambda: check_trackers(cfg.train.trackers),
     ]
     for check in checks:
         try:

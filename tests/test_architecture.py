@@ -34,6 +34,7 @@ LAYERS = {
     "bonecomp.engine": 2,
     "bonecomp.inference": 2,
     "bonecomp.inference.oof": 2,  # the one reader of a run's oof.npy / oof_index.csv
+    "bonecomp.trackers": 2,  # TensorBoard / W&B / MLflow behind one interface
     "bonecomp.checks": 2,  # the whole config against the registries
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.inference.pseudo_labels": 3,  # wiring: test images -> pseudo-label folder
