@@ -23,8 +23,12 @@ from bonecomp.optim import check_optimizer_name
 from bonecomp.trackers import check_trackers
 
 
-def check_config(cfg: Config) -> None:
-    """Raise ``ConfigError`` for the first problem of ``cfg``; see the module docstring."""
+def check_config(cfg: Config, training: bool = True) -> None:
+    """Raise ``ConfigError`` for the first problem of ``cfg``; see the module docstring.
+
+    ``training``: also the keys only training uses (the trackers' packages), so a recipe
+    that logs to W&B still predicts on a machine without wandb.
+    """
     check_values(cfg)
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
@@ -34,7 +38,7 @@ def check_config(cfg: Config) -> None:
         lambda: _check_tta(cfg.infer.tta),
         lambda: _check_input_sides(cfg),
         lambda: _check_folders(cfg),
-        lambda: check_trackers(cfg.train.trackers),
+        lambda: check_trackers(cfg.train.trackers if training else []),
     ]
     for check in checks:
         try:

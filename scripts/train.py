@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args) -> int:
-    cfg = cli.load(args)
+    cfg = cli.load(args, training=True)
     try:
         folds = cli.folds(args.fold, cfg)
         for fold in folds:

@@ -243,6 +243,18 @@ def test_a_tracker_whose_package_is_missing_is_one_line_before_any_work(
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
+def test_scripts_that_do_not_train_ignore_the_trackers_packages(tiny_root, tmp_path, monkeypatch):
+    """A recipe that logs to W&B still predicts on a machine without wandb: only training
+    checks the trackers' packages."""
+    from bonecomp.checks import check_config
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.trackers": ["wandb"]})
+    check_config(cfg, training=False)
+    with pytest.raises(ConfigError, match=r"train\.trackers\[0\]: wandb needs wandb"):
+        check_config(cfg)
+
+
 def test_wandb_without_a_login_is_one_line_saying_what_to_do(
     tiny_root, tmp_path, capsys, monkeypatch
 ):
