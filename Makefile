@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Extras of pyproject.toml installed into .venv: dev (tests, lint); dev,track adds the
+# experiment trackers (`make setup EXTRAS=dev,track`; CI does, so their tests run there).
+EXTRAS ?= dev
+STAMP  := $(VENV)/.installed-$(EXTRAS)
 DEMO   := data/phantom
 
 .PHONY: setup demo smoke doctor test lint bench report-check base-config
@@ -11,7 +14,7 @@ DEMO   := data/phantom
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -2,25 +2,33 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(architecture, encoder and input size, loss terms, optimizer, TTA), in milliseconds and
-without building a model. Every error is one line: where the value came from (the YAML
-file, or "command line"), the key, and what is wrong.
+(architecture, encoder and input size, loss terms, optimizer, TTA), the output folders
+and the packages of the experiment trackers, in milliseconds and without building a model
+(a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
+every side the network will see is checked against it). Every error is one line: where
+the value came from (the YAML file, or "command line"), the key, and what is wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from bonecomp.config import Config, ConfigError, check_values, source_of
 from bonecomp.extensions import import_extensions
-from bonecomp.inference.tta import get_view
+from bonecomp.inference.tta import get_view, scaled_side
 from bonecomp.losses import check_loss_config
-from bonecomp.models import check_model_config
+from bonecomp.models import check_input_side, check_model_config
 from bonecomp.optim import check_optimizer_name
+from bonecomp.trackers import check_trackers
 
 
-def check_config(cfg: Config) -> None:
-    """Raise ``ConfigError`` for the first problem of ``cfg``; see the module docstring."""
+def check_config(cfg: Config, training: bool = True) -> None:
+    """Raise ``ConfigError`` for the first problem of ``cfg``; see the module docstring.
+
+    ``training``: also the keys only training uses (the trackers' packages), so a recipe
+    that logs to W&B still predicts on a machine without wandb.
+    """
     check_values(cfg)
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
@@ -28,6 +36,9 @@ def check_config(cfg: Config) -> None:
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
+        lambda: _check_input_sides(cfg),
+        lambda: _check_folders(cfg),
+        lambda: check_trackers(cfg.train.trackers if training else []),
     ]
     for check in checks:
         try:
@@ -46,3 +57,38 @@ def _check_tta(names: list[str]) -> None:
         except ValueError as e:  # worded once, by the registry
             key = f"infer.tta[{i}]"
             raise ConfigError(f"{key}: {e}", key) from None
+
+
+# The keys that name folders the pipeline writes into.
+FOLDER_KEYS = ("data.cache_dir", "train.output_dir", "infer.out_dir")
+
+
+def _check_folders(cfg: Config) -> None:
+    """Each output folder key names a folder or a path that can become one: not a file,
+    and not below one (``mkdir`` would fail later with a traceback, after the work)."""
+    for key in FOLDER_KEYS:
+        section, name = key.split(".")
+        path = Path(getattr(getattr(cfg, section), name))
+        for part in (path, *path.parents):
+            if part.exists() or part.is_symlink():
+                if not part.is_dir():
+                    what = "is a file" if part == path else f"is below the file {part}"
+                    raise ConfigError(
+                        f"{key}: {path} {what}, not a folder; point {key} at a folder", key
+                    )
+                break
+
+
+def _check_input_sides(cfg: Config) -> None:
+    """Every input side the network is fed (training at ``data.image_size``; inference at
+    each ``infer.scales`` factor, in ``infer.tile`` tiles with the sliding window) fits
+    the encoder: a fixed-size one (``models.fixed_input_side``) takes one side only."""
+    size, inf = cfg.data.image_size, cfg.infer
+    check_input_side(cfg.model, "data.image_size", size)
+    tiled = inf.sliding_window and inf.tile < size  # as the ensemble decides
+    for i, scale in enumerate(inf.scales):
+        side = scaled_side(size, scale)
+        if tiled and inf.tile < side:
+            check_input_side(cfg.model, "infer.tile", inf.tile)
+        else:
+            check_input_side(cfg.model, f"infer.scales[{i}]", side)

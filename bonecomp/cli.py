@@ -70,11 +70,12 @@ def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Names
     return args
 
 
-def load(args: argparse.Namespace) -> Config:
+def load(args: argparse.Namespace, training: bool = False) -> Config:
     """The recipe of ``--config`` with the command line's overrides applied, checked whole
-    (names, ranges, model and input size) before any expensive work."""
+    (names, ranges, model and input size; with ``training``, what only training needs)
+    before any expensive work."""
     cfg = load_config(args.config, args.overrides)
-    check_config(cfg)
+    check_config(cfg, training)
     return cfg
 
 

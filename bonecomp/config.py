@@ -399,8 +399,13 @@ class TrainConfig:
     oof_size: int = key(
         256, "side of the saved out-of-fold maps", check=lambda v: v >= 1, want="must be >= 1"
     )
-    tensorboard: bool = key(False, "TensorBoard logs in the fold folder (tb/)", resume=True)
-    wandb: bool = key(False, "log to Weights & Biases (project bonecomp)", resume=True)
+    trackers: list[str] = key(
+        [],
+        "experiment trackers, any of tensorboard, wandb, mlflow: config, summary.csv per"
+        ' epoch, per-class Dice, report (pip install -e ".[track]"; README "Experiment'
+        ' trackers")',
+        resume=True,
+    )
     micro_batch: int | Literal["auto"] | None = key(
         None,
         "images per forward: null = batch_size; n; auto = probe the GPU",
@@ -579,6 +584,8 @@ class Config:
 MOVED = {
     "loss.bce_weight": "loss.terms (e.g. `loss: {terms: {bce: 0.5, dice: 0.5}}`)",
     "loss.dice_weight": "loss.terms (e.g. `loss: {terms: {bce: 0.5, dice: 0.5}}`)",
+    "train.tensorboard": "train.trackers (e.g. `train: {trackers: [tensorboard]}`)",
+    "train.wandb": "train.trackers (e.g. `train: {trackers: [wandb]}`)",
 }
 
 
@@ -628,6 +635,10 @@ def config_from_saved(raw: dict[str, Any], where: str) -> Config:
     if isinstance(loss, dict) and ({"bce_weight", "dice_weight"} & set(loss)):
         bce, dice = loss.pop("bce_weight", 0.5), loss.pop("dice_weight", 0.5)
         loss.setdefault("terms", {k: w for k, w in (("bce", bce), ("dice", dice)) if w})
+    train = raw.get("train")
+    if isinstance(train, dict) and ({"tensorboard", "wandb"} & set(train)):
+        old = [name for name in ("tensorboard", "wandb") if train.pop(name, False)]
+        train.setdefault("trackers", old)
     return from_dict(Config, raw, where=where)
 
 

@@ -9,8 +9,11 @@ module; no other file spells these names.
         best.pt, last.pt     self-describing checkpoints (last.pt also resumes)
         oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
-        .lock                held while a process trains this fold
+        tb/, wandb/          train.trackers: TensorBoard events, W&B run files
+        .lock                held while a process trains this fold (removed after)
     <train.output_dir>/<experiment>/report.html      the experiment's report (all folds)
+    <train.output_dir>/mlflow.db, mlartifacts/   train.trackers: mlflow's default local
+        store (every experiment and fold in one, to compare them) and its artifacts
     <train.output_dir>/thresholds_<infer.name>.json   per-class thresholds of an ensemble
         (and, from scripts/tune_ensemble.py, its class_weights table: {experiment: [29]})
     <train.output_dir>/report_<infer.name>.html       the report of an ensemble
@@ -49,6 +52,9 @@ OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
 BATCH_PLAN = "batch_plan.json"
+TENSORBOARD = "tb"  # train.trackers: the fold's TensorBoard event files
+MLFLOW_DB = "mlflow.db"  # train.trackers: MLflow's default store, in train.output_dir
+MLFLOW_ARTIFACTS = "mlartifacts"  # beside it: the artifacts of that store's runs
 REPORT = "report.html"  # per experiment (runs/<experiment>/) and per ensemble (runs/)
 CHECKPOINTS = {"best": BEST, "last": LAST}  # names an ensemble section may use
 PSEUDO_IMAGES = "images.npy"
@@ -85,6 +91,8 @@ class RunDir:
     oof = property(lambda self: self.path / OOF)
     oof_index = property(lambda self: self.path / OOF_INDEX)
     batch_plan = property(lambda self: self.path / BATCH_PLAN)
+    tensorboard = property(lambda self: self.path / TENSORBOARD)
+    root = property(lambda self: self.path.parent.parent)  # train.output_dir
 
     def saved_config(self) -> Config:
         """The run's ``config.yaml`` as a ``Config`` (errors name the file)."""

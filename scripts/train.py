@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from bonecomp import cli, distributed
 from bonecomp.config import Config
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args) -> int:
-    cfg = cli.load(args)
+    cfg = cli.load(args, training=True)
     try:
         folds = cli.folds(args.fold, cfg)
         for fold in folds:
             result = run_training(
-                cfg, fold, args.resume, not args.quiet, lambda run: plot_dice_bars(run.dice_csv)
-            )
+                cfg, fold, args.resume, not args.quiet, lambda run: plot_dice_bars(run.dice_csv),
+                on_end=lambda run, last=fold == folds[-1]: report(cfg, last),
+            )  # fmt: skip
             cut = f" ({result.cut})" if result.cut else ""
             print(
                 f"fold {fold}: best val Dice {result.best_dice:.4f} at epoch "
@@ -46,26 +48,26 @@ def train(args) -> int:
             warning = result.warning(fold, cfg.train.expect_dice)
             if warning:
                 print(f"warning: {warning}", file=sys.stderr)
-            # under torchrun the other ranks would wait for rank 0's page: last fold only
-            dd = distributed.setup(cfg.train.device)  # the job run_training joined
-            if fold == folds[-1] or dd.world == 1:
-                report(cfg, dd)
     finally:
         distributed.shutdown()
     return 0
 
 
-def report(cfg: Config, dd: distributed.Dist) -> None:
-    """Refresh runs/<experiment>/report.html with every trained fold (train.report; rank 0)."""
-    if not cfg.train.report or not dd.main:
-        return
+def report(cfg: Config, last_fold: bool) -> Path | None:
+    """Refresh runs/<experiment>/report.html with every trained fold (train.report; rank 0),
+    called by run_training at the end of a fold so the trackers get the page."""
+    dd = distributed.setup(cfg.train.device)  # the job run_training joined
+    # under torchrun the other ranks would wait for rank 0's page: last fold only
+    if not cfg.train.report or not dd.main or not (last_fold or dd.world == 1):
+        return None
     start = time.perf_counter()
     try:
         path = write_run_report(experiment_dir(cfg))
     except Exception as e:  # the fold is trained and saved: a failed page must not undo that
         print(f"warning: report not written ({type(e).__name__}: {e})", file=sys.stderr)
-        return
+        return None
     print(f"report {path} ({time.perf_counter() - start:.1f} s)")
+    return path
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ LAYERS = {
     "bonecomp.fileio": 0,
     "bonecomp.distributed": 0,
     "bonecomp.memory": 0,  # out-of-memory handling and meters (torch only)
+    "bonecomp.workers": 0,  # worker processes end with their parent (stdlib only)
     "bonecomp.extensions": 1,  # imports the user's modules named by the config
     "bonecomp.runs": 1,  # the run folder's names (config + file helpers only)
     "bonecomp.data": 1,
@@ -33,6 +34,7 @@ LAYERS = {
     "bonecomp.engine": 2,
     "bonecomp.inference": 2,
     "bonecomp.inference.oof": 2,  # the one reader of a run's oof.npy / oof_index.csv
+    "bonecomp.trackers": 2,  # TensorBoard / W&B / MLflow behind one interface
     "bonecomp.checks": 2,  # the whole config against the registries
     "bonecomp.inference.predict": 3,  # wiring: test images -> validated CSV
     "bonecomp.inference.pseudo_labels": 3,  # wiring: test images -> pseudo-label folder

@@ -294,7 +294,8 @@ def test_resume_rule_is_todays_set():
     """The keys --resume may change, as RESUME_MAY_CHANGE listed them before the flags."""
     assert resume_may_change() == {
         "data.num_workers", "data.cache_dir", "data.root", "train.max_train_minutes",
-        "train.tensorboard", "train.wandb", "train.device", "train.output_dir",
+        "train.device", "train.output_dir",
+        "train.trackers",  # was train.tensorboard and train.wandb: how it is logged
         "train.experiment", "train.channels_last", "infer",
         "train.micro_batch", "train.memory_fraction", "train.compile",
         "extensions",  # added since: where the user's registrations live, like data.root

@@ -27,8 +27,9 @@ the 2048 frame) stops the build with one line naming both files and the PNG's si
 with ``on_bad_image="skip"``, is left out with a warning. Free disk is checked against the
 cache's size before writing and the images file is preallocated, so a full disk ends in
 one ``CacheError`` naming the folder, never a SIGBUS. Any failure removes the partial
-cache and ends the workers; a worker whose parent was killed (kill -9) exits within a
-second, and the next ``open_cache`` removes the temporary folder the dead builder left.
+cache and ends the workers; a worker whose parent was killed (kill -9) ends within a
+second, even mid-image (``bonecomp.workers``), and the next ``open_cache`` removes the
+temporary folder the dead builder left.
 
 Damage: opening checks every file's size, the small files' hashes and the .npy headers
 (hashing GBs of images on every open would be slow; ``verify=True`` does it). Damage
@@ -46,8 +47,6 @@ import json
 import os
 import shutil
 import sys
-import threading
-import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -67,6 +66,7 @@ from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, tru
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.data.layout import discover
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
+from bonecomp.workers import end_with_parent
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
@@ -445,22 +445,12 @@ def _data_root(df: pd.DataFrame) -> Path:
 
 
 def _worker_init(parent: int) -> None:
+    end_with_parent(parent)  # killed with its parent, even mid-image (bonecomp.workers)
     # One thread per process: the pool already uses every core.
     cv2.setNumThreads(1)
     import numba
 
     numba.set_num_threads(1)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent: int, every: float = 0.2) -> None:
-    """Exit this worker as soon as ``parent`` is gone (killed with -9, the pool never says
-    so; a worker left behind holds ~0.8 GB for good). Polling ``getppid`` works on every
-    POSIX system, unlike ``PR_SET_PDEATHSIG``, which also fires when the parent *thread*
-    that spawned the worker ends."""
-    while os.getppid() == parent:
-        time.sleep(every)
-    os._exit(1)
 
 
 def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:

@@ -10,8 +10,11 @@ relative path (the order the submission uses).
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -46,12 +49,94 @@ def annotation_dir(root: Path | str) -> Path:
     return Path(root) / "train" / "outputs_json"
 
 
-def find_images(root: Path | str, split: str = "train") -> list[Path]:
-    """PNG paths under ``root/<split>/DCM``, relative to that folder, sorted."""
+IMAGES_PER_PATIENT = 2  # one left and one right hand (docs/format.md)
+
+
+@dataclass
+class Listing:
+    """What one split's ``DCM`` folder holds: the images (``ID/<name>.png``, relative to
+    the folder, sorted) and every file that breaks the layout's rules, with what is wrong.
+
+    The one reading of the layout: the integrity check reports ``problems``, training and
+    inference refuse to start on them, so no tool reads a file another one skips.
+    """
+
+    dcm: Path
+    images: list[Path] = field(default_factory=list)
+    problems: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def scan_images(root: Path | str, split: str = "train") -> Listing:
+    """The images of ``root/<split>/DCM`` and the files that break its rules.
+
+    Rules: an image is ``<ID>/<name>.png`` (lower-case extension) in a patient folder;
+    every patient folder holds two; a stem names one image in the split (the submission
+    and ``data.exclude`` know images by name); a symbolic link must reach a file. Any
+    other file outside a patient folder, below one, or in one but not a ``.png`` breaks
+    them. Hidden files (``.DS_Store``) are ignored everywhere.
+    """
     dcm = Path(root) / split / "DCM"
     if not dcm.is_dir():
         raise DataLayoutError(f"{Path(root)}: no {split}/DCM folder. {PHANTOM_HINT}")
-    return sorted(p.relative_to(dcm) for p in dcm.glob("*/*.png"))
+    listing = Listing(dcm)
+    bad = listing.problems.append
+    owners: dict[str, list[Path]] = defaultdict(list)
+    for entry in _visible(dcm):
+        if not entry.is_dir():
+            bad((entry, _broken(entry) or "file outside a patient folder"))
+            continue
+        count = 0
+        for f in _visible(entry):
+            if f.is_dir():
+                nested = [p for p in f.rglob("*") if not p.is_dir()]
+                if nested:
+                    what = f"folder inside a patient folder; its {len(nested)} file(s) are not read"
+                    bad((f, f"{what}: images belong in <ID>/<name>.png"))
+            elif problem := _broken(f):
+                bad((f, problem))
+            elif f.suffix == ".png":
+                listing.images.append(f.relative_to(dcm))
+                owners[f.stem].append(entry)
+                count += 1
+            elif f.suffix.lower() == ".png":
+                bad((f, f"extension {f.suffix!r}: rename it to {f.stem}.png"))
+            else:
+                bad((f, "not a .png image (a patient folder holds only its PNGs)"))
+        if count != IMAGES_PER_PATIENT:
+            bad((entry, f"holds {count} PNG image(s), expected {IMAGES_PER_PATIENT}"))
+    for stem, folders in sorted(owners.items()):
+        if len(folders) > 1:
+            names = sorted(d.name for d in folders)
+            bad((folders[0] / f"{stem}.png", f"image stem used by several patients: {names}"))
+    listing.images.sort()
+    listing.problems.sort(key=lambda item: str(item[0]))
+    return listing
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _broken(path: Path) -> str | None:
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None
+
+
+def find_images(root: Path | str, split: str = "train") -> list[Path]:
+    """PNG paths under ``root/<split>/DCM``, relative to that folder, sorted; refuses a
+    folder that breaks the layout's rules (``scan_images``), naming the files."""
+    listing = scan_images(root, split)
+    if listing.problems:
+        n = len(listing.problems)
+        shown = "; ".join(f"{p}: {m}" for p, m in listing.problems[:3])
+        more = f" (and {n - 3} more)" if n > 3 else ""
+        raise DataLayoutError(
+            f"{n} file(s) in {listing.dcm} break the layout (docs/format.md), and no image "
+            f"is skipped silently: {shown}{more}. Fix them; "
+            f"`python scripts/verify_data.py {Path(root)}` lists every one"
+        )
+    return listing.images
 
 
 def find_jsons(folder: Path | str) -> list[Path]:
@@ -63,19 +148,17 @@ def find_jsons(folder: Path | str) -> list[Path]:
 def discover(root: Path | str, split: str = "train", exclude: Iterable[str] = ()) -> pd.DataFrame:
     """Table of one split: patient, rel (ID/name), name, image_path, json_path.
 
-    ``json_path`` is empty for the test split. Training images without a JSON (or JSONs
-    without an image), patient folders without images, and an empty split are errors that
-    name the root and the files. ``exclude`` drops training images given by file name,
-    stem or relative path (for the real images with known annotation errors).
+    ``json_path`` is empty for the test split. A folder that breaks the layout's rules
+    (``scan_images``), training images without a JSON (or JSONs without an image) and an
+    empty split are errors that name the root and the files. ``exclude`` drops training
+    images given by file name, stem or relative path (the real images with known
+    annotation errors).
     """
     root = Path(root)
     if not root.is_dir():
         raise DataLayoutError(f"data root {root} ({root.resolve()}) does not exist. {PHANTOM_HINT}")
     images = find_images(root, split)
     dcm = root / split / "DCM"
-    empty = sorted(d.name for d in dcm.iterdir() if d.is_dir() and not any(d.glob("*.png")))
-    if empty:
-        raise DataLayoutError(f"{dcm}: patient folders without PNG images: {_few(empty)}")
     if not images:
         raise DataLayoutError(f"{dcm}: no images (expected {split}/DCM/ID*/*.png). {PHANTOM_HINT}")
     json_paths = [""] * len(images)
@@ -103,7 +186,13 @@ def discover(root: Path | str, split: str = "train", exclude: Iterable[str] = ()
         },
         columns=COLUMNS,
     )
-    return apply_exclude(df, exclude)
+    kept = apply_exclude(df, exclude)
+    if kept.empty:  # not "unusable": the user's list took them all
+        raise DataLayoutError(
+            f"data.exclude excludes every one of the {len(df)} {split} images of {root}: "
+            "nothing is left; shorten data.exclude"
+        )
+    return kept
 
 
 def apply_exclude(df: pd.DataFrame, exclude: Iterable[str]) -> pd.DataFrame:

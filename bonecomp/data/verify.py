@@ -1,14 +1,14 @@
 """Integrity check of a data root: every problem, each with its file, reported together.
 
-Read-only. Checks the layout (pairs, two images per patient, duplicate stems across
-patients, a test folder with images), every PNG (decodes, complete, same size as the
-others) and every annotation (see ``annotations.check_annotation``).
+Read-only. Checks the layout (the rules of ``layout.scan_images``, which training and
+inference apply too; image/JSON pairs; a test folder with images), every PNG (decodes,
+complete, same size as the others) and every annotation (see ``annotations.check_annotation``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ import cv2
 from tqdm.auto import tqdm
 
 from bonecomp.data.annotations import AnnotationError, check_annotation, read_json
-from bonecomp.data.layout import PHANTOM_HINT, annotation_dir, find_images, find_jsons
+from bonecomp.data.layout import PHANTOM_HINT, annotation_dir, find_jsons, scan_images
 
 _PNG_END = b"IEND\xaeB`\x82"
 
@@ -64,7 +64,7 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
     test_dcm = root / "test" / "DCM"
     if "test" not in splits:
         report.problems.append(Problem(str(test_dcm), "missing (the test images to predict)"))
-    elif not find_images(root, "test"):
+    elif not scan_images(root, "test").images:
         report.problems.append(Problem(str(test_dcm), "holds no PNG images (expected ID*/*.png)"))
     jdir = annotation_dir(root)
     if "train" in splits and not jdir.is_dir():
@@ -72,17 +72,9 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
 
     images: list[tuple[str, Path]] = []  # (split, path)
     for split in splits:
-        dcm = root / split / "DCM"
-        rels = find_images(root, split)
-        images += [(split, dcm / r) for r in rels]
-        per_patient = Counter(r.parts[0] for r in rels)
-        for d in sorted(p for p in dcm.iterdir() if p.is_dir()):
-            if per_patient[d.name] != 2:
-                report.problems.append(
-                    Problem(str(d), f"holds {per_patient[d.name]} PNG image(s), expected 2")
-                )
-        stray = [p for p in dcm.iterdir() if p.is_file()]
-        report.problems += [Problem(str(p), "file outside a patient folder") for p in stray]
+        listing = scan_images(root, split)  # the rules training and inference apply
+        images += [(split, listing.dcm / r) for r in listing.images]
+        report.problems += [Problem(str(p), m) for p, m in listing.problems]
 
     pairs: dict[Path, Path] = {}
     if "train" in splits and jdir.is_dir():
@@ -94,15 +86,6 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
         for key in sorted(json_keys.keys() - img_keys.keys()):
             report.problems.append(Problem(str(json_keys[key]), "annotation JSON without image"))
         pairs = {img_keys[k]: json_keys[k] for k in img_keys.keys() & json_keys.keys()}
-
-    stems: dict[str, set[str]] = defaultdict(set)
-    for _, p in images:
-        stems[p.stem].add(p.parent.name)
-    for stem, patients in sorted(stems.items()):
-        if len(patients) > 1:
-            report.problems.append(
-                Problem(stem, f"image stem used by several patients: {sorted(patients)}")
-            )
 
     paths = [p for _, p in images]
     with ThreadPoolExecutor(workers) as pool:  # cv2 decodes without the GIL

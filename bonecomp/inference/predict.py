@@ -8,10 +8,12 @@ load (DataLoader workers) -> ensemble (TTA x sliding window x models x folds)
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +35,7 @@ from bonecomp.inference.thresholds import resolve_thresholds
 from bonecomp.memory import run_chunked
 from bonecomp.runs import MemberSpec
 from bonecomp.submission import CheckReport, SubmissionWriter, validate_submission
+from bonecomp.workers import loader_worker_init
 
 OOM_HINT = "lower infer.tile with infer.sliding_window=true, or use fewer infer.scales"
 
@@ -81,6 +84,7 @@ def predicted_batches(
         batch_size=inf.batch_size,
         num_workers=inf.num_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=partial(loader_worker_init, parent=os.getpid()),  # end with us
     )
     micro = None  # images per forward: the batch, halved for good on out of memory
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):

@@ -86,7 +86,8 @@ class View:
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             h, w = x.shape[-2:]
-            size = (_round(h * self.scale, self.multiple), _round(w * self.scale, self.multiple))
+            m = self.multiple
+            size = (scaled_side(h, self.scale, m), scaled_side(w, self.scale, m))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return self.pair.augment(x)
 
@@ -121,8 +122,9 @@ def tta_mean(
     return total / len(tta)
 
 
-def _round(v: float, multiple: int) -> int:
-    return max(multiple, round(v / multiple) * multiple)
+def scaled_side(side: int, scale: float, multiple: int = 32) -> int:
+    """A side at a TTA ``scale``, rounded to ``multiple`` (what the network is then fed)."""
+    return max(multiple, round(side * scale / multiple) * multiple)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

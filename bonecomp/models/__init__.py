@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -198,14 +199,16 @@ def _vit_patch_stride(cfg: ModelConfig) -> int:
 
 def _smp_builder(cls: type[nn.Module]) -> Builder:
     def build(cfg: ModelConfig, classes: int, encoder_weights) -> nn.Module:
-        return cls(encoder_name=cfg.encoder, encoder_weights=encoder_weights, classes=classes)
+        return cls(encoder_name=cfg.encoder, encoder_weights=encoder_weights, classes=classes,
+                   **encoder_kwargs(cfg.encoder))  # fmt: skip
 
     return build
 
 
 def _fcn_builder(variant: str) -> Builder:
     def build(cfg: ModelConfig, classes: int, encoder_weights) -> nn.Module:
-        return FCN(cfg.encoder, encoder_weights, classes, variant, cfg.fcn_upsample)
+        return FCN(cfg.encoder, encoder_weights, classes, variant, cfg.fcn_upsample,
+                   **encoder_kwargs(cfg.encoder))  # fmt: skip
 
     return build
 
@@ -245,6 +248,64 @@ def _fcn_encoder(name: str, arch: str) -> nn.Module:
     if missing:
         raise ValueError(f"{advice} (no features at strides {missing})")
     return enc
+
+
+@functools.cache
+def _timm_input_size(encoder: str) -> tuple[int | None, bool]:
+    """(the only input side timm builds ``encoder`` for, or None when it takes any;
+    whether it has timm's ``dynamic_img_size`` switch): a ``tu-`` model with a strict
+    ``patch_embed`` (ViT, Swin, BEiT...) asserts its pretrained size in the forward pass.
+
+    Read off the timm model built on the meta device (no weights, no memory, ~0.5 s);
+    a model that cannot be built there is not checked (None, False): no refusal on a guess.
+    """
+    if not encoder.startswith("tu-"):
+        return None, False  # smp's own encoders are CNNs or mit_b* (any size)
+    import timm
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = timm.create_model(encoder[3:], pretrained=False)
+    except Exception:  # any failure only means: not checked here
+        return None, False
+    embed = getattr(net, "patch_embed", None)
+    side = getattr(embed, "img_size", None)
+    if not getattr(embed, "strict_img_size", False) or not side or side[0] != side[1]:
+        return None, False
+    return int(side[0]), hasattr(net, "dynamic_img_size")
+
+
+def encoder_kwargs(encoder: str) -> dict:
+    """What the built-in builders pass to timm for ``encoder``: ``dynamic_img_size=True``
+    for a fixed-size model that has it (ViT, DeiT, EVA, Swin), so it takes any input side
+    (position embeddings resampled, Swin's masks built per forward) and the recipe's size,
+    TTA scales and tiles all work; state dicts and weights are the same either way."""
+    side, dynamic = _timm_input_size(encoder)
+    return {"dynamic_img_size": True} if side is not None and dynamic else {}
+
+
+def fixed_input_side(cfg: ModelConfig) -> int | None:
+    """The only input side ``cfg``'s network takes (None: any multiple of its stride):
+    a fixed-size timm encoder without ``dynamic_img_size``, or one a registered
+    (non built-in) architecture builds without passing it."""
+    side, dynamic = _timm_input_size(cfg.encoder)
+    builtin = get_arch(cfg.arch).build.__module__ == __name__
+    return None if side is None or (dynamic and builtin) else side
+
+
+def check_input_side(cfg: ModelConfig, key: str, side: int) -> None:
+    """Raise ``ConfigError`` naming ``key`` when it gives the network a ``side`` px input
+    that a fixed-size encoder cannot take (the forward pass would assert)."""
+    fixed = fixed_input_side(cfg)
+    if fixed is not None and side != fixed:
+        raise ConfigError(
+            f"{key} gives the network {side}x{side} inputs, but model.encoder {cfg.encoder!r} "
+            f"takes {fixed}x{fixed} only (timm builds it at that size, without "
+            f"dynamic_img_size): set {key} to give {fixed}, or use an encoder that takes any "
+            "size (a CNN, tu-swin_*, tu-vit_*)",
+            key,
+        )
 
 
 def _check_encoder(name: str) -> None:

@@ -112,7 +112,8 @@ class FCNDecoder(nn.Module):
 class FCN(SegmentationModel):
     """An smp-style FCN: ``get_encoder`` (smp names or ``tu-<timm name>``) + ``FCNDecoder``
     + an identity head; the arguments are smp's (``encoder_name``, ``encoder_weights``,
-    ``classes``) plus the ``variant`` (fcn32s/16s/8s) and the ``upsample`` mode."""
+    ``classes``) plus the ``variant`` (fcn32s/16s/8s) and the ``upsample`` mode;
+    ``encoder_kwargs`` go to timm for a ``tu-`` encoder (as smp models' ``**kwargs`` do)."""
 
     requires_divisible_input_shape = False  # every score is resized to the next size
 
@@ -124,10 +125,11 @@ class FCN(SegmentationModel):
         variant: str = "fcn8s",
         upsample: str = "bilinear",
         in_channels: int = 3,
+        **encoder_kwargs,
     ) -> None:
         super().__init__()
         self.encoder = get_encoder(encoder_name, in_channels=in_channels, depth=5,
-                                   weights=encoder_weights)  # fmt: skip
+                                   weights=encoder_weights, **encoder_kwargs)  # fmt: skip
         self.decoder = FCNDecoder(self.encoder.out_channels, classes, variant, upsample)
         self.segmentation_head = nn.Identity()  # the decoder's score convs classify
         self.classification_head = None

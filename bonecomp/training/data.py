@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ from bonecomp.data.layout import DataLayoutError
 from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
 from bonecomp.distributed import Dist, RankError, all_gather_object, run_agreed, where
 from bonecomp.fileio import OutputError
+from bonecomp.workers import end_with_parent
 
 # Problems of a node's data or disk: under torchrun each ends every rank in one line.
 DATA_ERRORS: tuple[type[Exception], ...] = (
@@ -267,7 +270,7 @@ def build_loaders(
         num_workers=d.num_workers,
         pin_memory=pin_memory,
         persistent_workers=d.num_workers > 0,  # no re-fork per epoch (~2 s each on CPU)
-        worker_init_fn=seed_worker,
+        worker_init_fn=partial(seed_worker, parent=os.getpid()),  # the loader's parent
     )
     train_loader = DataLoader(
         train_ds,
@@ -281,11 +284,14 @@ def build_loaders(
     return FoldData(cache, train_idx, val_idx, train_loader, val_loader, gen, pseudo)
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy, random and the dataset's augmentations from torch's per-worker seed.
+def seed_worker(worker_id: int, parent: int | None = None) -> None:
+    """End with ``parent`` (``bonecomp.workers``), then seed numpy, random and the
+    dataset's augmentations from torch's per-worker seed.
 
     albumentations 2 has its own generator per Compose, so it is seeded explicitly.
     """
+    if parent is not None:
+        end_with_parent(parent)
     info = torch.utils.data.get_worker_info()
     seed = info.seed % 2**32
     np.random.seed(seed)  # noqa: NPY002 - libraries draw from the legacy global generator

@@ -96,12 +96,15 @@ def run_training(
     resume: bool = False,
     progress: bool = True,
     on_best: Callable[[RunDir], None] | None = None,
+    on_end: Callable[[RunDir], Path | None] | None = None,
 ) -> TrainResult:
     """Train ``fold`` of ``cfg``; ``resume`` continues from the run's ``last.pt``.
 
     Problems come in the order a user can act on them: config, then data, then the run
     folder (held by another process, already trained, not resumable). ``on_best(run)`` is
-    called on rank 0 after each new best epoch is saved.
+    called on rank 0 after each new best epoch is saved; ``on_end(run)`` on rank 0 after
+    the last epoch, before the trackers finish: the file it returns (the report) is
+    logged to them as an artifact.
     """
     check_config(cfg)
     if not 0 <= fold < cfg.data.n_splits:
@@ -149,11 +152,15 @@ def run_training(
             cfg=cfg, fold=fold, run=run, data=data, state=state, loss_fn=loss_fn, dd=dd,
             log=log, progress=progress and dd.main, on_best=on_best,
         )  # fmt: skip
+        ok = False
         try:
             prog = _epochs(fold_run, start)
-        finally:  # TensorBoard / W&B flushed even when training fails
             if log is not None:
-                log.close()
+                log.final(run, on_end(run) if on_end is not None else None)
+            ok = True
+        finally:  # the trackers' runs are closed (as failed) even when training fails
+            if log is not None:
+                log.close(ok)
             if dd.main:
                 discard_staged_oof(run)
         if _log.isEnabledFor(logging.DEBUG):  # --debug: the ranks' weights must agree

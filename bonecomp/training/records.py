@@ -1,11 +1,13 @@
-"""What a run leaves besides checkpoints: ``summary.csv`` (plus TensorBoard / W&B when
-enabled) and the out-of-fold probabilities of its best epoch."""
+"""What a run leaves besides checkpoints: ``summary.csv`` (and the same rows in the
+experiment trackers of ``train.trackers``) and the out-of-fold probabilities of its best
+epoch."""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,7 @@ from bonecomp.distributed import Dist
 from bonecomp.engine import OOFWriter
 from bonecomp.fileio import atomic_write
 from bonecomp.runs import OOF, OOF_INDEX, RunDir
+from bonecomp.trackers import Trackers
 
 FIRST = ("epoch", "loss")  # leading columns; the rest follow in the order they appear
 
@@ -38,42 +41,33 @@ class SummaryLog:
             if resume_after is not None:  # rows past last.pt belong to the lost epoch
                 old = old[old["epoch"] <= resume_after]
             self.rows = old.to_dict("records")
-        self.tb = self.wandb = None
-        if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("train.tensorboard=true needs `pip install tensorboard`") from e
-            self.tb = SummaryWriter(str(run.path / "tb"))
-        if cfg.train.wandb:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("train.wandb=true needs `pip install wandb`") from e
-            self.wandb = wandb.init(
-                project="bonecomp", name=f"{run.experiment}/{run.path.name}",
-                config=to_dict(cfg), dir=str(run.path),
-            )  # fmt: skip
+        self.trackers = Trackers(cfg.train.trackers, to_dict(cfg), run)
 
     def log(self, row: dict) -> None:
+        """Append ``row`` to ``summary.csv`` and send it to every tracker."""
         self.rows.append(dict(row))
         df = pd.DataFrame(self.rows)
         cols = [c for c in FIRST if c in df] + [c for c in df if c not in FIRST]
         with atomic_write(self.path) as f:
             df[cols].to_csv(f, index=False)
-        step = int(row["epoch"])
-        values = {k: float(v) for k, v in row.items() if k != "epoch" and _finite(v)}
-        if self.tb:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(values, step=step)
+        values = {
+            k: v if isinstance(v, str) else float(v)
+            for k, v in row.items()
+            if k != "epoch" and (isinstance(v, str) or _finite(v))
+        }
+        self.trackers.log(values, int(row["epoch"]))
 
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+    def final(self, run: RunDir, report: Path | None) -> None:
+        """The best epoch's per-class Dice and the report (when written) to the trackers."""
+        if run.dice_csv.exists():
+            dice = pd.read_csv(run.dice_csv)
+            self.trackers.log_final(dict(zip(dice["class"], map(float, dice["dice"]), strict=True)))
+        if report is not None and report.exists():
+            self.trackers.artifact(report)
+
+    def close(self, ok: bool = True) -> None:
+        """Finish the trackers' runs (``ok=False``: training failed)."""
+        self.trackers.finish(ok)
 
 
 def _finite(v: object) -> bool:

@@ -26,6 +26,7 @@ from bonecomp.data.phantom.hand import draw_hand
 from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients, sample_patient
 from bonecomp.data.phantom.stats import ImageStats, PhantomStats, label_overlap
 from bonecomp.fileio import atomic_write
+from bonecomp.workers import end_with_parent
 
 MIN_SIZE = 128  # below this the distal phalanges shrink to a pixel or two
 FAKE_SIDE = 3060  # the wrong height/width the real JSON metadata carries
@@ -78,7 +79,9 @@ def make_phantom(
                 bar.update()
         else:
             ctx = get_context("spawn")  # safe even when the caller holds threads (torch, cv2)
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            with ProcessPoolExecutor(
+                workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
+            ) as pool:
                 futures = [pool.submit(_write_patient, job, root, size, seed) for job in jobs]
                 for future in as_completed(futures):
                     images += future.result()
@@ -100,8 +103,10 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def _init_worker() -> None:
-    """One OpenCV thread per worker process: the pool already uses the cores."""
+def _init_worker(parent: int) -> None:
+    """End with ``parent`` (``bonecomp.workers``); one OpenCV thread per worker process:
+    the pool already uses the cores."""
+    end_with_parent(parent)
     cv2.setNumThreads(1)
 
 
