@@ -232,3 +232,49 @@ def test_a_rank_that_torchrun_ends_removes_its_lock(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 143, proc.stderr
     assert proc.stderr == "" and list(run.iterdir()) == []
+
+
+GATHER_OOF = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bonecomp import distributed
+from bonecomp.runs import RunDir
+from bonecomp.training.records import commit_oof, gather_oof, stage_oof
+
+dd = distributed.setup("cpu")
+val_idx = np.array([7, 3, 9, 1, 5])  # 3 rows on rank 0, 2 on rank 1
+cache = SimpleNamespace(index=pd.DataFrame({"rel": [f"img{i}" for i in range(10)]}))
+cfg = SimpleNamespace(train=SimpleNamespace(oof_size=4))
+run = RunDir(Path(sys.argv[1]) / f"rank{dd.rank}")  # only rank 0's may get files
+oof = stage_oof(cfg, run, cache, val_idx, dd)
+for i in val_idx[dd.rank :: dd.world]:  # this rank's validation share, as the loader's
+    oof.write(int(i), torch.full((29, 8, 8), float(i) / 16))
+gather_oof(oof, dd)
+if dd.main:
+    commit_oof(run)
+distributed.shutdown()
+"""
+
+
+def test_oof_rows_of_every_rank_land_in_their_row(tmp_path):
+    """Each rank writes its share of five validation images (value: the image's cache
+    row / 16); rank 0's oof.npy holds every image's value in the image's own row, and
+    rank 1 created no run folder."""
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_OOF)
+    logs = tmp_path / "logs"
+    cmd = torchrun(logs, "--nproc_per_node=2", f"--master_port={free_port()}", str(script))
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, worker_output(logs, "stderr")[-3000:]
+    oof = np.load(tmp_path / "rank0" / "oof.npy")
+    index = pd.read_csv(tmp_path / "rank0" / "oof_index.csv")
+    assert index["rel"].tolist() == ["img7", "img3", "img9", "img1", "img5"]
+    expected = np.array([7, 3, 9, 1, 5], np.float16)[:, None, None, None] / 16
+    np.testing.assert_array_equal(oof, np.broadcast_to(expected, (5, 29, 4, 4)))
+    assert not (tmp_path / "rank1").exists()
