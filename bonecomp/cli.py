@@ -7,6 +7,7 @@ Scripts stay thin: parse arguments here, call one library function, print its re
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from bonecomp.data.folds import FoldsError
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
 from bonecomp.data.pseudo_dir import PseudoError
+from bonecomp.distributed import RankError
 from bonecomp.engine import NonFiniteLossError
 from bonecomp.fileio import OutputError
 from bonecomp.memory import BatchMemoryError
@@ -34,7 +36,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataLayoutError, RunError, CheckpointError, FoldsError, AnnotationError,
     ImageReadError, WeightsError, NonFiniteLossError, CacheError, BatchMemoryError,
-    OutputError, PseudoError,
+    OutputError, PseudoError, RankError,
 )  # fmt: skip
 
 
@@ -48,11 +50,24 @@ def parser(doc: str | None, config: bool = True) -> argparse.ArgumentParser:
         )
         ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=50")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument(
+        "--debug", action="store_true",
+        help="debug lines on stdout (under torchrun: each rank's items and final weights hash)",
+    )  # fmt: skip
     return ap
 
 
 def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    return ap.parse_intermixed_args(argv)  # overrides may come before or after flags
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after flags
+    if getattr(args, "debug", False):
+        log = logging.getLogger("bonecomp")
+        if not any(h.get_name() == "bonecomp-debug" for h in log.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.set_name("bonecomp-debug")
+            handler.setFormatter(logging.Formatter("debug: %(message)s"))
+            log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    return args
 
 
 def load(args: argparse.Namespace, training: bool = False) -> Config:

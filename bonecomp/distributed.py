@@ -7,10 +7,19 @@ single-device code calls the same functions.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -42,7 +51,18 @@ def setup(device_pref: str = "auto") -> Dist:
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and not device_pref.startswith("cpu")
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        _exit_cleanly_on_sigterm()
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """torchrun ends a job's other processes with SIGTERM when one exits: raise
+    ``SystemExit`` then, so their ``finally`` blocks and context managers still run (the
+    run folder's lock and staged files are removed) and no traceback is printed."""
+    if threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
 def shutdown() -> None:
@@ -71,8 +91,121 @@ def all_reduce_min(value: int) -> int:
     """The smallest ``value`` over ranks (itself without a process group)."""
     if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+class RankError(RuntimeError):
+    """A problem found on some ranks of a torchrun job, raised on every rank with the
+    same one-line message naming where it happened (so no rank waits for the others)."""
+
+
+def where(rank: int | None = None) -> str:
+    """``rank R (node N, host H)``: where a process of the job runs (for messages)."""
+    rank = dist.get_rank() if rank is None and is_distributed() else rank or 0
+    node = os.environ.get("GROUP_RANK", "0")  # torchrun's --node_rank
+    return f"rank {rank} (node {node}, host {socket.gethostname()})"
+
+
+def is_rank0() -> bool:
+    """Whether this process is rank 0 (also without a process group)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (itself without a process group); pickled whole,
+    so for what fits in memory twice (a checkpoint on resume)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group).
+
+    For small objects (hashes, messages): each is pickled and sent to every rank.
+    """
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_agreed(
+    fn: Callable[[], T], errors: tuple[type[BaseException], ...], on: bool = True
+) -> T | None:
+    """``fn()`` on the ranks where ``on`` is true; then every rank learns whether it
+    failed anywhere, so every rank takes the same path (none waits in a collective for
+    one that gave up).
+
+    A failure with one of ``errors`` (the users' mistakes: data, disk, run folder) raises
+    ``RankError`` on every rank with the first failed rank's message and where it ran: a
+    problem of one node ends the job in one line everywhere. Any other exception (a bug)
+    is re-raised with its traceback on its rank; the others raise a ``RankError`` that
+    points there. Without a process group ``fn`` runs as it is. Returns ``fn()`` (None
+    where it did not run).
+    """
+    if not is_distributed():
+        return fn() if on else None
+    result, problem, error = None, None, None
+    if on:
+        try:
+            result = fn()
+        except BaseException as e:  # every rank must hear of any failure
+            error = e
+            mistake = isinstance(e, errors)
+            text = _one_line(e) if mistake else f"failed ({type(e).__name__}); see its traceback"
+            problem = f"{where()}: {text}"
+    problems = [p for p in all_gather_object(problem) if p is not None]
+    if error is not None and not isinstance(error, errors):
+        raise error
+    if problems:
+        more = f" (and {len(problems) - 1} more rank(s))" if len(problems) > 1 else ""
+        raise RankError(problems[0] + more) from error
+    return result
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def gather_rows(rows: np.ndarray, put: Callable[[int, int, np.ndarray], None]) -> None:
+    """Send every rank's ``rows`` (an (n, ...) array, n may differ by rank) to rank 0,
+    where ``put(rank, k, row)`` stores row ``k`` of ``rank`` (ranks other than 0 only).
+
+    One row per collective, so rank 0 holds at most ``world`` rows at a time (out-of-fold
+    maps are up to 15 MB a row and a validation share may hold hundreds; one
+    ``gather_object`` of them all would need that much memory twice over). Every rank
+    must call it, with rows of the same shape and dtype.
+    """
+    if not is_distributed():
+        return
+    rank = dist.get_rank()
+    counts = all_gather_object(len(rows))
+    device = _collective_device()
+    blank = torch.zeros(rows.shape[1:], dtype=_torch_dtype(rows.dtype))
+    for k in range(max(counts)):
+        mine = torch.from_numpy(np.ascontiguousarray(rows[k])) if k < len(rows) else blank
+        mine = mine.to(device)
+        bufs = [torch.empty_like(mine) for _ in counts] if rank == 0 else None
+        dist.gather(mine, bufs, dst=0)
+        if rank == 0:
+            for r in range(1, len(counts)):
+                if k < counts[r]:
+                    put(r, k, bufs[r].cpu().numpy())
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def _collective_device() -> torch.device:
+    """Where tensors of a collective must live: the rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -10,7 +10,7 @@ module; no other file spells these names.
         oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         tb/, wandb/          train.trackers: TensorBoard events, W&B run files
-        .lock                held while a process trains this fold
+        .lock                held while a process trains this fold (removed after)
     <train.output_dir>/<experiment>/report.html      the experiment's report (all folds)
     <train.output_dir>/mlflow.db, mlartifacts/   train.trackers: mlflow's default local
         store (every experiment and fold in one, to compare them) and its artifacts
@@ -107,7 +107,11 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold this fold's lock; a second process training it is refused at once."""
+        """Hold this fold's lock; a second process training it is refused at once.
+
+        The file is removed on release (a finished or failed run leaves no ``.lock``);
+        a process that took the lock on a file just removed by its releasing holder
+        retries on the new one, so two processes never both hold it."""
         path = self.path / LOCK
         with output_errors(path):
             self.path.mkdir(parents=True, exist_ok=True)
@@ -116,26 +120,37 @@ class RunDir:
         except ImportError:  # Windows: no lock
             yield
             return
-        with output_errors(path):
-            f = open(path, "a+")  # noqa: SIM115 - closed by the with below
-        with f:
-            if not _flock(f, fcntl):
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise RunError(
-                    f"{self.path} is being trained by {holder}; wait for it to finish or stop "
-                    "it, or choose another train.experiment"
-                ) from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()}")
-            f.flush()
-            try:
-                yield
-            finally:
+        while True:
+            with output_errors(path):
+                f = open(path, "a+")  # noqa: SIM115 - closed by the with below
+            with f:
+                if not _flock(f, fcntl):
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    raise RunError(
+                        f"{self.path} is being trained by {holder}; wait for it to finish or "
+                        "stop it, or choose another train.experiment"
+                    ) from None
+                if not _same_file(f, path):
+                    continue  # its holder removed it while we waited: lock the new one
                 f.seek(0)
                 f.truncate()
-                fcntl.flock(f, fcntl.LOCK_UN)
+                f.write(f"pid {os.getpid()}")
+                f.flush()
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)  # while held: no one locks a stale file
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                return
+
+
+def _same_file(f, path: Path) -> bool:
+    """Whether the open file ``f`` is still the one at ``path``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _flock(f, fcntl, grace_s: float = 15.0) -> bool:

@@ -4,7 +4,9 @@ python scripts/train.py --fold 0                     # the competition recipe (c
 python scripts/train.py --config configs/demo.yaml --fold 0       # the phantom demo
 python scripts/train.py --fold all model.arch=unet train.epochs=50
 python scripts/train.py --fold 0 --resume            # after a crash
-torchrun --nproc_per_node=4 scripts/train.py --fold 0
+torchrun --nproc_per_node=4 scripts/train.py --fold 0   # one machine, 4 GPUs
+torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --master_addr=HOST0 --master_port=29500
+    scripts/train.py --fold 0   # node 0; the same with --node_rank=1 on node 1 (docs/pipeline.md)
 """
 
 from __future__ import annotations

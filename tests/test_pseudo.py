@@ -47,7 +47,7 @@ from bonecomp.training.data import (
     open_pseudo_labels,
     prepare_cache,
 )
-from tests.test_training import free_port
+from tests.test_distributed import free_port
 
 KEYS = {"train.epochs": 2, "train.lr": 3e-3}
 

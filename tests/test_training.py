@@ -1,11 +1,11 @@
-"""Training runs on the tiny phantom: the run directory, resume, failures, DDP."""
+"""Training runs on the tiny phantom: the run directory, resume, failures (torchrun:
+test_distributed.py)."""
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +154,30 @@ def test_a_fold_in_training_is_not_started_twice(tiny_root, tmp_path):
     assert not run.last.exists() and not run.summary.exists()
 
 
+@pytest.mark.parametrize("second", ["worse", "fails"])
+def test_a_run_leaves_no_lock_or_staged_file(tiny_root, tmp_path, monkeypatch, second):
+    """The second validation's OOF is staged and then not the run's (its Dice is worse,
+    or training fails right after it): neither it nor the run's lock file stays."""
+    real, calls = training.validate, []
+
+    def validate(*args, **kwargs):
+        val = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2 and second == "fails":
+            raise RuntimeError("stop")
+        val.metrics["dice"] = 0.5 if len(calls) == 1 else 0.1
+        return val
+
+    monkeypatch.setattr(training, "validate", validate)
+    cfg = tiny_config(tiny_root, tmp_path)
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    with pytest.raises(RuntimeError, match="stop") if second == "fails" else nullcontext():
+        run_training(cfg, 0, progress=False)
+    assert len(calls) == 2
+    assert (run / "oof.npy").is_file() and load_checkpoint(run / "best.pt")["epoch"] == 0
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+
+
 def test_resume_keeps_a_better_best_and_works_after_the_folder_moved(
     tiny_root, tmp_path, monkeypatch
 ):
@@ -182,36 +206,6 @@ def test_resume_keeps_a_better_best_and_works_after_the_folder_moved(
     result = run_training(cfg, 0, resume=True, progress=False)
     assert result.epochs_done == 3 and result.best_dice == 2.0
     assert load_checkpoint(best_path)["metric"] == 2.0  # not replaced by a worse epoch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_with_gloo(tiny_root, tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(ROOT / "scripts" / "train.py"),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--fold",
-        "0",
-        "--quiet",
-        *tiny_overrides(tiny_root, tmp_path, **{"train.epochs": 1}),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "tiny" / "fold0"
-    assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0]
-    assert load_checkpoint(run / "best.pt")["metric"] >= 0
-    assert np.load(run / "oof.npy").shape[0] == len(pd.read_csv(run / "oof_index.csv"))
 
 
 class WeightedItems(BoneDataset):

@@ -254,6 +254,16 @@ def check_cache(folder: Path, fingerprint: str, verify: bool = False) -> str | N
     return None
 
 
+def content_digest(folder: Path | str) -> str:
+    """A hash of what a built cache holds (its files' hashes, size, version and crop),
+    the same on every machine that built it from the same data, unlike the source
+    fingerprint (which holds paths and mtimes): nodes of a torchrun job compare it."""
+    meta = json.loads((Path(folder) / "manifest.json").read_text())
+    files = sorted((name, info["hash"]) for name, info in meta["files"].items())
+    what = [meta["version"], meta["size"], meta.get("crop_margin"), files]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
 def load_cache(folder: Path) -> TrainCache:
     meta = json.loads((folder / "manifest.json").read_text())
     index = pd.read_csv(folder / "index.csv", dtype={"rel": str, "patient": str, "name": str})

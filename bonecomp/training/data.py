@@ -8,12 +8,14 @@ loader of every fold (never validation, so folds, validation and OOF are unchang
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,13 +24,23 @@ from torch.utils.data import ConcatDataset, DataLoader, RandomSampler, Sampler, 
 from torch.utils.data.distributed import DistributedSampler
 
 from bonecomp.config import Config, ConfigError, source_of
+from bonecomp.data.annotations import AnnotationError
 from bonecomp.data.augment import train_transform
-from bonecomp.data.cache import TrainCache, data_cache_dir, open_cache
+from bonecomp.data.cache import CacheError, TrainCache, content_digest, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
-from bonecomp.data.folds import folds_path, load_or_make_folds
+from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds
+from bonecomp.data.images import ImageReadError
+from bonecomp.data.layout import DataLayoutError
 from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
-from bonecomp.distributed import Dist
+from bonecomp.distributed import Dist, RankError, all_gather_object, run_agreed, where
+from bonecomp.fileio import OutputError
 from bonecomp.workers import end_with_parent
+
+# Problems of a node's data or disk: under torchrun each ends every rank in one line.
+DATA_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataLayoutError, CacheError, FoldsError, AnnotationError, ImageReadError,
+    PseudoError, OutputError,
+)  # fmt: skip
 
 
 @dataclass
@@ -75,27 +87,59 @@ def fold_split(folds: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:
 def prepare_cache(
     cfg: Config, table: pd.DataFrame, dd: Dist, progress: bool
 ) -> tuple[pd.DataFrame, TrainCache]:
-    """Folds and cache of the training table; rank 0 makes them, the others then load."""
+    """Folds and cache of the training table.
+
+    Each node's local rank 0 builds or checks its own cache and folds (no shared file
+    system is needed; on a shared one the cache's lock lets one build and the others
+    load), then the node's other ranks load them. Before training, every rank's cache
+    content hash and folds are compared: a node with other data ends the job on every
+    rank in one line naming it (``RankError``).
+    """
     cache_dir = data_cache_dir(cfg.data.cache_dir, cfg.data.root)
     fpath = folds_path(cache_dir, cfg.data.n_splits, cfg.data.fold_seed)
-    result = None
-    for turn in ("main", "others"):
-        if (turn == "main") == dd.main:
-            d = cfg.data
-            margin = d.crop_margin if d.crop else None  # carpal: a cache of carpal boxes
-            cache = open_cache(
-                table,
-                cache_dir,
-                d.image_size,
-                progress=progress,
-                on_bad_image=d.on_bad_image,
-                crop_margin=margin,
-            )
-            table = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
-            result = load_or_make_folds(table, fpath, d.n_splits, d.fold_seed), cache
-        dd.barrier()
+
+    def load() -> tuple[pd.DataFrame, TrainCache]:
+        d = cfg.data
+        margin = d.crop_margin if d.crop else None  # carpal: a cache of carpal boxes
+        cache = open_cache(
+            table,
+            cache_dir,
+            d.image_size,
+            progress=progress,
+            on_bad_image=d.on_bad_image,
+            crop_margin=margin,
+        )
+        kept = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
+        return load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed), cache
+
+    first = run_agreed(load, DATA_ERRORS, on=dd.local_rank == 0)
+    result = run_agreed(load, DATA_ERRORS, on=dd.local_rank != 0) or first
     assert result is not None
+    _same_data_on_every_rank(*result, fpath)
     return result
+
+
+def _same_data_on_every_rank(folds: pd.DataFrame, cache: TrainCache, fpath: Path) -> None:
+    """Raise ``RankError`` on every rank when any rank's cache content or folds differ
+    from rank 0's (a no-op on one process)."""
+    split = folds[["image", "patient", "fold"]].to_csv(index=False).encode()
+    mine = (where(), content_digest(cache.dir), hashlib.sha256(split).hexdigest(), str(fpath))
+    every = all_gather_object(mine)
+    for rank_at, cache_hash, folds_hash, path in every[1:]:
+        ref_at, ref_cache, ref_folds, _ = every[0]
+        if cache_hash != ref_cache:
+            raise RankError(
+                f"{rank_at} has other training data than {ref_at}: its cache "
+                f"{cache.dir.name} hashes to {cache_hash[:12]}, rank 0's to {ref_cache[:12]}; "
+                "every node needs the same data.root (copy node 0's) and the same data.* "
+                "settings"
+            )
+        if folds_hash != ref_folds:
+            raise RankError(
+                f"{rank_at} has other folds than {ref_at} ({path} hashes to "
+                f"{folds_hash[:12]}, rank 0's to {ref_folds[:12]}); delete it on that node "
+                "or copy node 0's"
+            )
 
 
 def open_pseudo_labels(cfg: Config, table: pd.DataFrame) -> PseudoSet | None:

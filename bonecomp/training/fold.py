@@ -7,34 +7,45 @@ check config -> find data -> lock the run folder -> folds + cache -> loaders
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from bonecomp import distributed
+from bonecomp.checkpoint import CheckpointError
 from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, save_config
 from bonecomp.data.layout import discover
+from bonecomp.data.pseudo_dir import PseudoSet
 from bonecomp.device import pick_device
-from bonecomp.distributed import Dist
+from bonecomp.distributed import Dist, run_agreed, where
 from bonecomp.engine import Budget, Epoch, LossFn, train_one_epoch, validate
-from bonecomp.fileio import remove_stale_temps
+from bonecomp.fileio import OutputError, remove_stale_temps
 from bonecomp.losses import build_loss
 from bonecomp.memory import device_meter
 from bonecomp.runs import RunDir, RunError, run_dir
 from bonecomp.training.batch_plan import plan_batch, save_plan
 from bonecomp.training.data import (
+    DATA_ERRORS,
     FoldData,
     build_loaders,
     fold_split,
     open_pseudo_labels,
     prepare_cache,
 )
-from bonecomp.training.records import SummaryLog, commit_oof, stage_oof
+from bonecomp.training.records import (
+    SummaryLog,
+    commit_oof,
+    discard_staged_oof,
+    gather_oof,
+    stage_oof,
+)
 from bonecomp.training.state import (
     Progress,
     TrainState,
@@ -45,7 +56,10 @@ from bonecomp.training.state import (
     save_best,
     save_last,
     updates_per_epoch,
+    weights_digest,
 )
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,8 +111,12 @@ def run_training(
         raise ConfigError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
     dd = distributed.setup(cfg.train.device)
     device = _device(cfg.train.device, dd)
-    table = discover(cfg.data.root, "train", cfg.data.exclude)
-    pseudo = open_pseudo_labels(cfg, table)  # a problem here is the user's data: before the run
+
+    def find_data() -> tuple[pd.DataFrame, PseudoSet | None]:  # each node reads its own copy
+        table = discover(cfg.data.root, "train", cfg.data.exclude)
+        return table, open_pseudo_labels(cfg, table)  # the user's data: before the run
+
+    table, pseudo = run_agreed(find_data, DATA_ERRORS)  # a problem on one node ends all
     run = run_dir(cfg, fold)
     with contextlib.ExitStack() as held:
 
@@ -107,7 +125,8 @@ def run_training(
             check_resumable(cfg, run) if resume else check_fresh(run)
             remove_stale_temps(run.path)  # half-written files of a killed process
 
-        _agree(claim, dd)
+        # only rank 0 opens the run folder; a refusal ends every rank with its message
+        run_agreed(claim, (RunError, OutputError, CheckpointError, ConfigError), on=dd.main)
         folds, cache = prepare_cache(cfg, table, dd, progress and dd.main)
         train_idx, val_idx = fold_split(folds, fold)
         data = build_loaders(cfg, cache, train_idx, val_idx, dd, device.type == "cuda", pseudo)
@@ -142,6 +161,10 @@ def run_training(
         finally:  # the trackers' runs are closed (as failed) even when training fails
             if log is not None:
                 log.close(ok)
+            if dd.main:
+                discard_staged_oof(run)
+        if _log.isEnabledFor(logging.DEBUG):  # --debug: the ranks' weights must agree
+            _log.debug("%s: weights sha256 %s", where(), weights_digest(state.model))
     return TrainResult(
         run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1, cfg.train.epochs, prog.cut
     )
@@ -183,6 +206,9 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
     )  # fmt: skip
     for epoch in bar:
         data.start_epoch(t.seed, epoch, dd.rank)
+        if dd.world > 1 and _log.isEnabledFor(logging.DEBUG):  # each rank its own share
+            items = sorted(data.train_loader.sampler)  # a DDP sampler's order is seeded
+            _log.debug("%s: epoch %d trains on items %s", where(), epoch, items)
         row = train_one_epoch(
             state.train_model, data.train_loader, state.optimizer, state.scheduler, f.loss_fn,
             state.ctx, Epoch(epoch, prog.num_updates, budget),
@@ -198,6 +224,8 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             val = validate(
                 state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof
             )
+            if oof is not None:
+                gather_oof(oof, dd)  # the other ranks' rows to rank 0's staged file
             metric = val.metrics["dice"]
             row.update({f"val_{k}": v for k, v in val.metrics.items()})
             improved = metric > prog.best_dice
@@ -232,18 +260,6 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             )
             break
     return prog
-
-
-def _agree(check: Callable[[], None], dd: Dist) -> None:
-    """Run a check on rank 0; every rank raises if it failed (none waits in a collective)."""
-    error = None
-    if dd.main:
-        try:
-            check()
-        except RunError as e:
-            error = e
-    if not distributed.all_ranks_true(error is None):
-        raise error or RunError("rank 0 refused the run folder (see its message)")
 
 
 def _device(pref: str, dd: Dist) -> torch.device:

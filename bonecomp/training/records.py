@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from bonecomp import distributed
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import Config, to_dict
 from bonecomp.data.cache import TrainCache
@@ -75,24 +77,53 @@ def _finite(v: object) -> bool:
 def stage_oof(
     cfg: Config, run: RunDir, cache: TrainCache, val_idx: np.ndarray, dd: Dist
 ) -> OOFWriter:
-    """A float16 memmap for this validation pass's probabilities, shared by the ranks;
-    it replaces ``oof.npy`` only if the epoch turns out to be the best (``commit_oof``)."""
+    """Where this validation pass's probabilities go; it replaces ``oof.npy`` only if the
+    epoch turns out to be the best (``commit_oof``).
+
+    Rank 0 writes a float16 memmap in the run folder; the other ranks never open the run
+    folder (on another node it is not there: no shared file system is needed) and keep
+    their share of the rows (``val_idx[rank::world]``, as ``build_loaders`` splits
+    validation) in an anonymous temporary file, which ``gather_oof`` sends to rank 0.
+    """
     size = cfg.train.oof_size
-    path = run.staged(OOF)
-    shape = (len(val_idx), NUM_CLASSES, size, size)
+    row_shape = (NUM_CLASSES, size, size)
+    if not dd.main:
+        mine = val_idx[dd.rank :: dd.world]
+        shape = (len(mine), *row_shape)
+        buffer = np.zeros(shape, np.float16)  # no validation image on this rank: no file
+        if len(mine):
+            # unlinked at creation: nothing is left behind, however the process ends
+            with tempfile.TemporaryFile() as f:  # the map keeps its own handle
+                buffer = np.memmap(f, np.float16, "w+", shape=shape)
+        return OOFWriter(buffer, {int(i): r for r, i in enumerate(mine)}, size)
+    run.path.mkdir(parents=True, exist_ok=True)
+    array = np.lib.format.open_memmap(run.staged(OOF), "w+", np.float16, (len(val_idx), *row_shape))
+    index = cache.index.iloc[val_idx].reset_index(drop=True)
+    index.insert(0, "row", np.arange(len(val_idx)))
+    index.to_csv(run.staged(OOF_INDEX), index=False)
+    return OOFWriter(array, {int(i): r for r, i in enumerate(val_idx)}, size)
+
+
+def gather_oof(oof: OOFWriter, dd: Dist) -> None:
+    """Send the other ranks' rows of a validation pass to rank 0's staged OOF (every rank
+    calls it; a no-op on one process)."""
+
+    def put(rank: int, k: int, row: np.ndarray) -> None:
+        oof.array[rank + k * dd.world] = row  # row k of rank r is val_idx[r + k * world]
+
+    distributed.gather_rows(oof.array, put)
     if dd.main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(path, "w+", np.float16, shape).flush()
-        index = cache.index.iloc[val_idx].reset_index(drop=True)
-        index.insert(0, "row", np.arange(len(val_idx)))
-        index.to_csv(run.staged(OOF_INDEX), index=False)
-    dd.barrier()
-    array = np.load(path, mmap_mode="r+")
-    row_of = {int(i): r for r, i in enumerate(val_idx)}
-    return OOFWriter(array, row_of, size)
+        oof.array.flush()
 
 
 def commit_oof(run: RunDir) -> None:
     """Make the staged OOF arrays the run's ``oof.npy`` / ``oof_index.csv``."""
     for name, target in ((OOF, run.oof), (OOF_INDEX, run.oof_index)):
         os.replace(run.staged(name), target)
+
+
+def discard_staged_oof(run: RunDir) -> None:
+    """Remove a staged OOF that did not become the run's (its epoch was not the best, or
+    training stopped): a finished or failed run leaves no ``.staged`` file."""
+    for name in (OOF, OOF_INDEX):
+        run.staged(name).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ a resumed run continues as if never stopped (minus the epoch in progress).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -16,7 +17,8 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from bonecomp.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from bonecomp import distributed
+from bonecomp.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, config_from_saved, resume_may_change, to_dict
 from bonecomp.device import amp_dtype, resolve_channels_last
@@ -144,10 +146,23 @@ def check_fresh(run: RunDir) -> None:
 
 def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
     """Restore ``last.pt`` into ``state``; the best score comes from ``best.pt`` itself
-    (a kill while ``last.pt`` was being saved must not let a worse model replace it)."""
-    ckpt = load_checkpoint(run.last, device)
+    (a kill while ``last.pt`` was being saved must not let a worse model replace it).
+
+    Under torchrun rank 0 reads both files and sends them to the other ranks, which
+    never open the run folder (on another node it is not there)."""
+
+    def read() -> tuple[dict, tuple[float, int] | None]:
+        ckpt = load_checkpoint(run.last, "cpu")
+        best = None
+        if run.best.is_file():
+            b = load_checkpoint(run.best)
+            best = float(b["metric"]), int(b["epoch"])
+        return ckpt, best
+
+    got = distributed.run_agreed(read, (CheckpointError,), on=distributed.is_rank0())
+    ckpt, best = distributed.broadcast_object(got)
     load_weights(state.model, ckpt["model"], run.last)
-    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])  # moved to the parameters' device
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
@@ -156,10 +171,19 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
     set_rng_state(ckpt["rng"])
     saved = ckpt.get("progress", ckpt)  # checkpoints before 0.2 kept these at the top
     progress = Progress(**{k: saved.get(k, v) for k, v in asdict(Progress()).items()})
-    if run.best.is_file():
-        best = load_checkpoint(run.best)
-        progress.best_dice, progress.best_epoch = float(best["metric"]), int(best["epoch"])
+    if best is not None:
+        progress.best_dice, progress.best_epoch = best
     return progress
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameters, in order (not its buffers: under DDP each rank
+    keeps its own BatchNorm statistics); equal on every rank of a synchronised job."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- saving
