@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from bonecomp.testing import DEMO_CONFIG, tiny_overrides
+from tests.test_bad_inputs import _one_error_line, _train  # the corpus's own checks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import infer as infer_script
-import train as train_script
 import verify_data
 
 
@@ -71,24 +71,10 @@ def stray_file(root: Path, split: str) -> Path:
 DAMAGE = [upper_case_extension, nested_image, broken_symlink, duplicate_stem, stray_file]
 
 
-def _one_error_line(err: str, *fragments: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
 def _verify_names(root: Path, path: Path, capsys: pytest.CaptureFixture) -> None:
     assert verify_data.main([str(root), "--quiet"]) == 1
     out = capsys.readouterr().out
     assert str(path) in out, out
-
-
-def _train(data: Path, work: Path, *extra: str) -> int:
-    args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
-    return train_script.main(args + tiny_overrides(data, work) + list(extra))
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
@@ -96,7 +82,7 @@ def test_training_refuses_what_the_check_rejects(damage, tiny_copy, tmp_path, ca
     path = damage(tiny_copy, "train")
     _verify_names(tiny_copy, path, capsys)
     assert _train(tiny_copy, tmp_path / "work", "train.epochs=1") == 2
-    _one_error_line(capsys.readouterr().err, str(path), "verify_data.py")
+    _one_error_line(capsys.readouterr().err, [str(path), "verify_data.py"])
     assert not (tmp_path / "work" / "runs").exists()  # refused before any run folder
 
 
@@ -118,7 +104,7 @@ def test_inference_refuses_what_the_check_rejects(
     args = ["--config", str(DEMO_CONFIG), "--ensemble", "--quiet", "--data", str(tiny_copy)]
     args += ["--out", str(out), *tiny_overrides(tiny_root, trained)]
     assert infer_script.main(args) == 2
-    _one_error_line(capsys.readouterr().err, str(path))
+    _one_error_line(capsys.readouterr().err, [str(path)])
     assert not out.exists()  # never a CSV that lacks an image
 
 
@@ -151,7 +137,7 @@ def test_a_polygon_with_an_absurd_number_of_points_is_refused_naming_the_file(
     path = _edit_first_json(tiny_copy, lambda d: d["annotations"][0].update(points=points))
     _verify_names(tiny_copy, path, capsys)
     assert _train(tiny_copy, tmp_path / "work", "train.epochs=1") == 2
-    _one_error_line(capsys.readouterr().err, str(path), "200000 points")
+    _one_error_line(capsys.readouterr().err, [str(path), "200000 points"])
 
 
 def test_a_polygon_of_an_ordinary_size_is_accepted(tiny_copy):
@@ -172,14 +158,14 @@ def test_an_output_folder_that_is_a_file_is_one_line(key, where, tiny_root, tmp_
     afile.write_text("keep me")
     target = afile if where == "the file" else afile / "sub"
     assert _train(tiny_root, tmp_path / "work", f"{key}={target}") == 2
-    _one_error_line(capsys.readouterr().err, key, str(target))
+    _one_error_line(capsys.readouterr().err, [key, str(target)])
     assert afile.read_text() == "keep me"
 
 
 def test_excluding_every_image_says_excluded_not_unusable(tiny_root, tmp_path, capsys):
     names = ",".join(p.name for p in _pngs(tiny_root, "train"))
     assert _train(tiny_root, tmp_path / "work", f"data.exclude=[{names}]") == 2
-    line = _one_error_line(capsys.readouterr().err, "data.exclude", "excludes every one")
+    line = _one_error_line(capsys.readouterr().err, ["data.exclude", "excludes every one"])
     assert "unusable" not in line
 
 
