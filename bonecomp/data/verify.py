@@ -59,20 +59,20 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
         report.problems.append(Problem(str(root), f"not a directory. {PHANTOM_HINT}"))
         return report
     splits = [s for s in ("train", "test") if (root / s / "DCM").is_dir()]
+    listings = {s: scan_images(root, s) for s in splits}  # the rules training and inference apply
     if "train" not in splits:
         report.problems.append(Problem(str(root / "train" / "DCM"), f"missing. {PHANTOM_HINT}"))
     test_dcm = root / "test" / "DCM"
     if "test" not in splits:
         report.problems.append(Problem(str(test_dcm), "missing (the test images to predict)"))
-    elif not scan_images(root, "test").images:
+    elif not listings["test"].images:
         report.problems.append(Problem(str(test_dcm), "holds no PNG images (expected ID*/*.png)"))
     jdir = annotation_dir(root)
     if "train" in splits and not jdir.is_dir():
         report.problems.append(Problem(str(jdir), "missing (training annotations)"))
 
     images: list[tuple[str, Path]] = []  # (split, path)
-    for split in splits:
-        listing = scan_images(root, split)  # the rules training and inference apply
+    for split, listing in listings.items():
         images += [(split, listing.dcm / r) for r in listing.images]
         report.problems += [Problem(str(p), m) for p, m in listing.problems]
 
