@@ -229,6 +229,26 @@ class DataConfig:
         check=lambda v: 0 <= v < 0.5,
         want="must be in [0, 0.5)",
     )
+    patch_size: int | None = key(
+        None,
+        "null: train on the whole data.image_size image; int: on random squares of this"
+        " side cut from it (a multiple of 32, <= data.image_size), validated and predicted"
+        " with Gaussian windows of it (infer.overlap)",
+        check=_positive_multiple_of_32,
+        want=MULTIPLE_OF_32 + " or null",
+    )
+    patch_foreground: float = key(
+        0.33,
+        "patch training: share of patches centred on a bone (data.patch_balance); the rest"
+        " are placed uniformly",
+        check=lambda v: 0 <= v <= 1,
+        want="must be in [0, 1]",
+    )
+    patch_balance: Literal["area", "uniform"] = key(
+        "area",
+        "patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area)"
+        " (small bones more often), uniform: every bone alike",
+    )
     augment: AugmentConfig = section(
         AugmentConfig, "training only (albumentations); probabilities in [0, 1]"
     )
@@ -370,6 +390,13 @@ class TrainConfig:
         want="must be in (0, 1) or null",
     )
     seed: int = key(42, "seed of the initial weights, the data order and the augmentations")
+    init_from: str | None = key(
+        None,
+        "a checkpoint (best.pt of another run) whose weights start this run, not its"
+        " optimiser or schedule: progressive resizing; same arch, encoder and classes",
+        check=bool,
+        want="must name a checkpoint file or be null",
+    )
     val_every: int = key(
         1,
         "validate every n epochs (and after the last)",

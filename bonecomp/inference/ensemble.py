@@ -1,10 +1,16 @@
 """Streaming soft-vote ensembles: any mix of checkpoints, each at its own input size.
 
-Per batch of test images, every member runs its TTA views (optionally as a sliding
-window), its sigmoid probabilities are brought to a common grid (the largest member
-size) and averaged with the members' weights: one number per member, or one per class
-(class-wise weights tuned on OOF, ``inference.class_weights``), normalised per class. Only one
-batch of probabilities is ever in memory, whatever the number of test images.
+Per batch of test images, every member runs at its own training geometry, read from its
+checkpoint: the whole image at its ``image_size``, or, trained on patches
+(``data.patch_size``), Gaussian-blended windows of its patch side over the image at its
+``image_size`` (``infer.overlap``), so a patch member adds the resolution it was trained
+at. TTA views apply to the whole image, then the windows (flip, then tile: each tile is
+predicted once per view). ``infer.sliding_window`` tiles whole-image members too
+(``infer.tile``, to bound memory). Each member's sigmoid probabilities are brought to a
+common grid (the largest member size) and averaged with the members' weights: one number
+per member, or one per class (class-wise weights tuned on OOF,
+``inference.class_weights``), normalised per class. Only one batch of probabilities is
+ever in memory, whatever the number of test images.
 """
 
 from __future__ import annotations
@@ -34,12 +40,14 @@ class Member:
     model: nn.Module
     input_size: int
     weight: float | torch.Tensor = 1.0  # a scalar, or (C,) weights per class (>= 0)
+    patch_size: int | None = None  # trained on patches of this side: windows of it
 
 
 def load_member(
     path: Path | str, weight: float | torch.Tensor = 1.0, device: torch.device | str = "cpu"
 ) -> Member:
-    """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
+    """Rebuild a model from a checkpoint alone (architecture and geometry from its config:
+    a checkpoint older than patch training has no ``patch_size`` and its config none)."""
     ckpt = load_checkpoint(path, "cpu")
     cfg = config_from_saved(ckpt["config"], where=str(path))
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
@@ -55,7 +63,8 @@ def load_member(
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     model = model.eval().to(device, memory_format=fmt)
     weight = weight.float().to(device) if isinstance(weight, torch.Tensor) else float(weight)
-    return Member(str(path), model, int(ckpt["input_size"]), weight)
+    patch = ckpt.get("patch_size", cfg.data.patch_size)
+    return Member(str(path), model, int(ckpt["input_size"]), weight, patch and int(patch))
 
 
 class Ensemble:
@@ -137,8 +146,9 @@ class Ensemble:
             ):
                 return m.model(x).float()
 
-        if self.tile and self.tile < m.input_size:
-            return lambda x: sliding_window(run, x, self.tile, self.overlap)
+        tile = m.patch_size or self.tile
+        if tile and tile < m.input_size:
+            return lambda x: sliding_window(run, x, tile, self.overlap)
         return run
 
 

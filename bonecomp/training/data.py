@@ -31,6 +31,7 @@ from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
+from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
 from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
 from bonecomp.distributed import Dist, RankError, all_gather_object, run_agreed, where
 from bonecomp.fileio import OutputError
@@ -246,15 +247,17 @@ def build_loaders(
     d, t = cfg.data, cfg.train
     dd = dd or Dist()
     jitter = d.crop_jitter if d.crop else 0.0
+    patch = patch_sampler(cfg, cache, train_idx)
     train_ds = BoneDataset(
-        cache, train_idx, train_transform(d.augment, jitter), d.soft_targets, d.soft_k, True
-    )
+        cache, train_idx, train_transform(d.augment, jitter), d.soft_targets, d.soft_k, True,
+        patch,
+    )  # fmt: skip
     val_ds = BoneDataset(cache, val_idx[dd.rank :: dd.world], None, d.soft_targets, d.soft_k, True)
     gen = torch.Generator()
     if pseudo is not None:
         extra = PseudoDataset(
             pseudo, train_ds.transform, t.pseudo_rule, t.pseudo_confidence, d.soft_targets,
-            offset=len(cache),
+            offset=len(cache), patch=patch,
         )  # fmt: skip
         train_ds = TrainMix(train_ds, extra)
         sampler = MixSampler(
@@ -280,8 +283,27 @@ def build_loaders(
         drop_last=len(train_ds) > t.batch_size,
         **loader_kw,
     )
-    val_loader = DataLoader(val_ds, t.batch_size, shuffle=False, **loader_kw)
+    val_loader = DataLoader(val_ds, val_batch_size(cfg), shuffle=False, **loader_kw)
     return FoldData(cache, train_idx, val_idx, train_loader, val_loader, gen, pseudo)
+
+
+def patch_sampler(cfg: Config, cache: TrainCache, train_idx: np.ndarray) -> PatchSampler | None:
+    """``data.patch_size``'s sampler, its class weights from the training rows' polygon
+    areas (relative to each image's size); None for whole-image training."""
+    d = cfg.data
+    if d.patch_size is None:
+        return None
+    areas = np.stack(
+        [polygon_areas(cache.polygons(i)) / np.prod(cache.src_hw(i)) for i in map(int, train_idx)]
+    )
+    return PatchSampler(d.patch_size, d.patch_foreground, class_weights(areas, d.patch_balance))
+
+
+def val_batch_size(cfg: Config) -> int:
+    """Validation images per batch: ``train.batch_size``, or with patches as many whole
+    images as hold the pixels of a training batch (at least one)."""
+    b, p, s = cfg.train.batch_size, cfg.data.patch_size, cfg.data.image_size
+    return b if p is None else max(1, b * p * p // (s * s))
 
 
 def seed_worker(worker_id: int, parent: int | None = None) -> None:

@@ -222,8 +222,9 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
             val = validate(
-                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof
-            )
+                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof,
+                cfg.data.patch_size, cfg.infer.overlap,
+            )  # fmt: skip
             if oof is not None:
                 gather_oof(oof, dd)  # the other ranks' rows to rank 0's staged file
             metric = val.metrics["dice"]

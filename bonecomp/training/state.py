@@ -7,6 +7,7 @@ a resumed run continues as if never stopped (minus the epoch in progress).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -18,7 +19,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from bonecomp import distributed
-from bonecomp.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from bonecomp.checkpoint import (
+    CheckpointError,
+    init_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)  # fmt: skip
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, config_from_saved, resume_may_change, to_dict
 from bonecomp.device import amp_dtype, resolve_channels_last
@@ -82,7 +89,13 @@ def build_state(
     """
     t = cfg.train
     seed_everything(t.seed)
-    model = create_model(cfg.model).to(device)
+    init = init_checkpoint(cfg)  # train.init_from: another run's weights, nothing else
+    if init is None:
+        model = create_model(cfg.model)
+    else:  # no download of encoder weights the checkpoint's replace
+        model = create_model(dataclasses.replace(cfg.model, encoder_weights=None))
+        load_weights(model, init["model"], t.init_from)
+    model = model.to(device)
     seed_everything(t.seed + dd.rank)
     dtype = amp_dtype(device, t.amp)
     channels_last = resolve_channels_last(t.channels_last, device)
@@ -193,6 +206,7 @@ def _meta(cfg: Config, fold: int, epoch: int) -> dict:
         "classes": list(CLASSES),
         "fold": fold,
         "input_size": cfg.data.image_size,
+        "patch_size": cfg.data.patch_size,  # None: whole images (inference's geometry)
         "epoch": epoch,
     }
 
