@@ -2,7 +2,8 @@
 
 load (DataLoader workers) -> ensemble (TTA x sliding window x models x folds)
 -> exact sparse upsample to each image's size -> per-class thresholds
--> (with ``infer.crop``) the carpal box re-predicted by a crop ensemble and pasted -> RLE
+-> (with ``infer.crop``) the carpal box re-predicted by a crop ensemble and pasted
+-> (a ``cleanup`` table in the thresholds file) per-class clean-up in each box -> RLE
 -> rows appended to a temporary CSV -> renamed into place -> validated
 """
 
@@ -29,6 +30,7 @@ from bonecomp.data.layout import discover
 from bonecomp.device import pick_device
 from bonecomp.inference.carpal_stage import load_crop_stage
 from bonecomp.inference.class_weights import resolve_class_weights
+from bonecomp.inference.cleanup import resolve_cleanup
 from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
@@ -53,6 +55,7 @@ class InferResult:
     class_weights: dict[str, list[float]] | None = None  # {experiment: per-class} when used
     crop_boxes: dict[str, tuple[int, int, int, int] | None] | None = None  # infer.crop: per image
     views: list[str] = field(default_factory=list)  # the TTA views run (View.label)
+    cleanup_from: str = "none"  # the clean-up applied per class, and from which file
 
 
 def build_ensemble(
@@ -111,6 +114,7 @@ def predict_submission(
     check_config(cfg)
     device = pick_device(cfg.infer.device, "infer.device")
     test = discover(data_root or cfg.data.root, "test")
+    clean, cleanup_from = resolve_cleanup(cfg)  # a bad table: refused before loading models
     ens, table, weights_from = build_ensemble(cfg, members, device)
     inf = cfg.infer
     thresholds, source = resolve_thresholds(cfg, members)
@@ -134,7 +138,7 @@ def predict_submission(
                     src = paths[done]  # the source PNG: the crop is cut at full resolution
                     masks, boxes[name] = crop.masks(pred[i], ens.single_view, src, hw, thresholds)
                 done += 1
-                writer.add(name, masks.rle())
+                writer.add(name, (clean(masks) if clean else masks).rle())
     except BaseException:
         writer.abort()  # nothing half-written under any name
         raise
@@ -153,4 +157,5 @@ def predict_submission(
         table,
         boxes if crop is not None else None,
         [v.label for v in ens.tta],
+        cleanup_from,
     )
