@@ -287,13 +287,13 @@ class AverageConfig:
 
     last: int | None = key(
         None,
-        "mean of the last k epochs' weights (a running mean in last.pt)",
+        "mean of the last k epochs' weights (k files in average_pool/)",
         check=lambda v: v >= 1,
         want="must be >= 1 or null",
     )
     best: int | None = key(
         None,
-        "and/or of the k best validations' (k files in average_best/)",
+        "and/or of the k best validations' (k files too)",
         check=lambda v: v >= 1,
         want="must be >= 1 or null",
     )

@@ -10,8 +10,8 @@ module; no other file spells these names.
         averaged.pt          train.average: the mean of the chosen epochs' weights (BatchNorm
                              statistics recomputed), self-describing like best.pt, and
         dice_per_class_averaged.csv   its per-class validation Dice
-        average_best/epoch<e>.pt      train.average.best: the weights of the k best
-                             validations so far (at most k files; kept for a resume)
+        average_pool/epoch<e>.pt      train.average: the weights of the epochs it averages
+                             (at most k per key; kept for a resume)
         oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         tb/, wandb/          train.trackers: TensorBoard events, W&B run files
@@ -55,7 +55,7 @@ BEST = "best.pt"
 LAST = "last.pt"
 AVERAGED = "averaged.pt"
 AVERAGED_DICE_CSV = "dice_per_class_averaged.csv"
-AVERAGE_POOL = "average_best"
+AVERAGE_POOL = "average_pool"
 OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
@@ -111,7 +111,7 @@ class RunDir:
         return config_from_saved(yaml.safe_load(self.config.read_text()), str(self.config))
 
     def pooled(self, epoch: int) -> Path:
-        """Where ``train.average.best`` keeps the weights of ``epoch``'s validation."""
+        """Where ``train.average`` keeps the weights of ``epoch``."""
         return self.average_pool / f"epoch{epoch:04d}.pt"
 
     def pool_files(self) -> list[Path]:

@@ -16,7 +16,7 @@ import torch
 
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.classes import CLASSES
-from bonecomp.config import ConfigError
+from bonecomp.config import AverageConfig, ConfigError
 from bonecomp.data.layout import discover
 from bonecomp.distributed import Dist
 from bonecomp.engine import to_device
@@ -26,6 +26,7 @@ from bonecomp.runs import RunDir, RunError, ensemble_members
 from bonecomp.testing import DEMO_CONFIG, tiny_config, tiny_overrides
 from bonecomp.training import fold as training
 from bonecomp.training import run_training
+from bonecomp.training.average import Averager
 from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -98,8 +99,8 @@ def test_averaged_weights_are_the_mean_of_the_last_and_best_epochs(averaged_run)
     # and it is not simply one of them, nor the mean of all four epochs
     everything = _mean_of(r.copies, [0, 1, 2, 3])
     assert any(not torch.allclose(ckpt["model"][n].double(), everything[n]) for n in names)
-    # the pool kept exactly the best two validations' weights, nothing else
-    assert [p.name for p in r.run.pool_files()] == ["epoch0000.pt", "epoch0002.pt"]
+    # the pool kept exactly the chosen epochs' weights, nothing else
+    assert [p.name for p in r.run.pool_files()] == [f"epoch{e:04d}.pt" for e in want]
 
 
 def test_batchnorm_statistics_are_recomputed_on_the_training_batches(averaged_run, tiny_root):
@@ -191,6 +192,39 @@ def test_averaging_survives_a_resume(tiny_root, tmp_path, monkeypatch):
     mean = _mean_of(copies, [0, 1])
     for name in _parameter_names(cfg):
         torch.testing.assert_close(ckpt["model"][name].double(), mean[name], atol=1e-6, rtol=1e-5)
+
+
+def test_under_a_time_budget_the_last_k_epochs_reached_are_kept(tmp_path):
+    """Where the run ends is not known: every epoch is kept, the oldest beyond k dropped
+    (after last.pt is saved), and the mean is over the last k reached."""
+    run = RunDir(tmp_path / "fold0")
+    avg = Averager(AverageConfig(last=2), epochs=10, timed=True)
+    model = torch.nn.Linear(3, 2)
+    seen = {}
+    for epoch in range(5):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch * epoch))  # the mean of 3 and 4: (9 + 16) / 2
+            model.bias.fill_(-float(epoch))
+        seen[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        avg.after_epoch(epoch, model, run, main=True)
+        avg.after_save(run)
+    assert avg.epochs_chosen() == [3, 4]
+    assert [p.name for p in run.pool_files()] == ["epoch0003.pt", "epoch0004.pt"]
+    mean = avg.mean_weights(model, run)
+    assert torch.all(mean["weight"] == 12.5) and torch.all(mean["bias"] == -3.5)
+    # without a budget only the epochs from epochs - k on are written at all
+    plain = Averager(AverageConfig(last=2), epochs=10, timed=False)
+    other = RunDir(tmp_path / "fold1")
+    for epoch in range(9):
+        plain.after_epoch(epoch, model, other, main=True)
+    assert plain.epochs_chosen() == [8] and len(other.pool_files()) == 1
+
+
+def test_a_run_cut_by_its_budget_averages_the_epochs_it_reached(tiny_root, tmp_path):
+    extra = {"train.max_train_minutes": 1e-4, "train.epochs": 6, "train.average": {"last": 3}}
+    result = run_training(tiny_config(tiny_root, tmp_path, **extra), 0, progress=False)
+    assert result.epochs_done == 1 and result.averaged_dice is not None
+    assert load_checkpoint(RunDir(result.run_dir).averaged)["averaged"]["epochs"] == [0]
 
 
 @pytest.mark.parametrize(

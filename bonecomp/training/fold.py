@@ -225,7 +225,7 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         )  # fmt: skip
         prog.num_updates = int(row.pop("num_updates"))
         if state.average is not None:
-            state.average.after_epoch(epoch, state.eval_model)
+            state.average.after_epoch(epoch, state.eval_model, run, dd.main)
         out_of_time = False
         if budget is not None:
             position, out_of_time = budget.position(prog.num_updates)
@@ -297,10 +297,7 @@ def _average(f: FoldRun, prog: Progress) -> float | None:
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     weights, forwards = distributed.broadcast_object((weights, forwards))
     if weights is None:
-        say(
-            f"no averaged.pt: {prog.cut or 'the run stopped'} before the last "
-            f"{t.average.last} epochs (train.average.last)"
-        )
+        say("no averaged.pt: train.average kept no epoch")  # cannot happen: a guard
         return None
     model.load_state_dict(weights)
     val = validate(model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, 0.5)

@@ -111,7 +111,7 @@ def build_state(
         progress,
         cfg.data.soft_targets,
     )
-    average = Averager.build(t.average, t.epochs, model)
+    average = Averager.build(t.average, t.epochs, t.max_train_minutes is not None)
     return TrainState(model, train_model, optimizer, scheduler, scaler, ema, ctx, average)
 
 
