@@ -9,7 +9,9 @@ baseline ensemble (uniform weights, threshold 0.5), + per-class thresholds, + cl
 ensemble weights, + pseudo-labels (the tuned ensemble labels the test images, both
 experiments are retrained on every fold with them, and the new pair is tuned again),
 + carpal crop (a U-Net trained on every fold on the carpal box at the same input size,
-its weight per carpal tuned on OOF, pasted over the pseudo-label pair's carpals).
+its weight per carpal tuned on OOF, pasted over the pseudo-label pair's carpals); and,
+beside the stack, checkpoint averaging: the baseline with each member's averaged.pt
+(every training writes one, ``train.average.last``) instead of its best.pt.
 Every row gives the OOF Dice (all 29 classes and each carpal class, on the training
 images' out-of-fold maps) and the test-set Dice of the submission the row's settings
 write, scored by the project's own scorer against the phantom's test labels. A row that
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bonecomp.checkpoint import load_checkpoint
 from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import Config, load_config
 from bonecomp.data.images import png_shapes
@@ -46,12 +49,13 @@ WORK = Path("/tmp/bonecomp-techniques")
 EXPERIMENTS = {"unet": {"model.arch": "unet"}, "fcn": {"model.arch": "fcn8s"}}
 PSEUDO = "_pl"  # suffix of the experiments retrained with pseudo-labels
 CROP = {"crop": {"model.arch": "unet", "data.crop": "carpal"}}  # the second stage
+AVERAGE_LAST = 4  # train.average.last of every training: averaged.pt beside best.pt
 
 
 @dataclass
 class Row:
     name: str
-    oof: DiceTable
+    oof: DiceTable | None  # None: not measured (the OOF maps are best.pt's)
     test: float | None
     note: str = ""
 
@@ -76,6 +80,7 @@ def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Co
         "train.device": "cpu",
         "infer.name": "techniques",
         "infer.num_workers": 0,
+        "train.average": {"last": min(AVERAGE_LAST, args.epochs)},  # the averaging row
         "infer.ensemble": [
             {"experiment": e + suffix, "folds": list(range(args.folds))} for e in EXPERIMENTS
         ],
@@ -116,6 +121,23 @@ def test_dice(args, cfg: Config, thresholds: Path, tag: str) -> float:
     return table.mean
 
 
+def averaging_row(args, cfg: Config, flat: Path) -> Row:
+    """The baseline ensemble with every member's ``averaged.pt`` (the last
+    ``AVERAGE_LAST`` epochs' mean, BatchNorm recomputed) instead of its ``best.pt``, at
+    threshold 0.5; the mean validation Dice of the members, averaged vs best, in the note."""
+    avg = config(args, **{"infer.ensemble": [
+        {"experiment": e, "folds": list(range(args.folds)), "checkpoint": "averaged"}
+        for e in EXPERIMENTS
+    ]})  # fmt: skip
+    pairs = [
+        (load_checkpoint(m.checkpoint)["metric"], load_checkpoint(m.run.best)["metric"])
+        for m in ensemble_members(avg, ensemble=True)
+    ]
+    a, b = (float(np.mean(x)) for x in zip(*pairs, strict=True))
+    note = f"members' val Dice: averaged.pt {a:.4f} vs best.pt {b:.4f}; OOF maps are best.pt's"
+    return Row("checkpoint averaging (vs baseline)", None, test_dice(args, avg, flat, "avg"), note)
+
+
 def measure(args) -> list[Row]:
     """The table's rows, in the order the techniques stack up."""
     cfg = config(args)
@@ -130,6 +152,7 @@ def measure(args) -> list[Row]:
         Row("+ per-class thresholds", thr.after, test_dice(args, cfg, thr_path, "thr")),
         Row("+ class-wise ensemble weights", ens.after, test_dice(args, cfg, ens_path, "w")),
     ]
+    averaging = averaging_row(args, cfg, flat)
     # pseudo-labels from the tuned ensemble, then the pair retrained with them and re-tuned
     cfg.infer.thresholds = str(ens_path)
     folder = args.work / "pseudo"
@@ -160,6 +183,7 @@ def measure(args) -> list[Row]:
         f"weights {', '.join(f'{w:g}' for w in weights)}"
     )
     rows.append(Row("+ carpal crop", oof, test_dice(args, cfg_c, pl_path, "crop"), note))
+    rows.append(averaging)  # beside the stack: against the baseline row
     return rows
 
 
@@ -170,9 +194,12 @@ def table(rows: list[Row], n_oof: int) -> str:
     base = rows[0]
     for r in rows:
         cells = [r.name]
-        d = r.oof.mean - base.oof.mean
-        cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
-        cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
+        if r.oof is None:
+            cells += ["-"] * (1 + len(CARPALS))
+        else:
+            d = r.oof.mean - base.oof.mean
+            cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
+            cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
         if r.test is None:
             cells.append("-")
         else:

@@ -300,6 +300,25 @@ class LossConfig:
     )
 
 
+@dataclass
+class AverageConfig:
+    """Checkpoint averaging: ``averaged.pt``, the mean of the chosen epochs' weights (both
+    keys: the union of their epochs), validated like ``best.pt``."""
+
+    last: int | None = key(
+        None,
+        "mean of the last k epochs' weights (k files in average_pool/)",
+        check=lambda v: v >= 1,
+        want="must be >= 1 or null",
+    )
+    best: int | None = key(
+        None,
+        "and/or of the k best validations' (k files too)",
+        check=lambda v: v >= 1,
+        want="must be >= 1 or null",
+    )
+
+
 Scheduler = Literal["cosine", "poly", "step", "plateau", "constant", "none"]
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)  # the names, for optim and tests
 
@@ -388,6 +407,11 @@ class TrainConfig:
         "EMA decay of weights, e.g. 0.999",
         check=lambda v: 0 < v < 1,
         want="must be in (0, 1) or null",
+    )
+    average: AverageConfig = section(
+        AverageConfig,
+        "averaged.pt: k epochs' weights averaged, BatchNorm statistics recomputed; null ="
+        ' off (docs/pipeline.md "Checkpoint averaging")',
     )
     seed: int = key(42, "seed of the initial weights, the data order and the augmentations")
     init_from: str | None = key(
@@ -492,7 +516,9 @@ class EnsembleMember:
     weight: float = key(
         1.0, "its share of the ensemble's average", check=lambda v: v > 0, want="must be > 0"
     )
-    checkpoint: str = key("best", "best, last, or a checkpoint file name in the fold folder")
+    checkpoint: str = key(
+        "best", "best, last, averaged, or a checkpoint file name in the fold folder"
+    )
 
 
 @dataclass
@@ -507,7 +533,9 @@ class CarpalStageConfig:
         want="must be a name without '/' or null",
     )
     folds: list[int] = key([0, 1, 2, 3, 4], "the crop experiment's folds, each once")
-    checkpoint: str = key("best", "best, last, or a checkpoint file name in the fold folder")
+    checkpoint: str = key(
+        "best", "best, last, averaged, or a checkpoint file name in the fold folder"
+    )
     weight: float | list[float] = key(
         1.0,
         "crop's share of the carpal probabilities in the box (or 8 values)",
@@ -891,6 +919,20 @@ def _cross_field_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "train.warmup_epochs", f"must be <= train.epochs ({t.epochs}), got {t.warmup_epochs}"
     if t.min_lr is not None and t.min_lr > t.lr:
         yield "train.min_lr", f"must be <= train.lr ({t.lr}), got {t.min_lr}"
+    if t.average.last is not None and t.average.last > t.epochs:
+        yield (
+            "train.average.last",
+            f"must be <= train.epochs ({t.epochs}): there are only that many epochs to "
+            f"average, got {t.average.last}",
+        )
+    n_val = validations(t.epochs, t.val_every)
+    if t.average.best is not None and t.average.best > n_val:
+        yield (
+            "train.average.best",
+            f"must be <= the {n_val} validation(s) of train.epochs={t.epochs} with "
+            f"train.val_every={t.val_every}, got {t.average.best}; lower it or validate "
+            "more often",
+        )
     seen_tta: set[str] = set()
     for i, name in enumerate(cfg.infer.tta):
         if name in seen_tta:
@@ -911,6 +953,12 @@ def _cross_field_problems(cfg: Config) -> Iterator[tuple[str, str]]:
                 f"{m.experiment!r} is listed more than once (also infer.ensemble[{j}]); "
                 "list each experiment once, with all its folds",
             )
+
+
+def validations(epochs: int, val_every: int) -> int:
+    """How many validations a run of ``epochs`` has: every ``val_every``-th epoch and the
+    last (``training.fold`` validates so)."""
+    return epochs // val_every + (epochs % val_every != 0)
 
 
 def _fold_problems(k: str, folds: list[int], n_splits: int) -> Iterator[tuple[str, str]]:
