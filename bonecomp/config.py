@@ -196,6 +196,11 @@ class DataConfig:
     fold_seed: int | None = key(
         None, "null: plain GroupKFold by patient (deterministic); int: shuffled"
     )
+    fold_stratify: Literal["wrist_angle"] | None = key(
+        None,
+        "null: GroupKFold by patient; wrist_angle: StratifiedGroupKFold by patient on the"
+        " binned wrist angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md)",
+    )
     exclude: list[str] = key([], "training images with known annotation errors")
     soft_targets: bool = key(True, "fractional pixel coverage as targets (data/rasterize.py)")
     soft_k: int = key(

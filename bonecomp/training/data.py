@@ -28,7 +28,7 @@ from bonecomp.data.annotations import AnnotationError
 from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import CacheError, TrainCache, content_digest, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
-from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds
+from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds, stratify_table
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
 from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
@@ -97,10 +97,13 @@ def prepare_cache(
     rank in one line naming it (``RankError``).
     """
     cache_dir = data_cache_dir(cfg.data.cache_dir, cfg.data.root)
-    fpath = folds_path(cache_dir, cfg.data.n_splits, cfg.data.fold_seed)
+    d = cfg.data
+    fpath = folds_path(cache_dir, d.n_splits, d.fold_seed, d.fold_stratify)
 
     def load() -> tuple[pd.DataFrame, TrainCache]:
-        d = cfg.data
+        strata = None  # measured before the cache: too few bent hands is one line, at once
+        if d.fold_stratify and not fpath.exists():
+            strata = stratify_table(table, d.fold_stratify, d.n_splits)
         margin = d.crop_margin if d.crop else None  # carpal: a cache of carpal boxes
         cache = open_cache(
             table,
@@ -111,7 +114,8 @@ def prepare_cache(
             crop_margin=margin,
         )
         kept = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
-        return load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed), cache
+        folds = load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed, d.fold_stratify, strata)
+        return folds, cache
 
     first = run_agreed(load, DATA_ERRORS, on=dd.local_rank == 0)
     result = run_agreed(load, DATA_ERRORS, on=dd.local_rank != 0) or first
