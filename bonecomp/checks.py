@@ -2,8 +2,9 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(architecture, encoder and input size, loss terms, optimizer, TTA), the output folders
-and the packages of the experiment trackers, in milliseconds and without building a model
+(preprocessing steps, architecture, encoder and input size, loss terms, optimizer, TTA),
+the output folders and the packages of the experiment trackers, in milliseconds and
+without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
 every side the network will see is checked against it). Every error is one line: where
 the value came from (the YAML file, or "command line"), the key, and what is wrong.
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bonecomp.config import Config, ConfigError, check_values, source_of
+from bonecomp.data.preprocess import check_preprocess
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.tta import get_view, scaled_side
 from bonecomp.losses import check_loss_config
@@ -32,6 +34,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
     check_values(cfg)
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
+        lambda: check_preprocess(cfg.data),
         lambda: check_model_config(cfg.model, cfg.data.image_size),
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
