@@ -19,6 +19,12 @@ Every row gives the OOF Dice (all 29 classes and each carpal class, on the train
 images' out-of-fold maps) and the test-set Dice of the submission the row's settings
 write, scored by the project's own scorer against the phantom's test labels. A row that
 does not help is reported as measured.
+
+A second table holds single U-Net variants, each trained on every fold exactly as the
+pair's U-Net (same epochs and time limit) and measured alone at threshold 0.5, against
+that U-Net (BCE + Dice, no preprocessing): the loss mixes Focal + Dice and Dice alone, and
+CLAHE as fixed preprocessing of the training cache and of every test image
+(``data.preprocess: [clahe]``; inference takes it from each checkpoint).
 """
 
 from __future__ import annotations
@@ -57,6 +63,18 @@ EXPERIMENTS = {"unet": {"model.arch": "unet"}, "fcn": {"model.arch": "fcn8s"}}
 PSEUDO = "_pl"  # suffix of the experiments retrained with pseudo-labels
 CROP = {"crop": {"model.arch": "unet", "data.crop": "carpal"}}  # the second stage
 AVERAGE_LAST = 4  # train.average.last of every training: averaged.pt beside best.pt
+# Single U-Net variants against the pair's U-Net (loss.terms {bce: 0.5, dice: 0.5}).
+LOSSES = {
+    "unet_focal": {"model.arch": "unet", "loss.terms": {"focal": 0.5, "dice": 0.5}},
+    "unet_dice": {"model.arch": "unet", "loss.terms": {"dice": 1.0}},
+}
+CLAHE = {"unet_clahe": {"model.arch": "unet", "data.preprocess": ["clahe"]}}
+LABELS = {
+    "unet": "U-Net alone, BCE + Dice (0.5 + 0.5)",
+    "unet_focal": "U-Net, Focal + Dice (0.5 + 0.5)",
+    "unet_dice": "U-Net, Dice alone",
+    "unet_clahe": "U-Net + CLAHE (train and test)",
+}
 
 
 @dataclass
@@ -94,7 +112,7 @@ def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Co
         **extra,
     }
     if experiment:
-        keys = {**EXPERIMENTS, **CROP}[experiment]
+        keys = {**EXPERIMENTS, **CROP, **LOSSES, **CLAHE}[experiment]
         values.update({"train.experiment": experiment + suffix, **keys})
     return load_config(DEMO_CONFIG, as_overrides(values))
 
@@ -245,6 +263,36 @@ def stratified_folds(args) -> str:
     return "\n".join(lines)
 
 
+def single_row(args, experiment: str, flat: Path) -> Row:
+    """One experiment alone (its every fold) at threshold 0.5: OOF and test-set Dice."""
+    folds = list(range(args.folds))
+    cfg = config(args, **{"infer.ensemble": [{"experiment": experiment, "folds": folds}]})
+    members = ensemble_members(cfg, ensemble=True)
+    out = args.work / "tuned" / f"{experiment}.json"
+    res, _ = tune_thresholds(cfg, members, out=out, progress=False)  # .before: at 0.5
+    return Row(LABELS[experiment], res.before, test_dice(args, cfg, flat, experiment))
+
+
+def loss_rows(args, flat: Path) -> list[Row]:
+    """Focal + Dice and Dice alone (issue 18), each a U-Net trained on every fold."""
+    train_all(args, names=LOSSES)
+    return [single_row(args, e, flat) for e in LOSSES]
+
+
+def clahe_row(args, flat: Path) -> Row:
+    """CLAHE as fixed preprocessing (``data.preprocess: [clahe]``): the cache is built
+    with it, and inference applies it to every test image because the checkpoints say so
+    (the row's inference config does not name it)."""
+    train_all(args, names=CLAHE)
+    return single_row(args, next(iter(CLAHE)), flat)
+
+
+def variant_rows(args) -> list[Row]:
+    """The single U-Net variants, after their reference: the pair's U-Net alone."""
+    flat = write_thresholds(args.work / "tuned" / "flat.json", [0.5] * len(CLASSES))
+    return [single_row(args, "unet", flat), *loss_rows(args, flat), clahe_row(args, flat)]
+
+
 def table(rows: list[Row], n_oof: int) -> str:
     """Markdown: OOF mean and per carpal class, then test Dice; deltas against the first row."""
     head = ["technique", "OOF mean", *(CLASSES[i] for i in CARPALS), "test Dice"]
@@ -304,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows, n_oof))
     print("\nStratified folds (phantom with bent wrists in a few training patients):")
     print(stratified_folds(args))
+    print("\nSingle U-Net variants (deltas against the U-Net alone):\n")
+    print(table(variant_rows(args), n_oof))
     patients = f"{args.train_patients} + {args.test_patients} patients (seed {args.seed})"
     print(
         f"\n{time.perf_counter() - t0:.0f} s; {args.folds} folds of {list(EXPERIMENTS)} at "

@@ -2,8 +2,9 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(architecture, encoder and input size, loss terms, optimizer, TTA), the output folders
-and the packages of the experiment trackers, in milliseconds and without building a model
+(preprocessing steps, architecture, encoder and input size, loss terms, optimizer, TTA),
+the output folders and the packages of the experiment trackers, in milliseconds and
+without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
 every side the network will see is checked against it). Every error is one line: where
 the value came from (the YAML file, or "command line"), the key, and what is wrong.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from bonecomp.checkpoint import init_checkpoint
 from bonecomp.config import Config, ConfigError, check_values, source_of
+from bonecomp.data.preprocess import check_preprocess
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.tta import get_view, scaled_side
 from bonecomp.losses import check_loss_config
@@ -34,6 +36,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
         lambda: _check_patches(cfg),
+        lambda: check_preprocess(cfg.data),
         lambda: check_model_config(cfg.model, cfg.data.image_size, cfg.data.patch_size),
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),

@@ -171,7 +171,12 @@ class AugmentConfig:
     brightness_contrast_p: float = key(
         0.5, "probability of the brightness/contrast change", check=_prob, want=PROB
     )
-    clahe_p: float = key(0.0, "probability of CLAHE (local contrast)", check=_prob, want=PROB)
+    clahe_p: float = key(
+        0.0,
+        "probability of a random CLAHE (local contrast); data.preprocess applies it always",
+        check=_prob,
+        want=PROB,
+    )
 
 
 @dataclass
@@ -253,6 +258,20 @@ class DataConfig:
         "area",
         "patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area)"
         " (small bones more often), uniform: every bone alike",
+    )
+    preprocess: list[str] = key(
+        [],
+        "fixed steps on every PNG at its source size, training cache and test images alike,"
+        " kept in the checkpoint (inference uses each member's own): [] or [clahe]",
+    )
+    clahe_clip: float = key(
+        2.0, "preprocess clahe: histogram clip limit", check=lambda v: v > 0, want="must be > 0"
+    )
+    clahe_grid: int = key(
+        8,
+        "preprocess clahe: tiles per side of the image",
+        check=lambda v: 1 <= v <= 64,
+        want="must be in 1..64",
     )
     augment: AugmentConfig = section(
         AugmentConfig, "training only (albumentations); probabilities in [0, 1]"

@@ -56,7 +56,7 @@ def patch_run(tiny_root, tmp_path_factory):
 
 
 def test_training_sees_patches_and_validation_sees_windows_of_them(patch_run):
-    cfg, result, seen = patch_run
+    _, result, seen = patch_run
     train = {tuple(s[-2:]) for t, s in seen if t}
     val = {tuple(s[-2:]) for t, s in seen if not t}
     assert train == {(32, 32)}  # patches of data.patch_size, never the 64 px image

@@ -144,7 +144,7 @@ def test_class_weights_are_one_over_the_root_of_the_mean_area():
     areas = np.array([[4.0, 1.0, 0.0], [4.0, 0.0, 0.0]])  # class 1 in one image, 2 never
     assert np.allclose(class_weights(areas, "area"), [0.5, 1.0, 0.0])
     assert np.allclose(class_weights(areas, "uniform"), [1.0, 1.0, 0.0])
-    with pytest.raises(ValueError, match="data.patch_balance"):
+    with pytest.raises(ValueError, match=r"data\.patch_balance"):
         class_weights(areas, "median")
 
 

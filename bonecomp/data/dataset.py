@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from bonecomp.data.cache import TrainCache
 from bonecomp.data.images import read_image
 from bonecomp.data.patches import PatchSampler
+from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.data.rasterize import draw, outline, rasterize, to_frame
 
 
@@ -107,11 +108,16 @@ class TestImages(Dataset):
     """Test PNGs for inference: each item holds the image resized to every size the
     ensemble needs (INTER_AREA, as the training cache), as uint8 tensors (S, S), plus
     ``name`` and the source ``hw``. Decoding and resizing run in DataLoader workers.
+
+    ``inputs``: sizes (no preprocessing: ``image<size>``) or ``(size, Preprocess)`` pairs
+    (``image<Preprocess.key(size)>``): each member's ``data.preprocess`` is applied to the
+    PNG at its source size, once per distinct preprocessing, then resized, as the cache does.
     """
 
-    def __init__(self, table, sizes: Sequence[int]) -> None:
+    def __init__(self, table, inputs: Sequence[int | tuple[int, Preprocess]]) -> None:
         self.table = table.reset_index(drop=True)
-        self.sizes = sorted(set(int(s) for s in sizes))
+        pairs = {(int(s[0]), s[1]) if isinstance(s, tuple) else (int(s), NONE) for s in inputs}
+        self.inputs = sorted(pairs, key=lambda p: (p[0], p[1].label))
 
     def __len__(self) -> int:
         return len(self.table)
@@ -120,11 +126,13 @@ class TestImages(Dataset):
         row = self.table.iloc[i]
         img = read_image(row["image_path"])
         out: dict = {"name": row["name"], "hw": torch.tensor(img.shape[:2])}
-        for s in self.sizes:
+        prepared = {prep: prep(img) for prep in {p for _, p in self.inputs}}
+        for s, prep in self.inputs:
+            src = prepared[prep]
             small = (
-                img
-                if img.shape == (s, s)
-                else cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
+                src
+                if src.shape == (s, s)
+                else cv2.resize(src, (s, s), interpolation=cv2.INTER_AREA)
             )
-            out[f"image{s}"] = torch.from_numpy(np.ascontiguousarray(small))
+            out[f"image{prep.key(s)}"] = torch.from_numpy(np.ascontiguousarray(small))
         return out

@@ -25,6 +25,7 @@ from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint, load_weights
 from bonecomp.config import ConfigError, InferConfig, config_from_saved
+from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.sliding import sliding_window
@@ -40,14 +41,21 @@ class Member:
     model: nn.Module
     input_size: int
     weight: float | torch.Tensor = 1.0  # a scalar, or (C,) weights per class (>= 0)
+    preprocess: Preprocess = NONE  # its run's data.preprocess, from its checkpoint
     patch_size: int | None = None  # trained on patches of this side: windows of it
+
+    @property
+    def input_key(self) -> int | str:
+        """The key of its images in the ensemble's input dict (``Preprocess.key``)."""
+        return self.preprocess.key(self.input_size)
 
 
 def load_member(
     path: Path | str, weight: float | torch.Tensor = 1.0, device: torch.device | str = "cpu"
 ) -> Member:
-    """Rebuild a model from a checkpoint alone (architecture and geometry from its config:
-    a checkpoint older than patch training has no ``patch_size`` and its config none)."""
+    """Rebuild a model from a checkpoint alone (architecture, geometry and preprocessing
+    from its config, never from the inference config: a checkpoint older than patch
+    training has no ``patch_size`` and its config none)."""
     ckpt = load_checkpoint(path, "cpu")
     cfg = config_from_saved(ckpt["config"], where=str(path))
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
@@ -64,7 +72,8 @@ def load_member(
     model = model.eval().to(device, memory_format=fmt)
     weight = weight.float().to(device) if isinstance(weight, torch.Tensor) else float(weight)
     patch = ckpt.get("patch_size", cfg.data.patch_size)
-    return Member(str(path), model, int(ckpt["input_size"]), weight, patch and int(patch))
+    prep = Preprocess.of(cfg.data)
+    return Member(str(path), model, int(ckpt["input_size"]), weight, prep, patch and int(patch))
 
 
 class Ensemble:
@@ -94,6 +103,9 @@ class Ensemble:
         self.members, self.tta, self.tile, self.overlap, self.amp = members, tta, tile, overlap, amp
         self.size = max(m.input_size for m in members)
         self.sizes = sorted({m.input_size for m in members})
+        # (size, preprocessing) of each distinct input the members take (TestImages)
+        pairs = {(m.input_size, m.preprocess) for m in members}
+        self.inputs = sorted(pairs, key=lambda p: (p[0], p[1].label))
 
     @property
     def single_view(self) -> bool:
@@ -111,11 +123,12 @@ class Ensemble:
     def __call__(self, images: dict[int, torch.Tensor]) -> torch.Tensor:
         """(B, C, S, S) on the common grid: logits if ``single_view`` else probabilities.
 
-        ``images[size]`` is the (B, 3, size, size) float batch in [0, 1] for each member size.
+        ``images[key]`` is the (B, 3, size, size) float batch in [0, 1] for each member's
+        ``input_key``: its size, or ``"<size>-<label>"`` with preprocessing.
         """
         total, weights = None, 0.0
         for m in self.members:
-            x = images[m.input_size]
+            x = images[m.input_key]
             y = tta_mean(self._predictor(m, x.device), x, self.tta, sigmoid=not self.single_view)
             if y.shape[-1] != self.size:
                 y = F.interpolate(

@@ -27,6 +27,7 @@ from bonecomp.config import Config
 from bonecomp.data.dataset import TestImages, to_float_image
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.data.preprocess import Preprocess
 from bonecomp.device import pick_device
 from bonecomp.inference.carpal_stage import load_crop_stage
 from bonecomp.inference.class_weights import resolve_class_weights
@@ -72,18 +73,18 @@ def build_ensemble(
 def predicted_batches(
     ens: Ensemble,
     test: pd.DataFrame,
-    sizes: Sequence[int],
+    inputs: Sequence[int | tuple[int, Preprocess]],
     cfg: Config,
     device: torch.device,
     desc: str,
     progress: bool = True,
 ) -> Iterator[tuple[dict, torch.Tensor]]:
     """The test images in the table's order, batch by batch (``infer.batch_size``, images
-    at each of ``sizes``), with the ensemble's maps of each batch. Out of memory, the
-    images per forward halve for good and the batch is redone (same maps)."""
+    at each of ``inputs``, see ``TestImages``), with the ensemble's maps of each batch. Out
+    of memory, the images per forward halve for good and the batch is redone (same maps)."""
     inf = cfg.infer
     loader = DataLoader(
-        TestImages(test, sizes),
+        TestImages(test, inputs),
         batch_size=inf.batch_size,
         num_workers=inf.num_workers,
         pin_memory=device.type == "cuda",
@@ -91,7 +92,8 @@ def predicted_batches(
     )
     micro = None  # images per forward: the batch, halved for good on out of memory
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
+        keys = {m.input_key for m in ens.members}
+        images = {k: to_float_image(batch[f"image{k}"].to(device)) for k in keys}
         pred, micro = run_chunked(
             lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
             len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
@@ -129,7 +131,7 @@ def predict_submission(
     writer = SubmissionWriter(path)
     done = 0  # images written so far (the loader keeps the table's order)
     try:
-        for batch, pred in predicted_batches(ens, test, ens.sizes, cfg, device, "infer", progress):
+        for batch, pred in predicted_batches(ens, test, ens.inputs, cfg, device, "infer", progress):
             for i, name in enumerate(batch["name"]):
                 hw = tuple(int(v) for v in batch["hw"][i])
                 if crop is None:

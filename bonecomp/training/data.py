@@ -32,6 +32,7 @@ from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds, stra
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
 from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
+from bonecomp.data.preprocess import Preprocess
 from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
 from bonecomp.distributed import Dist, RankError, all_gather_object, run_agreed, where
 from bonecomp.fileio import OutputError
@@ -112,6 +113,7 @@ def prepare_cache(
             progress=progress,
             on_bad_image=d.on_bad_image,
             crop_margin=margin,
+            preprocess=Preprocess.of(d),
         )
         kept = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
         folds = load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed, d.fold_stratify, strata)
@@ -149,8 +151,9 @@ def _same_data_on_every_rank(folds: pd.DataFrame, cache: TrainCache, fpath: Path
 
 def open_pseudo_labels(cfg: Config, table: pd.DataFrame) -> PseudoSet | None:
     """The folder of ``train.pseudo_labels`` (None when unset), checked against the run:
-    built at ``data.image_size``, readable, and holding no image or patient of the
-    training table (a pseudo image of a validation patient would leak into training).
+    built at ``data.image_size`` with the run's ``data.preprocess``, readable, and holding
+    no image or patient of the training table (a pseudo image of a validation patient
+    would leak into training).
     Any problem is a ``ConfigError`` naming the key."""
     folder = cfg.train.pseudo_labels
     if folder is None:
@@ -166,6 +169,14 @@ def open_pseudo_labels(cfg: Config, table: pd.DataFrame) -> PseudoSet | None:
             f"{where}: written at {pseudo.size} px but data.image_size is "
             f"{cfg.data.image_size}; write it at this size (scripts/pseudo_label.py "
             f"data.image_size={cfg.data.image_size})",
+            key,
+        )
+    have, want = pseudo.meta.get("preprocess", ""), Preprocess.of(cfg.data).label
+    if have != want:
+        raise ConfigError(
+            f"{where}: its images were written with data.preprocess {have or 'none'} but this "
+            f"run has {want or 'none'}; write it with this run's data section "
+            "(scripts/pseudo_label.py with the same data.preprocess)",
             key,
         )
     for col, what in (("name", "image(s)"), ("patient", "patient(s)")):
