@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 PATCH = {
     "data.patch_size": 32, "infer.overlap": 0.5, "train.experiment": "patch", "train.epochs": 1,
+    "train.average.last": 1,  # averaged.pt is validated like best.pt: in windows
 }  # fmt: skip
 ENSEMBLE = {"infer.ensemble": [{"experiment": "patch", "folds": [0]}]}
 
@@ -61,6 +62,7 @@ def test_training_sees_patches_and_validation_sees_windows_of_them(patch_run):
     val = {tuple(s[-2:]) for t, s in seen if not t}
     assert train == {(32, 32)}  # patches of data.patch_size, never the 64 px image
     assert val == {(32, 32)}  # the 64 px validation images, as 32 px windows
+    assert (result.run_dir / "averaged.pt").is_file()  # its validation is in `val` too
     summary = pd.read_csv(result.run_dir / "summary.csv")
     assert summary["val_dice"].notna().all()
 

@@ -301,7 +301,11 @@ def _average(f: FoldRun, prog: Progress) -> float | None:
         say("no averaged.pt: train.average kept no epoch")  # cannot happen: a guard
         return None
     model.load_state_dict(weights)
-    val = validate(model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, 0.5)
+    d = f.cfg.data  # validated as best.pt is: windows of a patch run's side
+    val = validate(
+        model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, 0.5, None,
+        d.patch_size, f.cfg.infer.overlap,
+    )  # fmt: skip
     asked = {k: v for k, v in (("last", t.average.last), ("best", t.average.best)) if v}
     how = {**asked, "epochs": chosen, "bn_forwards": forwards}
     if dd.main:
