@@ -158,3 +158,14 @@ def test_bad_patch_settings_end_in_one_line_before_the_cache(
     assert _train(tiny_root, tmp_path, *extra) == 2
     _one_error_line(capsys.readouterr().err, words)
     assert not (tmp_path / "cache").exists()
+
+
+def test_validation_batches_hold_the_pixels_of_a_training_batch(tiny_root, tmp_path):
+    from bonecomp.training.data import val_batch_size
+
+    def size(**extra):
+        return val_batch_size(tiny_config(tiny_root, tmp_path, **extra))
+
+    assert size(**{"train.batch_size": 8}) == 8  # whole images: the training batch
+    assert size(**{"train.batch_size": 8, "data.patch_size": 32}) == 2  # 8 x 32^2 / 64^2
+    assert size(**{"train.batch_size": 2, "data.patch_size": 32}) == 1  # at least one

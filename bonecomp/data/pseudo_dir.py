@@ -288,8 +288,11 @@ class PseudoDataset(Dataset):
             rng = rng or np.random.default_rng(np.random.randint(2**31))  # noqa: NPY002
             y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2))
             image, mask = image[y0 : y0 + p, x0 : x0 + p], mask[:, y0 : y0 + p, x0 : x0 + p]
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": self.offset + j,
         }
+        if self.patch is not None:  # the keys of a real patch item: they share batches
+            item["origin"] = torch.tensor([y0, x0])
+        return item
