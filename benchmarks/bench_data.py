@@ -13,6 +13,11 @@
    training transform with soft targets (the default training setup),
    vs the baseline's per-item loading (imread 3-channel, /255 in float64, JSON, fillPoly
    at 2048, resize to 512, CHW torch tensors). Target >= 20x.
+3. Patch training (issue 17), augmentation + soft targets throughout: 1024 px patches
+   from a 2048 px cache (``BoneDataset(patch=PatchSampler)``: the whole image augmented,
+   the masks of the patch only drawn) vs the whole-image loader at 1024 (the same pixels
+   per sample; target: at least as fast, >= 1x), and vs rasterizing the augmented 2048 px
+   image's 29 masks per sample and cropping the patch out of them.
 
 Run from the repository root:
 
@@ -48,6 +53,7 @@ from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
+from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
 from bonecomp.data.rasterize import rasterize, truth_crops
 from bonecomp.testing import dense_dice
 
@@ -113,17 +119,64 @@ def area_reference(polys: Polygons, size: int) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------------- patch loader
+class CropAfterRaster:
+    """The naive patch loader: the augmented image and all its masks at the cache side,
+    then the patch cut out of both (what ``data.patch_size`` avoids)."""
+
+    def __init__(self, ds: BoneDataset, side: int, seed: int = 0) -> None:
+        self.ds, self.side, self.rng = ds, side, np.random.default_rng(seed)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.ds[i]
+        y0, x0 = self.rng.integers(0, item["image"].shape[-1] - self.side + 1, 2)
+        cut = (..., slice(y0, y0 + self.side), slice(x0, x0 + self.side))
+        return {"image": item["image"][cut].clone(), "mask": item["mask"][cut].clone()}
+
+
+def patch_rows(df, args) -> list[Row]:
+    """Section 3: patch samples/s against the whole-image loader at the patch side and the
+    rasterize-then-crop way, all with the training augmentation and soft targets."""
+    n, big, side = len(df), args.native, args.patch
+    aug = train_transform(AugmentConfig())
+    with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
+        native = open_cache(df, Path(tmp) / "native", big, progress=False)
+        whole = open_cache(df, Path(tmp) / "whole", side, progress=False)
+        areas = np.stack([polygon_areas(native.polygons(i)) for i in range(n)])
+        sampler = PatchSampler(side, 0.33, class_weights(areas, "area"))
+        patched = BoneDataset(native, transform=aug, soft_targets=True, patch=sampler)
+        plain = BoneDataset(whole, transform=aug, soft_targets=True)
+        naive = CropAfterRaster(BoneDataset(native, transform=aug, soft_targets=True), side)
+        shapes = {tuple(patched[i]["mask"].shape) for i in range(n)}
+        if shapes != {(len(CLASSES), side, side)}:
+            raise SystemExit(f"patch loader returned masks of shapes {shapes}")
+
+        def rate(ds, repeats: int) -> float:
+            return n / median_time(lambda: [ds[i] for i in range(n)], repeats, 1)
+
+        r_patch, r_whole = rate(patched, args.repeats), rate(plain, args.repeats)
+        r_naive = rate(naive, 1)  # ~0.5 GB of float masks per sample: one pass is plenty
+        what = f"samples/s, {side} px patch of {big}, augment + soft"
+        return [
+            Row(what + f" (vs whole image at {side})", r_patch, r_whole, "/s", True, 1),
+            Row(what + f" (vs raster at {big} + crop)", r_patch, r_naive, "/s", True),
+        ]
+
+
 # ------------------------------------------------------------------------------ benchmark
 def main() -> None:
     parser = base_parser(__doc__, repeats=3, patients=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="raster sizes")
     parser.add_argument("--train-size", type=int, default=512, help="training resolution")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--native", type=int, default=2048, help="patch section: cache side")
+    parser.add_argument("--patch", type=int, default=1024, help="patch section: patch side")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.patients, args.sizes = 1, 1, [512]
+        args.native, args.patch = 512, 256
     failures: list[str] = []
 
     with phantom_root(args.data, args.patients, args.seed) as root:
@@ -189,6 +242,7 @@ def main() -> None:
                 Row(f"samples/s at {s}, cache, augment + soft", rate(train), r_base, "/s", True, 20)
             )
             del plain, compact, train, cache
+        rows += patch_rows(df, args)
     print_table("Data path: ours vs the public baseline (times per image)", rows)
     finish(failures)
 

@@ -14,6 +14,15 @@ architecture trained briefly on the phantom, its second fold a copy) with hflip 
   table's last row is the Dice between the two CSVs.
 Peak memory is the main process's peak RSS above its RSS before the run (VmHWM after a
 ``clear_refs`` reset); on a GPU the peak allocated GPU memory is printed too.
+
+A second table times the window pass of patch-trained members (issue 17): an untrained
+U-Net/ResNet-18 (timing does not depend on the weights) over ``--window-images`` images
+of 2048 px in 1024 px windows at overlap 0.5 (3 x 3 per image), each way in a fresh
+process: ours (``sliding_window``: one image's Gaussian-weighted accumulators, each tile
+added as it comes) against a plain loop that stores every tile's output and blends them
+at the end. The model's own time is measured inside the pass, so the blending's share
+is ours minus the model (target: blending < 10 % of the model time, i.e. >= 10x); the
+outputs must agree (checked).
 """
 
 from __future__ import annotations
@@ -30,13 +39,15 @@ import torch
 import torch.nn.functional as F
 from _common import Row, base_parser, print_machine, print_table, status_mib
 
-from bonecomp.config import load_config
+from bonecomp.config import ModelConfig, load_config
 from bonecomp.data.dataset import TestImages
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.inference.ensemble import load_member
 from bonecomp.inference.predict import predict_submission
+from bonecomp.inference.sliding import gaussian_weight, sliding_window, tile_starts
 from bonecomp.inference.tta import tta_mean, views
+from bonecomp.models import create_model
 from bonecomp.runs import ensemble_members
 from bonecomp.submission import compare_submissions, write_submission
 from bonecomp.testing import classic_encode, ensure_phantom
@@ -135,13 +146,95 @@ def _run(which: str, work: str, root: str, data_root: str, out: str, threads: in
     return seconds, status_mib("VmHWM") - before, gpu
 
 
+def stored_tiles(predict, x: torch.Tensor, tile: int, overlap: float) -> torch.Tensor:
+    """The plain way: every tile's output kept, then the Gaussian-weighted mean of all."""
+    H, W = x.shape[-2:]
+    stride = max(1, round(tile * (1 - overlap)))
+    spots = [(y, x0) for y in tile_starts(H, tile, stride) for x0 in tile_starts(W, tile, stride)]
+    preds = [predict(x[..., y : y + tile, x0 : x0 + tile]).float() for y, x0 in spots]
+    weight = gaussian_weight((tile, tile), device=x.device)
+    out = x.new_zeros((x.shape[0], preds[0].shape[1], H, W))
+    norm = x.new_zeros((H, W))
+    for (y, x0), p in zip(spots, preds, strict=True):
+        out[..., y : y + tile, x0 : x0 + tile] += p * weight
+        norm[y : y + tile, x0 : x0 + tile] += weight
+    return out / norm
+
+
+def _window(which: str, n: int, side: int, tile: int, overlap: float, threads: int) -> tuple:
+    """In a fresh process: (seconds, model seconds, peak MiB above the start, a digest of
+    the last output for the agreement check)."""
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)  # the same weights in both processes
+    model = create_model(ModelConfig(arch="unet", encoder="resnet18", encoder_weights=None))
+    model = model.eval().to(device)
+    spent = [0.0]
+
+    def predict(t: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = model(t).sigmoid()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - t0
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand((1, 3, side, side), generator=g) for _ in range(n)]
+    with torch.inference_mode():
+        predict(images[0][..., :tile, :tile].to(device))  # warm-up, not timed
+        spent[0] = 0.0
+        before = status_mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t0 = time.perf_counter()
+        for x in images:
+            x = x.to(device)
+            if which == "ours":
+                out = sliding_window(predict, x, tile, overlap)
+            else:
+                out = stored_tiles(predict, x, tile, overlap)
+            digest = F.avg_pool2d(out, 16).cpu()
+            del out
+        seconds = time.perf_counter() - t0
+    return seconds, spent[0], status_mib("VmHWM") - before, digest
+
+
+def window_rows(args) -> list[Row]:
+    """The window-pass table: ours vs stored tiles, and the blending's share."""
+    side, tile, n = (512, 256, 1) if args.quick else (2048, 1024, args.window_images)
+    ctx, got = mp.get_context("spawn"), {}
+    for which in ("ours", "stored"):
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            job = pool.submit(_window, which, n, side, tile, 0.5, torch.get_num_threads())
+            got[which] = job.result()
+    (t_o, model_o, m_o, d_o), (t_s, _, m_s, d_s) = got["ours"], got["stored"]
+    diff = float((d_o - d_s).abs().max())
+    print(f"window pass: outputs agree to {diff:.2e} (max abs difference of 16 px means)")
+    if diff > 1e-5:
+        raise SystemExit("window pass: ours and the stored-tiles loop disagree")
+    acc = 29 * side * side * 4 / 2**20
+    print(f"one image's accumulators (29 classes x {side}^2 float32): {acc:.0f} MiB")
+    what = f"{tile} px windows over {side} px, overlap 0.5"
+    return [
+        Row(f"{what}: time per image", t_o / n, t_s / n, "s"),  # the same work: parity
+        Row(f"{what}: blending (ours) vs model", (t_o - model_o) / n, model_o / n, "s", False, 10),
+        Row(f"{what}: peak RSS", m_o, m_s, "MiB"),
+    ]
+
+
 def main() -> None:
     ap = base_parser(__doc__, repeats=1, patients=4)
     ap.add_argument("--train-seconds", type=float, default=75, help="training per architecture")
     ap.add_argument("--counts", nargs="+", type=int, default=[10, 40], help="test image counts")
+    ap.add_argument("--window-images", type=int, default=2, help="window table: 2048 px images")
+    ap.add_argument("--window-only", action="store_true", help="the window table alone")
     args = ap.parse_args()
     counts = [4, 8] if args.quick else args.counts
     print_machine(f", torch threads {torch.get_num_threads()}")
+    if args.window_only:
+        print_table("Window pass of a patch member: ours vs stored tiles", window_rows(args))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         tmp = Path(tmp)
         root = args.data or tmp / "phantom"
@@ -192,6 +285,7 @@ def main() -> None:
         print(
             "Dice between our CSV and the baseline's: " + ", ".join(f"{a:.6f}" for a in agreement)
         )
+    print_table("Window pass of a patch member: ours vs stored tiles", window_rows(args))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,27 @@ baseline ensemble (uniform weights, threshold 0.5), + per-class thresholds, + cl
 ensemble weights, + pseudo-labels (the tuned ensemble labels the test images, both
 experiments are retrained on every fold with them, and the new pair is tuned again),
 + carpal crop (a U-Net trained on every fold on the carpal box at the same input size,
-its weight per carpal tuned on OOF, pasted over the pseudo-label pair's carpals).
-Every row gives the OOF Dice (all 29 classes and each carpal class, on the training
-images' out-of-fold maps) and the test-set Dice of the submission the row's settings
-write, scored by the project's own scorer against the phantom's test labels. A row that
-does not help is reported as measured.
+its weight per carpal tuned on OOF, pasted over the pseudo-label pair's carpals); and,
+beside the stack, checkpoint averaging (the baseline with each member's averaged.pt,
+the mean of its last ``train.average.last`` epochs, instead of its best.pt) and the
+per-class clean-up (``tune_cleanup`` on the class-wise ensemble's OOF maps, against the
+class-wise row). Every row gives the OOF Dice (all 29 classes and each carpal class, on
+the training images' out-of-fold maps) and the test-set Dice of the submission the
+row's settings write, scored by the project's own scorer against the phantom's test
+labels. A row that does not help is reported as measured.
+
+Then three tables:
+- patch training + windows (``data.patch_size`` = ``--size`` on the image at twice that
+  size) against the pair's whole-image U-Net at the same compute (same input pixels per
+  step, same steps), every fold, with the small bones' OOF Dice and the time per fold;
+- plain vs wrist-angle-stratified folds on a second phantom whose bent training wrists
+  are concentrated in a few patients: how far each fold's validation Dice is from its
+  test Dice (``stratified_folds``);
+- single U-Net variants on the first ``--variant-folds`` folds (3: the table stays near
+  40 minutes), against the pair's U-Net on the same folds, each alone at threshold 0.5:
+  Focal + Dice, Dice alone, and CLAHE as fixed preprocessing of the training cache and of
+  every test image (``data.preprocess: [clahe]``; inference takes it from each
+  checkpoint).
 """
 
 from __future__ import annotations
@@ -25,14 +41,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from bonecomp.classes import CARPALS, CLASSES
+from bonecomp.checkpoint import load_checkpoint
+from bonecomp.classes import CARPALS, CLASSES, FINGERS, THUMB
 from bonecomp.config import Config, load_config
+from bonecomp.data.cache import data_cache_dir
+from bonecomp.data.folds import folds_path
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.truth import GroundTruth
+from bonecomp.data.wrist import BIN_EDGES, table_angles
 from bonecomp.inference.carpal_stage import crop_oof_dice
 from bonecomp.inference.class_weights import tune_ensemble
+from bonecomp.inference.cleanup import tune_cleanup
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.pseudo_labels import write_pseudo_labels
 from bonecomp.inference.thresholds import resolve_thresholds, tune_thresholds, write_thresholds
@@ -43,15 +65,39 @@ from bonecomp.testing import DEMO_CONFIG, as_overrides, ensure_phantom
 from bonecomp.training.fold import run_training
 
 WORK = Path("/tmp/bonecomp-techniques")
+FINGERTIPS = (THUMB[0], *(f[0] for f in FINGERS))  # the distal phalanges: the smallest bones
 EXPERIMENTS = {"unet": {"model.arch": "unet"}, "fcn": {"model.arch": "fcn8s"}}
 PSEUDO = "_pl"  # suffix of the experiments retrained with pseudo-labels
 CROP = {"crop": {"model.arch": "unet", "data.crop": "carpal"}}  # the second stage
+AVERAGE_LAST = 4  # train.average.last of every training: averaged.pt beside best.pt
+# Single U-Net variants against the pair's U-Net (loss.terms {bce: 0.5, dice: 0.5}).
+LOSSES = {
+    "unet_focal": {"model.arch": "unet", "loss.terms": {"focal": 0.5, "dice": 0.5}},
+    "unet_dice": {"model.arch": "unet", "loss.terms": {"dice": 1.0}},
+}
+CLAHE = {"unet_clahe": {"model.arch": "unet", "data.preprocess": ["clahe"]}}
+LABELS = {
+    "unet_patch": "U-Net on patches of the 2x image, windows",
+    "unet": "U-Net alone, BCE + Dice (0.5 + 0.5)",
+    "unet_focal": "U-Net, Focal + Dice (0.5 + 0.5)",
+    "unet_dice": "U-Net, Dice alone",
+    "unet_clahe": "U-Net + CLAHE (train and test)",
+}
+
+
+def patch_experiment(args) -> dict[str, dict]:
+    """Patch training at the pair's compute: ``--size`` px patches of the image at twice
+    that size (as many pixels per step as the whole-image U-Net, each image seen at twice
+    its resolution), validated, OOF-mapped and predicted in windows at overlap 0.5."""
+    s = args.size
+    keys = {"model.arch": "unet", "data.image_size": 2 * s, "data.patch_size": s}
+    return {"unet_patch": {**keys, "infer.overlap": 0.5, "train.oof_size": 2 * s}}
 
 
 @dataclass
 class Row:
     name: str
-    oof: DiceTable
+    oof: DiceTable | None  # None: not measured (the OOF maps are best.pt's)
     test: float | None
     note: str = ""
 
@@ -76,23 +122,26 @@ def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Co
         "train.device": "cpu",
         "infer.name": "techniques",
         "infer.num_workers": 0,
+        "train.average": {"last": min(AVERAGE_LAST, args.epochs)},  # the averaging row
         "infer.ensemble": [
             {"experiment": e + suffix, "folds": list(range(args.folds))} for e in EXPERIMENTS
         ],
         **extra,
     }
     if experiment:
-        keys = {**EXPERIMENTS, **CROP}[experiment]
+        keys = {**EXPERIMENTS, **CROP, **LOSSES, **CLAHE, **patch_experiment(args)}[experiment]
         values.update({"train.experiment": experiment + suffix, **keys})
     return load_config(DEMO_CONFIG, as_overrides(values))
 
 
-def train_all(args, suffix: str = "", names=EXPERIMENTS, **extra) -> None:
-    """Every fold of the experiments ``names`` (kept when already trained: the run can be
-    resumed)."""
+def train_all(
+    args, suffix: str = "", names=EXPERIMENTS, n_folds: int | None = None, **extra
+) -> None:
+    """The first ``n_folds`` folds (default all) of the experiments ``names`` (kept when
+    already trained: the run can be resumed)."""
     for e in names:
         cfg = config(args, e, suffix, **extra)
-        for fold in range(args.folds):
+        for fold in range(n_folds or args.folds):
             if run_dir(cfg, fold).best.exists():
                 continue
             t0 = time.perf_counter()
@@ -116,6 +165,40 @@ def test_dice(args, cfg: Config, thresholds: Path, tag: str) -> float:
     return table.mean
 
 
+def averaging_row(args, cfg: Config, flat: Path) -> Row:
+    """The baseline ensemble with every member's ``averaged.pt`` (the last
+    ``AVERAGE_LAST`` epochs' mean, BatchNorm recomputed) instead of its ``best.pt``, at
+    threshold 0.5; the mean validation Dice of the members, averaged vs best, in the note."""
+    avg = config(args, **{"infer.ensemble": [
+        {"experiment": e, "folds": list(range(args.folds)), "checkpoint": "averaged"}
+        for e in EXPERIMENTS
+    ]})  # fmt: skip
+    pairs = [
+        (load_checkpoint(m.checkpoint)["metric"], load_checkpoint(m.run.best)["metric"])
+        for m in ensemble_members(avg, ensemble=True)
+    ]
+    a, b = (float(np.mean(x)) for x in zip(*pairs, strict=True))
+    note = f"members' val Dice: averaged.pt {a:.4f} vs best.pt {b:.4f}; OOF maps are best.pt's"
+    return Row("checkpoint averaging (vs baseline)", None, test_dice(args, avg, flat, "avg"), note)
+
+
+def cleanup_row(args, cfg: Config, members, weights: Path) -> Row:
+    """The class-wise ensemble's masks with the per-class clean-up chosen on its OOF maps
+    (``tune_cleanup``: largest component, small components, holes; kept per class only
+    where OOF Dice gains); compare with the class-wise row."""
+    cfg.infer.thresholds = str(weights)
+    out = args.work / "tuned" / "cleanup.json"
+    res, path = tune_cleanup(cfg, members, out=out, progress=False)
+    kept = res.cleanup.table
+    rules = "; ".join(f"{k} {'+'.join(v)}" for k, v in kept.items()) or "none"
+    note = (
+        f"rules kept on OOF for {len(kept)} class(es): {rules}; OOF "
+        f"{res.before.mean:.4f} -> {res.after.mean:.4f} over the class-wise row"
+    )
+    test = test_dice(args, cfg, path, "cc")
+    return Row("class-wise + clean-up (vs class-wise)", res.after, test, note)
+
+
 def measure(args) -> list[Row]:
     """The table's rows, in the order the techniques stack up."""
     cfg = config(args)
@@ -130,6 +213,8 @@ def measure(args) -> list[Row]:
         Row("+ per-class thresholds", thr.after, test_dice(args, cfg, thr_path, "thr")),
         Row("+ class-wise ensemble weights", ens.after, test_dice(args, cfg, ens_path, "w")),
     ]
+    averaging = averaging_row(args, cfg, flat)
+    cleanup = cleanup_row(args, cfg, members, ens_path)
     # pseudo-labels from the tuned ensemble, then the pair retrained with them and re-tuned
     cfg.infer.thresholds = str(ens_path)
     folder = args.work / "pseudo"
@@ -160,7 +245,112 @@ def measure(args) -> list[Row]:
         f"weights {', '.join(f'{w:g}' for w in weights)}"
     )
     rows.append(Row("+ carpal crop", oof, test_dice(args, cfg_c, pl_path, "crop"), note))
+    rows += [averaging, cleanup]  # beside the stack: against the baseline / class-wise rows
     return rows
+
+
+def stratified_folds(args) -> str:
+    """Plain vs wrist-angle-stratified folds on a phantom whose bent training wrists are
+    concentrated in ``--folds`` patients: a U-Net per fold under each rule, and how far
+    each fold's validation Dice is from the same model's test-set Dice (threshold 0.5).
+    The gain is in the honesty of the folds (bent hands in every validation), not in
+    the score: the table gives the bent hands per fold's validation beside the gaps."""
+    root = args.work / "phantom_bent"
+    ensure_phantom(
+        root, args.train_patients, args.test_patients, seed=args.seed, bent_patients=args.folds
+    )
+    angles = table_angles(discover(root))
+    flat = write_thresholds(args.work / "tuned" / "flat.json", [0.5] * len(CLASSES))
+    lines = [
+        "| folds | bent hands in each fold's validation | val Dice per fold | test Dice per "
+        "fold | mean abs(val - test) | spread of val (max - min) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for rule in (None, "wrist_angle"):
+        keys = {
+            "data.root": str(root),
+            "data.fold_stratify": rule,
+            "train.max_train_minutes": args.strata_minutes,
+        }
+        name = f"strata_{rule or 'plain'}"
+        cfg = config(args, "unet", **keys)
+        cfg.train.experiment = name
+        val, test = [], []
+        for fold in range(args.folds):
+            run = run_dir(cfg, fold)
+            if not run.best.exists():
+                run_training(cfg, fold, progress=False)
+            val.append(float(pd.read_csv(run.dice_csv)["dice"].mean()))
+            member = [{"experiment": name, "folds": [fold]}]
+            one = config(args, **keys, **{"infer.ensemble": member})
+            test.append(test_dice(args, one, flat, f"{name}_{fold}"))
+        d = cfg.data
+        folds = pd.read_csv(
+            folds_path(data_cache_dir(d.cache_dir, d.root), d.n_splits, d.fold_seed, rule)
+        )
+        bent = (angles.reindex(folds["image"]).abs() >= BIN_EDGES[0]).to_numpy()
+        per_fold = [int(bent[(folds["fold"] == k).to_numpy()].sum()) for k in range(args.folds)]
+        gap = np.abs(np.subtract(val, test))
+        lines.append(
+            f"| {'stratified (wrist_angle)' if rule else 'plain GroupKFold'} | "
+            f"{', '.join(map(str, per_fold))} | {', '.join(f'{v:.3f}' for v in val)} | "
+            f"{', '.join(f'{t:.3f}' for t in test)} | {gap.mean():.4f} | "
+            f"{max(val) - min(val):.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def single_row(args, experiment: str, flat: Path, n_folds: int | None = None) -> Row:
+    """One experiment alone (its first ``n_folds`` folds, default all) at threshold 0.5:
+    OOF and test-set Dice."""
+    folds = list(range(n_folds or args.folds))
+    cfg = config(args, **{"infer.ensemble": [{"experiment": experiment, "folds": folds}]})
+    members = ensemble_members(cfg, ensemble=True)
+    out = args.work / "tuned" / f"{experiment}.json"
+    res, _ = tune_thresholds(cfg, members, out=out, progress=False)  # .before: at 0.5
+    return Row(LABELS[experiment], res.before, test_dice(args, cfg, flat, experiment))
+
+
+def loss_rows(args, flat: Path) -> list[Row]:
+    """Focal + Dice and Dice alone (issue 18), each a U-Net on ``--variant-folds`` folds."""
+    k = args.variant_folds
+    train_all(args, names=LOSSES, n_folds=k)
+    return [single_row(args, e, flat, k) for e in LOSSES]
+
+
+def clahe_row(args, flat: Path) -> Row:
+    """CLAHE as fixed preprocessing (``data.preprocess: [clahe]``): the cache is built
+    with it, and inference applies it to every test image because the checkpoints say so
+    (the row's inference config does not name it)."""
+    train_all(args, names=CLAHE, n_folds=args.variant_folds)
+    return single_row(args, next(iter(CLAHE)), flat, args.variant_folds)
+
+
+def variant_rows(args) -> list[Row]:
+    """The single U-Net variants on the first ``--variant-folds`` folds, after their
+    reference: the pair's U-Net alone on the same folds."""
+    flat = write_thresholds(args.work / "tuned" / "flat.json", [0.5] * len(CLASSES))
+    k = args.variant_folds
+    return [single_row(args, "unet", flat, k), *loss_rows(args, flat), clahe_row(args, flat)]
+
+
+def patch_rows(args) -> tuple[list[Row], str]:
+    """Whole-image U-Net (the pair's) against patch training + windows at the same
+    compute, every fold; the small bones' OOF Dice and the training time per fold."""
+    flat = write_thresholds(args.work / "tuned" / "flat.json", [0.5] * len(CLASSES))
+    train_all(args, names=patch_experiment(args))
+    rows = [single_row(args, "unet", flat), single_row(args, "unet_patch", flat)]
+    small = {"carpals": list(CARPALS), "fingertips": list(FINGERTIPS)}
+    head = " | ".join(f"OOF {k} (mean)" for k in small)
+    lines = [f"| | {head} | s per fold (train / all) |", "| --- |" + " --- |" * (len(small) + 1)]
+    for name, r in zip(("unet", "unet_patch"), rows, strict=True):
+        cfg = config(args, name)
+        runs = [pd.read_csv(run_dir(cfg, f).summary) for f in range(args.folds)]
+        train = np.mean([r["train_time"].sum() for r in runs])
+        total = np.mean([r["elapsed"].max() for r in runs])
+        cells = [f"{r.oof.per_class[idx].mean():.4f}" for idx in small.values()]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {train:.0f} / {total:.0f} |")
+    return rows, "\n".join(lines)
 
 
 def table(rows: list[Row], n_oof: int) -> str:
@@ -170,9 +360,12 @@ def table(rows: list[Row], n_oof: int) -> str:
     base = rows[0]
     for r in rows:
         cells = [r.name]
-        d = r.oof.mean - base.oof.mean
-        cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
-        cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
+        if r.oof is None:
+            cells += ["-"] * (1 + len(CARPALS))
+        else:
+            d = r.oof.mean - base.oof.mean
+            cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
+            cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
         if r.test is None:
             cells.append("-")
         else:
@@ -199,11 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=2, help="small batches: more updates")
     ap.add_argument("--minutes", type=float, default=2.5, help="training time limit per fold")
     ap.add_argument("--seed", type=int, default=0, help="phantom seed")
+    ap.add_argument(
+        "--strata-minutes",
+        type=float,
+        default=1.0,
+        help="training time limit per fold of the stratified-folds row (2 x --folds runs)",
+    )
+    ap.add_argument(
+        "--variant-folds", type=int, default=3,
+        help="folds trained for the loss and CLAHE rows (and their U-Net reference)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny everything: checks the wiring")
     args = ap.parse_args(argv)
     if args.quick:
         args.train_patients, args.test_patients, args.folds = 6, 2, 3
-        args.size, args.epochs, args.minutes = 64, 1, 0.2
+        args.size, args.epochs, args.minutes, args.strata_minutes = 64, 1, 0.2, 0.2
+        args.variant_folds = 2
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ensure_phantom(args.work / "phantom", args.train_patients, args.test_patients, seed=args.seed)
@@ -211,6 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args)
     n_oof = rows[0].oof.n_images
     print(table(rows, n_oof))
+    print("\nStratified folds (phantom with bent wrists in a few training patients):")
+    print(stratified_folds(args))
+    print("\nPatch training + windows against whole images at the same compute:\n")
+    rows, small = patch_rows(args)
+    print(table(rows, n_oof))
+    print("\n" + small)
+    k = args.variant_folds
+    print(f"\nSingle U-Net variants on {k} folds (deltas against the U-Net alone):\n")
+    variants = variant_rows(args)
+    print(table(variants, variants[0].oof.n_images))
     patients = f"{args.train_patients} + {args.test_patients} patients (seed {args.seed})"
     print(
         f"\n{time.perf_counter() - t0:.0f} s; {args.folds} folds of {list(EXPERIMENTS)} at "

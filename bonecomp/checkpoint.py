@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bonecomp.classes import CLASSES
+from bonecomp.config import Config, ConfigError, config_from_saved, to_dict
 from bonecomp.fileio import atomic_write
 
 FORMAT = "bonecomp-checkpoint-1"
@@ -62,8 +63,43 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     missing = [k for k in ("config", "model", "input_size") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: bonecomp checkpoint without {', '.join(missing)}")
-    if list(ckpt.get("classes", [])) != list(CLASSES):
-        raise CheckpointError(f"{path}: class list differs from this version's 29 classes")
+    classes = list(ckpt.get("classes", []))
+    if classes != list(CLASSES):
+        raise CheckpointError(
+            f"{path}: its class list ({len(classes)} classes, starting {classes[:2]}) differs "
+            f"from this version's {len(CLASSES)} classes ({CLASSES[0]!r}, ...)"
+        )
+    return ckpt
+
+
+# Model keys that do not change the weights' shapes: a run may start from another's
+# checkpoint whatever their values (the checkpoint's weights replace both).
+_FREE_MODEL_KEYS = ("encoder_weights", "init_bias")
+
+
+def init_checkpoint(cfg: Config) -> dict | None:
+    """The checkpoint ``train.init_from`` names (None when unset), checked to fit ``cfg``'s
+    model: same class list, architecture, encoder and head options. Any problem is one
+    ``ConfigError`` naming the key, the file and both values (progressive resizing:
+    image size, patches, loss and schedule may differ)."""
+    path = cfg.train.init_from
+    if path is None:
+        return None
+    key = "train.init_from"
+    try:
+        ckpt = load_checkpoint(path)
+        saved = config_from_saved(ckpt["config"], where=str(path))
+    except (CheckpointError, ConfigError) as e:
+        raise ConfigError(f"{key}: {e}", key) from None
+    theirs, ours = to_dict(saved.model), to_dict(cfg.model)
+    differ = [k for k in ours if k not in _FREE_MODEL_KEYS and theirs.get(k) != ours[k]]
+    if differ:
+        diff = ", ".join(f"model.{k} {theirs.get(k)!r} there, {ours[k]!r} here" for k in differ)
+        raise ConfigError(
+            f"{key}: {path} is another model ({diff}); start from a checkpoint of the same "
+            "architecture and encoder, or set model.* as it has",
+            key,
+        )
     return ckpt
 
 

@@ -2,8 +2,9 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(architecture, encoder and input size, loss terms, optimizer, TTA), the output folders
-and the packages of the experiment trackers, in milliseconds and without building a model
+(preprocessing steps, architecture, encoder and input size, loss terms, optimizer, TTA),
+the output folders and the packages of the experiment trackers, in milliseconds and
+without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
 every side the network will see is checked against it). Every error is one line: where
 the value came from (the YAML file, or "command line"), the key, and what is wrong.
@@ -14,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from bonecomp.checkpoint import init_checkpoint
 from bonecomp.config import Config, ConfigError, check_values, source_of
+from bonecomp.data.preprocess import check_preprocess
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.tta import get_view, scaled_side
 from bonecomp.losses import check_loss_config
@@ -32,13 +35,16 @@ def check_config(cfg: Config, training: bool = True) -> None:
     check_values(cfg)
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
-        lambda: check_model_config(cfg.model, cfg.data.image_size),
+        lambda: _check_patches(cfg),
+        lambda: check_preprocess(cfg.data),
+        lambda: check_model_config(cfg.model, cfg.data.image_size, cfg.data.patch_size),
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
         lambda: _check_input_sides(cfg),
         lambda: _check_folders(cfg),
         lambda: check_trackers(cfg.train.trackers if training else []),
+        lambda: init_checkpoint(cfg) if training else None,  # loads it: ~1 s at most
     ]
     for check in checks:
         try:
@@ -79,16 +85,40 @@ def _check_folders(cfg: Config) -> None:
                 break
 
 
+def _check_patches(cfg: Config) -> None:
+    """``data.patch_size`` fits inside ``data.image_size`` and is not combined with a
+    carpal crop (the crop is already the region of interest, at its own size)."""
+    d = cfg.data
+    if d.patch_size is None:
+        return
+    key = "data.patch_size"
+    if d.patch_size > d.image_size:
+        raise ConfigError(
+            f"{key}={d.patch_size} is larger than data.image_size={d.image_size}: a patch is "
+            f"cut from the image; set {key} <= {d.image_size} (or null for whole images)",
+            key,
+        )
+    if d.crop is not None:
+        raise ConfigError(
+            f"{key}={d.patch_size} with data.crop={d.crop}: the crop is already the region "
+            f"the model sees; set {key}=null (or data.crop=null to train patches of whole X-rays)",
+            key,
+        )
+
+
 def _check_input_sides(cfg: Config) -> None:
-    """Every input side the network is fed (training at ``data.image_size``; inference at
-    each ``infer.scales`` factor, in ``infer.tile`` tiles with the sliding window) fits
-    the encoder: a fixed-size one (``models.fixed_input_side``) takes one side only."""
-    size, inf = cfg.data.image_size, cfg.infer
-    check_input_side(cfg.model, "data.image_size", size)
-    tiled = inf.sliding_window and inf.tile < size  # as the ensemble decides
+    """Every input side the network is fed (training at ``data.image_size`` or
+    ``data.patch_size``; inference at each ``infer.scales`` factor, in windows of the
+    patch side or in ``infer.tile`` tiles with the sliding window) fits the encoder: a
+    fixed-size one (``models.fixed_input_side``) takes one side only."""
+    size, patch, inf = cfg.data.image_size, cfg.data.patch_size, cfg.infer
+    train_key = "data.image_size" if patch is None else "data.patch_size"
+    check_input_side(cfg.model, train_key, patch or size)
+    tile, tile_key = (patch, "data.patch_size") if patch else (inf.tile, "infer.tile")
+    tiled = bool(patch) or (inf.sliding_window and inf.tile < size)  # as the ensemble decides
     for i, scale in enumerate(inf.scales):
         side = scaled_side(size, scale)
-        if tiled and inf.tile < side:
-            check_input_side(cfg.model, "infer.tile", inf.tile)
+        if tiled and tile < side:
+            check_input_side(cfg.model, tile_key, tile)
         else:
             check_input_side(cfg.model, f"infer.scales[{i}]", side)

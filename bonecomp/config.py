@@ -171,7 +171,12 @@ class AugmentConfig:
     brightness_contrast_p: float = key(
         0.5, "probability of the brightness/contrast change", check=_prob, want=PROB
     )
-    clahe_p: float = key(0.0, "probability of CLAHE (local contrast)", check=_prob, want=PROB)
+    clahe_p: float = key(
+        0.0,
+        "probability of a random CLAHE (local contrast); data.preprocess applies it always",
+        check=_prob,
+        want=PROB,
+    )
 
 
 @dataclass
@@ -195,6 +200,11 @@ class DataConfig:
     )
     fold_seed: int | None = key(
         None, "null: plain GroupKFold by patient (deterministic); int: shuffled"
+    )
+    fold_stratify: Literal["wrist_angle"] | None = key(
+        None,
+        "null: GroupKFold by patient; wrist_angle: StratifiedGroupKFold by patient on the"
+        " binned wrist angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md)",
     )
     exclude: list[str] = key([], "training images with known annotation errors")
     soft_targets: bool = key(True, "fractional pixel coverage as targets (data/rasterize.py)")
@@ -228,6 +238,40 @@ class DataConfig:
         "training: random shift/scale of the crop box (share of its side)",
         check=lambda v: 0 <= v < 0.5,
         want="must be in [0, 0.5)",
+    )
+    patch_size: int | None = key(
+        None,
+        "null: train on the whole data.image_size image; int: on random squares of this"
+        " side cut from it (a multiple of 32, <= data.image_size), validated and predicted"
+        " with Gaussian windows of it (infer.overlap)",
+        check=_positive_multiple_of_32,
+        want=MULTIPLE_OF_32 + " or null",
+    )
+    patch_foreground: float = key(
+        0.33,
+        "patch training: share of patches centred on a bone (data.patch_balance); the rest"
+        " are placed uniformly",
+        check=lambda v: 0 <= v <= 1,
+        want="must be in [0, 1]",
+    )
+    patch_balance: Literal["area", "uniform"] = key(
+        "area",
+        "patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area)"
+        " (small bones more often), uniform: every bone alike",
+    )
+    preprocess: list[str] = key(
+        [],
+        "fixed steps on every PNG at its source size, training cache and test images alike,"
+        " kept in the checkpoint (inference uses each member's own): [] or [clahe]",
+    )
+    clahe_clip: float = key(
+        2.0, "preprocess clahe: histogram clip limit", check=lambda v: v > 0, want="must be > 0"
+    )
+    clahe_grid: int = key(
+        8,
+        "preprocess clahe: tiles per side of the image",
+        check=lambda v: 1 <= v <= 64,
+        want="must be in 1..64",
     )
     augment: AugmentConfig = section(
         AugmentConfig, "training only (albumentations); probabilities in [0, 1]"
@@ -277,6 +321,25 @@ class LossConfig:
         "tversky: weight of false negatives (thin tips are missed first)",
         check=lambda v: v >= 0,
         want="must be >= 0",
+    )
+
+
+@dataclass
+class AverageConfig:
+    """Checkpoint averaging: ``averaged.pt``, the mean of the chosen epochs' weights (both
+    keys: the union of their epochs), validated like ``best.pt``."""
+
+    last: int | None = key(
+        None,
+        "mean of the last k epochs' weights (k files in average_pool/)",
+        check=lambda v: v >= 1,
+        want="must be >= 1 or null",
+    )
+    best: int | None = key(
+        None,
+        "and/or of the k best validations' (k files too)",
+        check=lambda v: v >= 1,
+        want="must be >= 1 or null",
     )
 
 
@@ -369,7 +432,19 @@ class TrainConfig:
         check=lambda v: 0 < v < 1,
         want="must be in (0, 1) or null",
     )
+    average: AverageConfig = section(
+        AverageConfig,
+        "averaged.pt: k epochs' weights averaged, BatchNorm statistics recomputed; null ="
+        ' off (docs/pipeline.md "Checkpoint averaging")',
+    )
     seed: int = key(42, "seed of the initial weights, the data order and the augmentations")
+    init_from: str | None = key(
+        None,
+        "a checkpoint (best.pt of another run) whose weights start this run, not its"
+        " optimiser or schedule: progressive resizing; same arch, encoder and classes",
+        check=bool,
+        want="must name a checkpoint file or be null",
+    )
     val_every: int = key(
         1,
         "validate every n epochs (and after the last)",
@@ -465,7 +540,9 @@ class EnsembleMember:
     weight: float = key(
         1.0, "its share of the ensemble's average", check=lambda v: v > 0, want="must be > 0"
     )
-    checkpoint: str = key("best", "best, last, or a checkpoint file name in the fold folder")
+    checkpoint: str = key(
+        "best", "best, last, averaged, or a checkpoint file name in the fold folder"
+    )
 
 
 @dataclass
@@ -480,7 +557,9 @@ class CarpalStageConfig:
         want="must be a name without '/' or null",
     )
     folds: list[int] = key([0, 1, 2, 3, 4], "the crop experiment's folds, each once")
-    checkpoint: str = key("best", "best, last, or a checkpoint file name in the fold folder")
+    checkpoint: str = key(
+        "best", "best, last, averaged, or a checkpoint file name in the fold folder"
+    )
     weight: float | list[float] = key(
         1.0,
         "crop's share of the carpal probabilities in the box (or 8 values)",
@@ -864,6 +943,20 @@ def _cross_field_problems(cfg: Config) -> Iterator[tuple[str, str]]:
         yield "train.warmup_epochs", f"must be <= train.epochs ({t.epochs}), got {t.warmup_epochs}"
     if t.min_lr is not None and t.min_lr > t.lr:
         yield "train.min_lr", f"must be <= train.lr ({t.lr}), got {t.min_lr}"
+    if t.average.last is not None and t.average.last > t.epochs:
+        yield (
+            "train.average.last",
+            f"must be <= train.epochs ({t.epochs}): there are only that many epochs to "
+            f"average, got {t.average.last}",
+        )
+    n_val = validations(t.epochs, t.val_every)
+    if t.average.best is not None and t.average.best > n_val:
+        yield (
+            "train.average.best",
+            f"must be <= the {n_val} validation(s) of train.epochs={t.epochs} with "
+            f"train.val_every={t.val_every}, got {t.average.best}; lower it or validate "
+            "more often",
+        )
     seen_tta: set[str] = set()
     for i, name in enumerate(cfg.infer.tta):
         if name in seen_tta:
@@ -884,6 +977,12 @@ def _cross_field_problems(cfg: Config) -> Iterator[tuple[str, str]]:
                 f"{m.experiment!r} is listed more than once (also infer.ensemble[{j}]); "
                 "list each experiment once, with all its folds",
             )
+
+
+def validations(epochs: int, val_every: int) -> int:
+    """How many validations a run of ``epochs`` has: every ``val_every``-th epoch and the
+    last (``training.fold`` validates so)."""
+    return epochs // val_every + (epochs % val_every != 0)
 
 
 def _fold_problems(k: str, folds: list[int], n_splits: int) -> Iterator[tuple[str, str]]:

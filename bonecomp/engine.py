@@ -32,6 +32,7 @@ from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.rasterize import truth_crops
 from bonecomp.distributed import all_ranks_true, all_reduce_min, all_reduce_sum, is_distributed
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
+from bonecomp.inference.sliding import sliding_window
 from bonecomp.memory import free_memory, halve, run_chunked, spans
 from bonecomp.metrics import DiceAccumulator, DiceTable, compute_metrics
 
@@ -447,10 +448,15 @@ def validate(
     ctx: StepContext,
     thresholds: float | Sequence[float] = 0.5,
     oof: OOFWriter | None = None,
+    window: int | None = None,
+    overlap: float = 0.25,
 ) -> Validation:
     """Loss at the model's resolution and the competition Dice at each image's source size.
 
-    The loss is called as in training, ``loss_fn(logits, batch)``. ``metrics`` holds
+    ``window``: a model trained on patches of that side (``data.patch_size``) sees the
+    whole image as Gaussian-blended windows of it (``inference.sliding``, ``overlap``), as
+    inference runs it. The loss is called as in training, ``loss_fn(logits, batch)``.
+    ``metrics`` holds
     every function of ``metrics.METRICS`` of the pass (``loss``, ``dice``: the mean
     competition Dice, and any registered one), a flat dict of floats. Under DDP the sums
     are reduced across ranks (each rank validates its own images).
@@ -461,7 +467,10 @@ def validate(
     n_batches = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not ctx.progress):
         on_device = to_device(batch, ctx)
-        logits = _forward_chunked(model, on_device["image"], ctx)
+        logits = sliding_window(
+            lambda x: _forward_chunked(model, x, ctx), on_device["image"], window or 1 << 30,
+            overlap,
+        )  # fmt: skip
         loss_sum += loss_fn(logits, on_device)[0].double()
         n_batches += 1
         for i, idx in enumerate(_indices(batch)):

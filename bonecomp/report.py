@@ -28,11 +28,24 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from bonecomp.classes import CLASSES
+from bonecomp import rle
+from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.config import Config, to_dict
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.cache import data_cache_dir
+from bonecomp.data.folds import folds_path
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.truth import GroundTruth
+from bonecomp.data.wrist import (
+    ANGLE_CLASSES,
+    BIN_EDGES,
+    BIN_NAMES,
+    angle_bin,
+    table_angles,
+    wrist_angle,
+    wrist_angle_of_masks,
+)
 from bonecomp.fileio import write_text
 from bonecomp.inference.class_weights import read_class_weights, resolve_class_weights
 from bonecomp.inference.oof import has_oof
@@ -45,7 +58,12 @@ from bonecomp.runs import (
     report_path,
     thresholds_in_use,
 )
-from bonecomp.submission import score_submission, validate_submission
+from bonecomp.submission import (
+    label_index,
+    read_submission,
+    score_submission,
+    validate_submission,
+)
 from bonecomp.viz import oof_images
 
 TEMPLATE = "report.html.j2"  # bonecomp/templates/
@@ -92,6 +110,19 @@ class ThresholdView:
 
 
 @dataclass
+class AngleView:
+    """The wrist-angle distribution per fold's validation images and of the test set
+    (``bonecomp.data.wrist``): images per ``BIN_NAMES`` bin, the median and largest
+    |angle|; ``rule`` is how the folds were split."""
+
+    rule: str
+    path: str
+    bins: list[str]
+    rows: list[tuple[str, int, list[int], float, float]]  # set, measured, per bin, median, max
+    note: str = ""
+
+
+@dataclass
 class ExperimentView:
     name: str
     path: str
@@ -105,6 +136,7 @@ class ExperimentView:
     thresholds: ThresholdView | None = None
     configs: list[tuple[str, str]] = field(default_factory=list)  # (fold folder, YAML)
     worst_classes: int = 0  # how many weakest classes the worst images show
+    angles: AngleView | None = None  # wrist angle per fold (None: no saved config)
 
 
 @dataclass
@@ -112,6 +144,7 @@ class SubmissionView:
     path: str
     summary: str
     problems: list[str]
+    angles: AngleView | None = None  # wrist angle of the predicted test masks
     score: float | None = None
     per_class: list[tuple[str, float]] = field(default_factory=list)  # weakest first
     labels: str | None = None
@@ -270,6 +303,8 @@ def experiment_view(
         heatmap=Picture(_figure_uri(heatmap_figure(dice[order]))),
         configs=[(r.path.name, r.config.read_text()) for r in runs if r.config.is_file()],
     )
+    if runs[0].config.is_file():
+        view.angles = fold_angle_view(runs[0].saved_config())
     with_oof = [r for r in runs if has_oof(r)]
     if not with_oof:
         return view
@@ -341,12 +376,79 @@ def _submission_view(cfg: Config, csv: Path | str, labels: Path | str | None) ->
     report = validate_submission(csv, test["name"].tolist(), list(shapes.values()))
     view = SubmissionView(str(csv), report.summary(), report.problems)
     view.labels = str(labels) if labels else None
+    if report.ok:
+        angles = submission_angles(csv, shapes)
+        view.angles = AngleView(
+            "predicted masks of Radius, Ulna and the third metacarpal (finger-11)",
+            str(csv),
+            list(BIN_NAMES),
+            [angle_row("test (predicted)", angles)],
+        )
+        if labels:
+            truth = label_index(labels)
+            measured = [wrist_angle(load_annotation(truth[n])) for n in angles.index if n in truth]
+            view.angles.rows.append(angle_row("test (labels)", pd.Series(measured, dtype=float)))
     if labels and report.ok:
         table, _ = score_submission(csv, labels, shapes, progress=False)
         view.score = table.mean
         order = np.argsort(table.per_class, kind="stable")
         view.per_class = [(CLASSES[c], float(table.per_class[c])) for c in order]
     return view
+
+
+def angle_row(name: str, angles: pd.Series) -> tuple[str, int, list[int], float, float]:
+    """One line of an ``AngleView``: measurable images, images per bin, median and largest
+    |angle| (nan when none is measurable)."""
+    ok = angles.dropna()
+    counts = np.bincount([angle_bin(a) for a in ok], minlength=len(BIN_EDGES) + 1)
+    size = ok.abs()
+    median = float(size.median()) if len(ok) else float("nan")
+    return name, len(ok), counts.tolist(), median, float(size.max()) if len(ok) else median
+
+
+def fold_angle_view(cfg: Config) -> AngleView:
+    """Wrist angles of each fold's validation images: from a stratified folds file's own
+    column, else measured from the training JSONs; a missing folds file or data root is
+    a note, not an error (a report may be written away from the data)."""
+    d = cfg.data
+    path = folds_path(data_cache_dir(d.cache_dir, d.root), d.n_splits, d.fold_seed, d.fold_stratify)
+    rule = (
+        f"StratifiedGroupKFold by patient on data.fold_stratify={d.fold_stratify}"
+        if d.fold_stratify
+        else "GroupKFold by patient (data.fold_stratify=null)"
+    )
+    view = AngleView(rule, str(path), list(BIN_NAMES), [])
+    if not path.is_file():
+        view.note = "folds file not found: angles per fold not shown"
+        return view
+    folds = pd.read_csv(path, dtype={"image": str})
+    if "wrist_angle" not in folds:
+        try:
+            measured = table_angles(discover(d.root))
+        except (OSError, ValueError) as e:
+            view.note = f"training annotations not readable here ({e})"
+            return view
+        folds["wrist_angle"] = measured.reindex(folds["image"]).to_numpy()
+    for k, part in folds.groupby("fold"):
+        view.rows.append(angle_row(f"fold {k}", part["wrist_angle"]))
+    view.rows.append(angle_row("all training", folds["wrist_angle"]))
+    return view
+
+
+def submission_angles(csv: Path | str, shapes: dict[str, tuple[int, int]]) -> pd.Series:
+    """Wrist angle of each image of a (valid) submission, from its predicted masks of the
+    angle's bones; nan where one of them is empty. Indexed by image name."""
+    df = read_submission(csv)
+    names = list(dict.fromkeys(df["image_name"]))
+    codes = df["rle"].to_numpy().reshape(len(names), NUM_CLASSES)
+    return pd.Series(
+        [
+            wrist_angle_of_masks({c: rle.decode(codes[k, c], shapes[n]) for c in ANGLE_CLASSES})
+            for k, n in enumerate(names)
+        ],
+        index=names,
+        dtype=float,
+    )
 
 
 # ------------------------------------------------------------------------------- figures

@@ -7,6 +7,11 @@ module; no other file spells these names.
         summary.csv          one row per epoch: loss parts, val Dice, lr, img/s, time
         dice_per_class.csv   per-class Dice of the best epoch (and .png, its chart)
         best.pt, last.pt     self-describing checkpoints (last.pt also resumes)
+        averaged.pt          train.average: the mean of the chosen epochs' weights (BatchNorm
+                             statistics recomputed), self-describing like best.pt, and
+        dice_per_class_averaged.csv   its per-class validation Dice
+        average_pool/epoch<e>.pt      train.average: the weights of the epochs it averages
+                             (at most k per key; kept for a resume)
         oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         tb/, wandb/          train.trackers: TensorBoard events, W&B run files
@@ -48,6 +53,9 @@ DICE_CSV = "dice_per_class.csv"
 DICE_PNG = "dice_per_class.png"
 BEST = "best.pt"
 LAST = "last.pt"
+AVERAGED = "averaged.pt"
+AVERAGED_DICE_CSV = "dice_per_class_averaged.csv"
+AVERAGE_POOL = "average_pool"
 OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
 LOCK = ".lock"
@@ -56,7 +64,8 @@ TENSORBOARD = "tb"  # train.trackers: the fold's TensorBoard event files
 MLFLOW_DB = "mlflow.db"  # train.trackers: MLflow's default store, in train.output_dir
 MLFLOW_ARTIFACTS = "mlartifacts"  # beside it: the artifacts of that store's runs
 REPORT = "report.html"  # per experiment (runs/<experiment>/) and per ensemble (runs/)
-CHECKPOINTS = {"best": BEST, "last": LAST}  # names an ensemble section may use
+# the names an ensemble section (and infer.crop) may use
+CHECKPOINTS = {"best": BEST, "last": LAST, "averaged": AVERAGED}
 PSEUDO_IMAGES = "images.npy"
 PSEUDO_PROBS = "probs.npy"
 PSEUDO_CRC = "crc.npy"
@@ -88,6 +97,9 @@ class RunDir:
     dice_png = property(lambda self: self.path / DICE_PNG)
     best = property(lambda self: self.path / BEST)
     last = property(lambda self: self.path / LAST)
+    averaged = property(lambda self: self.path / AVERAGED)
+    averaged_dice_csv = property(lambda self: self.path / AVERAGED_DICE_CSV)
+    average_pool = property(lambda self: self.path / AVERAGE_POOL)
     oof = property(lambda self: self.path / OOF)
     oof_index = property(lambda self: self.path / OOF_INDEX)
     batch_plan = property(lambda self: self.path / BATCH_PLAN)
@@ -97,6 +109,14 @@ class RunDir:
     def saved_config(self) -> Config:
         """The run's ``config.yaml`` as a ``Config`` (errors name the file)."""
         return config_from_saved(yaml.safe_load(self.config.read_text()), str(self.config))
+
+    def pooled(self, epoch: int) -> Path:
+        """Where ``train.average`` keeps the weights of ``epoch``."""
+        return self.average_pool / f"epoch{epoch:04d}.pt"
+
+    def pool_files(self) -> list[Path]:
+        """The weights kept in ``average_pool`` (none when it is not there)."""
+        return sorted(self.average_pool.glob("epoch*.pt"))
 
     def staged(self, name: str) -> Path:
         """Where a file is prepared before it replaces ``name`` (e.g. OOF of a new best)."""
@@ -227,7 +247,8 @@ class PseudoDir:
 
 
 def checkpoint_file(name: str) -> str:
-    """``infer.ensemble[].checkpoint``: ``best``, ``last`` or a file name in the fold folder."""
+    """``infer.ensemble[].checkpoint``: ``best``, ``last``, ``averaged`` or a file name in
+    the fold folder."""
     return CHECKPOINTS.get(name, name)
 
 

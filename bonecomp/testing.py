@@ -90,10 +90,12 @@ def ensure_phantom(
     size: int = 2048,
     seed: int = 0,
     workers: int | None = None,
+    bent_patients: int | None = None,
 ) -> bool:
     """Write a phantom into ``root`` unless one with the splits asked for is there.
 
-    Returns True when it wrote one. ``workers`` defaults to at most 2 processes.
+    Returns True when it wrote one. ``workers`` defaults to at most 2 processes;
+    ``bent_patients`` as ``make_phantom``'s.
     """
     root = Path(root)
     have = (not train_patients or (root / "train" / "DCM").is_dir()) and (
@@ -102,7 +104,16 @@ def ensure_phantom(
     if have:
         return False
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    make_phantom(root, train_patients, test_patients, size, seed, workers, progress=False)
+    make_phantom(
+        root,
+        train_patients,
+        test_patients,
+        size,
+        seed,
+        workers,
+        progress=False,
+        bent_patients=bent_patients,
+    )
     return True
 
 

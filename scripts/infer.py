@@ -38,6 +38,7 @@ def infer(args) -> int:
     print(f"TTA views: {', '.join(res.views)}")
     print(f"thresholds: {res.thresholds_from}")
     print(f"ensemble weights: {res.weights_from}")
+    print(f"clean-up: {res.cleanup_from}")
     if res.crop_boxes is not None:
         found = sum(b is not None for b in res.crop_boxes.values())
         print(

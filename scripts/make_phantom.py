@@ -20,6 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="default: min(4, CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing phantom")
+    parser.add_argument(
+        "--bent-patients",
+        type=int,
+        default=None,
+        help="this many training patients bend both wrists (18-30 degrees towards the ulna, or "
+        "70 %% of that the other way), the others none (default: each hand by chance, ~11 %%)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -31,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             workers=args.workers,
             overwrite=args.overwrite,
+            bent_patients=args.bent_patients,
         )
     except ValueError as e:
         parser.exit(2, f"make_phantom: error: {e}\n")

@@ -1,11 +1,26 @@
-"""GroupKFold by patient: no patient in two folds, deterministic, written once and reused."""
+"""Folds by patient: no patient in two folds, deterministic, written once and reused;
+stratified by wrist angle, the bent hands spread over the folds and the rule in the file."""
 
 from __future__ import annotations
+
+import shutil
 
 import pandas as pd
 import pytest
 
-from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds, make_folds
+from bonecomp.config import ConfigError, load_config
+from bonecomp.data.folds import (
+    FoldsError,
+    folds_path,
+    load_or_make_folds,
+    make_folds,
+    stratify_table,
+)
+from bonecomp.data.layout import discover
+from bonecomp.data.phantom import make_phantom, plan_patients
+from bonecomp.data.phantom.plan import concentrate_bends
+from bonecomp.testing import DEMO_CONFIG
+from tests.test_bad_inputs import _one_error_line, _train
 
 
 def _table(n_patients=12):
@@ -57,3 +72,82 @@ def test_unknown_images_and_split_patients_rejected(tmp_path):
 def test_too_few_patients():
     with pytest.raises(FoldsError, match="cannot fill"):
         make_folds(_table(3), 5)
+
+
+# ------------------------------------------------------------------ stratified by wrist angle
+N_BENT = 5  # of 10 training patients, both hands bent (make_phantom's bent_patients)
+
+
+@pytest.fixture(scope="module")
+def bent_table(tmp_path_factory) -> tuple[pd.DataFrame, set[str]]:
+    """A 128 px phantom whose bent wrists are concentrated in 5 of 10 patients (seed 0),
+    its table and the patients the generator bent (from its plan, not from any measure)."""
+    root = tmp_path_factory.mktemp("bent")
+    make_phantom(root, 10, 0, size=128, seed=0, workers=1, progress=False, bent_patients=N_BENT)
+    jobs = concentrate_bends(plan_patients(0, 10, 0), 0, N_BENT)
+    return discover(root), {j.patient_id for j in jobs if j.bent}
+
+
+def _bent_per_fold(folds: pd.DataFrame, bent: set[str]) -> list[int]:
+    per_patient = folds.groupby("patient")["fold"].first()
+    return [sum(p in bent for p in per_patient.index[per_patient == k]) for k in range(5)]
+
+
+def test_stratified_folds_keep_patients_whole_and_balance_bent_wrists(bent_table):
+    df, bent = bent_table
+    plain = make_folds(df, 5)
+    strat = make_folds(df, 5, strata=stratify_table(df, "wrist_angle", 5))
+    for folds in (plain, strat):
+        assert folds.groupby("patient")["fold"].nunique().max() == 1  # patients kept whole
+        assert folds["image"].tolist() == df["rel"].tolist()
+    # five bent patients over five folds: one each when stratified; plain GroupKFold
+    # (the phantom's patient order) piles them up
+    assert _bent_per_fold(strat, bent) == [1, 1, 1, 1, 1]
+    assert max(_bent_per_fold(plain, bent)) >= 2
+    # every fold's validation holds straight hands too
+    assert all((strat[strat["fold"] == k]["stratum"] == 0).any() for k in range(5))
+
+
+def test_the_folds_file_records_the_rule(bent_table, tmp_path):
+    df, _ = bent_table
+    plain_path = folds_path(tmp_path, 5, None)
+    strat_path = folds_path(tmp_path, 5, None, "wrist_angle")
+    assert plain_path != strat_path and "wrist_angle" in strat_path.name
+    strat = load_or_make_folds(df, strat_path, 5, stratify="wrist_angle")
+    written = pd.read_csv(strat_path)
+    assert list(written.columns) == ["image", "patient", "fold", "wrist_angle", "stratum"]
+    assert (written["stratum"] > 0).sum() == 2 * N_BENT  # the bent hands, as measured
+    assert strat["fold"].tolist() == written["fold"].tolist()
+    plain = load_or_make_folds(df, plain_path, 5)
+    assert list(pd.read_csv(plain_path).columns) == ["image", "patient", "fold"]
+    # a file of the other rule under either name is refused, never reused
+    shutil.copy(strat_path, plain_path)
+    with pytest.raises(FoldsError, match=r"made with data\.fold_stratify=wrist_angle"):
+        load_or_make_folds(df, plain_path, 5)
+    plain.to_csv(strat_path, index=False)
+    with pytest.raises(FoldsError, match=r"data.fold_stratify=wrist_angle\); it was columns"):
+        load_or_make_folds(df, strat_path, 5, stratify="wrist_angle")
+
+
+def test_too_few_bent_patients_for_the_folds_is_one_line_naming_the_key(bent_table):
+    df, bent = bent_table
+    few = df[~df["patient"].isin(sorted(bent)[:3])]  # two bent patients left, 5 folds
+    with pytest.raises(FoldsError, match=r"^data.fold_stratify=wrist_angle: .*n_splits=5") as e:
+        stratify_table(few, "wrist_angle", 5)
+    assert "\n" not in str(e.value)
+    assert len(stratify_table(few, "wrist_angle", 2)) == len(few)  # two folds: enough
+    with pytest.raises(FoldsError, match=r"data\.fold_stratify: unknown rule 'elbow'"):
+        stratify_table(df, "elbow", 5)
+
+
+def test_training_refuses_an_unstratifiable_split_before_the_cache(tiny_root, tmp_path, capsys):
+    # the tiny phantom has five patients and at most one bent hand: nothing to stratify by
+    assert _train(tiny_root, tmp_path, "data.fold_stratify=wrist_angle") == 2
+    _one_error_line(capsys.readouterr().err, ["data.fold_stratify=wrist_angle", "n_splits"])
+    assert not list((tmp_path / "cache").rglob("train_*"))  # no cache was built
+
+
+def test_an_unknown_stratification_key_is_refused_by_the_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.fold_stratify") as e:
+        load_config(DEMO_CONFIG, ["data.fold_stratify=elbow"])
+    assert "\n" not in str(e.value)

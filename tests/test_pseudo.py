@@ -23,6 +23,7 @@ from bonecomp.data.augment import train_transform
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
+from bonecomp.data.patches import PatchSampler
 from bonecomp.data.pseudo_dir import (
     PseudoDataset,
     PseudoError,
@@ -270,6 +271,17 @@ def test_dataset_targets_follow_the_rule_and_move_with_the_image(trained, tmp_pa
     np.testing.assert_array_equal(item["image"].numpy(), image[:, ::-1])
     moved = PseudoDataset(pseudo, train_transform(AugmentConfig(affine_p=1.0)))[0]["mask"]
     assert moved.shape == (NUM_CLASSES, 64, 64) and moved.dtype == torch.uint8
+    # patch training: a uniform 32 px cut of image and target, with the real items' keys
+    sampler = PatchSampler(32, 0.0, np.ones(NUM_CLASSES))
+    origins = set()
+    for seed in range(6):
+        np.random.seed(seed)  # noqa: NPY002  (no transform: the global state places it)
+        cut = PseudoDataset(pseudo, None, "soft", patch=sampler)[0]
+        y0, x0 = cut["origin"].tolist()
+        origins.add((y0, x0))
+        assert torch.equal(cut["mask"], soft["mask"][:, y0 : y0 + 32, x0 : x0 + 32])
+        np.testing.assert_array_equal(cut["image"].numpy(), image[y0 : y0 + 32, x0 : x0 + 32])
+    assert len(origins) > 1  # placed at random, not always the corner
 
 
 # ------------------------------------------------------------------------------ refusals

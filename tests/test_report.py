@@ -15,14 +15,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bonecomp import rle
 from bonecomp.classes import CLASSES, NUM_CLASSES
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.images import png_shapes
+from bonecomp.data.layout import discover
 from bonecomp.data.truth import GroundTruth
+from bonecomp.data.wrist import wrist_angle
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import tune_thresholds, write_thresholds
-from bonecomp.report import experiment_view, write_ensemble_report, write_run_report
+from bonecomp.report import (
+    experiment_view,
+    submission_angles,
+    write_ensemble_report,
+    write_run_report,
+)
 from bonecomp.runs import REPORT, ensemble_members, ensemble_report_path, run_dir
-from bonecomp.submission import score_submission
-from bonecomp.testing import REPO, tiny_config, tiny_overrides
+from bonecomp.submission import score_submission, write_submission
+from bonecomp.testing import REPO, dense_truth, tiny_config, tiny_overrides
 
 CHROMIUM_MISSING = (
     "no Chromium: install it with `apt-get update && apt-get install -y chromium` "
@@ -289,3 +299,47 @@ def test_the_browser_check_sees_broken_images_and_script_errors(trained, tmp_pat
     assert found["done"] == "1"
     assert int(found["decoded"]) == int(found["images"]) - 1
     assert int(found["errors"]) >= 2 and "undefinedFunction" in found["text"]
+
+
+# ------------------------------------------------------------------------------ wrist angle
+def _label_angles(folder: Path) -> dict[str, float]:
+    """Wrist angle of every annotation JSON below ``folder`` by image file name."""
+    return {
+        p.with_suffix(".png").name: wrist_angle(load_annotation(p))
+        for p in sorted(folder.rglob("*.json"))
+    }
+
+
+def test_run_report_shows_the_wrist_angles_of_each_folds_validation(trained, tiny_root, tmp_path):
+    cfg, experiment, _, _ = trained
+    view = experiment_view(experiment).angles
+    assert view is not None and "GroupKFold by patient" in view.rule
+    folds = pd.read_csv(view.path)  # the plain file: no angle column, measured from the JSON
+    angles = _label_angles(tiny_root / "train" / "outputs_json")
+    rows = {name: (n, counts) for name, n, counts, _, _ in view.rows}
+    for k in range(cfg.data.n_splits):
+        mine = [angles[Path(r).name] for r in folds.loc[folds["fold"] == k, "image"]]
+        want = [sum(lo <= abs(a) < hi for a in mine) for lo, hi in ((0, 10), (10, 20), (20, 99))]
+        assert rows[f"fold {k}"] == (len(mine), want)
+    assert rows["all training"][0] == len(angles)
+    html = write_run_report(experiment, tmp_path / "angles.html").read_text()
+    assert html.count('class="angle-row"') == cfg.data.n_splits + 1
+
+
+def test_test_angles_come_from_the_predicted_masks(trained, tiny_root, tmp_path):
+    cfg, _, _, _ = trained
+    labels = tiny_root / "test_labels"
+    truth = _label_angles(labels)
+    shapes = png_shapes(discover(tiny_root, "test"))
+    # a "prediction" that draws the labels: its angles are the labels' own
+    rows = []
+    for name in shapes:
+        doc = next(labels.rglob(Path(name).with_suffix(".json").name))
+        rows.append((name, rle.encode_many(dense_truth(load_annotation(doc), shapes[name]))))
+    csv = write_submission(tmp_path / "truth.csv", rows)
+    measured = submission_angles(csv, shapes)
+    assert list(measured.index) == list(shapes)
+    for name, angle in measured.items():
+        assert angle == pytest.approx(truth[name], abs=1.0)
+    html = write_ensemble_report(cfg, csv, labels, out=tmp_path / "e.html").read_text()
+    assert "test (predicted)" in html and "test (labels)" in html

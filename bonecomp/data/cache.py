@@ -1,7 +1,9 @@
 """Training cache: every image at the training resolution plus its polygons, built once.
 
-    cache_dir/train_<size>/          (or train_<size>_carpal-m<margin>/, see below)
-        images.npy    (N, S, S) uint8 grey images (INTER_AREA from the PNG)
+    cache_dir/train_<size>/          (or train_<size>_carpal-m<margin>/, see below;
+                                     + _<label> with data.preprocess, e.g. _clahe-2-8)
+        images.npy    (N, S, S) uint8 grey images (INTER_AREA from the PNG, after the
+                      data.preprocess steps applied to the PNG at its source size)
         crc.npy       (N,) uint32 zlib.crc32 of each image row, checked on every read
         points.npy    (M, 2) int32 all polygon points; offsets.npy (N, C+1) int64 into it
         index.csv     rel, patient, name, src_h, src_w
@@ -10,7 +12,9 @@
 Masks are not stored: the Dataset draws them from the cached polygons at any pose
 (``rasterize``, exact: as fast as unpacking 29 bit-packed planes at 512 px, 2.7x faster
 at 2048). The big array is memory-mapped, so DataLoader workers share the page cache.
-The cache is reused while the sources' (size, mtime) and the resolution match, and
+The cache is reused while the sources' (size, mtime), the resolution and the
+preprocessing (``data.preprocess``: its steps and parameters are in the folder name and
+the fingerprint, so a cache built without CLAHE never serves a CLAHE run) match, and
 rebuilt otherwise; ``data_cache_dir`` keeps one data root's caches apart from another's.
 It is built in a temporary folder and moved into place whole, with the manifest written
 last, so a crash never leaves a cache that loads as valid.
@@ -65,6 +69,7 @@ from bonecomp.data.annotations import AnnotationError, Polygons, load_annotation
 from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.data.layout import discover
+from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
 from bonecomp.workers import end_with_parent
 
@@ -127,6 +132,7 @@ def open_cache(
     verify: bool = False,
     on_bad_image: str = "error",
     crop_margin: float | None = None,
+    preprocess: Preprocess = NONE,
 ) -> TrainCache:
     """The cache of ``df`` (a training table from ``layout.discover``) at ``size``.
 
@@ -136,20 +142,25 @@ def open_cache(
     GB); by default their sizes and headers are checked. ``on_bad_image``: "error" stops
     at an unusable training image, "skip" leaves it out (the cache's index then lacks it).
     ``crop_margin``: a carpal crop cache with this margin (None: whole images).
+    ``preprocess``: the ``data.preprocess`` steps, applied to each PNG before it is cut
+    and resized.
     """
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
-    folder = Path(cache_dir) / cache_name(size, crop_margin)
+    folder = Path(cache_dir) / cache_name(size, crop_margin, preprocess)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _locked(folder.with_name(f".{folder.name}.lock")):
         for stale in remove_stale_temps(folder.parent):
             print(f"cache: cleaned up {stale}, left by a build that was killed", file=sys.stderr)
-        fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin)
+        fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin, preprocess)
         problem = check_cache(folder, fingerprint, verify)
         if problem is not None:
             if folder.exists():
                 print(f"cache {folder}: {problem}; rebuilding")
-            build_cache(df, folder, size, fingerprint, workers, progress, on_bad_image, crop_margin)
+            build_cache(
+                df, folder, size, fingerprint, workers, progress, on_bad_image, crop_margin,
+                preprocess,
+            )  # fmt: skip
         return load_cache(folder)
 
 
@@ -158,12 +169,13 @@ def find_cache(data: DataConfig) -> TrainCache | None:
     it is complete and matches the current sources; None otherwise. Never builds, never
     waits for a builder: readers of the truth fall back to the JSON instead."""
     margin = data.crop_margin if data.crop else None
-    folder = data_cache_dir(data.cache_dir, data.root) / cache_name(data.image_size, margin)
+    prep = Preprocess.of(data)
+    folder = data_cache_dir(data.cache_dir, data.root) / cache_name(data.image_size, margin, prep)
     if not (folder / "manifest.json").is_file():
         return None
     try:
         df = discover(data.root, "train", data.exclude)
-        fingerprint = source_fingerprint(df, data.image_size, data.on_bad_image, margin)
+        fingerprint = source_fingerprint(df, data.image_size, data.on_bad_image, margin, prep)
     except OSError:  # the data root moved or is incomplete (DataLayoutError is one)
         return None
     if check_cache(folder, fingerprint) is not None:
@@ -174,9 +186,11 @@ def find_cache(data: DataConfig) -> TrainCache | None:
         return None
 
 
-def cache_name(size: int, crop_margin: float | None = None) -> str:
-    """The cache folder's name: ``train_<size>``, or ``train_<size>_carpal-m<margin>``."""
-    return f"train_{size}" if crop_margin is None else f"train_{size}_carpal-m{crop_margin:g}"
+def cache_name(size: int, crop_margin: float | None = None, preprocess: Preprocess = NONE) -> str:
+    """The cache folder's name: ``train_<size>``, or ``train_<size>_carpal-m<margin>``,
+    then ``_<preprocess label>`` when there is preprocessing (``train_512_clahe-2-8``)."""
+    name = f"train_{size}" if crop_margin is None else f"train_{size}_carpal-m{crop_margin:g}"
+    return f"{name}_{preprocess.label}" if preprocess else name
 
 
 def data_cache_dir(cache_dir: Path | str, root: Path | str) -> Path:
@@ -204,12 +218,18 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def source_fingerprint(
-    df: pd.DataFrame, size: int, on_bad_image: str = "error", crop_margin: float | None = None
+    df: pd.DataFrame,
+    size: int,
+    on_bad_image: str = "error",
+    crop_margin: float | None = None,
+    preprocess: Preprocess = NONE,
 ) -> str:
     """Hash of the sources' paths, sizes and mtimes, the resolution and the cache version
-    (and ``on_bad_image`` when it is "skip": such a cache may lack images; and the crop)."""
+    (and ``on_bad_image`` when it is "skip": such a cache may lack images; the crop; the
+    preprocessing)."""
     skip = "" if on_bad_image == "error" else f" on_bad_image={on_bad_image}"
     skip += "" if crop_margin is None else f" crop=carpal margin={crop_margin!r}"
+    skip += f" preprocess={preprocess.label}" if preprocess else ""
     h = hashlib.sha256(f"v{CACHE_VERSION} size={size}{skip}".encode())
     for rel, img, js in zip(df["rel"], df["image_path"], df["json_path"], strict=True):
         si, sj = os.stat(img), os.stat(js)
@@ -255,12 +275,15 @@ def check_cache(folder: Path, fingerprint: str, verify: bool = False) -> str | N
 
 
 def content_digest(folder: Path | str) -> str:
-    """A hash of what a built cache holds (its files' hashes, size, version and crop),
-    the same on every machine that built it from the same data, unlike the source
-    fingerprint (which holds paths and mtimes): nodes of a torchrun job compare it."""
+    """A hash of what a built cache holds (its files' hashes, size, version, crop and
+    preprocessing), the same on every machine that built it from the same data, unlike
+    the source fingerprint (which holds paths and mtimes): nodes of a torchrun job
+    compare it."""
     meta = json.loads((Path(folder) / "manifest.json").read_text())
     files = sorted((name, info["hash"]) for name, info in meta["files"].items())
     what = [meta["version"], meta["size"], meta.get("crop_margin"), files]
+    if meta.get("preprocess"):  # absent or "" in caches without preprocessing
+        what.append(meta["preprocess"])
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
@@ -288,6 +311,7 @@ def build_cache(
     progress: bool = True,
     on_bad_image: str = "error",
     crop_margin: float | None = None,
+    preprocess: Preprocess = NONE,
 ) -> None:
     """Build the cache into a temporary folder, then move it into place whole.
 
@@ -300,7 +324,9 @@ def build_cache(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _build_into(tmp, df, size, fingerprint, workers, progress, on_bad_image, crop_margin)
+        _build_into(
+            tmp, df, size, fingerprint, workers, progress, on_bad_image, crop_margin, preprocess
+        )
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -322,6 +348,7 @@ def _build_into(
     progress: bool,
     on_bad_image: str,
     crop_margin: float | None = None,
+    preprocess: Preprocess = NONE,
 ) -> None:
     """Write every file of the cache into ``tmp``; the workers are ended before it returns
     or raises."""
@@ -335,7 +362,7 @@ def _build_into(
     kept: list[int] = []
     skipped: list[str] = []
     jobs = [
-        (img, js, size, crop_margin)
+        (img, js, size, crop_margin, preprocess)
         for img, js in zip(df["image_path"], df["json_path"], strict=True)
     ]
     workers = max(1, min(workers or os.cpu_count() or 1, n))
@@ -399,6 +426,7 @@ def _build_into(
     }
     meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
     meta["crop_margin"] = crop_margin
+    meta["preprocess"] = preprocess.label
     meta["skipped"] = skipped
     (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=1))
 
@@ -453,12 +481,12 @@ def _worker_init(parent: int) -> None:
     numba.set_num_threads(1)
 
 
-def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:
+def _cache_item(job: tuple[str, str, int, float | None, Preprocess]) -> tuple | str:
     """One training image at ``size`` with its polygons, source size and box (the whole
     image, or with a crop margin the carpal box, to which image, polygons and size are
-    cut), or, when the PNG or JSON is unusable, the problem as one line naming both files
-    and the PNG's size."""
-    image_path, json_path, size, crop_margin = job
+    cut; ``data.preprocess`` is applied to the whole PNG first), or, when the PNG or JSON
+    is unusable, the problem as one line naming both files and the PNG's size."""
+    image_path, json_path, size, crop_margin, preprocess = job
     try:
         img = read_image(image_path)
         hw = img.shape[:2]
@@ -473,6 +501,7 @@ def _cache_item(job: tuple[str, str, int, float | None]) -> tuple | str:
             f"{json_path}: " + "; ".join(e.problems[:2]) + more
             + f" (its image {image_path} is {hw[1]}x{hw[0]} px)"
         )  # fmt: skip
+    img = preprocess(img)  # at the source size, as at inference (data.preprocess)
     box = (0, hw[0], 0, hw[1])
     if crop_margin is not None:
         box = truth_box(polys, hw, crop_margin)

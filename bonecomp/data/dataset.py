@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 
 from bonecomp.data.cache import TrainCache
 from bonecomp.data.images import read_image
+from bonecomp.data.patches import PatchSampler
+from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.data.rasterize import draw, outline, rasterize, to_frame
 
 
@@ -38,6 +40,10 @@ class BoneDataset(Dataset):
     masks are drawn at the new pose. With ``compact`` the image stays uint8 (S, S) and the
     mask uint8 (C, S, S), and ``to_float_image`` / ``to_float_mask`` convert them on the
     device (training does).
+
+    With a ``patch`` sampler (``data.patch_size`` = P) each item is a P x P square of the
+    augmented S x S image, placed by the sampler, and only the patch's masks are drawn
+    (the crop of the full S x S masks, exactly; ``"origin"`` gives its (y0, x0)).
     """
 
     def __init__(
@@ -48,8 +54,10 @@ class BoneDataset(Dataset):
         soft_targets: bool = False,
         soft_k: int = 4,
         compact: bool = False,
+        patch: PatchSampler | None = None,
     ) -> None:
         self.cache = cache
+        self.patch = patch
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
         self.transform = transform
         self.soft_targets = soft_targets
@@ -65,29 +73,51 @@ class BoneDataset(Dataset):
         image = self.cache.image(idx)
         k = self.soft_k if self.soft_targets else 1
         polys, src_hw = self.cache.polygons(idx), self.cache.src_hw(idx)
+        points = to_frame(polys.points, src_hw, (s, s))
+        if self.transform is not None:
+            out = self.transform(image=image, keypoints=points)
+            image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
+        y0, x0, p = 0, 0, s
+        if self.patch is not None:
+            p = self.patch.size
+            (y0, x0), _ = self.patch.origin(s, points, polys.offsets, self._rng())
+            image = image[y0 : y0 + p, x0 : x0 + p]
         if self.transform is None and k == 1:  # cv2.fillPoly where s is the source size
-            mask = rasterize(polys, src_hw, (s, s))
+            mask = rasterize(polys, src_hw, (s, s), window=(y0, x0, p, p))
         else:
-            points = to_frame(polys.points, src_hw, (s, s))
-            if self.transform is not None:
-                out = self.transform(image=image, keypoints=points)
-                image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
-            mask = draw(points, polys.offsets, (s, s), outline(src_hw, (s, s)), k)
+            shifted = points - np.array([x0, y0], np.float64)
+            mask = draw(shifted, polys.offsets, (p, p), outline(src_hw, (s, s)), k)
         img, mask_t = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask)
-        if self.compact:  # uint8 through worker IPC and to the device: 4-12x fewer bytes
-            return {"image": img, "mask": mask_t, "index": idx}
-        return {"image": to_float_image(img), "mask": to_float_mask(mask_t, k > 1), "index": idx}
+        item: dict = {"image": img, "mask": mask_t, "index": idx}
+        if self.patch is not None:
+            item["origin"] = torch.tensor([y0, x0])
+        if not self.compact:
+            item["image"], item["mask"] = to_float_image(img), to_float_mask(mask_t, k > 1)
+        return item  # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
+
+    def _rng(self) -> np.random.Generator:
+        """The augmentation's generator (seeded per worker and epoch, see
+        ``training.data.seed_worker``), else one drawn from numpy's global state."""
+        rng = getattr(self.transform, "random_generator", None)
+        if rng is None:
+            rng = np.random.default_rng(np.random.randint(2**31))  # noqa: NPY002
+        return rng
 
 
 class TestImages(Dataset):
     """Test PNGs for inference: each item holds the image resized to every size the
     ensemble needs (INTER_AREA, as the training cache), as uint8 tensors (S, S), plus
     ``name`` and the source ``hw``. Decoding and resizing run in DataLoader workers.
+
+    ``inputs``: sizes (no preprocessing: ``image<size>``) or ``(size, Preprocess)`` pairs
+    (``image<Preprocess.key(size)>``): each member's ``data.preprocess`` is applied to the
+    PNG at its source size, once per distinct preprocessing, then resized, as the cache does.
     """
 
-    def __init__(self, table, sizes: Sequence[int]) -> None:
+    def __init__(self, table, inputs: Sequence[int | tuple[int, Preprocess]]) -> None:
         self.table = table.reset_index(drop=True)
-        self.sizes = sorted(set(int(s) for s in sizes))
+        pairs = {(int(s[0]), s[1]) if isinstance(s, tuple) else (int(s), NONE) for s in inputs}
+        self.inputs = sorted(pairs, key=lambda p: (p[0], p[1].label))
 
     def __len__(self) -> int:
         return len(self.table)
@@ -96,11 +126,13 @@ class TestImages(Dataset):
         row = self.table.iloc[i]
         img = read_image(row["image_path"])
         out: dict = {"name": row["name"], "hw": torch.tensor(img.shape[:2])}
-        for s in self.sizes:
+        prepared = {prep: prep(img) for prep in {p for _, p in self.inputs}}
+        for s, prep in self.inputs:
+            src = prepared[prep]
             small = (
-                img
-                if img.shape == (s, s)
-                else cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
+                src
+                if src.shape == (s, s)
+                else cv2.resize(src, (s, s), interpolation=cv2.INTER_AREA)
             )
-            out[f"image{s}"] = torch.from_numpy(np.ascontiguousarray(small))
+            out[f"image{prep.key(s)}"] = torch.from_numpy(np.ascontiguousarray(small))
         return out

@@ -1,58 +1,151 @@
-"""GroupKFold by patient, written once to a CSV and reused, so every run sees the same split."""
+"""Folds by patient, written once to a CSV and reused, so every run sees the same split.
+
+Plain (``data.fold_stratify: null``): GroupKFold, patients as groups. Stratified
+(``wrist_angle``): scikit-learn's StratifiedGroupKFold, patients as groups and each
+image's binned wrist angle (``bonecomp.data.wrist``) as the class, so every fold's
+validation holds its share of bent hands. The rule is in the file's name
+(``folds_5split_seednone_wrist_angle.csv``) and in its columns (``wrist_angle``, the
+measured degrees, and ``stratum``, the bin used), so a plain file is never reused for a
+stratified request or the other way round.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import GroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
+from bonecomp.data import wrist
 from bonecomp.fileio import atomic_write
+
+COLUMNS = ["image", "patient", "fold"]
+STRATA_COLUMNS = ["stratum"]  # after the measured value's column (named after the rule)
+KEY = "data.fold_stratify"
 
 
 class FoldsError(ValueError):
     """A folds file that does not match the data it is meant to split."""
 
 
-def make_folds(df: pd.DataFrame, n_splits: int = 5, seed: int | None = None) -> pd.DataFrame:
-    """Assign a fold to each image with GroupKFold, patients as groups.
+# rule name -> (per-image measure of a layout table indexed by rel, value -> bin, bin names,
+# name of bins 1.. merged into one)
+STRATIFIERS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], Callable, tuple[str, ...], str]]
+STRATIFIERS = {
+    "wrist_angle": (wrist.table_angles, wrist.angle_bin, wrist.BIN_NAMES, wrist.BENT_NAME),
+}
 
-    ``seed=None`` is sklearn's deterministic size-balanced split; an int shuffles patients.
-    Returns columns image (relative path), patient, fold.
+
+def stratify_table(df: pd.DataFrame, rule: str, n_splits: int) -> pd.DataFrame:
+    """Per image of ``df`` (indexed by ``rel``): the measured value (column named after the
+    rule) and its ``stratum``.
+
+    When a bin above the first (a bent one) holds fewer patients than ``n_splits``, the
+    bins above the first are merged into one (all bent hands); if a bin is still too
+    sparse, or a single one is left, there is nothing to stratify by and a ``FoldsError``
+    names ``data.fold_stratify``. Cheap (annotation JSONs only): call it before expensive
+    work.
+    """
+    if rule not in STRATIFIERS:
+        raise FoldsError(f"{KEY}: unknown rule {rule!r}; known: {', '.join(STRATIFIERS)}, null")
+    measure, to_bin, names, merged = STRATIFIERS[rule]
+    values = measure(df)
+    strata = values.map(to_bin).astype(int)
+    patients = pd.Series(df["patient"].to_numpy(), index=df["rel"].to_numpy())
+    have = patients.groupby(strata).nunique().to_dict()
+    labels = dict(enumerate(names))
+    if any(n < n_splits for b, n in have.items() if b > 0):
+        strata[strata > 0] = 1
+        labels[1] = merged
+        have = patients.groupby(strata).nunique().to_dict()
+    described = ", ".join(f"{labels[b]}: {n}" for b, n in sorted(have.items()))
+    if len(have) < 2 or min(have.values()) < n_splits:
+        raise FoldsError(
+            f"{KEY}={rule}: patients per bin ({described}) cannot spread over "
+            f"data.n_splits={n_splits} folds (two bins of >= {n_splits} patients each are "
+            f"needed); use fewer folds or {KEY}=null"
+        )
+    return pd.DataFrame({rule: values, "stratum": strata})
+
+
+def make_folds(
+    df: pd.DataFrame,
+    n_splits: int = 5,
+    seed: int | None = None,
+    strata: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Assign a fold to each image, patients as groups: GroupKFold, or with ``strata``
+    (``stratify_table``, indexed by ``rel``) StratifiedGroupKFold on its ``stratum``.
+
+    ``seed=None`` is sklearn's deterministic split; an int shuffles patients.
+    Returns columns image (relative path), patient, fold (and the strata's columns).
     """
     n_patients = df["patient"].nunique()
     if n_patients < n_splits:
         raise FoldsError(f"{n_patients} patients cannot fill {n_splits} folds")
     kw = {"shuffle": True, "random_state": seed} if seed is not None else {}
     folds = pd.Series(-1, index=df.index, dtype=int)
-    for k, (_, val) in enumerate(
-        GroupKFold(n_splits=n_splits, **kw).split(df, groups=df["patient"])
-    ):
+    if strata is None:
+        splits = GroupKFold(n_splits=n_splits, **kw).split(df, groups=df["patient"])
+    else:
+        strata = strata.loc[df["rel"]]
+        y = strata["stratum"].to_numpy()
+        splits = StratifiedGroupKFold(n_splits=n_splits, **kw).split(df, y, df["patient"])
+    for k, (_, val) in enumerate(splits):
         folds.iloc[val] = k
-    return pd.DataFrame({"image": df["rel"], "patient": df["patient"], "fold": folds.values})
+    out = pd.DataFrame({"image": df["rel"], "patient": df["patient"], "fold": folds.values})
+    if strata is not None:
+        for c in strata.columns:
+            out[c] = strata[c].to_numpy()
+    return out
 
 
-def folds_path(cache_dir: Path | str, n_splits: int, seed: int | None) -> Path:
-    return Path(cache_dir) / f"folds_{n_splits}split_seed{'none' if seed is None else seed}.csv"
+def folds_path(
+    cache_dir: Path | str, n_splits: int, seed: int | None, stratify: str | None = None
+) -> Path:
+    """The folds file of a split rule; a stratified one carries the rule in its name."""
+    rule = f"_{stratify}" if stratify else ""
+    seed_part = "none" if seed is None else seed
+    return Path(cache_dir) / f"folds_{n_splits}split_seed{seed_part}{rule}.csv"
 
 
 def load_or_make_folds(
-    df: pd.DataFrame, path: Path | str, n_splits: int = 5, seed: int | None = None
+    df: pd.DataFrame,
+    path: Path | str,
+    n_splits: int = 5,
+    seed: int | None = None,
+    stratify: str | None = None,
+    strata: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Folds for ``df`` from ``path``; made and written (atomically) the first time.
 
-    An existing file is reused as it is: an image it does not know, or a patient split
-    across folds, is an error (delete the file to re-split) rather than a silent re-split.
-    Images in the file but not in ``df`` (excluded ones) are dropped.
+    ``stratify``: the ``data.fold_stratify`` rule (None: plain); ``strata``: its
+    ``stratify_table`` when the caller measured it already (else measured here).
+    An existing file is reused as it is: an image it does not know, a patient split
+    across folds, or another rule than asked is an error (delete the file to re-split)
+    rather than a silent re-split. Images in the file but not in ``df`` (excluded ones)
+    are dropped.
     """
     path = Path(path)
     if not path.exists():
-        folds = make_folds(df, n_splits, seed)
+        if stratify is not None and strata is None:
+            strata = stratify_table(df, stratify, n_splits)
+        folds = make_folds(df, n_splits, seed, strata if stratify else None)
         with atomic_write(path) as f:
             folds.to_csv(f, index=False)
     folds = pd.read_csv(path, dtype={"image": str, "patient": str, "fold": int})
-    if list(folds.columns) != ["image", "patient", "fold"]:
-        raise FoldsError(f"{path}: expected columns image,patient,fold; got {list(folds.columns)}")
+    want = COLUMNS + ([stratify, *STRATA_COLUMNS] if stratify else [])
+    if list(folds.columns) != want:
+        made = (
+            f"made with {KEY}={folds.columns[3]}"
+            if len(folds.columns) == len(COLUMNS) + 2
+            else f"columns {list(folds.columns)}"
+        )
+        raise FoldsError(
+            f"{path}: expected columns {','.join(want)} ({KEY}={stratify or 'null'}); it was "
+            f"{made}: delete it to make new folds"
+        )
     missing = sorted(set(df["rel"]) - set(folds["image"]))
     if missing:
         raise FoldsError(

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
+from bonecomp.data.patches import PatchSampler
 from bonecomp.fileio import (
     file_hash,
     output_errors,
@@ -263,11 +264,13 @@ class PseudoDataset(Dataset):
         confidence: float = 0.9,
         soft: bool = True,
         offset: int = 0,
+        patch: PatchSampler | None = None,
     ) -> None:
         if rule not in RULES:
             raise ValueError(f"pseudo rule must be one of {RULES}, got {rule!r}")
         self.pseudo, self.transform, self.rule = pseudo, transform, rule
         self.confidence, self.soft, self.offset = confidence, soft, offset
+        self.patch = patch
 
     def __len__(self) -> int:
         return len(self.pseudo)
@@ -279,8 +282,17 @@ class PseudoDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask.transpose(1, 2, 0))
             image, mask = out["image"], np.asarray(out["mask"]).transpose(2, 0, 1)
-        return {
+        if self.patch is not None:  # no polygons: the patch is placed uniformly
+            p, s = self.patch.size, image.shape[-1]
+            rng = getattr(self.transform, "random_generator", None)
+            rng = rng or np.random.default_rng(np.random.randint(2**31))  # noqa: NPY002
+            y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2))
+            image, mask = image[y0 : y0 + p, x0 : x0 + p], mask[:, y0 : y0 + p, x0 : x0 + p]
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": self.offset + j,
         }
+        if self.patch is not None:  # the keys of a real patch item: they share batches
+            item["origin"] = torch.tensor([y0, x0])
+        return item

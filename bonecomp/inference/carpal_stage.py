@@ -164,15 +164,18 @@ class CarpalStage:
             return upsample_threshold(pred, hw, thresholds, logits), None
         image = read_image(image_path)
         dev = pred.device
+        prepared = {p: p(image) for _, p in self.ensemble.inputs}  # each member's preprocess
         inputs = {
-            s: to_float_image(torch.from_numpy(crop_image(image, box, s))[None].to(dev))
-            for s in self.ensemble.sizes
+            p.key(s): to_float_image(
+                torch.from_numpy(crop_image(prepared[p], box, s))[None].to(dev)
+            )
+            for s, p in self.ensemble.inputs
         }
         crop = self._forward(inputs, dev)
         single = self.ensemble.single_view
         return paste_crop(pred, hw, thresholds, logits, box, crop, single, self.weights), box
 
-    def _forward(self, inputs: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
+    def _forward(self, inputs: dict[int | str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """The crop ensemble on one crop. It is one image already, so running out of
         memory cannot halve anything: one line says what to change."""
         try:

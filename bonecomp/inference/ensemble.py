@@ -1,10 +1,16 @@
 """Streaming soft-vote ensembles: any mix of checkpoints, each at its own input size.
 
-Per batch of test images, every member runs its TTA views (optionally as a sliding
-window), its sigmoid probabilities are brought to a common grid (the largest member
-size) and averaged with the members' weights: one number per member, or one per class
-(class-wise weights tuned on OOF, ``inference.class_weights``), normalised per class. Only one
-batch of probabilities is ever in memory, whatever the number of test images.
+Per batch of test images, every member runs at its own training geometry, read from its
+checkpoint: the whole image at its ``image_size``, or, trained on patches
+(``data.patch_size``), Gaussian-blended windows of its patch side over the image at its
+``image_size`` (``infer.overlap``), so a patch member adds the resolution it was trained
+at. TTA views apply to the whole image, then the windows (flip, then tile: each tile is
+predicted once per view). ``infer.sliding_window`` tiles whole-image members too
+(``infer.tile``, to bound memory). Each member's sigmoid probabilities are brought to a
+common grid (the largest member size) and averaged with the members' weights: one number
+per member, or one per class (class-wise weights tuned on OOF,
+``inference.class_weights``), normalised per class. Only one batch of probabilities is
+ever in memory, whatever the number of test images.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint, load_weights
 from bonecomp.config import ConfigError, InferConfig, config_from_saved
+from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.device import amp_dtype, resolve_channels_last
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.sliding import sliding_window
@@ -34,12 +41,21 @@ class Member:
     model: nn.Module
     input_size: int
     weight: float | torch.Tensor = 1.0  # a scalar, or (C,) weights per class (>= 0)
+    preprocess: Preprocess = NONE  # its run's data.preprocess, from its checkpoint
+    patch_size: int | None = None  # trained on patches of this side: windows of it
+
+    @property
+    def input_key(self) -> int | str:
+        """The key of its images in the ensemble's input dict (``Preprocess.key``)."""
+        return self.preprocess.key(self.input_size)
 
 
 def load_member(
     path: Path | str, weight: float | torch.Tensor = 1.0, device: torch.device | str = "cpu"
 ) -> Member:
-    """Rebuild a model from a checkpoint alone (architecture, input size from its config)."""
+    """Rebuild a model from a checkpoint alone (architecture, geometry and preprocessing
+    from its config, never from the inference config: a checkpoint older than patch
+    training has no ``patch_size`` and its config none)."""
     ckpt = load_checkpoint(path, "cpu")
     cfg = config_from_saved(ckpt["config"], where=str(path))
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
@@ -55,7 +71,9 @@ def load_member(
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     model = model.eval().to(device, memory_format=fmt)
     weight = weight.float().to(device) if isinstance(weight, torch.Tensor) else float(weight)
-    return Member(str(path), model, int(ckpt["input_size"]), weight)
+    patch = ckpt.get("patch_size", cfg.data.patch_size)
+    prep = Preprocess.of(cfg.data)
+    return Member(str(path), model, int(ckpt["input_size"]), weight, prep, patch and int(patch))
 
 
 class Ensemble:
@@ -85,6 +103,9 @@ class Ensemble:
         self.members, self.tta, self.tile, self.overlap, self.amp = members, tta, tile, overlap, amp
         self.size = max(m.input_size for m in members)
         self.sizes = sorted({m.input_size for m in members})
+        # (size, preprocessing) of each distinct input the members take (TestImages)
+        pairs = {(m.input_size, m.preprocess) for m in members}
+        self.inputs = sorted(pairs, key=lambda p: (p[0], p[1].label))
 
     @property
     def single_view(self) -> bool:
@@ -102,11 +123,12 @@ class Ensemble:
     def __call__(self, images: dict[int, torch.Tensor]) -> torch.Tensor:
         """(B, C, S, S) on the common grid: logits if ``single_view`` else probabilities.
 
-        ``images[size]`` is the (B, 3, size, size) float batch in [0, 1] for each member size.
+        ``images[key]`` is the (B, 3, size, size) float batch in [0, 1] for each member's
+        ``input_key``: its size, or ``"<size>-<label>"`` with preprocessing.
         """
         total, weights = None, 0.0
         for m in self.members:
-            x = images[m.input_size]
+            x = images[m.input_key]
             y = tta_mean(self._predictor(m, x.device), x, self.tta, sigmoid=not self.single_view)
             if y.shape[-1] != self.size:
                 y = F.interpolate(
@@ -137,8 +159,9 @@ class Ensemble:
             ):
                 return m.model(x).float()
 
-        if self.tile and self.tile < m.input_size:
-            return lambda x: sliding_window(run, x, self.tile, self.overlap)
+        tile = m.patch_size or self.tile
+        if tile and tile < m.input_size:
+            return lambda x: sliding_window(run, x, tile, self.overlap)
         return run
 
 

@@ -2,7 +2,8 @@
 
 load (DataLoader workers) -> ensemble (TTA x sliding window x models x folds)
 -> exact sparse upsample to each image's size -> per-class thresholds
--> (with ``infer.crop``) the carpal box re-predicted by a crop ensemble and pasted -> RLE
+-> (with ``infer.crop``) the carpal box re-predicted by a crop ensemble and pasted
+-> (a ``cleanup`` table in the thresholds file) per-class clean-up in each box -> RLE
 -> rows appended to a temporary CSV -> renamed into place -> validated
 """
 
@@ -26,9 +27,11 @@ from bonecomp.config import Config
 from bonecomp.data.dataset import TestImages, to_float_image
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.data.preprocess import Preprocess
 from bonecomp.device import pick_device
 from bonecomp.inference.carpal_stage import load_crop_stage
 from bonecomp.inference.class_weights import resolve_class_weights
+from bonecomp.inference.cleanup import resolve_cleanup
 from bonecomp.inference.ensemble import Ensemble, infer_ensemble, load_member
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.thresholds import resolve_thresholds
@@ -53,6 +56,7 @@ class InferResult:
     class_weights: dict[str, list[float]] | None = None  # {experiment: per-class} when used
     crop_boxes: dict[str, tuple[int, int, int, int] | None] | None = None  # infer.crop: per image
     views: list[str] = field(default_factory=list)  # the TTA views run (View.label)
+    cleanup_from: str = "none"  # the clean-up applied per class, and from which file
 
 
 def build_ensemble(
@@ -69,18 +73,18 @@ def build_ensemble(
 def predicted_batches(
     ens: Ensemble,
     test: pd.DataFrame,
-    sizes: Sequence[int],
+    inputs: Sequence[int | tuple[int, Preprocess]],
     cfg: Config,
     device: torch.device,
     desc: str,
     progress: bool = True,
 ) -> Iterator[tuple[dict, torch.Tensor]]:
     """The test images in the table's order, batch by batch (``infer.batch_size``, images
-    at each of ``sizes``), with the ensemble's maps of each batch. Out of memory, the
-    images per forward halve for good and the batch is redone (same maps)."""
+    at each of ``inputs``, see ``TestImages``), with the ensemble's maps of each batch. Out
+    of memory, the images per forward halve for good and the batch is redone (same maps)."""
     inf = cfg.infer
     loader = DataLoader(
-        TestImages(test, sizes),
+        TestImages(test, inputs),
         batch_size=inf.batch_size,
         num_workers=inf.num_workers,
         pin_memory=device.type == "cuda",
@@ -88,7 +92,8 @@ def predicted_batches(
     )
     micro = None  # images per forward: the batch, halved for good on out of memory
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        images = {s: to_float_image(batch[f"image{s}"].to(device)) for s in ens.sizes}
+        keys = {m.input_key for m in ens.members}
+        images = {k: to_float_image(batch[f"image{k}"].to(device)) for k in keys}
         pred, micro = run_chunked(
             lambda part, images=images: ens({s: x[part] for s, x in images.items()}),
             len(batch["name"]), micro, device, "infer.batch_size", OOM_HINT, tqdm.write,
@@ -111,6 +116,7 @@ def predict_submission(
     check_config(cfg)
     device = pick_device(cfg.infer.device, "infer.device")
     test = discover(data_root or cfg.data.root, "test")
+    clean, cleanup_from = resolve_cleanup(cfg)  # a bad table: refused before loading models
     ens, table, weights_from = build_ensemble(cfg, members, device)
     inf = cfg.infer
     thresholds, source = resolve_thresholds(cfg, members)
@@ -125,7 +131,7 @@ def predict_submission(
     writer = SubmissionWriter(path)
     done = 0  # images written so far (the loader keeps the table's order)
     try:
-        for batch, pred in predicted_batches(ens, test, ens.sizes, cfg, device, "infer", progress):
+        for batch, pred in predicted_batches(ens, test, ens.inputs, cfg, device, "infer", progress):
             for i, name in enumerate(batch["name"]):
                 hw = tuple(int(v) for v in batch["hw"][i])
                 if crop is None:
@@ -134,7 +140,7 @@ def predict_submission(
                     src = paths[done]  # the source PNG: the crop is cut at full resolution
                     masks, boxes[name] = crop.masks(pred[i], ens.single_view, src, hw, thresholds)
                 done += 1
-                writer.add(name, masks.rle())
+                writer.add(name, (clean(masks) if clean else masks).rle())
     except BaseException:
         writer.abort()  # nothing half-written under any name
         raise
@@ -153,4 +159,5 @@ def predict_submission(
         table,
         boxes if crop is not None else None,
         [v.label for v in ens.tta],
+        cleanup_from,
     )

@@ -2,8 +2,9 @@
 
 load (DataLoader workers) -> ensemble (the same members, TTA, class weights as
 ``predict_submission``) -> probabilities at ``data.image_size`` -> pseudo-label folder
-(``bonecomp.data.pseudo_dir``: images resized as the training cache does, probabilities as
-uint8), written under a temporary name and renamed into place whole.
+(``bonecomp.data.pseudo_dir``: images preprocessed and resized as the training cache of
+``cfg.data`` does, so a run with that ``data.preprocess`` trains on them as on its cache;
+probabilities as uint8), written under a temporary name and renamed into place whole.
 
 The folder keeps raw probabilities; the confidence rule is the training's choice
 (``train.pseudo_rule``), and the per-class thresholds of the ensemble are stored with
@@ -25,6 +26,7 @@ from bonecomp.checks import check_config
 from bonecomp.config import Config
 from bonecomp.data.images import png_shapes
 from bonecomp.data.layout import discover
+from bonecomp.data.preprocess import Preprocess
 from bonecomp.data.pseudo_dir import PseudoWriter
 from bonecomp.device import pick_device
 from bonecomp.inference.predict import build_ensemble, predicted_batches
@@ -58,11 +60,12 @@ def write_pseudo_labels(
     ens, table, weights_from = build_ensemble(cfg, members, device)
     thresholds, thresholds_from = resolve_thresholds(cfg, members)
     size, inf = cfg.data.image_size, cfg.infer
+    prep = Preprocess.of(cfg.data)  # the images are for a run with this data section
     index = test[["rel", "patient", "name"]].copy()
     index["src_h"], index["src_w"] = zip(*png_shapes(test).values(), strict=True)
     writer = PseudoWriter(Path(out) if out else pseudo_path(cfg), index, size)
     batches = predicted_batches(
-        ens, test, [*ens.sizes, size], cfg, device, "pseudo-labels", progress
+        ens, test, [*ens.inputs, (size, prep)], cfg, device, "pseudo-labels", progress
     )
     t0, row = time.monotonic(), 0
     try:
@@ -71,7 +74,7 @@ def write_pseudo_labels(
                 pred = F.interpolate(pred, (size, size), mode="bilinear", align_corners=False)
             probs = (torch.sigmoid(pred) if ens.single_view else pred).float().cpu().numpy()
             for i in range(len(probs)):
-                writer.add(row, batch[f"image{size}"][i].numpy(), probs[i])
+                writer.add(row, batch[f"image{prep.key(size)}"][i].numpy(), probs[i])
                 row += 1
         meta = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -84,6 +87,7 @@ def write_pseudo_labels(
             "tta": list(inf.tta),
             "scales": list(inf.scales),
             "sliding_window": inf.sliding_window,
+            "preprocess": prep.label,
         }
         path = writer.close(meta).path
     except BaseException:

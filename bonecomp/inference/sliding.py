@@ -1,6 +1,8 @@
 """Sliding-window prediction over overlapping tiles with Gaussian weighting.
 
-For models trained on crops or images larger than fit in memory: tiles of ``tile`` pixels
+For members trained on patches (``data.patch_size``: windows of their patch side over the
+image at their input size, in validation and inference alike) and for whole-image
+members whose image does not fit in memory (``infer.sliding_window``): tiles of ``tile`` pixels
 step by ``tile * (1 - overlap)``; each tile's output is weighted by a Gaussian centred on
 the tile (edges, where context is missing, count less) and the weighted sum is
 normalised. With one tile covering the image it is the plain forward pass.

@@ -170,12 +170,13 @@ def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
     return model
 
 
-def check_model_config(cfg: ModelConfig, image_size: int) -> None:
-    """Check ``model.arch``, ``model.encoder`` and the input size without building anything.
+def check_model_config(cfg: ModelConfig, image_size: int, patch_size: int | None = None) -> None:
+    """Check ``model.arch``, ``model.encoder`` and the input sizes without building anything.
 
     Raises ``ConfigError`` naming the key: an unknown architecture or encoder (listing the
-    valid names), or ``data.image_size`` not divisible by the architecture's output stride
-    (32 for every encoder at depth 5; a ViT's patch size for ``dpt``).
+    valid names), or ``data.image_size`` (and ``data.patch_size``, the side training and
+    the windows feed) not divisible by the architecture's output stride (32 for every
+    encoder at depth 5; a ViT's patch size for ``dpt``).
     """
     arch = get_arch(cfg.arch)
     try:
@@ -183,12 +184,13 @@ def check_model_config(cfg: ModelConfig, image_size: int) -> None:
     except ValueError as e:
         raise ConfigError(f"model.encoder: {e}", "model.encoder") from e
     stride = arch.stride(cfg)
-    if image_size <= 0 or image_size % stride:
-        raise ConfigError(
-            f"data.image_size: {image_size} is not a multiple of {stride}, the output stride "
-            f"of {cfg.arch}/{cfg.encoder}",
-            "data.image_size",
-        )
+    for key, side in (("data.image_size", image_size), ("data.patch_size", patch_size)):
+        if side is not None and (side <= 0 or side % stride):
+            raise ConfigError(
+                f"{key}: {side} is not a multiple of {stride}, the output stride "
+                f"of {cfg.arch}/{cfg.encoder}",
+                key,
+            )
 
 
 def _vit_patch_stride(cfg: ModelConfig) -> int:

@@ -99,13 +99,15 @@ def plan_batch(
         micro, how = t.batch_size, "cpu"
     elif t.micro_batch == "auto":
         how, total = "probe", meter.total()
-        peaks = probe(model, optimizer, ctx, cfg.data.image_size, t.batch_size, meter, loss_fn,
+        side = cfg.data.patch_size or cfg.data.image_size  # what one training input holds
+        peaks = probe(model, optimizer, ctx, side, t.batch_size, meter, loss_fn,
                       limit=int(t.memory_fraction * total), sample=sample)  # fmt: skip
         fits = [m for m, p in peaks.items() if p is not None and p <= t.memory_fraction * total]
         if peaks.get(1) is None:
+            key = "data.image_size" if cfg.data.patch_size is None else "data.patch_size"
             raise BatchMemoryError(
-                f"out of memory with one {cfg.data.image_size} px image per forward "
-                "(train.micro_batch=auto); lower data.image_size or use a smaller model"
+                f"out of memory with one {side} px image per forward "
+                f"(train.micro_batch=auto); lower {key} or use a smaller model"
             )
         micro = max(fits, default=1)  # 1 over the margin but not out of memory: try it
     else:

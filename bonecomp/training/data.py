@@ -28,9 +28,11 @@ from bonecomp.data.annotations import AnnotationError
 from bonecomp.data.augment import train_transform
 from bonecomp.data.cache import CacheError, TrainCache, content_digest, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
-from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds
+from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds, stratify_table
 from bonecomp.data.images import ImageReadError
 from bonecomp.data.layout import DataLayoutError
+from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
+from bonecomp.data.preprocess import Preprocess
 from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
 from bonecomp.distributed import Dist, RankError, all_gather_object, run_agreed, where
 from bonecomp.fileio import OutputError
@@ -96,10 +98,13 @@ def prepare_cache(
     rank in one line naming it (``RankError``).
     """
     cache_dir = data_cache_dir(cfg.data.cache_dir, cfg.data.root)
-    fpath = folds_path(cache_dir, cfg.data.n_splits, cfg.data.fold_seed)
+    d = cfg.data
+    fpath = folds_path(cache_dir, d.n_splits, d.fold_seed, d.fold_stratify)
 
     def load() -> tuple[pd.DataFrame, TrainCache]:
-        d = cfg.data
+        strata = None  # measured before the cache: too few bent hands is one line, at once
+        if d.fold_stratify and not fpath.exists():
+            strata = stratify_table(table, d.fold_stratify, d.n_splits)
         margin = d.crop_margin if d.crop else None  # carpal: a cache of carpal boxes
         cache = open_cache(
             table,
@@ -108,9 +113,11 @@ def prepare_cache(
             progress=progress,
             on_bad_image=d.on_bad_image,
             crop_margin=margin,
+            preprocess=Preprocess.of(d),
         )
         kept = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
-        return load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed), cache
+        folds = load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed, d.fold_stratify, strata)
+        return folds, cache
 
     first = run_agreed(load, DATA_ERRORS, on=dd.local_rank == 0)
     result = run_agreed(load, DATA_ERRORS, on=dd.local_rank != 0) or first
@@ -144,8 +151,9 @@ def _same_data_on_every_rank(folds: pd.DataFrame, cache: TrainCache, fpath: Path
 
 def open_pseudo_labels(cfg: Config, table: pd.DataFrame) -> PseudoSet | None:
     """The folder of ``train.pseudo_labels`` (None when unset), checked against the run:
-    built at ``data.image_size``, readable, and holding no image or patient of the
-    training table (a pseudo image of a validation patient would leak into training).
+    built at ``data.image_size`` with the run's ``data.preprocess``, readable, and holding
+    no image or patient of the training table (a pseudo image of a validation patient
+    would leak into training).
     Any problem is a ``ConfigError`` naming the key."""
     folder = cfg.train.pseudo_labels
     if folder is None:
@@ -161,6 +169,14 @@ def open_pseudo_labels(cfg: Config, table: pd.DataFrame) -> PseudoSet | None:
             f"{where}: written at {pseudo.size} px but data.image_size is "
             f"{cfg.data.image_size}; write it at this size (scripts/pseudo_label.py "
             f"data.image_size={cfg.data.image_size})",
+            key,
+        )
+    have, want = pseudo.meta.get("preprocess", ""), Preprocess.of(cfg.data).label
+    if have != want:
+        raise ConfigError(
+            f"{where}: its images were written with data.preprocess {have or 'none'} but this "
+            f"run has {want or 'none'}; write it with this run's data section "
+            "(scripts/pseudo_label.py with the same data.preprocess)",
             key,
         )
     for col, what in (("name", "image(s)"), ("patient", "patient(s)")):
@@ -246,15 +262,17 @@ def build_loaders(
     d, t = cfg.data, cfg.train
     dd = dd or Dist()
     jitter = d.crop_jitter if d.crop else 0.0
+    patch = patch_sampler(cfg, cache, train_idx)
     train_ds = BoneDataset(
-        cache, train_idx, train_transform(d.augment, jitter), d.soft_targets, d.soft_k, True
-    )
+        cache, train_idx, train_transform(d.augment, jitter), d.soft_targets, d.soft_k, True,
+        patch,
+    )  # fmt: skip
     val_ds = BoneDataset(cache, val_idx[dd.rank :: dd.world], None, d.soft_targets, d.soft_k, True)
     gen = torch.Generator()
     if pseudo is not None:
         extra = PseudoDataset(
             pseudo, train_ds.transform, t.pseudo_rule, t.pseudo_confidence, d.soft_targets,
-            offset=len(cache),
+            offset=len(cache), patch=patch,
         )  # fmt: skip
         train_ds = TrainMix(train_ds, extra)
         sampler = MixSampler(
@@ -280,8 +298,27 @@ def build_loaders(
         drop_last=len(train_ds) > t.batch_size,
         **loader_kw,
     )
-    val_loader = DataLoader(val_ds, t.batch_size, shuffle=False, **loader_kw)
+    val_loader = DataLoader(val_ds, val_batch_size(cfg), shuffle=False, **loader_kw)
     return FoldData(cache, train_idx, val_idx, train_loader, val_loader, gen, pseudo)
+
+
+def patch_sampler(cfg: Config, cache: TrainCache, train_idx: np.ndarray) -> PatchSampler | None:
+    """``data.patch_size``'s sampler, its class weights from the training rows' polygon
+    areas (relative to each image's size); None for whole-image training."""
+    d = cfg.data
+    if d.patch_size is None:
+        return None
+    areas = np.stack(
+        [polygon_areas(cache.polygons(i)) / np.prod(cache.src_hw(i)) for i in map(int, train_idx)]
+    )
+    return PatchSampler(d.patch_size, d.patch_foreground, class_weights(areas, d.patch_balance))
+
+
+def val_batch_size(cfg: Config) -> int:
+    """Validation images per batch: ``train.batch_size``, or with patches as many whole
+    images as hold the pixels of a training batch (at least one)."""
+    b, p, s = cfg.train.batch_size, cfg.data.patch_size, cfg.data.image_size
+    return b if p is None else max(1, b * p * p // (s * s))
 
 
 def seed_worker(worker_id: int, parent: int | None = None) -> None:

@@ -7,6 +7,7 @@ check config -> find data -> lock the run folder -> folds + cache -> loaders
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from bonecomp.fileio import OutputError, remove_stale_temps
 from bonecomp.losses import build_loss
 from bonecomp.memory import device_meter
 from bonecomp.runs import RunDir, RunError, run_dir
+from bonecomp.training.average import clear_pool, recompute_bn
 from bonecomp.training.batch_plan import plan_batch, save_plan
 from bonecomp.training.data import (
     DATA_ERRORS,
@@ -53,6 +55,7 @@ from bonecomp.training.state import (
     check_fresh,
     check_resumable,
     load_last,
+    save_averaged,
     save_best,
     save_last,
     updates_per_epoch,
@@ -70,6 +73,7 @@ class TrainResult:
     epochs_done: int
     epochs_planned: int = 0
     cut: str = ""  # why training stopped before its last epoch ("" when it did not)
+    averaged_dice: float | None = None  # train.average: val Dice of averaged.pt
 
     def warning(self, fold: int, expect_dice: float | None) -> str | None:
         """One line when a cut run ended below what its recipe should reach, with what
@@ -123,6 +127,8 @@ def run_training(
         def claim() -> None:  # on rank 0; every rank learns whether it worked
             held.enter_context(run.lock())
             check_resumable(cfg, run) if resume else check_fresh(run)
+            if not resume:
+                clear_pool(run)  # of an earlier run killed before its first last.pt
             remove_stale_temps(run.path)  # half-written files of a killed process
 
         # only rank 0 opens the run folder; a refusal ends every rank with its message
@@ -138,6 +144,8 @@ def run_training(
                           loss_fn, sample=lambda: data.train_loader.dataset[0])  # fmt: skip
         state.ctx.micro_batch = None if cfg.train.micro_batch is None else plan.micro_batch
         start = load_last(state, run, device) if resume else Progress()
+        if dd.main and state.average is not None:
+            state.average.after_save(run)  # pool files of the lost epoch go
         if dd.main:
             run.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run.config)
@@ -155,6 +163,7 @@ def run_training(
         ok = False
         try:
             prog = _epochs(fold_run, start)
+            averaged_dice = _average(fold_run, prog)
             if log is not None:
                 log.final(run, on_end(run) if on_end is not None else None)
             ok = True
@@ -166,8 +175,9 @@ def run_training(
         if _log.isEnabledFor(logging.DEBUG):  # --debug: the ranks' weights must agree
             _log.debug("%s: weights sha256 %s", where(), weights_digest(state.model))
     return TrainResult(
-        run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1, cfg.train.epochs, prog.cut
-    )
+        run.path, prog.best_dice, prog.best_epoch, prog.epoch + 1, cfg.train.epochs, prog.cut,
+        averaged_dice,
+    )  # fmt: skip
 
 
 @dataclass
@@ -214,6 +224,8 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             state.ctx, Epoch(epoch, prog.num_updates, budget),
         )  # fmt: skip
         prog.num_updates = int(row.pop("num_updates"))
+        if state.average is not None:
+            state.average.after_epoch(epoch, state.eval_model, run, dd.main)
         out_of_time = False
         if budget is not None:
             position, out_of_time = budget.position(prog.num_updates)
@@ -222,8 +234,9 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
             val = validate(
-                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof
-            )
+                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof,
+                cfg.data.patch_size, cfg.infer.overlap,
+            )  # fmt: skip
             if oof is not None:
                 gather_oof(oof, dd)  # the other ranks' rows to rank 0's staged file
             metric = val.metrics["dice"]
@@ -235,6 +248,8 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
                 f"epoch {epoch}: val Dice {metric:.4f} (best {prog.best_dice:.4f} at epoch "
                 f"{prog.best_epoch})\n" + val.table.format_compact()
             )
+            if state.average is not None:
+                state.average.after_validation(epoch, metric, state.eval_model, run, dd.main)
             if dd.main and improved:
                 save_best(run, cfg, f.fold, epoch, state.eval_model, val)
                 if oof is not None:
@@ -252,6 +267,8 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         if dd.main:
             f.log.log({"epoch": epoch, **row, "elapsed": time.monotonic() - start})
             save_last(run, cfg, f.fold, state, prog)
+            if state.average is not None:
+                state.average.after_save(run)  # pool files last.pt no longer names
         dd.barrier()
         if prog.cut:
             say(
@@ -260,6 +277,47 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             )
             break
     return prog
+
+
+def _average(f: FoldRun, prog: Progress) -> float | None:
+    """``train.average``: the mean of the chosen epochs' weights (rank 0, sent to every
+    rank), BatchNorm statistics recomputed on rank 0's training batches, validated on
+    every rank, saved as ``averaged.pt`` by rank 0; returns its val Dice (None: off, or
+    no epoch was collected)."""
+    avg, state, t, dd = f.state.average, f.state, f.cfg.train, f.dd
+    if avg is None:
+        return None
+    say = tqdm.write if dd.main else (lambda *_: None)
+    model = copy.deepcopy(state.eval_model)
+    chosen = avg.epochs_chosen()
+    weights, forwards = None, 0
+    if dd.main and chosen:
+        weights = avg.mean_weights(model, f.run)
+        model.load_state_dict(weights)
+        forwards = recompute_bn(model, f.data.train_loader, state.ctx)
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights, forwards = distributed.broadcast_object((weights, forwards))
+    if weights is None:
+        say("no averaged.pt: train.average kept no epoch")  # cannot happen: a guard
+        return None
+    model.load_state_dict(weights)
+    d = f.cfg.data  # validated as best.pt is: windows of a patch run's side
+    val = validate(
+        model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, 0.5, None,
+        d.patch_size, f.cfg.infer.overlap,
+    )  # fmt: skip
+    asked = {k: v for k, v in (("last", t.average.last), ("best", t.average.best)) if v}
+    how = {**asked, "epochs": chosen, "bn_forwards": forwards}
+    if dd.main:
+        save_averaged(f.run, f.cfg, f.fold, model, val, how)
+    dd.barrier()
+    dice = val.metrics["dice"]
+    bn = f", BatchNorm statistics recomputed over {forwards} training batches" if forwards else ""
+    say(
+        f"averaged.pt: mean of epochs {chosen} ({', '.join(f'{k} {v}' for k, v in asked.items())}"
+        f"{bn}): val Dice {dice:.4f} (best.pt {prog.best_dice:.4f})"
+    )
+    return dice
 
 
 def _device(pref: str, dd: Dist) -> torch.device:

@@ -7,6 +7,7 @@ a resumed run continues as if never stopped (minus the epoch in progress).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -18,7 +19,13 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from bonecomp import distributed
-from bonecomp.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from bonecomp.checkpoint import (
+    CheckpointError,
+    init_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)  # fmt: skip
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, config_from_saved, resume_may_change, to_dict
 from bonecomp.device import amp_dtype, resolve_channels_last
@@ -28,6 +35,7 @@ from bonecomp.fileio import atomic_write
 from bonecomp.models import create_model
 from bonecomp.optim import build_optimizer, build_scheduler
 from bonecomp.runs import RunDir, RunError
+from bonecomp.training.average import Averager, check_pool
 
 # Keys (or sections) that may change when resuming: declared ``resume=True`` next to the
 # key in bonecomp/config.py (they do not alter what the run computes, or only say where
@@ -58,6 +66,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None
     ema: ModelEmaV3 | None
     ctx: StepContext
+    average: Averager | None = None  # train.average: what averaged.pt is made of
 
     @property
     def eval_model(self) -> nn.Module:
@@ -82,7 +91,13 @@ def build_state(
     """
     t = cfg.train
     seed_everything(t.seed)
-    model = create_model(cfg.model).to(device)
+    init = init_checkpoint(cfg)  # train.init_from: another run's weights, nothing else
+    if init is None:
+        model = create_model(cfg.model)
+    else:  # no download of encoder weights the checkpoint's replace
+        model = create_model(dataclasses.replace(cfg.model, encoder_weights=None))
+        load_weights(model, init["model"], t.init_from)
+    model = model.to(device)
     seed_everything(t.seed + dd.rank)
     dtype = amp_dtype(device, t.amp)
     channels_last = resolve_channels_last(t.channels_last, device)
@@ -109,7 +124,8 @@ def build_state(
         progress,
         cfg.data.soft_targets,
     )
-    return TrainState(model, train_model, optimizer, scheduler, scaler, ema, ctx)
+    average = Averager.build(t.average, t.epochs, t.max_train_minutes is not None)
+    return TrainState(model, train_model, optimizer, scheduler, scaler, ema, ctx, average)
 
 
 def updates_per_epoch(batches: int, accum_steps: int) -> int:
@@ -133,6 +149,7 @@ def check_resumable(cfg: Config, run: RunDir) -> None:
             f"cannot resume {run} with a different config ({diffs}); resume with the "
             f"saved one ({run.config}) or start a new train.experiment"
         )
+    check_pool(ckpt.get("average"), run)
 
 
 def check_fresh(run: RunDir) -> None:
@@ -168,6 +185,8 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
         state.scaler.load_state_dict(ckpt["scaler"])
     if state.ema is not None and ckpt.get("ema"):
         state.ema.load_state_dict(ckpt["ema"])
+    if state.average is not None:
+        state.average.load_state_dict(ckpt.get("average"))
     set_rng_state(ckpt["rng"])
     saved = ckpt.get("progress", ckpt)  # checkpoints before 0.2 kept these at the top
     progress = Progress(**{k: saved.get(k, v) for k, v in asdict(Progress()).items()})
@@ -193,6 +212,7 @@ def _meta(cfg: Config, fold: int, epoch: int) -> dict:
         "classes": list(CLASSES),
         "fold": fold,
         "input_size": cfg.data.image_size,
+        "patch_size": cfg.data.patch_size,  # None: whole images (inference's geometry)
         "epoch": epoch,
     }
 
@@ -214,6 +234,25 @@ def save_best(
         val.table.to_frame().to_csv(f, index=False)
 
 
+def save_averaged(
+    run: RunDir, cfg: Config, fold: int, model: nn.Module, val: Validation, how: dict
+) -> None:
+    """``averaged.pt`` (self-describing like ``best.pt``; ``averaged`` says which epochs
+    and how) and its per-class Dice in ``dice_per_class_averaged.csv``."""
+    save_checkpoint(
+        run.averaged,
+        {
+            **_meta(cfg, fold, max(how["epochs"])),
+            "model": model.state_dict(),
+            "metric": val.metrics["dice"],
+            "per_class": [float(v) for v in val.table.per_class],
+            "averaged": how,
+        },
+    )
+    with atomic_write(run.averaged_dice_csv) as f:
+        val.table.to_frame().to_csv(f, index=False)
+
+
 def save_last(run: RunDir, cfg: Config, fold: int, state: TrainState, progress: Progress) -> None:
     """``last.pt``: everything needed to resume after ``progress.epoch``."""
     save_checkpoint(
@@ -227,6 +266,7 @@ def save_last(run: RunDir, cfg: Config, fold: int, state: TrainState, progress: 
             "scheduler": state.scheduler.state_dict(),
             "scaler": state.scaler.state_dict() if state.scaler is not None else None,
             "ema": state.ema.state_dict() if state.ema is not None else None,
+            "average": state.average.state_dict() if state.average is not None else None,
             "rng": rng_state(),
         },
     )

@@ -111,6 +111,9 @@ TISSUE_PAD = {"finger": 4.5, "palm": 7.0, "forearm": 9.0}  # soft tissue around 
 # and the test ones further: training differs from test.
 BENT_TRAIN = (0.11, 8.0, 18.0)
 BENT_TEST = (0.55, 12.0, 28.0)
+# make_phantom(bent_patients=k): those training patients bend both wrists this far (chance 1),
+# the others hold both straight: bent hands concentrated in a few patients.
+BENT_CONCENTRATED = (1.0, 18.0, 30.0)  # radial bends (x 0.7) still >= 12.6
 
 
 @dataclass(frozen=True)
@@ -182,11 +185,22 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
 
 
 def sample_pose(
-    rng: np.random.Generator, anatomy: Anatomy, mirrored: bool, bent_often: bool
+    rng: np.random.Generator,
+    anatomy: Anatomy,
+    mirrored: bool,
+    bent_often: bool,
+    force_bent: bool | None = None,
 ) -> Pose:
-    """One hand's pose; test hands are bent at the wrist more often and more strongly."""
+    """One hand's pose; test hands are bent at the wrist more often and more strongly.
+
+    ``force_bent``: True bends the wrist by ``BENT_CONCENTRATED``, False holds it straight
+    (None: by chance, as above; the same draws, so default phantoms do not change).
+    """
     chance, low, high = BENT_TEST if bent_often else BENT_TRAIN
     bent = bool(rng.random() < chance)
+    if force_bent is not None:
+        bent = force_bent
+        _, low, high = BENT_CONCENTRATED
     if bent:
         # ulnar deviation (positive) is commoner and goes further than radial deviation
         wrist = rng.uniform(low, high) * (1 if rng.random() < 0.65 else -0.7)

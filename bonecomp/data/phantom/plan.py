@@ -3,6 +3,7 @@ and each patient's anatomy, acquisition, poses and artefacts (drawn without rend
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 _FIRST_STAMP = 1_661_000_000_000  # stems look like millisecond timestamps from August 2022
 _PLAN_STREAM = 7  # SeedSequence key of the data-set plan (stems, suffixes), apart from patients
+_BENT_STREAM = 11  # SeedSequence key of the patients ``concentrate_bends`` bends
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class PatientJob:
     index: int
     patient_id: str
     stems: tuple[str, str]  # right hand, left hand
+    bent: bool | None = None  # both wrists bent (True) or straight (False); None: by chance
 
 
 def plan_patients(seed: int, train_patients: int, test_patients: int) -> list[PatientJob]:
@@ -48,6 +51,20 @@ def plan_patients(seed: int, train_patients: int, test_patients: int) -> list[Pa
             number = len(jobs) + 1
             jobs.append(PatientJob(split, index, f"ID{number:0{width}d}", stems))
     return jobs
+
+
+def concentrate_bends(jobs: list[PatientJob], seed: int, bent_patients: int) -> list[PatientJob]:
+    """``jobs`` with ``bent_patients`` training patients (drawn from the seed) bent at both
+    wrists and every other training patient straight: bent hands in a few patients only,
+    as a test of stratified folds needs. Test patients keep their chance."""
+    train = [j for j in jobs if j.split == "train"]
+    if not 0 <= bent_patients <= len(train):
+        raise ValueError(f"bent_patients must be in 0..{len(train)}, got {bent_patients}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _BENT_STREAM]))
+    chosen = set(rng.permutation(len(train))[:bent_patients].tolist())
+    return [
+        dataclasses.replace(j, bent=j.index in chosen) if j.split == "train" else j for j in jobs
+    ]
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,7 @@ def sample_patient(job: PatientJob, seed: int) -> Patient:
         (False, True), streams[1:3], streams[4:6], job.stems, strict=True
     ):
         rng = np.random.default_rng(stream)
-        pose = sample_pose(rng, anatomy, mirrored, bent_often=job.split == "test")
+        pose = sample_pose(rng, anatomy, mirrored, job.split == "test", job.bent)
         artefacts = sample_artefacts(np.random.default_rng(extra))
         hands.append(Hand(stem, pose, artefacts, rng))
     return Patient(anatomy, look, (hands[0], hands[1]), np.random.default_rng(streams[3]))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bonecomp.data.phantom.artefacts import WRIST_KINDS
-from bonecomp.data.phantom.plan import plan_patients, sample_patient
+from bonecomp.data.phantom.plan import concentrate_bends, plan_patients, sample_patient
 from bonecomp.data.rasterize import class_crop
 
 ARTEFACT_KINDS = ("ring", *WRIST_KINDS, "text")
@@ -104,12 +104,17 @@ def label_overlap(polygons: Sequence[np.ndarray], size: int) -> tuple[int, int]:
     return int(np.count_nonzero(count >= 2)), int(np.count_nonzero(count))
 
 
-def planned_stats(seed: int, train_patients: int, test_patients: int) -> PhantomStats:
+def planned_stats(
+    seed: int, train_patients: int, test_patients: int, bent_patients: int | None = None
+) -> PhantomStats:
     """Bent wrists and artefacts of the phantom ``make_phantom`` would write, from the draws
     alone (milliseconds per patient, no pixels, so no overlap counts)."""
+    jobs = plan_patients(seed, train_patients, test_patients)
+    if bent_patients is not None:
+        jobs = concentrate_bends(jobs, seed, bent_patients)
     images = [
         ImageStats(job.split, hand.pose.bent, tuple(hand.artefacts.kinds()), 0, 0, 0)
-        for job in plan_patients(seed, train_patients, test_patients)
+        for job in jobs
         for hand in sample_patient(job, seed).hands
     ]
     return PhantomStats.collect(images)

@@ -23,7 +23,13 @@ from tqdm import tqdm
 
 from bonecomp.classes import CLASSES, NUM_CLASSES
 from bonecomp.data.phantom.hand import draw_hand
-from bonecomp.data.phantom.plan import SPLITS, PatientJob, plan_patients, sample_patient
+from bonecomp.data.phantom.plan import (
+    SPLITS,
+    PatientJob,
+    concentrate_bends,
+    plan_patients,
+    sample_patient,
+)
 from bonecomp.data.phantom.stats import ImageStats, PhantomStats, label_overlap
 from bonecomp.fileio import atomic_write
 from bonecomp.workers import end_with_parent
@@ -53,12 +59,15 @@ def make_phantom(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    bent_patients: int | None = None,
 ) -> PhantomSummary:
     """Write a synthetic data set in the competition layout under ``out``.
 
-    The output depends only on (seed, patient counts, size): byte-identical whatever the
-    number of worker processes. Refuses to write where a previous phantom (``train/``,
-    ``test/`` or ``test_labels/``) exists unless ``overwrite``, which removes those folders only.
+    The output depends only on (seed, patient counts, size, bent_patients): byte-identical
+    whatever the number of worker processes. Refuses to write where a previous phantom
+    (``train/``, ``test/`` or ``test_labels/``) exists unless ``overwrite``, which removes
+    those folders only. ``bent_patients``: that many training patients bend both wrists
+    and the others none (``plan.concentrate_bends``); None: each hand by chance.
     """
     if train_patients < 0 or test_patients < 0 or train_patients + test_patients == 0:
         raise ValueError("need a non-negative number of train and test patients, not both 0")
@@ -66,9 +75,11 @@ def make_phantom(
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    jobs = plan_patients(seed, train_patients, test_patients)
+    if bent_patients is not None:
+        jobs = concentrate_bends(jobs, seed, bent_patients)
     root = Path(out)
     _prepare_root(root, overwrite)
-    jobs = plan_patients(seed, train_patients, test_patients)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     bar = tqdm(total=len(jobs), desc="phantom", unit="patient", disable=not progress)
     images: list[ImageStats] = []

@@ -1,0 +1,356 @@
+"""Per-class clean-up of the thresholded masks, each rule kept only where OOF Dice gains.
+
+Rules (nnU-Net's "keep the largest connected component", decided per class on the
+cross-validation, plus two relatives):
+
+- ``largest``: keep only the largest 8-connected component (a stray island of a bone,
+  e.g. a fingertip blob beside the wrong finger, costs Dice on every image it is in);
+- ``min_area:<pixels>``: drop the components smaller than that many source pixels;
+- ``fill_holes``: fill the background enclosed by the mask (4-connected background).
+
+A class's rules apply in that order (components first, then holes). Each works on the
+class's ``SparseMask`` crop, its bounding box: the mask is empty outside it, so its
+components are those of the whole image, and background touching the box's edge reaches
+the image's edge through the empty outside, so the holes are those of the whole image too.
+At 2048 px the cost is a connected-component pass over a bone's box, not over the image.
+
+Tuning (``tune_cleanup``) scores every combination of (nothing | largest | min_area per
+area of the grid) x (fill_holes or not) on each OOF image, at its source size, with the
+thresholds and class weights of the thresholds file in use, exactly as the thresholds
+tuning scores Dice (``thresholds.image_dice``). A class takes the best combination whose
+every rule gains more than ``min_gain`` over the same combination without it; otherwise
+none. No rule is the first candidate, so tuning never lowers the OOF Dice.
+
+The choice lives in the thresholds file as ``cleanup: {class name: [rule, ...]}`` (only
+the classes with rules), beside the thresholds and class weights it was tuned with. Re-
+tuning thresholds or weights rewrites the file without it (the clean-up was chosen for
+the old masks): run the clean-up tuning again after them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from scipy import ndimage
+
+from bonecomp.classes import CLASSES
+from bonecomp.config import Config, ConfigError
+from bonecomp.data.truth import GroundTruth
+from bonecomp.fileio import write_text
+from bonecomp.inference.class_weights import resolve_class_weights
+from bonecomp.inference.postprocess import (
+    SparseMask,
+    SparseMasks,
+    overlap_counts,
+    trim,
+    upsample_threshold,
+)
+from bonecomp.inference.thresholds import oof_items, resolve_thresholds
+from bonecomp.metrics import DiceTable, dice_from_counts
+from bonecomp.runs import MemberSpec, RunError, thresholds_in_use
+
+RULES = ("largest", "min_area", "fill_holes")
+RULES_HELP = "largest, min_area:<pixels>, fill_holes"
+AREAS: tuple[int, ...] = (64, 256, 1024, 4096)  # source pixels (images are ~2048 px)
+MIN_GAIN = 1e-3  # as the thresholds tuning
+
+
+@dataclass(frozen=True, order=True)
+class Rule:
+    """One clean-up rule; ``area`` only for ``min_area``. Sorting gives the order of
+    application (``RULES``)."""
+
+    rank: int
+    area: int = 0
+
+    @property
+    def name(self) -> str:
+        return RULES[self.rank]
+
+    @property
+    def label(self) -> str:
+        return f"min_area:{self.area}" if self.name == "min_area" else self.name
+
+    @classmethod
+    def make(cls, name: str, area: int = 0) -> Rule:
+        return cls(RULES.index(name), area if name == "min_area" else 0)
+
+
+LARGEST, FILL = Rule.make("largest"), Rule.make("fill_holes")
+
+
+def parse_rule(text: object) -> Rule:
+    """``largest``, ``min_area:<pixels>`` (an integer >= 1) or ``fill_holes``; anything
+    else is a ``ValueError`` saying what is allowed."""
+    name, _, arg = str(text).partition(":") if isinstance(text, str) else ("", "", "")
+    if name in ("largest", "fill_holes") and not arg:
+        return Rule.make(name)
+    if name == "min_area" and arg.isdigit() and int(arg) >= 1:
+        return Rule.make(name, int(arg))
+    raise ValueError(f"unknown clean-up rule {text!r} (rules: {RULES_HELP})")
+
+
+def clean_crop(crop: np.ndarray, rules: Sequence[Rule]) -> np.ndarray:
+    """A bool mask (a class's box) with ``rules`` applied, in their order of application."""
+    return _variants(crop, [tuple(rules)])[0]
+
+
+def _variants(crop: np.ndarray, combos: Sequence[tuple[Rule, ...]]) -> list[np.ndarray]:
+    """``crop`` cleaned by each combination of rules; the components are labelled once
+    (OpenCV), so trying many combinations costs one labelling pass."""
+    crop = np.ascontiguousarray(crop, dtype=bool)
+    labels = area = None
+    out = []
+    for combo in combos:
+        mask = crop
+        comp = sorted(r for r in combo if r != FILL)
+        if comp and crop.any():
+            if labels is None:
+                _, labels, stats, _ = cv2.connectedComponentsWithStats(
+                    crop.view(np.uint8), connectivity=8
+                )
+                area = stats[:, cv2.CC_STAT_AREA].copy()
+                area[0] = 0  # label 0 is the background
+            keep = area > 0
+            for r in comp:
+                if r.name == "min_area":
+                    keep &= area >= r.area
+                elif keep.any():  # largest (of what is left); ties: the first label
+                    biggest = int(np.argmax(np.where(keep, area, -1)))
+                    keep = np.zeros_like(keep)
+                    keep[biggest] = True
+            mask = keep[labels]
+        if FILL in combo and mask.any():
+            mask = ndimage.binary_fill_holes(mask)
+        out.append(mask)
+    return out
+
+
+def clean_mask(mask: SparseMask, rules: Sequence[Rule]) -> SparseMask:
+    """One class's sparse mask cleaned inside its box, cut to its new box (same device)."""
+    if not rules or mask.crop.numel() == 0:
+        return mask
+    crop = mask.crop.cpu().numpy()  # OpenCV and SciPy work on host arrays
+    out = trim(clean_crop(crop, rules), mask.y0, mask.x0)
+    return SparseMask(out.y0, out.x0, out.crop.to(mask.crop.device))
+
+
+@dataclass
+class Cleanup:
+    """The chosen rules per class index; applied to an image's masks by calling it."""
+
+    rules: dict[int, tuple[Rule, ...]]
+
+    def __call__(self, masks: SparseMasks) -> SparseMasks:
+        if not self.rules:
+            return masks
+        out = [clean_mask(m, self.rules.get(c, ())) for c, m in enumerate(masks.masks)]
+        return SparseMasks(masks.shape, out)
+
+    @property
+    def table(self) -> dict[str, list[str]]:
+        """What the thresholds file stores: {class name: [rule labels]}."""
+        return {CLASSES[c]: [r.label for r in rs] for c, rs in sorted(self.rules.items()) if rs}
+
+    @classmethod
+    def from_table(cls, table: dict[str, Sequence[str]]) -> Cleanup:
+        """From {class name: [rule, ...]}; a name outside ``CLASSES`` or an unknown rule is
+        a ``ValueError``."""
+        rules = {}
+        for name, labels in table.items():
+            if name not in CLASSES:
+                raise ValueError(f"{name!r} is not a class of bonecomp/classes.py")
+            rules[CLASSES.index(name)] = tuple(sorted(parse_rule(v) for v in labels))
+        return cls(rules)
+
+
+# --------------------------------------------------------------------------- tuning
+def candidates(
+    areas: Sequence[int] = AREAS, rules: Sequence[str] = RULES
+) -> list[tuple[Rule, ...]]:
+    """Every combination tried per class: () first, then (component rule,) x (fill or not).
+    ``rules`` restricts the kinds tried; an unknown kind is a ``ConfigError``."""
+    bad = [r for r in rules if r not in RULES]
+    if bad:
+        raise ConfigError(f"--rules: unknown clean-up rule(s) {bad}; choose from {list(RULES)}")
+    if "min_area" in rules and (not areas or any(int(a) < 1 for a in areas)):
+        raise ConfigError(f"--areas: min_area needs areas >= 1 pixel, got {list(areas)}")
+    comps: list[tuple[Rule, ...]] = [()]
+    if "largest" in rules:
+        comps.append((LARGEST,))
+    if "min_area" in rules:
+        comps += [(Rule.make("min_area", int(a)),) for a in sorted(set(areas))]
+    fills = [(), (FILL,)] if "fill_holes" in rules else [()]
+    return [c + f for f in fills for c in comps]
+
+
+def image_cleanup_dice(
+    masks: SparseMasks, truth: list, combos: Sequence[tuple[Rule, ...]]
+) -> np.ndarray:
+    """Dice (C, K) of one image's masks with each combination of rules, against its truth
+    crops, counted like ``thresholds.image_dice``."""
+    per_class = []
+    for m, t in zip(masks.masks, truth, strict=True):
+        if m.crop.numel() == 0:
+            variants = [m] * len(combos)
+        else:
+            crops = _variants(m.crop.cpu().numpy(), combos)
+            variants = [SparseMask(m.y0, m.x0, torch.from_numpy(v)) for v in crops]
+        counts = overlap_counts(variants, [t] * len(variants))
+        per_class.append(dice_from_counts(*counts))
+    return np.stack(per_class)
+
+
+def cleanup_dice(
+    items: Iterable[tuple[torch.Tensor, list, tuple[int, int]]],
+    thresholds: Sequence[float],
+    combos: Sequence[tuple[Rule, ...]],
+) -> tuple[np.ndarray, int]:
+    """Mean Dice (C, K) over OOF images; items are (probs (C,h,w), truth crops, (H, W)) as
+    ``thresholds.oof_items`` yields them, thresholded exactly as inference does."""
+    total, n = None, 0
+    for probs, truth, hw in items:
+        masks = upsample_threshold(probs, hw, thresholds, logits=False)
+        d = image_cleanup_dice(masks, truth, combos)
+        total = d if total is None else total + d
+        n += 1
+    if n == 0:
+        raise ValueError("no out-of-fold images to tune on")
+    return total / n, n
+
+
+@dataclass
+class CleanupResult:
+    combos: list[tuple[Rule, ...]]
+    dice: np.ndarray  # (C, K) mean OOF Dice per class and combination
+    pick: np.ndarray  # (C,) index into combos; 0 = no clean-up
+    before: DiceTable
+    after: DiceTable
+
+    @property
+    def cleanup(self) -> Cleanup:
+        return Cleanup({c: self.combos[k] for c, k in enumerate(self.pick) if k})
+
+    def format(self) -> str:
+        """The table: class, rule(s) kept ('-': none), OOF Dice before and after."""
+        rows = [f"{'class':<12} {'rule':<24} {'before':>8} {'after':>8}"]
+        for c, name in enumerate(CLASSES):
+            rule = " + ".join(r.label for r in self.combos[self.pick[c]]) or "-"
+            b, a = self.before.per_class[c], self.after.per_class[c]
+            rows.append(f"{name:<12} {rule:<24} {b:8.4f} {a:8.4f}")
+        rows.append(f"{'mean':<12} {'':<24} {self.before.mean:8.4f} {self.after.mean:8.4f}")
+        return "\n".join(rows)
+
+
+def choose_cleanup(
+    dice: np.ndarray, combos: Sequence[tuple[Rule, ...]], min_gain: float = MIN_GAIN
+) -> CleanupResult:
+    """Per class, the best combination in which every rule gains more than ``min_gain``
+    over the combination without it (so a lone rule must beat no clean-up by that much);
+    none when there is no such combination."""
+    combos = [tuple(sorted(c)) for c in combos]
+    if not combos or combos[0]:
+        raise ValueError("the first candidate must be no clean-up")
+    index = {c: k for k, c in enumerate(combos)}
+    pick = np.zeros(len(dice), np.int64)
+    for c, row in enumerate(dice):
+        for k in np.argsort(-row, kind="stable"):
+            if k == 0:
+                break
+            without = [index.get(tuple(r for r in combos[k] if r != x)) for x in combos[k]]
+            if all(w is not None and row[k] - row[w] > min_gain for w in without):
+                pick[c] = k
+                break
+    rows = np.arange(len(dice))
+    return CleanupResult(
+        list(combos), dice, pick, DiceTable(dice[:, 0], 0), DiceTable(dice[rows, pick], 0)
+    )
+
+
+def tune_cleanup(
+    cfg: Config,
+    members: Sequence[MemberSpec],
+    areas: Sequence[int] = AREAS,
+    rules: Sequence[str] = RULES,
+    min_gain: float = MIN_GAIN,
+    out: Path | str | None = None,
+    progress: bool = True,
+) -> tuple[CleanupResult, Path]:
+    """Choose each class's clean-up on the members' OOF maps, with the thresholds and
+    class weights inference would use (the thresholds file in use, else
+    ``infer.threshold``), and store it in that file (or a copy at ``out``)."""
+    combos = candidates(areas, rules)  # a bad rule or area: before reading any OOF map
+    src = thresholds_in_use(cfg)
+    thresholds, _ = resolve_thresholds(cfg, members)
+    _, table, _ = resolve_class_weights(cfg, members)
+    items = oof_items(members, GroundTruth.of(cfg.data), progress, class_weights=table)
+    dice, n = cleanup_dice(items, thresholds, combos)
+    result = choose_cleanup(dice, combos, min_gain)
+    result.before.n_images = result.after.n_images = n
+    if src.is_file():
+        doc = json.loads(src.read_text())
+    else:
+        doc = {"classes": list(CLASSES), "thresholds": thresholds}
+        doc["runs"] = [str(m.run) for m in members]
+    doc.update(
+        cleanup=result.cleanup.table,
+        cleanup_tried={"rules": list(rules), "areas": sorted({int(a) for a in areas})},
+        cleanup_min_gain=min_gain,
+        cleanup_oof_images=n,
+        cleanup_dice_before=result.before.mean,
+        cleanup_dice_after=result.after.mean,
+    )
+    path = Path(out) if out else src
+    write_text(path, json.dumps(doc, indent=1))
+    return result, path
+
+
+# ------------------------------------------------------------------------- inference
+def read_cleanup(path: Path | str) -> Cleanup | None:
+    """The ``cleanup`` table of a thresholds file, or None when it has none. A damaged
+    table, an unknown rule or classes other than ``CLASSES`` is a ``RunError`` naming the
+    file and the key."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
+    if not isinstance(doc, dict) or doc.get("cleanup") is None:
+        return None
+    retune = "re-tune it with scripts/tune_cleanup.py"
+    if doc.get("classes") != list(CLASSES):
+        raise RunError(
+            f"thresholds file {path}: its 'classes' differ from bonecomp/classes.py, so its "
+            f"cleanup was tuned for other classes; {retune}"
+        )
+    table = doc["cleanup"]
+    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+        raise RunError(f"thresholds file {path}: cleanup must map class names to rule lists")
+    others = [k for k in table if k not in CLASSES]
+    if others:
+        raise RunError(
+            f"thresholds file {path}: cleanup names {others}, not classes of "
+            f"bonecomp/classes.py (tuned for other classes); {retune}"
+        )
+    for name, labels in table.items():
+        for v in labels:
+            try:
+                parse_rule(v)
+            except ValueError as e:
+                raise RunError(f"thresholds file {path}: cleanup.{name}: {e}") from e
+    return Cleanup.from_table(table)
+
+
+def resolve_cleanup(cfg: Config) -> tuple[Cleanup | None, str]:
+    """The clean-up of the thresholds file in use (None: none) and a line saying so."""
+    path = thresholds_in_use(cfg)
+    clean = read_cleanup(path) if path.is_file() else None
+    if clean is None or not clean.rules:
+        return None, "none"
+    rules = ", ".join(f"{k} {'+'.join(v)}" for k, v in clean.table.items())
+    return clean, f"{rules} (from {path})"

@@ -1,0 +1,171 @@
+"""Patch training end to end, its checks, and progressive resizing (``train.init_from``).
+
+One tiny run trains on 32 px patches of the 64 px cache; a recording hook on the model
+shows what the network was fed in training, validation and inference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from bonecomp import models
+from bonecomp.checkpoint import load_checkpoint, save_checkpoint
+from bonecomp.checks import check_config
+from bonecomp.config import ConfigError
+from bonecomp.inference.ensemble import load_member
+from bonecomp.inference.predict import predict_submission
+from bonecomp.runs import ensemble_members
+from bonecomp.testing import tiny_config
+from bonecomp.training import state as state_mod
+from bonecomp.training.fold import run_training
+from bonecomp.training.state import build_state
+from tests.test_bad_inputs import _one_error_line, _train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+PATCH = {
+    "data.patch_size": 32, "infer.overlap": 0.5, "train.experiment": "patch", "train.epochs": 1,
+    "train.average.last": 1,  # averaged.pt is validated like best.pt: in windows
+}  # fmt: skip
+ENSEMBLE = {"infer.ensemble": [{"experiment": "patch", "folds": [0]}]}
+
+
+def _recording(seen: list):
+    """``create_model`` whose models log (training?, input shape) of every forward."""
+
+    def create(cfg_model):
+        net = models.create_model(cfg_model)
+        net.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape)))
+        return net
+
+    return create
+
+
+@pytest.fixture(scope="module")
+def patch_run(tiny_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("patch")
+    cfg = tiny_config(tiny_root, work, **PATCH, **ENSEMBLE)
+    seen: list = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_mod, "create_model", _recording(seen))
+        result = run_training(cfg, 0, progress=False)
+    return cfg, result, seen
+
+
+def test_training_sees_patches_and_validation_sees_windows_of_them(patch_run):
+    _, result, seen = patch_run
+    train = {tuple(s[-2:]) for t, s in seen if t}
+    val = {tuple(s[-2:]) for t, s in seen if not t}
+    assert train == {(32, 32)}  # patches of data.patch_size, never the 64 px image
+    assert val == {(32, 32)}  # the 64 px validation images, as 32 px windows
+    assert (result.run_dir / "averaged.pt").is_file()  # its validation is in `val` too
+    summary = pd.read_csv(result.run_dir / "summary.csv")
+    assert summary["val_dice"].notna().all()
+
+
+def test_the_checkpoint_names_its_geometry_and_inference_uses_it(patch_run, tmp_path, monkeypatch):
+    cfg, result, _ = patch_run
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    assert ckpt["input_size"] == 64 and ckpt["patch_size"] == 32
+    member = load_member(result.run_dir / "best.pt")
+    assert (member.input_size, member.patch_size) == (64, 32)
+    seen: list = []
+    from bonecomp.inference import ensemble as ensemble_mod
+
+    monkeypatch.setattr(ensemble_mod, "create_model", _recording(seen))
+    cfg.infer.overlap = 0.5  # 64 px in 32 px windows at stride 16: 3 x 3 per image
+    res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "sub.csv", progress=False)
+    assert res.report.ok and res.rows == 4 * 29
+    assert {tuple(s[-2:]) for _, s in seen} == {(32, 32)}
+    # 4 test images, 9 windows each, once per TTA view
+    assert sum(s[0] for _, s in seen) == 4 * 9 * len(res.views)
+
+
+def test_an_older_checkpoint_without_the_geometry_takes_it_from_its_config(patch_run, tmp_path):
+    _, result, _ = patch_run
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    del ckpt["patch_size"]  # as written before patch training existed
+    save_checkpoint(tmp_path / "old.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert load_member(tmp_path / "old.pt").patch_size == 32
+    ckpt["config"]["data"].pop("patch_size")  # and a config from before the key
+    save_checkpoint(tmp_path / "older.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert load_member(tmp_path / "older.pt").patch_size is None  # whole image, as then
+
+
+# ------------------------------------------------------------------ progressive resizing
+def test_init_from_starts_a_larger_run_from_the_source_weights(patch_run, tiny_root, tmp_path):
+    _, result, _ = patch_run
+    src = result.run_dir / "best.pt"
+    cfg = tiny_config(tiny_root, tmp_path, **{"data.image_size": 96, "train.init_from": str(src)})
+    check_config(cfg)
+    state = build_state(cfg, torch.device("cpu"), state_mod.Dist(), 4, progress=False)
+    want = load_checkpoint(src)["model"]
+    got = state.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    fresh = build_state(
+        tiny_config(tiny_root, tmp_path), torch.device("cpu"), state_mod.Dist(), 4, False
+    )
+    assert not all(torch.equal(fresh.model.state_dict()[k], want[k]) for k in want)
+    # the run trains at the new size from there (no optimiser or schedule carried over)
+    res = run_training(cfg, 0, progress=False)
+    assert res.epochs_done == 2 and res.best_dice >= 0
+
+
+def test_init_from_refuses_another_model_in_one_line(patch_run, tiny_root, tmp_path):
+    _, result, _ = patch_run
+    src = str(result.run_dir / "best.pt")
+    for key, value, words in (
+        ("model.arch", "fcn8s", ["model.arch 'unet' there, 'fcn8s' here"]),
+        ("model.encoder", "resnet34", ["model.encoder 'resnet18' there, 'resnet34' here"]),
+    ):
+        cfg = tiny_config(tiny_root, tmp_path, **{"train.init_from": src, key: value})
+        with pytest.raises(ConfigError) as e:
+            check_config(cfg)
+        assert e.value.key == "train.init_from" and src in str(e.value)
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_init_from_refuses_another_class_list_in_one_line(patch_run, tiny_root, tmp_path, capsys):
+    _, result, _ = patch_run
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    ckpt["classes"] = ckpt["classes"][:5]
+    bad = tmp_path / "five.pt"
+    save_checkpoint(bad, {k: v for k, v in ckpt.items() if k != "format"})
+    assert _train(tiny_root, tmp_path, f"train.init_from={bad}") == 2
+    _one_error_line(capsys.readouterr().err, ["train.init_from", str(bad), "5 classes", "29"])
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["data.patch_size=96"], ["data.patch_size=96", "larger than data.image_size=64"]),
+        (["data.patch_size=40"], ["data.patch_size", "multiple of 32"]),
+        (["data.patch_size=32", "data.crop=carpal"], ["data.patch_size=32", "data.crop=carpal"]),
+        (["data.patch_balance=median"], ["data.patch_balance"]),
+        (["train.init_from=/nowhere/best.pt"], ["train.init_from", "/nowhere/best.pt"]),
+    ],
+    ids=["larger", "stride", "crop", "balance", "missing"],
+)
+def test_bad_patch_settings_end_in_one_line_before_the_cache(
+    tiny_root, tmp_path, capsys, extra, words
+):
+    assert _train(tiny_root, tmp_path, *extra) == 2
+    _one_error_line(capsys.readouterr().err, words)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_validation_batches_hold_the_pixels_of_a_training_batch(tiny_root, tmp_path):
+    from bonecomp.training.data import val_batch_size
+
+    def size(**extra):
+        return val_batch_size(tiny_config(tiny_root, tmp_path, **extra))
+
+    assert size(**{"train.batch_size": 8}) == 8  # whole images: the training batch
+    assert size(**{"train.batch_size": 8, "data.patch_size": 32}) == 2  # 8 x 32^2 / 64^2
+    assert size(**{"train.batch_size": 2, "data.patch_size": 32}) == 1  # at least one
