@@ -20,16 +20,19 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # Phantom -> integrity check -> train fold 0 -> infer -> validate and score the CSV.
+# RECIPE names the config (configs/$(RECIPE).yaml, whose experiment and infer.name are
+# $(RECIPE) too): `make demo RECIPE=demo_patch` is the patch-training twin.
+RECIPE ?= demo
+LATEST = "$$(ls -t submissions/$(RECIPE)_2*.csv | head -n 1)"
 demo: $(STAMP)
 	$(BIN)/python scripts/make_phantom.py --out $(DEMO) --train-patients 30 --test-patients 6 --overwrite
 	$(BIN)/python scripts/verify_data.py $(DEMO) --quiet
-	rm -rf runs/demo
-	$(BIN)/python scripts/train.py --config configs/demo.yaml --fold 0
-	$(BIN)/python scripts/infer.py --config configs/demo.yaml --ensemble
-	$(BIN)/python scripts/check_submission.py "$$(ls -t submissions/demo_*.csv | head -n 1)" \
-		--data $(DEMO) --labels $(DEMO)/test_labels
-	$(BIN)/python scripts/report.py --ensemble --config configs/demo.yaml \
-		--csv "$$(ls -t submissions/demo_*.csv | head -n 1)" --labels $(DEMO)/test_labels
+	rm -rf runs/$(RECIPE)
+	$(BIN)/python scripts/train.py --config configs/$(RECIPE).yaml --fold 0
+	$(BIN)/python scripts/infer.py --config configs/$(RECIPE).yaml --ensemble
+	$(BIN)/python scripts/check_submission.py $(LATEST) --data $(DEMO) --labels $(DEMO)/test_labels
+	$(BIN)/python scripts/report.py --ensemble --config configs/$(RECIPE).yaml \
+		--csv $(LATEST) --labels $(DEMO)/test_labels
 
 # A one-minute end-to-end run in the repository's own folders (CI runs it before the
 # tests, which must not be affected by what it leaves in runs/, cache/, data/, submissions/).

@@ -1,6 +1,6 @@
 """What each leaderboard technique gains on the phantom: 5-fold OOF and test-set Dice.
 
-    python benchmarks/techniques.py                     # ~35 min on 2 idle CPU cores
+    python benchmarks/techniques.py                     # ~70 min on 2 idle CPU cores
     python benchmarks/techniques.py --quick             # a minute: wiring only, figures meaningless
 
 One run builds the table of docs/techniques.md: two small experiments (U-Net and FCN-8s
@@ -25,11 +25,13 @@ Then three tables:
 - plain vs wrist-angle-stratified folds on a second phantom whose bent training wrists
   are concentrated in a few patients: how far each fold's validation Dice is from its
   test Dice (``stratified_folds``);
-- single U-Net variants on the first ``--variant-folds`` folds (3: the table stays near
-  40 minutes), against the pair's U-Net on the same folds, each alone at threshold 0.5:
-  Focal + Dice, Dice alone, and CLAHE as fixed preprocessing of the training cache and of
-  every test image (``data.preprocess: [clahe]``; inference takes it from each
-  checkpoint).
+- single U-Net variants on the first ``--variant-folds`` folds (3, to save time),
+  against the pair's U-Net on the same folds, each alone at threshold 0.5: Focal + Dice,
+  Dice alone, and CLAHE as fixed preprocessing of the training cache and of every test
+  image (``data.preprocess: [clahe]``; inference takes it from each checkpoint).
+
+``--patch-study`` adds fold 0 of three patch variants (3x the epochs, patches of 0.7 of
+the side, blind patches) beside the two rows of the patch table: where patches lose.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ LABELS = {
     "unet_focal": "U-Net, Focal + Dice (0.5 + 0.5)",
     "unet_dice": "U-Net, Dice alone",
     "unet_clahe": "U-Net + CLAHE (train and test)",
+    "unet_patch_long": "patches, 3x the epochs and time",
+    "unet_patch_wide": "patches of 0.7 of the side (about 2x the pixels per step)",
+    "unet_patch_blind": "patches, none centred on a bone (patch_foreground 0)",
 }
 
 
@@ -94,12 +99,27 @@ def patch_experiment(args) -> dict[str, dict]:
     return {"unet_patch": {**keys, "infer.overlap": 0.5, "train.oof_size": 2 * s}}
 
 
+def patch_study(args) -> dict[str, dict]:
+    """Where the patch row's loss comes from (``--patch-study``, fold 0 only): the same
+    patches for 3x the epochs and time, patches of 0.7 of the image's side (about 2x the
+    pixels per step), and blind patches (``data.patch_foreground: 0``)."""
+    base = patch_experiment(args)["unet_patch"]
+    wide = max(32, int(1.4 * args.size) // 32 * 32)  # a multiple of the stride
+    long = {"train.epochs": 3 * args.epochs, "train.val_every": 3 * args.epochs}
+    return {
+        "unet_patch_long": {**base, **long, "train.max_train_minutes": 3 * args.minutes},
+        "unet_patch_wide": {**base, "data.patch_size": wide},
+        "unet_patch_blind": {**base, "data.patch_foreground": 0.0},
+    }
+
+
 @dataclass
 class Row:
     name: str
     oof: DiceTable | None  # None: not measured (the OOF maps are best.pt's)
     test: float | None
     note: str = ""
+    ref: Row | None = None  # the deltas' reference (None: the table's first row)
 
 
 def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Config:
@@ -129,7 +149,8 @@ def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Co
         **extra,
     }
     if experiment:
-        keys = {**EXPERIMENTS, **CROP, **LOSSES, **CLAHE, **patch_experiment(args)}[experiment]
+        every = {**EXPERIMENTS, **CROP, **LOSSES, **CLAHE}
+        keys = {**every, **patch_experiment(args), **patch_study(args)}[experiment]
         values.update({"train.experiment": experiment + suffix, **keys})
     return load_config(DEMO_CONFIG, as_overrides(values))
 
@@ -215,6 +236,7 @@ def measure(args) -> list[Row]:
     ]
     averaging = averaging_row(args, cfg, flat)
     cleanup = cleanup_row(args, cfg, members, ens_path)
+    cleanup.ref = rows[2]  # its deltas: against the class-wise row it cleans up
     # pseudo-labels from the tuned ensemble, then the pair retrained with them and re-tuned
     cfg.infer.thresholds = str(ens_path)
     folder = args.work / "pseudo"
@@ -353,12 +375,35 @@ def patch_rows(args) -> tuple[list[Row], str]:
     return rows, "\n".join(lines)
 
 
+def patch_study_table(args) -> str:
+    """Fold 0's validation Dice (windows, at 2048) of the whole-image U-Net, the patch row
+    and the ``patch_study`` variants: the mean, the fingers' tips, the thumb's tip and
+    the carpals, and the training time."""
+    names = ["unet", *patch_experiment(args), *patch_study(args)]
+    train_all(args, names=list(patch_study(args)), n_folds=1)
+    groups = {
+        "fingertips": [f[0] for f in FINGERS],
+        "thumb tip": [THUMB[0]],
+        "carpals": list(CARPALS),
+    }
+    head = " | ".join(groups)
+    lines = [f"| fold 0 | val Dice | {head} | train s |", "| --- |" + " --- |" * (len(groups) + 2)]
+    for name in names:
+        run = run_dir(config(args, name), 0)
+        dice = pd.read_csv(run.dice_csv)["dice"].to_numpy()
+        train = pd.read_csv(run.summary)["train_time"].sum()
+        cells = [f"{dice.mean():.4f}", *(f"{dice[idx].mean():.3f}" for idx in groups.values())]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(cells) + f" | {train:.0f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[Row], n_oof: int) -> str:
-    """Markdown: OOF mean and per carpal class, then test Dice; deltas against the first row."""
+    """Markdown: OOF mean and per carpal class, then test Dice; deltas against each row's
+    ``ref``, else the first row."""
     head = ["technique", "OOF mean", *(CLASSES[i] for i in CARPALS), "test Dice"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    base = rows[0]
     for r in rows:
+        base = r.ref or rows[0]
         cells = [r.name]
         if r.oof is None:
             cells += ["-"] * (1 + len(CARPALS))
@@ -402,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         "--variant-folds", type=int, default=3,
         help="folds trained for the loss and CLAHE rows (and their U-Net reference)",
     )  # fmt: skip
+    ap.add_argument(
+        "--patch-study", action="store_true",
+        help="also train fold 0 of three patch variants: longer, wider, blind (about 8 min)",
+    )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny everything: checks the wiring")
     args = ap.parse_args(argv)
     if args.quick:
@@ -421,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, small = patch_rows(args)
     print(table(rows, n_oof))
     print("\n" + small)
+    if args.patch_study:
+        print("\nWhere the patch row loses (fold 0, validation):\n")
+        print(patch_study_table(args))
     k = args.variant_folds
     print(f"\nSingle U-Net variants on {k} folds (deltas against the U-Net alone):\n")
     variants = variant_rows(args)
