@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument(
         "--patch-study", action="store_true",
-        help="also train fold 0 of three patch variants: longer, wider, blind (about 8 min)",
+        help="also train fold 0 of three patch variants: longer, wider, blind (about 7 min)",
     )  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny everything: checks the wiring")
     args = ap.parse_args(argv)
