@@ -458,11 +458,11 @@ def _gb(n: int) -> str:
 
 
 def _end_workers(pool: ProcessPoolExecutor) -> None:
-    """Stop a pool now: cancel queued work and kill the workers (their results are moot)."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for proc in procs:
-        with contextlib.suppress(Exception):
-            proc.terminate()
+    """Stop a pool after an error: cancel the queued work and wait for the chunks in
+    flight (a few images per worker). The workers are not killed: one terminated while it
+    writes its result leaves half a message in the result pipe, and the pool's manager
+    thread then waits for the rest forever (the build hung in CI). A killed parent still
+    ends them (``_worker_init``)."""
     pool.shutdown(wait=True, cancel_futures=True)
 
 
