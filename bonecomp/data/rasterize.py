@@ -218,7 +218,9 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
                 y = (q + 0.5) / k - 0.5 + offs[f]
                 xcross[f, fill[f, q]] = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
                 fill[f, q] += 1
-    marks = np.zeros(w * k + 1, np.uint8)
+    # Spans of the current sub-row, in sub-sample columns (the three families overlap).
+    span_a = np.empty(3 * n + 3, np.int64)
+    span_b = np.empty(3 * n + 3, np.int64)
     q_first, q_last = nq, -1
     for f in range(3):
         for e in range(n):
@@ -228,7 +230,7 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
     c_min, c_max = w, -1  # columns touched in the current pixel row
     for q in range(q_first, q_last + 1):
         r = q // k
-        t_min, t_max = w * k, -1
+        ns = 0
         for f in range(3):
             s, e_ = starts[f, q], starts[f, q + 1]
             if e_ - s < 2:
@@ -245,19 +247,53 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
                 if k == 1:  # one sample per pixel: spans are the mask itself
                     out[r, t0 : t1 + 1] = 1
                     continue
-                marks[t0 : t1 + 1] = 1
-                t_min = min(t_min, t0)
-                t_max = max(t_max, t1)
-        for t in range(t_min, t_max + 1):
-            if marks[t]:
-                out[r, t // k] += 1
-                marks[t] = 0
-        if t_max >= 0:
-            c_min, c_max = min(c_min, t_min // k), max(c_max, t_max // k)
+                span_a[ns], span_b[ns] = t0, t1
+                ns += 1
+        if ns > 0:
+            _add_union(span_a, span_b, ns, k, out[r])
+            c_min, c_max = min(c_min, span_a[0] // k), max(c_max, span_b[ns] // k)
         if k > 1 and (q % k == k - 1 or q == q_last):
             for col in range(c_min, c_max + 1):
                 out[r, col] = lut[out[r, col]]
             c_min, c_max = w, -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_union(a, b, n, k, out_row):  # pragma: no cover - compiled
+    """Add to each pixel of ``out_row`` its sub-samples in the union of the n spans
+    [a[i], b[i]] (sub-sample columns, k per pixel), sorting them; b[n] gets the union's
+    last column. Per pixel rather than per sub-sample: a span adds its overlap with each
+    pixel it touches (k for the pixels it covers)."""
+    _sort_spans(a, b, n)
+    last = b[0]
+    lo, hi = a[0], b[0]
+    for j in range(1, n + 1):
+        if j < n and a[j] <= hi + 1:
+            hi = max(hi, b[j])
+            continue
+        ca, cb = lo // k, hi // k
+        if ca == cb:
+            out_row[ca] += np.uint8(hi - lo + 1)
+        else:
+            out_row[ca] += np.uint8((ca + 1) * k - lo)
+            out_row[ca + 1 : cb] += np.uint8(k)
+            out_row[cb] += np.uint8(hi - cb * k + 1)
+        last = max(last, hi)
+        if j < n:
+            lo, hi = a[j], b[j]
+    b[n] = last
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_spans(a, b, n):  # pragma: no cover - compiled
+    """Sort the first n spans (a[i], b[i]) by start, in place; a row has a handful."""
+    for i in range(1, n):
+        va, vb = a[i], b[i]
+        j = i - 1
+        while j >= 0 and a[j] > va:
+            a[j + 1], b[j + 1] = a[j], b[j]
+            j -= 1
+        a[j + 1], b[j + 1] = va, vb
 
 
 @numba.njit(cache=True, nogil=True)
