@@ -14,15 +14,17 @@
    vs the baseline's per-item loading (imread 3-channel, /255 in float64, JSON, fillPoly
    at 2048, resize to 512, CHW torch tensors). Target >= 20x.
 3. Patch training (issue 17), augmentation + soft targets throughout: 1024 px patches
-   from a 2048 px cache (``BoneDataset(patch=PatchSampler)``: the whole image augmented,
-   the masks of the patch only drawn) vs the whole-image loader at 1024 (the same pixels
-   per sample; target: at least as fast, >= 1x), and vs rasterizing the augmented 2048 px
-   image's 29 masks per sample and cropping the patch out of them.
+   from a 2048 px cache (``BoneDataset(patch=PatchSampler)``: the augmentation drawn for
+   the whole image, only the patch's window warped and only its masks drawn) vs the
+   whole-image loader at 1024 (the same pixels per sample; target: at least as fast,
+   >= 1x), and vs rasterizing the augmented 2048 px image's 29 masks per sample and
+   cropping the patch out of them.
 
 Run from the repository root:
 
     .venv/bin/python benchmarks/bench_data.py            # 5 patients = 10 images
     .venv/bin/python benchmarks/bench_data.py --quick    # smoke mode
+    .venv/bin/python benchmarks/bench_data.py --only-patch  # section 3 alone
 """
 
 from __future__ import annotations
@@ -136,7 +138,13 @@ class CropAfterRaster:
 
 def patch_rows(df, args) -> list[Row]:
     """Section 3: patch samples/s against the whole-image loader at the patch side and the
-    rasterize-then-crop way, all with the training augmentation and soft targets."""
+    rasterize-then-crop way, all with the training augmentation and soft targets.
+
+    Items are compact (uint8 image and coverage, what training's DataLoader workers make
+    and ship; the float conversion runs on the device) and each is dropped before the
+    next, as a worker does once it has sent it: keeping float items alive would time the
+    allocator's fresh pages (121 MiB each), not the loader. Float items are the last row.
+    """
     n, big, side = len(df), args.native, args.patch
     aug = train_transform(AugmentConfig())
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
@@ -144,22 +152,40 @@ def patch_rows(df, args) -> list[Row]:
         whole = open_cache(df, Path(tmp) / "whole", side, progress=False)
         areas = np.stack([polygon_areas(native.polygons(i)) for i in range(n)])
         sampler = PatchSampler(side, 0.33, class_weights(areas, "area"))
-        patched = BoneDataset(native, transform=aug, soft_targets=True, patch=sampler)
-        plain = BoneDataset(whole, transform=aug, soft_targets=True)
-        naive = CropAfterRaster(BoneDataset(native, transform=aug, soft_targets=True), side)
+
+        def loaders(compact: bool) -> tuple[BoneDataset, BoneDataset]:
+            return (
+                BoneDataset(native, None, aug, True, 4, compact, patch=sampler),
+                BoneDataset(whole, None, aug, True, 4, compact),
+            )
+
+        patched, plain = loaders(True)
+        naive = CropAfterRaster(BoneDataset(native, None, aug, True, 4, True), side)
         shapes = {tuple(patched[i]["mask"].shape) for i in range(n)}
         if shapes != {(len(CLASSES), side, side)}:
             raise SystemExit(f"patch loader returned masks of shapes {shapes}")
+        bone = np.mean([float((patched[i]["mask"] > 0).sum()) for i in range(n)])
+        bone /= np.mean([float((plain[i]["mask"] > 0).sum()) for i in range(n)])
+        print(
+            f"mask pixels > 0 per sample: a {side} px patch of {big} holds {bone:.2f}x those "
+            f"of the whole image at {side} (each patch holds the image's centre)"
+        )
 
         def rate(ds, repeats: int) -> float:
-            return n / median_time(lambda: [ds[i] for i in range(n)], repeats, 1)
+            def one_pass() -> None:
+                for i in range(n):
+                    ds[i]  # dropped at once, as a worker drops what it has sent
+
+            return n / median_time(one_pass, repeats, 1)
 
         r_patch, r_whole = rate(patched, args.repeats), rate(plain, args.repeats)
-        r_naive = rate(naive, 1)  # ~0.5 GB of float masks per sample: one pass is plenty
+        r_naive = rate(naive, 1)  # 116 MiB of masks per sample: one pass is plenty
+        f_patch, f_whole = (rate(ds, args.repeats) for ds in loaders(False))
         what = f"samples/s, {side} px patch of {big}, augment + soft"
         return [
             Row(what + f" (vs whole image at {side})", r_patch, r_whole, "/s", True, 1),
             Row(what + f" (vs raster at {big} + crop)", r_patch, r_naive, "/s", True),
+            Row(what + ", float items (vs whole)", f_patch, f_whole, "/s", True),
         ]
 
 
@@ -171,6 +197,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--native", type=int, default=2048, help="patch section: cache side")
     parser.add_argument("--patch", type=int, default=1024, help="patch section: patch side")
+    parser.add_argument(
+        "--only-patch", action="store_true", help="run section 3 (the patch loader) alone"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,7 +216,7 @@ def main() -> None:
         print(f"{n} training images; {args.repeats} repeat(s)")
 
         rows = []
-        for s in args.sizes:
+        for s in [] if args.only_patch else args.sizes:
             if SRC[0] % s:
                 raise SystemExit(f"--sizes: {s} does not divide 2048")
             # Mean over (image, class); also compiles our kernel before timing.
@@ -215,6 +244,11 @@ def main() -> None:
 
         s = args.train_size
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
+            if args.only_patch:
+                rows += patch_rows(df, args)
+                print_table("Data path: the patch loader", rows)
+                finish(failures)
+                return
             t0 = time.perf_counter()
             cache = open_cache(df, Path(cache_dir), s, progress=False)
             print(f"cache at {s} px built in {time.perf_counter() - t0:.2f} s (not timed below)")

@@ -282,6 +282,20 @@ def test_dataset_targets_follow_the_rule_and_move_with_the_image(trained, tmp_pa
         assert torch.equal(cut["mask"], soft["mask"][:, y0 : y0 + 32, x0 : x0 + 32])
         np.testing.assert_array_equal(cut["image"].numpy(), image[y0 : y0 + 32, x0 : x0 + 32])
     assert len(origins) > 1  # placed at random, not always the corner
+    # augmented patches: only the window is warped, the crop of the whole warp (same seed)
+    aug = AugmentConfig(hflip=1.0, affine_p=1.0, rotate=25, brightness_contrast_p=1.0)
+    whole_ds = PseudoDataset(pseudo, train_transform(aug))
+    cut_ds = PseudoDataset(pseudo, train_transform(aug), patch=sampler)
+    for seed in range(4):
+        whole_ds.transform.set_random_seed(seed)
+        cut_ds.transform.set_random_seed(seed)
+        a, b = whole_ds[0], cut_ds[0]
+        y0, x0 = b["origin"].tolist()
+        for key, want in (("image", a["image"][y0 : y0 + 32, x0 : x0 + 32]),
+                          ("mask", a["mask"][:, y0 : y0 + 32, x0 : x0 + 32])):  # fmt: skip
+            diff = (b[key].int() - want.int()).abs()  # OpenCV's rounding: one grey level
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, (key, seed)
+        assert not torch.equal(b["mask"], soft["mask"][:, y0 : y0 + 32, x0 : x0 + 32])
 
 
 # ------------------------------------------------------------------------------ refusals

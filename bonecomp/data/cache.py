@@ -99,9 +99,10 @@ class TrainCache:
     def __len__(self) -> int:
         return len(self.index)
 
-    def image(self, i: int) -> np.ndarray:
-        """(S, S) uint8, a writable copy, checked against its build-time crc32."""
-        img = np.array(self.images[i])  # a copy: the memmap is read-only
+    def image(self, i: int, copy: bool = True) -> np.ndarray:
+        """(S, S) uint8 checked against its build-time crc32: a writable copy, or with
+        ``copy=False`` the read-only memory-mapped row (a patch warps only its window)."""
+        img = np.array(self.images[i]) if copy else self.images[i]
         if zlib.crc32(img) != int(self.crc[i]):
             raise self.damaged(f"image row {i} ({self.index['rel'].iloc[i]}) fails its checksum")
         return img

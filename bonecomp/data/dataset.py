@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bonecomp.data.augment import draw_geometry
 from bonecomp.data.cache import TrainCache
 from bonecomp.data.images import read_image
 from bonecomp.data.patches import PatchSampler
@@ -43,7 +44,9 @@ class BoneDataset(Dataset):
 
     With a ``patch`` sampler (``data.patch_size`` = P) each item is a P x P square of the
     augmented S x S image, placed by the sampler, and only the patch's masks are drawn
-    (the crop of the full S x S masks, exactly; ``"origin"`` gives its (y0, x0)).
+    (the crop of the full S x S masks, exactly; ``"origin"`` gives its (y0, x0)). Only the
+    patch's window is warped (``augment.draw_geometry``): the same draw of the
+    augmentation as for the whole image, at a quarter of the pixels for P = S / 2.
     """
 
     def __init__(
@@ -70,18 +73,22 @@ class BoneDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
         idx = int(self.indices[i])
         s = self.cache.size
-        image = self.cache.image(idx)
         k = self.soft_k if self.soft_targets else 1
         polys, src_hw = self.cache.polygons(idx), self.cache.src_hw(idx)
         points = to_frame(polys.points, src_hw, (s, s))
-        if self.transform is not None:
-            out = self.transform(image=image, keypoints=points)
-            image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
         y0, x0, p = 0, 0, s
-        if self.patch is not None:
+        if self.patch is not None:  # the augmentation drawn, the patch's window warped alone
             p = self.patch.size
+            geometry = draw_geometry(self.transform, (s, s))
+            points = geometry.points(points)
             (y0, x0), _ = self.patch.origin(s, points, polys.offsets, self._rng())
-            image = image[y0 : y0 + p, x0 : x0 + p]
+            image = geometry.window(self.cache.image(idx, copy=False), y0, x0, p)
+            image = geometry.finish(image)
+        else:
+            image = self.cache.image(idx)
+            if self.transform is not None:
+                out = self.transform(image=image, keypoints=points)
+                image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
         if self.transform is None and k == 1:  # cv2.fillPoly where s is the source size
             mask = rasterize(polys, src_hw, (s, s), window=(y0, x0, p, p))
         else:

@@ -90,10 +90,13 @@ class PatchSampler:
         """A class with a polygon whose vertex mean lies in the image, drawn by weight."""
         n = len(offsets) - 1
         w = np.ones(n) if self.weights is None else np.asarray(self.weights, np.float64).copy()
-        for c in range(n):
-            pts = points[offsets[c] : offsets[c + 1]]
-            if len(pts) < 3 or not ((pts.mean(0) >= 0) & (pts.mean(0) < side)).all():
-                w[c] = 0.0  # absent, or moved out of the image by the augmentation
+        counts = np.diff(np.asarray(offsets))
+        padded = np.vstack([np.asarray(points, np.float64).reshape(-1, 2), np.zeros((1, 2))])
+        # reduceat sums each class's run (an empty one gives one row: masked below)
+        sums = np.add.reduceat(padded, np.asarray(offsets[:-1]), axis=0)
+        means = sums / np.maximum(counts, 1)[:, None]
+        inside = ((means >= 0) & (means < side)).all(1)
+        w[(counts < 3) | ~inside] = 0.0  # absent, or moved out of the image by the augmentation
         total = w.sum()
         if total <= 0:
             return None

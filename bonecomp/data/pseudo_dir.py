@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
+from bonecomp.data.augment import draw_geometry
 from bonecomp.data.patches import PatchSampler
 from bonecomp.fileio import (
     file_hash,
@@ -279,15 +280,18 @@ class PseudoDataset(Dataset):
         image, probs = self.pseudo.read(j)
         thr = self.pseudo.thresholds
         mask = pseudo_target(probs, self.rule, self.confidence, self.soft, thr)
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask.transpose(1, 2, 0))
-            image, mask = out["image"], np.asarray(out["mask"]).transpose(2, 0, 1)
         if self.patch is not None:  # no polygons: the patch is placed uniformly
             p, s = self.patch.size, image.shape[-1]
+            geometry = draw_geometry(self.transform, (s, s))  # only the window is warped
             rng = getattr(self.transform, "random_generator", None)
             rng = rng or np.random.default_rng(np.random.randint(2**31))  # noqa: NPY002
             y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2))
-            image, mask = image[y0 : y0 + p, x0 : x0 + p], mask[:, y0 : y0 + p, x0 : x0 + p]
+            image = geometry.finish(geometry.window(image, y0, x0, p))
+            mask = geometry.window(mask.transpose(1, 2, 0), y0, x0, p, mask=True)
+            mask = mask.reshape(p, p, -1).transpose(2, 0, 1)
+        elif self.transform is not None:
+            out = self.transform(image=image, mask=mask.transpose(1, 2, 0))
+            image, mask = out["image"], np.asarray(out["mask"]).transpose(2, 0, 1)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
