@@ -73,7 +73,9 @@ class Geometry:
     image would pay for 4x the pixels it keeps; it exposes each transform's drawn matrix
     but no "warp only this window". ``window`` warps exactly the patch's square, which
     equals the crop of the whole warped image (OpenCV computes every output pixel from the
-    matrix alone; fixed-point rounding may move a pixel by one grey level).
+    matrix alone; fixed-point rounding may move a pixel by one grey level). Pixel-level
+    ops run on the patch: pointwise ones (brightness, contrast) give what they give on the
+    whole image; the random CLAHE (``clahe_p``) sees the patch's tiles.
     """
 
     matrix: np.ndarray

@@ -150,7 +150,7 @@ def clean_mask(mask: SparseMask, rules: Sequence[Rule]) -> SparseMask:
     """One class's sparse mask cleaned inside its box, cut to its new box (same device)."""
     if not rules or mask.crop.numel() == 0:
         return mask
-    crop = mask.crop.cpu().numpy()  # OpenCV and SciPy work on host arrays
+    crop = mask.crop.cpu().numpy()  # OpenCV works on host arrays
     out = trim(clean_crop(crop, rules), mask.y0, mask.x0)
     return SparseMask(out.y0, out.x0, out.crop.to(mask.crop.device))
 
