@@ -190,10 +190,13 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
     nq = h * k
     offs = (0.0, -dy, dy)
     grow = (dx, 0.0, 0.0)
-    # Bucket the edge crossings of each family of scanlines by sub-row (counting sort).
-    counts = np.zeros((3, nq + 1), np.int64)
+    if min(px) - dx > w - 0.5 or max(px) + dx < -0.5:
+        return  # left or right of the frame (a bone outside a training patch)
+    # The sub-rows each edge crosses, per family of scanlines; only the rows between the
+    # first and the last are bucketed (a bone's height, not the frame's).
     q_lo = np.empty((3, n), np.int64)
     q_hi = np.empty((3, n), np.int64)
+    q_first, q_last = nq, -1
     for f in range(3):
         for e in range(n):
             y0, y1 = py[e], py[(e + 1) % n]
@@ -201,38 +204,42 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
             q0 = max(math.ceil((lo + 0.5 - offs[f]) * k - 0.5), 0)
             q1 = min(math.ceil((hi + 0.5 - offs[f]) * k - 0.5) - 1, nq - 1)
             q_lo[f, e], q_hi[f, e] = q0, q1
-            for q in range(q0, q1 + 1):
-                counts[f, q + 1] += 1
-    starts = np.empty((3, nq + 1), np.int64)
+            if q0 <= q1:
+                q_first = min(q_first, q0)
+                q_last = max(q_last, q1)
+    if q_last < q_first:
+        return  # above or below the frame
+    m = q_last - q_first + 1
+    # Bucket the edge crossings by sub-row (counting sort); row j is sub-row q_first + j.
+    counts = np.zeros((3, m + 1), np.int64)
+    for f in range(3):
+        for e in range(n):
+            for q in range(q_lo[f, e], q_hi[f, e] + 1):
+                counts[f, q - q_first + 1] += 1
+    starts = np.empty((3, m + 1), np.int64)
     for f in range(3):
         starts[f, 0] = 0
-        for q in range(nq):
-            starts[f, q + 1] = starts[f, q] + counts[f, q + 1]
+        for j in range(m):
+            starts[f, j + 1] = starts[f, j] + counts[f, j + 1]
     fill = starts.copy()
-    xcross = np.empty((3, max(starts[0, nq], starts[1, nq], starts[2, nq], 1)), np.float64)
+    xcross = np.empty((3, max(starts[0, m], starts[1, m], starts[2, m], 1)), np.float64)
     for f in range(3):
         for e in range(n):
             x0, y0 = px[e], py[e]
             x1, y1 = px[(e + 1) % n], py[(e + 1) % n]
             for q in range(q_lo[f, e], q_hi[f, e] + 1):
                 y = (q + 0.5) / k - 0.5 + offs[f]
-                xcross[f, fill[f, q]] = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
-                fill[f, q] += 1
+                xcross[f, fill[f, q - q_first]] = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+                fill[f, q - q_first] += 1
     # Spans of the current sub-row, in sub-sample columns (the three families overlap).
     span_a = np.empty(3 * n + 3, np.int64)
     span_b = np.empty(3 * n + 3, np.int64)
-    q_first, q_last = nq, -1
-    for f in range(3):
-        for e in range(n):
-            if q_lo[f, e] <= q_hi[f, e]:
-                q_first = min(q_first, q_lo[f, e])
-                q_last = max(q_last, q_hi[f, e])
     c_min, c_max = w, -1  # columns touched in the current pixel row
     for q in range(q_first, q_last + 1):
         r = q // k
         ns = 0
         for f in range(3):
-            s, e_ = starts[f, q], starts[f, q + 1]
+            s, e_ = starts[f, q - q_first], starts[f, q - q_first + 1]
             if e_ - s < 2:
                 continue
             row = xcross[f, s:e_]
