@@ -1,7 +1,7 @@
-"""What each leaderboard technique gains on the phantom: 5-fold OOF and test-set Dice.
+"""What each leaderboard technique gains on the phantom: 3-fold OOF and test-set Dice.
 
-    python benchmarks/techniques.py                     # ~70 min on 2 idle CPU cores
-    python benchmarks/techniques.py --quick             # a minute: wiring only, figures meaningless
+    python benchmarks/techniques.py                     # ~33 min on 2 idle CPU cores
+    python benchmarks/techniques.py --quick             # ~3 min: wiring only, figures meaningless
 
 One run builds the table of docs/techniques.md: two small experiments (U-Net and FCN-8s
 on ResNet-18, from scratch) trained on every fold of a phantom, then, row by row, the
@@ -25,7 +25,7 @@ Then three tables:
 - plain vs wrist-angle-stratified folds on a second phantom whose bent training wrists
   are concentrated in a few patients: how far each fold's validation Dice is from its
   test Dice (``stratified_folds``);
-- single U-Net variants on the first ``--variant-folds`` folds (3, to save time),
+- single U-Net variants on the first ``--variant-folds`` folds (3: all of them by default),
   against the pair's U-Net on the same folds, each alone at threshold 0.5: Focal + Dice,
   Dice alone, and CLAHE as fixed preprocessing of the training cache and of every test
   image (``data.preprocess: [clahe]``; inference takes it from each checkpoint).
