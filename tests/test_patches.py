@@ -18,6 +18,7 @@ from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
 from bonecomp.data.rasterize import draw, outline, rasterize, to_frame
 from bonecomp.inference.ensemble import Ensemble, Member
 from bonecomp.inference.tta import views
+from bonecomp.testing import assert_same_warp
 
 P = 48  # patch side in the tests (the sampler takes any side; configs want multiples of 32)
 
@@ -70,15 +71,6 @@ def test_a_patch_is_the_cut_of_the_image_and_of_every_mask(cache, soft):
         assert bone  # not only comparisons of empty masks
 
 
-def assert_same_warp(got: torch.Tensor, want: torch.Tensor, mask: bool = False) -> None:
-    """Equal up to rounding: OpenCV's fixed-point warp may move an image pixel by one grey
-    level; albumentations moves keypoints in float32 (we in float64), which may move a
-    sub-sample of a mask pixel on a bone's edge."""
-    diff = (got.int() - want.int()).abs()
-    assert mask or diff.max() <= 1, diff.max()
-    assert (diff > 0).float().mean() < 0.005, (diff > 0).sum()
-
-
 @pytest.mark.parametrize(
     "aug",
     [
@@ -101,8 +93,8 @@ def test_an_augmented_patch_is_the_cut_of_the_augmented_image(cache, aug):
         cut.transform.set_random_seed(k)
         a, b = whole[0], cut[0]
         flipped.add(tuple(type(t).__name__ for t in whole.transform.transforms if t.params))
-        assert_same_warp(b["image"], a["image"][y0 : y0 + P, x0 : x0 + P])
-        assert_same_warp(b["mask"], a["mask"][:, y0 : y0 + P, x0 : x0 + P], mask=True)
+        assert_same_warp(b["image"], a["image"][y0 : y0 + P, x0 : x0 + P], 0.005)
+        assert_same_warp(b["mask"], a["mask"][:, y0 : y0 + P, x0 : x0 + P], 0.005, None)
         bone |= bool(b["mask"].any())
     assert bone  # not only comparisons of empty masks
     assert len(flipped) > 1 or aug.hflip == 1  # "all": flipped and unflipped were drawn

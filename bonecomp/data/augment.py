@@ -120,7 +120,6 @@ def draw_geometry(transform: A.Compose | None, hw: tuple[int, int]) -> Geometry:
     matrix = np.eye(3)
     if transform is None:
         return Geometry(matrix, [])
-    transform.py_random.random()  # Compose draws whether to run at all (p = 1)
     h, w = hw
     ops: list[A.BasicTransform] = []
     interp = {}

@@ -232,8 +232,8 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
                 xcross[f, fill[f, q - q_first]] = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
                 fill[f, q - q_first] += 1
     # Spans of the current sub-row, in sub-sample columns (the three families overlap).
-    span_a = np.empty(3 * n + 3, np.int64)
-    span_b = np.empty(3 * n + 3, np.int64)
+    span_a = np.empty(3 * n, np.int64)  # at most n // 2 spans per family
+    span_b = np.empty(3 * n, np.int64)
     c_min, c_max = w, -1  # columns touched in the current pixel row
     for q in range(q_first, q_last + 1):
         r = q // k
@@ -257,8 +257,8 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
                 span_a[ns], span_b[ns] = t0, t1
                 ns += 1
         if ns > 0:
-            _add_union(span_a, span_b, ns, k, out[r])
-            c_min, c_max = min(c_min, span_a[0] // k), max(c_max, span_b[ns] // k)
+            last = _add_union(span_a, span_b, ns, k, out[r])
+            c_min, c_max = min(c_min, span_a[0] // k), max(c_max, last // k)
         if k > 1 and (q % k == k - 1 or q == q_last):
             for col in range(c_min, c_max + 1):
                 out[r, col] = lut[out[r, col]]
@@ -268,7 +268,7 @@ def _draw_one(px, py, k, dx, dy, lut, out):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _add_union(a, b, n, k, out_row):  # pragma: no cover - compiled
     """Add to each pixel of ``out_row`` its sub-samples in the union of the n spans
-    [a[i], b[i]] (sub-sample columns, k per pixel), sorting them; b[n] gets the union's
+    [a[i], b[i]] (sub-sample columns, k per pixel), sorting them; returns the union's
     last column. Per pixel rather than per sub-sample: a span adds its overlap with each
     pixel it touches (k for the pixels it covers)."""
     _sort_spans(a, b, n)
@@ -288,7 +288,7 @@ def _add_union(a, b, n, k, out_row):  # pragma: no cover - compiled
         last = max(last, hi)
         if j < n:
             lo, hi = a[j], b[j]
-    b[n] = last
+    return last
 
 
 @numba.njit(cache=True, nogil=True)
