@@ -96,6 +96,16 @@ def all_reduce_min(value: int) -> int:
     return int(t.item())
 
 
+def all_reduce_max(*values: float) -> tuple[float, ...]:
+    """The largest of each value over ranks, in one all-reduce (themselves without a
+    process group)."""
+    if not is_distributed():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(t.tolist())
+
+
 class RankError(RuntimeError):
     """A problem found on some ranks of a torchrun job, raised on every rank with the
     same one-line message naming where it happened (so no rank waits for the others)."""

@@ -17,7 +17,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from bonecomp.data.annotations import Polygons
 from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.rasterize import truth_crops
-from bonecomp.distributed import all_ranks_true, all_reduce_min, all_reduce_sum, is_distributed
+from bonecomp.distributed import all_ranks_true, all_reduce_max, all_reduce_sum, is_distributed
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.inference.sliding import sliding_window
 from bonecomp.memory import free_memory, halve, run_chunked, spans
@@ -117,32 +117,62 @@ def batch_size(batch: Mapping) -> int:
 
 @dataclass
 class Budget:
-    """A time budget for training (``train.max_train_minutes``) that the LR schedule obeys.
+    """A time budget for training (``train.max_train_minutes``) that binds only when it must.
 
-    The schedule's position is the larger of the updates done and the elapsed share of
-    the budget times ``total_updates``: a run cut by time still anneals, reaching the
-    schedule's floor at the deadline, instead of stopping with the learning rate
-    mid-way. ``spent`` is the time of earlier processes of the run (``--resume``).
+    While the projected finish fits the budget, the schedule's position is the number of
+    updates done, exactly as without a budget. The projection is the time so far plus
+    the remaining updates at the pace measured since this process's first update (so
+    start-up, DataLoader workers, cold caches, compilation and the first kernels are not
+    taken for the pace). Once it overruns, the clock takes over for the rest of the run:
+    from its position ``p0`` at that moment ``t0`` the position moves linearly in time to
+    ``total_updates`` at the deadline (never behind the updates), so a run cut by time
+    still anneals to the schedule's floor instead of stopping mid-way.
+
+    ``spent`` is the time of earlier processes of the run and ``takeover`` the
+    ``(p0, t0)`` they recorded (``--resume``); both travel in ``last.pt``.
     """
 
     seconds: float
     total_updates: int
     spent: float = 0.0
+    takeover: tuple[int, float] | None = None
     clock: Callable[[], float] = time.monotonic
     start: float = 0.0
+    # (clock, updates) at this process's first update: where the pace is measured from
+    _first: tuple[float, int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.start = self.clock()
+        if self.takeover is not None:
+            self.takeover = (int(self.takeover[0]), float(self.takeover[1]))
 
     def elapsed(self) -> float:
         """Seconds of this run so far, the largest over ranks (same answer on all)."""
-        mine = self.spent + self.clock() - self.start
-        return -all_reduce_min(-round(mine * 1000)) / 1000
+        return all_reduce_max(self.spent + self.clock() - self.start)[0]
 
     def position(self, num_updates: int) -> tuple[int, bool]:
-        """(the schedule's position after ``num_updates`` updates, is the time up)."""
-        share = self.elapsed() / self.seconds
-        return max(num_updates, math.ceil(min(share, 1.0) * self.total_updates)), share >= 1
+        """(the schedule's position after ``num_updates`` updates, is the time up).
+
+        Every rank gets the same answer (the elapsed time and the projection are the
+        largest over ranks)."""
+        now = self.clock()
+        if self._first is None:
+            self._first = (now, num_updates)
+        first_at, first_n = self._first
+        pace = (now - first_at) / (num_updates - first_n) if num_updates > first_n else 0.0
+        mine = self.spent + now - self.start
+        elapsed, projected = all_reduce_max(
+            mine, mine + max(self.total_updates - num_updates, 0) * pace
+        )
+        out_of_time = elapsed >= self.seconds
+        if self.takeover is None and (projected > self.seconds or out_of_time):
+            self.takeover = (num_updates, elapsed)
+        if self.takeover is None:
+            return num_updates, False
+        p0, t0 = self.takeover
+        share = 1.0 if elapsed >= self.seconds else (elapsed - t0) / (self.seconds - t0)
+        by_clock = math.ceil(p0 + (self.total_updates - p0) * min(max(share, 0.0), 1.0))
+        return max(num_updates, min(by_clock, self.total_updates)), out_of_time
 
 
 class LossFn(Protocol):
@@ -226,10 +256,11 @@ def train_one_epoch(
     Every ``ctx.accum_steps`` loader batches make one ``train_step``; after each the LR
     schedule steps and the EMA (``ctx.ema``) takes the new weights. Out of memory the
     step halves the micro-batch and redoes the update, so the number of updates and the
-    LR schedule do not change. With ``epoch.budget`` the schedule moves at least as fast
-    as the time (``Budget.position``) and the pass stops when the time is up, after the
-    current update. The losses are ``loss`` (the total) and every named part ``loss_fn`` returns
-    (``loss_bce``, ``loss_dice``, ...), each averaged over the forwards.
+    LR schedule do not change. With ``epoch.budget`` the schedule follows the clock once
+    the projected finish overruns the budget (``Budget.position``; until then the updates,
+    exactly) and the pass stops when the time is up, after the current update. The losses
+    are ``loss`` (the total) and every named part ``loss_fn`` returns (``loss_bce``,
+    ``loss_dice``, ...), each averaged over the forwards.
     """
     model.train()
     sums: dict[str, float] = defaultdict(float, loss=0.0)

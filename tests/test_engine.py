@@ -28,7 +28,7 @@ from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import coverage
-from bonecomp.engine import Epoch, StepContext, train_one_epoch, train_step, validate
+from bonecomp.engine import Budget, Epoch, StepContext, train_one_epoch, train_step, validate
 from bonecomp.losses import build_loss, register_loss
 from bonecomp.testing import dense_validation_dice
 
@@ -294,37 +294,82 @@ class _Clocked(list):
             yield item
 
 
-def test_a_time_budget_moves_the_schedule_to_its_end_and_stops_the_pass():
-    """With a 4 s budget over 100 planned updates and 1 s per update, the schedule is at
-    25, 50, 75, 100 updates after the four updates that fit, and the pass stops there,
-    although 10 batches were planned (real timm cosine: the lr is at its floor)."""
-    from timm.scheduler import CosineLRScheduler
+class _Recorder:
+    """A real timm cosine schedule over ``total`` updates that records each position."""
 
-    from bonecomp.engine import Budget
+    def __init__(self, opt: torch.optim.Optimizer, total: int) -> None:
+        from timm.scheduler import CosineLRScheduler
 
-    now = [0.0]
-    model = TinyNet()
+        self.cosine = CosineLRScheduler(opt, t_initial=total, lr_min=1e-4, t_in_epochs=False)
+        self.seen: list[int] = []
+
+    def step_update(self, num_updates: int) -> None:
+        self.seen.append(num_updates)
+        self.cosine.step_update(num_updates)
+
+
+def _budgeted_pass(budget, loader, model, num_updates: int = 0, index: int = 0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cosine = CosineLRScheduler(opt, t_initial=100, lr_min=1e-4, t_in_epochs=False)
-    seen = []
-
-    class Recorder:
-        def step_update(self, num_updates: int) -> None:
-            seen.append(num_updates)
-            cosine.step_update(num_updates)
-
-    budget = Budget(4.0, 100, clock=lambda: now[0])
+    schedule = _Recorder(opt, budget.total_updates)
     loss = build_loss(LossConfig(terms={"bce": 1.0}))
     out = train_one_epoch(
-        model, _Clocked(batches(10, 1), now), opt, Recorder(), loss,
-        StepContext(CPU, progress=False), Epoch(0, 0, budget),
+        model, loader, opt, schedule, loss, StepContext(CPU, progress=False),
+        Epoch(index, num_updates, budget),
     )  # fmt: skip
-    assert seen == [25, 50, 75, 100]
+    return out, schedule.seen, opt
+
+
+def test_a_budget_that_binds_anneals_to_the_floor_by_the_deadline_and_stops_the_pass():
+    """A 4 s budget over 100 planned updates at 1 s per update: after update 2 the pace
+    projects 100 s, so the clock takes over at position 2 and moves linearly to 100 at
+    the 4 s deadline (51 halfway); the pass stops there although 10 batches were planned,
+    with the real cosine at its floor."""
+    now = [0.0]
+    budget = Budget(4.0, 100, clock=lambda: now[0])
+    out, seen, opt = _budgeted_pass(budget, _Clocked(batches(10, 1), now), TinyNet())
+    assert seen == [1, 2, 51, 100]
+    assert budget.takeover == (2, 2.0)
     assert out["num_updates"] == 4  # the updates really made (EMA, resume) stay counted
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)
-    # time that is slower than the epochs leaves the schedule on the update count
-    seen.clear()
-    slow = Budget(1000.0, 100, clock=lambda: now[0])
-    train_one_epoch(model, _Clocked(batches(3, 1), now), opt, Recorder(), loss,
-                    StepContext(CPU, progress=False), Epoch(1, 4, slow))  # fmt: skip
-    assert seen == [5, 6, 7]
+
+
+def test_a_slow_start_does_not_move_an_unreached_budget():
+    """The issue's case: a 100 s budget, 100 updates, the first taking 5 s (workers,
+    caches, compilation), then 0.9 s each: the finish projected from the pace after the
+    first update (94.1 s) fits, so the schedule is at the update count every time, bit
+    for bit the positions a run without a budget gets (the old rule gave 5,6,6,7,8,...)."""
+    now = [0.0]
+
+    class SlowStart(list):
+        def __iter__(self):
+            for i, item in enumerate(list.__iter__(self)):
+                now[0] += 5.0 if i == 0 else 0.9
+                yield item
+
+    budget = Budget(100.0, 100, clock=lambda: now[0])
+    _, seen, _ = _budgeted_pass(budget, SlowStart(batches(100, 1)), TinyNet())
+    assert seen == list(range(1, 101)) and budget.takeover is None
+
+
+def test_the_clock_takes_over_when_the_pace_slows_and_never_goes_back():
+    """Fits at first (0.5 s per update over 100 updates in 100 s), then each update takes
+    3 s: the clock takes over on the first update whose projection overruns, the
+    positions never decrease, and after a resume (``spent``, ``takeover``) a new process
+    keeps following the clock from where the first left it."""
+    now = [0.0]
+
+    class Slowing(list):
+        def __iter__(self):
+            for i, item in enumerate(list.__iter__(self)):
+                now[0] += 0.5 if i < 20 else 3.0
+                yield item
+
+    budget = Budget(100.0, 100, clock=lambda: now[0])
+    _, seen, _ = _budgeted_pass(budget, Slowing(batches(30, 1)), TinyNet())
+    assert seen[:20] == list(range(1, 21))  # 20 updates at 0.5 s: fits
+    p0 = budget.takeover[0]
+    assert p0 > 20 and seen == sorted(seen) and seen[-1] > 30
+    later = Budget(100.0, 100, spent=budget.elapsed(), takeover=budget.takeover,
+                   clock=lambda: now[0])  # fmt: skip
+    _, more, _ = _budgeted_pass(later, _Clocked(batches(3, 1), now), TinyNet(), 30, 1)
+    assert more[0] >= seen[-1] and more == sorted(more) and more[-1] > 33

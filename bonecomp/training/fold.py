@@ -94,6 +94,15 @@ def cut_note(minutes: float, epochs_done: int, epochs: int) -> str:
     return f"cut by train.max_train_minutes={minutes:g} after {epochs_done} of {epochs} epochs"
 
 
+def takeover_note(minutes: float, update: int, seconds: float) -> str:
+    """The console line for the moment the time budget's clock takes over the schedule."""
+    return (
+        f"train.max_train_minutes={minutes:g}: the projected finish overran the budget at "
+        f"update {update} ({seconds / 60:.1f} min in); from there the learning rate "
+        "schedule follows the clock to reach its floor by the deadline"
+    )
+
+
 def run_training(
     cfg: Config,
     fold: int,
@@ -207,7 +216,10 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
     budget, prog.cut = None, ""
     if t.max_train_minutes:
         total = t.epochs * updates_per_epoch(len(data.train_loader), t.accum_steps)
-        budget = Budget(60 * t.max_train_minutes, total, spent=prog.train_seconds)
+        budget = Budget(
+            60 * t.max_train_minutes, total, spent=prog.train_seconds,
+            takeover=prog.budget_takeover,
+        )  # fmt: skip
     start = time.monotonic()
     say = tqdm.write if dd.main else (lambda *_: None)
     bar = tqdm(
@@ -230,6 +242,11 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         if budget is not None:
             position, out_of_time = budget.position(prog.num_updates)
             row["schedule"] = min(position / max(budget.total_updates, 1), 1.0)
+            if budget.takeover is not None:
+                row["clock_from"] = budget.takeover[0]
+                if prog.budget_takeover is None:
+                    say(takeover_note(t.max_train_minutes, *budget.takeover))
+                prog.budget_takeover = budget.takeover
         metric = None
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None

@@ -52,6 +52,8 @@ class Progress:
     best_dice: float = -1.0
     best_epoch: int = -1
     train_seconds: float = 0.0  # spent by the processes of the run so far (time budget)
+    # (update, elapsed seconds) where the time budget's clock took over the schedule
+    budget_takeover: tuple[int, float] | None = None
     cut: str = ""  # why this process stopped before the last epoch (``cut_note``)
 
 
