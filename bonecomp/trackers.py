@@ -241,13 +241,16 @@ TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB
 
 def check_trackers(names: list[str]) -> None:
     """``ConfigError`` naming ``train.trackers[i]`` for an unknown or repeated name, or a
-    tracker whose package is not installed (with the command that installs it)."""
+    tracker whose package is not installed (with the command that installs it). Names are
+    checked before packages: a wrong list is the same error on every machine."""
     for i, name in enumerate(names):
         key = f"train.trackers[{i}]"
         if name not in TRACKERS:
             raise ConfigError(f"{key}: unknown tracker {name!r}; valid: {', '.join(TRACKERS)}", key)
         if name in names[:i]:
             raise ConfigError(f"{key}: lists {name!r} twice", key)
+    for i, name in enumerate(names):
+        key = f"train.trackers[{i}]"
         missing = TRACKERS[name].missing()
         if missing:
             raise ConfigError(
