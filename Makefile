@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Extras of pyproject.toml installed into .venv: dev (tests, lint); dev,track adds the
-# experiment trackers (`make setup EXTRAS=dev,track`; CI does, so their tests run there).
+# experiment trackers (`make setup EXTRAS=dev,track`; CI does after the README's commands,
+# so their tests run there; without them those tests skip, saying why).
 EXTRAS ?= dev
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 DEMO   := data/phantom
@@ -21,14 +22,16 @@ setup: $(STAMP)
 
 # Phantom -> integrity check -> train fold 0 -> infer -> validate and score the CSV.
 # RECIPE names the config (configs/$(RECIPE).yaml, whose experiment and infer.name are
-# $(RECIPE) too): `make demo RECIPE=demo_patch` is the patch-training twin.
+# $(RECIPE) too): `make demo RECIPE=demo_patch` is the patch-training twin. SEED sets
+# train.seed (the recipe's own when unset): benchmarks/demo_seeds.py runs several.
 RECIPE ?= demo
+SEED ?=
 LATEST = "$$(ls -t submissions/$(RECIPE)_2*.csv | head -n 1)"
 demo: $(STAMP)
 	$(BIN)/python scripts/make_phantom.py --out $(DEMO) --train-patients 30 --test-patients 6 --overwrite
 	$(BIN)/python scripts/verify_data.py $(DEMO) --quiet
 	rm -rf runs/$(RECIPE)
-	$(BIN)/python scripts/train.py --config configs/$(RECIPE).yaml --fold 0
+	$(BIN)/python scripts/train.py --config configs/$(RECIPE).yaml --fold 0 $(if $(SEED),train.seed=$(SEED))
 	$(BIN)/python scripts/infer.py --config configs/$(RECIPE).yaml --ensemble
 	$(BIN)/python scripts/check_submission.py $(LATEST) --data $(DEMO) --labels $(DEMO)/test_labels
 	$(BIN)/python scripts/report.py --ensemble --config configs/$(RECIPE).yaml \
