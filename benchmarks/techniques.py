@@ -32,6 +32,15 @@ Then three tables:
 
 ``--patch-study`` adds fold 0 of three patch variants (3x the epochs, patches of 0.7 of
 the side, blind patches) beside the two rows of the patch table: where patches lose.
+
+The noise: the pair is trained with ``--seeds`` training seeds (``train.seed`` 42, 43,
+...; the phantom and the folds stay the same), and the baseline, thresholds and
+class-wise rows are measured for each. Every table prints the range over seeds of its
+reference row (the same technique retrained with another seed) and calls a delta a gain
+or a loss only when it exceeds that range ("within noise" otherwise). The time limit per
+fold (``--minutes``) is a safety net: the end of the run lists every training whose
+schedule followed the clock instead of its updates (a loaded or slow machine), whose
+figures then depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -113,6 +122,14 @@ def patch_study(args) -> dict[str, dict]:
     }
 
 
+SEED = 42  # train.seed of the recipe (configs/base.yaml): the first seed's experiments
+
+
+def seed_suffix(k: int) -> str:
+    """The experiments' name suffix of the ``k``-th training seed ("" for the first)."""
+    return f"_s{SEED + k}" if k else ""
+
+
 @dataclass
 class Row:
     name: str
@@ -120,6 +137,34 @@ class Row:
     test: float | None
     note: str = ""
     ref: Row | None = None  # the deltas' reference (None: the table's first row)
+    seeds: list[Row] | None = None  # the same row measured with every training seed
+
+
+@dataclass
+class Noise:
+    """The range (max - min) over training seeds of a reference row: what retraining
+    the same technique with another seed moves, and so the least a gain must exceed."""
+
+    oof: float | None
+    test: float | None
+    n: int  # seeds
+
+    @classmethod
+    def of(cls, row: Row) -> Noise:
+        seeds = row.seeds or [row]
+        oof = [r.oof.mean for r in seeds if r.oof is not None]
+        test = [r.test for r in seeds if r.test is not None]
+        spread = lambda v: max(v) - min(v) if len(v) > 1 else None  # noqa: E731
+        return cls(spread(oof), spread(test), len(seeds))
+
+
+def verdict(delta: float, noise: float | None) -> str:
+    """A delta against the reference, worded by the reference's range over seeds."""
+    if noise is None:
+        return "no spread measured"
+    if delta > noise:
+        return "gain"
+    return "loss" if delta < -noise else "within noise"
 
 
 def config(args, experiment: str | None = None, suffix: str = "", **extra) -> Config:
@@ -174,6 +219,12 @@ def train_all(
             )
 
 
+def train_seeds(args) -> None:
+    """The pair with every further training seed (``--seeds``), on every fold."""
+    for k in range(1, args.seeds):
+        train_all(args, seed_suffix(k), **{"train.seed": SEED + k})
+
+
 def test_dice(args, cfg: Config, thresholds: Path, tag: str) -> float:
     """Write the row's submission with ``thresholds`` and score it on the test labels."""
     cfg.infer.thresholds = str(thresholds)
@@ -220,20 +271,41 @@ def cleanup_row(args, cfg: Config, members, weights: Path) -> Row:
     return Row("class-wise + clean-up (vs class-wise)", res.after, test, note)
 
 
-def measure(args) -> list[Row]:
-    """The table's rows, in the order the techniques stack up."""
-    cfg = config(args)
+def tuned_rows(args, k: int = 0) -> tuple[list[Row], Path, Path]:
+    """The baseline, thresholds and class-wise rows of the pair trained with the ``k``-th
+    seed; with the class-wise table's path and the flat (0.5) thresholds file."""
+    sfx = seed_suffix(k)
+    cfg = config(args, suffix=sfx)
     members = ensemble_members(cfg, ensemble=True)
     tuned = args.work / "tuned"
     tuned.mkdir(exist_ok=True)
-    thr, thr_path = tune_thresholds(cfg, members, out=tuned / "thresholds.json", progress=False)
-    ens, ens_path = tune_ensemble(cfg, members, out=tuned / "class_weights.json", progress=False)
+    thr, thr_path = tune_thresholds(
+        cfg, members, out=tuned / f"thresholds{sfx}.json", progress=False
+    )
+    ens, ens_path = tune_ensemble(
+        cfg, members, out=tuned / f"class_weights{sfx}.json", progress=False
+    )
     flat = write_thresholds(tuned / "flat.json", [0.5] * len(CLASSES))
     rows = [
-        Row("baseline (uniform weights, 0.5)", ens.before, test_dice(args, cfg, flat, "base")),
-        Row("+ per-class thresholds", thr.after, test_dice(args, cfg, thr_path, "thr")),
-        Row("+ class-wise ensemble weights", ens.after, test_dice(args, cfg, ens_path, "w")),
-    ]
+        Row("baseline (uniform weights, 0.5)", ens.before,
+            test_dice(args, cfg, flat, f"base{sfx}")),
+        Row("+ per-class thresholds", thr.after, test_dice(args, cfg, thr_path, f"thr{sfx}")),
+        Row("+ class-wise ensemble weights", ens.after,
+            test_dice(args, cfg, ens_path, f"w{sfx}")),
+    ]  # fmt: skip
+    return rows, ens_path, flat
+
+
+def measure(args) -> list[Row]:
+    """The table's rows, in the order the techniques stack up; the first three also
+    with every further training seed (``Row.seeds``)."""
+    cfg = config(args)
+    members = ensemble_members(cfg, ensemble=True)
+    rows, ens_path, flat = tuned_rows(args)
+    tuned = args.work / "tuned"
+    others = [tuned_rows(args, k)[0] for k in range(1, args.seeds)]
+    for i, row in enumerate(rows):
+        row.seeds = [row, *(o[i] for o in others)]
     averaging = averaging_row(args, cfg, flat)
     cleanup = cleanup_row(args, cfg, members, ens_path)
     cleanup.ref = rows[2]  # its deltas: against the class-wise row it cleans up
@@ -292,7 +364,8 @@ def stratified_folds(args) -> str:
         keys = {
             "data.root": str(root),
             "data.fold_stratify": rule,
-            "train.max_train_minutes": args.strata_minutes,
+            "train.epochs": args.strata_epochs,
+            "train.val_every": args.strata_epochs,
         }
         name = f"strata_{rule or 'plain'}"
         cfg = config(args, "unet", **keys)
@@ -322,15 +395,23 @@ def stratified_folds(args) -> str:
     return "\n".join(lines)
 
 
-def single_row(args, experiment: str, flat: Path, n_folds: int | None = None) -> Row:
+def single_row(
+    args, experiment: str, flat: Path, n_folds: int | None = None, seeds: bool = False
+) -> Row:
     """One experiment alone (its first ``n_folds`` folds, default all) at threshold 0.5:
-    OOF and test-set Dice."""
+    OOF and test-set Dice; ``seeds``: also with every further training seed (the pair's
+    U-Net, the reference of the variant and patch tables)."""
     folds = list(range(n_folds or args.folds))
-    cfg = config(args, **{"infer.ensemble": [{"experiment": experiment, "folds": folds}]})
-    members = ensemble_members(cfg, ensemble=True)
-    out = args.work / "tuned" / f"{experiment}.json"
-    res, _ = tune_thresholds(cfg, members, out=out, progress=False)  # .before: at 0.5
-    return Row(LABELS[experiment], res.before, test_dice(args, cfg, flat, experiment))
+    rows = []
+    for k in range(args.seeds if seeds else 1):
+        name = experiment + seed_suffix(k)
+        cfg = config(args, **{"infer.ensemble": [{"experiment": name, "folds": folds}]})
+        members = ensemble_members(cfg, ensemble=True)
+        out = args.work / "tuned" / f"{name}_{len(folds)}.json"
+        res, _ = tune_thresholds(cfg, members, out=out, progress=False)  # .before: at 0.5
+        rows.append(Row(LABELS[experiment], res.before, test_dice(args, cfg, flat, name)))
+    rows[0].seeds = rows if seeds else None
+    return rows[0]
 
 
 def loss_rows(args, flat: Path) -> list[Row]:
@@ -353,7 +434,8 @@ def variant_rows(args) -> list[Row]:
     reference: the pair's U-Net alone on the same folds."""
     flat = write_thresholds(args.work / "tuned" / "flat.json", [0.5] * len(CLASSES))
     k = args.variant_folds
-    return [single_row(args, "unet", flat, k), *loss_rows(args, flat), clahe_row(args, flat)]
+    ref = single_row(args, "unet", flat, k, seeds=True)
+    return [ref, *loss_rows(args, flat), clahe_row(args, flat)]
 
 
 def patch_rows(args) -> tuple[list[Row], str]:
@@ -361,7 +443,7 @@ def patch_rows(args) -> tuple[list[Row], str]:
     compute, every fold; the small bones' OOF Dice and the training time per fold."""
     flat = write_thresholds(args.work / "tuned" / "flat.json", [0.5] * len(CLASSES))
     train_all(args, names=patch_experiment(args))
-    rows = [single_row(args, "unet", flat), single_row(args, "unet_patch", flat)]
+    rows = [single_row(args, "unet", flat, seeds=True), single_row(args, "unet_patch", flat)]
     small = {"carpals": list(CARPALS), "fingertips": list(FINGERTIPS)}
     head = " | ".join(f"OOF {k} (mean)" for k in small)
     lines = [f"| | {head} | s per fold (train / all) |", "| --- |" + " --- |" * (len(small) + 1)]
@@ -399,29 +481,62 @@ def patch_study_table(args) -> str:
 
 def table(rows: list[Row], n_oof: int) -> str:
     """Markdown: OOF mean and per carpal class, then test Dice; deltas against each row's
-    ``ref``, else the first row."""
-    head = ["technique", "OOF mean", *(CLASSES[i] for i in CARPALS), "test Dice"]
+    ``ref``, else the first row, each with its verdict against the reference's range
+    over training seeds (``Noise``)."""
+    head = ["technique", "OOF mean", *(CLASSES[i] for i in CARPALS), "test Dice", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         base = r.ref or rows[0]
-        cells = [r.name]
+        noise = Noise.of(base)
+        cells, said = [r.name], []
         if r.oof is None:
             cells += ["-"] * (1 + len(CARPALS))
         else:
             d = r.oof.mean - base.oof.mean
             cells.append(f"{r.oof.mean:.4f}" + (f" ({d:+.4f})" if r is not base else ""))
             cells += [f"{r.oof.per_class[i]:.3f}" for i in CARPALS]
+            if r is not base:
+                said.append(f"OOF {verdict(d, noise.oof)}")
         if r.test is None:
             cells.append("-")
         else:
             dt = r.test - base.test if base.test is not None else 0.0
             cells.append(f"{r.test:.4f}" + (f" ({dt:+.4f})" if r is not base else ""))
+            if r is not base:
+                said.append(f"test {verdict(dt, noise.test)}")
+        if r is base:
+            said.append(_range_note(noise))
+        cells.append("; ".join(said))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [f"\n{r.name}: {r.note}" for r in rows if r.note]
+    lines += [f"\n{r.name}, per seed: {_per_seed(r)}" for r in rows if r.seeds and len(r.seeds) > 1]
     lines.append(
         f"\nOOF: {n_oof} training images, each predicted by the folds that did not train on it."
     )
     return "\n".join(lines)
+
+
+def _range_note(noise: Noise) -> str:
+    if noise.n < 2:
+        return "reference (one seed: no spread)"
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    return f"reference; range over {noise.n} seeds: OOF {fmt(noise.oof)}, test {fmt(noise.test)}"
+
+
+def _per_seed(row: Row) -> str:
+    return ", ".join(
+        f"OOF {r.oof.mean:.4f} / test {r.test:.4f}" for r in row.seeds if r.oof is not None
+    )
+
+
+def clock_led(args) -> list[str]:
+    """The trainings of this run whose schedule followed the clock (``clock_from`` in
+    summary.csv: the time limit bound, so their figures depend on the machine)."""
+    out = []
+    for summary in sorted((args.work / "runs").glob("*/fold*/summary.csv")):
+        if "clock_from" in pd.read_csv(summary, nrows=0).columns:
+            out.append(f"{summary.parent.parent.name}/{summary.parent.name}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,14 +550,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=160, help="training size (px)")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batch", type=int, default=2, help="small batches: more updates")
-    ap.add_argument("--minutes", type=float, default=2.5, help="training time limit per fold")
+    ap.add_argument(
+        "--minutes", type=float, default=6.0,
+        help="training time limit per fold: a safety net (about 80 s on 2 idle cores)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--seeds", type=int, default=3,
+        help="training seeds of the pair (train.seed 42, 43, ...): each table's noise",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0, help="phantom seed")
     ap.add_argument(
-        "--strata-minutes",
-        type=float,
-        default=1.0,
-        help="training time limit per fold of the stratified-folds row (2 x --folds runs)",
-    )
+        "--strata-epochs", type=int, default=6,
+        help="epochs per fold of the stratified-folds rows (2 x --folds runs)",
+    )  # fmt: skip
     ap.add_argument(
         "--variant-folds", type=int, default=3,
         help="folds trained for the loss and CLAHE rows (and their U-Net reference)",
@@ -455,12 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.train_patients, args.test_patients, args.folds = 6, 2, 3
-        args.size, args.epochs, args.minutes, args.strata_minutes = 64, 1, 0.2, 0.2
-        args.variant_folds = 2
+        args.size, args.epochs, args.minutes, args.strata_epochs = 64, 1, 0.2, 1
+        args.variant_folds, args.seeds = 2, 2
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ensure_phantom(args.work / "phantom", args.train_patients, args.test_patients, seed=args.seed)
     train_all(args)
+    train_seeds(args)
     rows = measure(args)
     n_oof = rows[0].oof.n_images
     print(table(rows, n_oof))
@@ -478,6 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = variant_rows(args)
     print(table(variants, variants[0].oof.n_images))
     patients = f"{args.train_patients} + {args.test_patients} patients (seed {args.seed})"
+    led = clock_led(args)
+    print(
+        "\nTrainings whose schedule followed the clock (--minutes bound; their figures "
+        f"depend on the machine's speed): {', '.join(led) if led else 'none'}"
+    )
     print(
         f"\n{time.perf_counter() - t0:.0f} s; {args.folds} folds of {list(EXPERIMENTS)} at "
         f"{args.size} px, {patients}"
