@@ -103,11 +103,12 @@ def ensure_phantom(
     seed: int = 0,
     workers: int | None = None,
     bent_patients: int | None = None,
+    appearance: str = "default",
 ) -> bool:
     """Write a phantom into ``root`` unless one with the splits asked for is there.
 
     Returns True when it wrote one. ``workers`` defaults to at most 2 processes;
-    ``bent_patients`` as ``make_phantom``'s.
+    ``bent_patients`` and ``appearance`` as ``make_phantom``'s.
     """
     root = Path(root)
     have = (not train_patients or (root / "train" / "DCM").is_dir()) and (
@@ -125,6 +126,7 @@ def ensure_phantom(
         workers,
         progress=False,
         bent_patients=bent_patients,
+        appearance=appearance,
     )
     return True
 

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> None:
         help="this many training patients bend both wrists (18-30 degrees towards the ulna, or "
         "70 %% of that the other way), the others none (default: each hand by chance, ~11 %%)",
     )
+    parser.add_argument(
+        "--appearance",
+        default="default",
+        help="how the images look: default, or film (S-shaped film curve, thicker soft "
+        "tissue, less bone contrast, coarser texture, blur, more noise); same hands either way",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -39,13 +45,15 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             overwrite=args.overwrite,
             bent_patients=args.bent_patients,
+            appearance=args.appearance,
         )
     except ValueError as e:
         parser.exit(2, f"make_phantom: error: {e}\n")
     print(
         f"phantom: {args.train_patients} train patients ({summary.n_train_images} images), "
         f"{args.test_patients} test patients ({summary.n_test_images} images) "
-        f"at {summary.size} px in {summary.root} ({time.perf_counter() - start:.1f} s)"
+        f"at {summary.size} px, {summary.appearance} appearance, in {summary.root} "
+        f"({time.perf_counter() - start:.1f} s)"
     )
     print(summary.stats.describe())
 

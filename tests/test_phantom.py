@@ -351,3 +351,51 @@ def test_patients_differ_in_tissue_and_exposure() -> None:
 def test_generated_set_passes_verify(root: Path) -> None:
     report = verify_dataset(root, workers=1, progress=False)
     assert report.ok, report.problems
+
+
+# ----------------------------------------------------------------------- appearance
+def _bone_and_tissue_contrast(root: Path) -> tuple[float, float]:
+    """Means over training images of (bone grey - surrounding tissue grey) / tissue grey,
+    and of the soft tissue's high-pass grain (grey levels, in a ring 2-4 px around the
+    bones): measured from the PNGs and the JSONs only."""
+    contrasts, grain = [], []
+    for png in sorted((root / "train" / "DCM").rglob("*.png")):
+        image = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).astype(np.float64)
+        label = root / "train" / "outputs_json" / png.parent.name / f"{png.stem}.json"
+        bone = np.zeros(image.shape, np.uint8)
+        polygons = load_annotation(label)
+        for c in range(len(polygons)):
+            cv2.fillPoly(bone, [polygons[c].astype(np.int32)], 1)
+        near, far = (cv2.dilate(bone, np.ones((k, k), np.uint8)) for k in (5, 9))
+        ring = (far - near) > 0  # soft tissue close to the bones
+        contrasts.append((image[bone > 0].mean() - image[ring].mean()) / image[ring].mean())
+        grain.append((image - cv2.GaussianBlur(image, (0, 0), 2))[ring].std())
+    return float(np.mean(contrasts)), float(np.mean(grain))
+
+
+def test_a_second_appearance_holds_the_same_hands_with_other_pixels(root: Path, tmp_path: Path):
+    """``appearance="film"``: the same JSONs byte for byte (same hands, poses, labels) and
+    other PNGs, with less bone-to-tissue contrast and more grain in the soft tissue (on
+    this seed: contrast 0.83 -> 0.65, grain 4.4 -> 5.8 grey levels), as measured on the
+    images; the default appearance is what ``make_phantom`` writes without one."""
+    film = make_phantom(
+        tmp_path / "film", TRAIN, TEST, size=SIZE, seed=SEED, workers=1, progress=False,
+        appearance="film",
+    ).root  # fmt: skip
+    jsons = sorted(p.relative_to(root) for p in (root / "train" / "outputs_json").rglob("*.json"))
+    assert jsons and all((root / p).read_bytes() == (film / p).read_bytes() for p in jsons)
+    pngs = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    assert all((root / p).read_bytes() != (film / p).read_bytes() for p in pngs)
+    default_contrast, default_grain = _bone_and_tissue_contrast(root)
+    film_contrast, film_grain = _bone_and_tissue_contrast(film)
+    assert film_contrast < 0.85 * default_contrast, (film_contrast, default_contrast)
+    assert film_grain > 1.15 * default_grain, (film_grain, default_grain)
+    again = make_phantom(tmp_path / "d", TRAIN, TEST, size=SIZE, seed=SEED, workers=1,
+                         progress=False, appearance="default").root  # fmt: skip
+    assert all((root / p).read_bytes() == (again / p).read_bytes() for p in pngs)
+
+
+def test_an_unknown_appearance_is_refused_naming_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown appearance 'xray2'; valid: default, film"):
+        make_phantom(tmp_path, 1, 1, size=MIN_SIZE, appearance="xray2", progress=False)
+    assert not (tmp_path / "train").exists()

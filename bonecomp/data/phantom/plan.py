@@ -10,7 +10,7 @@ import numpy as np
 
 from bonecomp.data.phantom.anatomy import Anatomy, Pose, sample_anatomy, sample_pose
 from bonecomp.data.phantom.artefacts import Artefacts, sample_artefacts
-from bonecomp.data.phantom.render import Acquisition, sample_acquisition
+from bonecomp.data.phantom.render import APPEARANCES, Acquisition, Appearance, sample_acquisition
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -87,13 +87,16 @@ class Patient:
     meta_rng: np.random.Generator  # JSON quirks (annotation order, ids)
 
 
-def sample_patient(job: PatientJob, seed: int) -> Patient:
+def sample_patient(
+    job: PatientJob, seed: int, appearance: Appearance = APPEARANCES["default"]
+) -> Patient:
     """Everything random about one patient, from its own seed streams (so files do not
     depend on the worker count); poses and artefacts are cheap, so shares of bent wrists or
-    artefacts can be counted without rendering a pixel."""
+    artefacts can be counted without rendering a pixel. ``appearance`` changes only how
+    the images look (``render.Appearance``), never the hands."""
     streams = np.random.SeedSequence([seed, SPLITS.index(job.split), job.index]).spawn(7)
     anatomy = sample_anatomy(np.random.default_rng(streams[0]))
-    look = sample_acquisition(np.random.default_rng(streams[6]))
+    look = sample_acquisition(np.random.default_rng(streams[6]), appearance)
     hands = []
     for mirrored, stream, extra, stem in zip(
         (False, True), streams[1:3], streams[4:6], job.stems, strict=True

@@ -2,7 +2,14 @@
 
 Dark background, soft tissue by path length, bones with textured marrow and bright
 cortices (densities add where bones overlap), metal artefacts, uneven exposure, detector
-noise, the patient's contrast and gamma, a burnt-in side marker and text labels.
+blur and noise, the patient's contrast and processing curve, a burnt-in side marker and
+text labels.
+
+How a data set looks as a whole is its ``Appearance``: ``default`` is the phantom every
+figure of the project was measured on; ``film`` is a second look (an S-shaped film curve,
+brighter and thicker soft tissue, less bone contrast, coarser trabeculae, detector blur
+and more noise) for training on one appearance and validating on the other. The bones,
+poses and labels do not depend on the appearance: only the pixels do.
 """
 
 from __future__ import annotations
@@ -16,6 +23,62 @@ import numpy as np
 from bonecomp.data.phantom.anatomy import CORTEX_MM, REF_SIZE
 from bonecomp.data.phantom.artefacts import draw_metal, draw_texts
 
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How a whole data set looks: the ranges the patients' and images' draws come from,
+    and the steps every image gets. Each range is drawn as ``rng.uniform(*range)`` at the
+    same point of the same random stream whatever the appearance, so two appearances of a
+    seed hold the same hands."""
+
+    name: str
+    gamma: Range = (0.75, 1.35)  # per patient: processing curve exponent
+    contrast: Range = (0.8, 1.15)  # per patient
+    offset: Range = (-12.0, 12.0)  # per patient: grey levels after the curve
+    tissue: Range = (45.0, 70.0)  # per image: soft-tissue grey at full thickness
+    background: Range = (8.0, 25.0)  # per image
+    marrow: Range = (40.0, 60.0)  # per image: bone marrow grey (times the bone density)
+    cortex: Range = (65.0, 95.0)  # per image: cortical rim grey
+    gradient: float = 0.12  # +- exposure gradient across the image
+    noise: Range = (2.0, 5.0)  # per image: detector mottle (grey levels, std)
+    grain_mm: float = 0.15  # trabecular texture grain
+    texture: float = 0.15  # trabecular texture amplitude (relative)
+    blur_mm: float = 0.0  # detector blur (Gaussian sigma) before the noise; 0: none
+    film: float = 0.0  # S-shaped film curve steepness; 0: the plain gamma curve
+
+
+APPEARANCES: dict[str, Appearance] = {
+    a.name: a
+    for a in (
+        Appearance("default"),
+        Appearance(
+            "film",
+            gamma=(0.9, 1.5),
+            contrast=(0.7, 1.0),
+            offset=(0.0, 20.0),
+            tissue=(70.0, 105.0),
+            background=(18.0, 40.0),
+            marrow=(24.0, 36.0),
+            cortex=(38.0, 58.0),
+            gradient=0.2,
+            noise=(6.0, 10.0),
+            grain_mm=0.5,
+            texture=0.3,
+            blur_mm=0.25,
+            film=6.0,
+        ),
+    )
+}
+
+
+def get_appearance(name: str) -> Appearance:
+    """The named appearance; an unknown name is a ``ValueError`` listing the valid ones."""
+    if name not in APPEARANCES:
+        raise ValueError(f"unknown appearance {name!r}; valid: {', '.join(APPEARANCES)}")
+    return APPEARANCES[name]
+
 
 @dataclass(frozen=True)
 class Acquisition:
@@ -26,15 +89,19 @@ class Acquisition:
     gamma: float  # processing curve: > 1 darkens the mid-tones
     contrast: float
     offset: float  # grey levels added after the curve
+    appearance: Appearance = APPEARANCES["default"]
 
 
-def sample_acquisition(rng: np.random.Generator) -> Acquisition:
+def sample_acquisition(
+    rng: np.random.Generator, appearance: Appearance = APPEARANCES["default"]
+) -> Acquisition:
     """One patient's exposure and processing."""
     return Acquisition(
         tissue=rng.uniform(0.8, 1.25),
-        gamma=rng.uniform(0.75, 1.35),
-        contrast=rng.uniform(0.8, 1.15),
-        offset=rng.uniform(-12, 12),
+        gamma=rng.uniform(*appearance.gamma),
+        contrast=rng.uniform(*appearance.contrast),
+        offset=rng.uniform(*appearance.offset),
+        appearance=appearance,
     )
 
 
@@ -56,19 +123,22 @@ def render(
     ``tissue`` (pixels): ``hulls`` as (points, padding) and ``strokes`` as (start, end,
     thickness); ``metal`` (pixels): outlines with their attenuation (grey levels added).
     """
+    a = look.appearance
     grain = np.random.default_rng(rng.integers(2**63))  # noise fields, whose size varies
     low = max(64, size // 4)
     tissue_low = _tissue_mask(_scaled(tissue, low / size), low)
     soft = _tissue_thickness(tissue_low, px_per_mm * low / size)
     soft = cv2.resize(soft, (size, size), interpolation=cv2.INTER_LINEAR)
-    soft *= rng.uniform(45, 70) * look.tissue
-    soft += rng.uniform(8, 25)  # background
-    texture = _trabeculae(size, px_per_mm, grain)
-    image = _bone_layer(polygons, size, px_per_mm, density, texture, rng)  # float32, in place
+    soft *= rng.uniform(*a.tissue) * look.tissue
+    soft += rng.uniform(*a.background)
+    texture = _trabeculae(size, px_per_mm, grain, a)
+    image = _bone_layer(polygons, size, px_per_mm, density, texture, rng, a)  # float32
     image += soft
     draw_metal(image, metal)
-    image *= _exposure(size, rng)
-    image += _mottle(size, rng.uniform(2, 5), grain)
+    image *= _exposure(size, rng, a.gradient)
+    if a.blur_mm > 0:  # the detector's blur acts on the signal, before its noise
+        image = cv2.GaussianBlur(image, (0, 0), a.blur_mm * px_per_mm)
+    image += _mottle(size, rng.uniform(*a.noise), grain)
     image = np.clip(image, 0, 255, out=image).astype(np.uint8)
     image = cv2.LUT(image, _curve(look))
     _draw_marker(image, "L" if mirrored else "R", tissue_low, rng)
@@ -77,9 +147,15 @@ def render(
 
 
 def _curve(look: Acquisition) -> np.ndarray:
-    """The processing curve as a 256-entry lookup table: gamma, then contrast and offset."""
+    """The processing curve as a 256-entry lookup table: gamma (then, for a film
+    appearance, an S-shaped characteristic curve), then contrast and offset."""
     grey = np.arange(256) / 255.0
-    out = 255.0 * grey**look.gamma * look.contrast + look.offset
+    curved = grey**look.gamma
+    k = look.appearance.film
+    if k > 0:  # logistic film curve through the mid-tones, rescaled to [0, 1]
+        ends = 1 / (1 + np.exp(-k * (np.array([0.0, 1.0]) - 0.5)))
+        curved = (1 / (1 + np.exp(-k * (curved - 0.5))) - ends[0]) / (ends[1] - ends[0])
+    out = 255.0 * curved * look.contrast + look.offset
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -126,6 +202,7 @@ def _bone_layer(
     density: float,
     texture: np.ndarray,
     rng: np.random.Generator,
+    look: Appearance,
 ) -> np.ndarray:
     """Sum of bone densities: each polygon filled with textured marrow and a bright cortex.
 
@@ -133,8 +210,8 @@ def _bone_layer(
     the edges look photographic; the half-intensity contour stays on the polygon.
     """
     layer = np.zeros((size, size), np.float32)
-    marrow = rng.uniform(40, 60) * density
-    cortex = rng.uniform(65, 95)
+    marrow = rng.uniform(*look.marrow) * density
+    cortex = rng.uniform(*look.cortex)
     for c, poly in enumerate(polygons):
         x0, y0 = np.maximum(poly.min(0) - 1, 0)
         x1, y1 = np.minimum(poly.max(0) + 2, size)
@@ -147,19 +224,22 @@ def _bone_layer(
     return cv2.GaussianBlur(layer, (0, 0), max(0.3, 0.12 * px_per_mm))
 
 
-def _trabeculae(size: int, px_per_mm: float, rng: np.random.Generator) -> np.ndarray:
+def _trabeculae(
+    size: int, px_per_mm: float, rng: np.random.Generator, look: Appearance
+) -> np.ndarray:
     """Multiplicative marrow texture around 1: smoothed noise with sub-millimetre grain."""
     low = max(32, size // 4)
     noise = rng.standard_normal((low, low), dtype=np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), max(0.5, 0.15 * px_per_mm * low / size))
-    noise = 1 + noise * (0.15 / max(float(noise.std()), 1e-6))
+    noise = cv2.GaussianBlur(noise, (0, 0), max(0.5, look.grain_mm * px_per_mm * low / size))
+    noise = 1 + noise * (look.texture / max(float(noise.std()), 1e-6))
     return cv2.resize(noise, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
-def _exposure(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative field: a random linear gradient and a vignette."""
+def _exposure(size: int, rng: np.random.Generator, gradient: float) -> np.ndarray:
+    """Smooth multiplicative field: a random linear gradient (+- ``gradient``) and a
+    vignette."""
     axis = np.linspace(-1, 1, size, dtype=np.float32)
-    gx, gy = (float(g) for g in rng.uniform(-0.12, 0.12, 2))
+    gx, gy = (float(g) for g in rng.uniform(-gradient, gradient, 2))
     vignette = rng.uniform(0.05, 0.2)
     return (1 + gx * axis - vignette * axis**2)[None, :] + (gy * axis - vignette * axis**2)[:, None]
 

@@ -30,6 +30,7 @@ from bonecomp.data.phantom.plan import (
     plan_patients,
     sample_patient,
 )
+from bonecomp.data.phantom.render import Appearance, get_appearance
 from bonecomp.data.phantom.stats import ImageStats, PhantomStats, label_overlap
 from bonecomp.fileio import atomic_write
 from bonecomp.workers import end_with_parent
@@ -48,6 +49,7 @@ class PhantomSummary:
     size: int
     seed: int
     stats: PhantomStats  # overlap rate, bent wrists and artefacts, as measured while drawing
+    appearance: str = "default"
 
 
 def make_phantom(
@@ -60,11 +62,14 @@ def make_phantom(
     progress: bool = True,
     overwrite: bool = False,
     bent_patients: int | None = None,
+    appearance: str = "default",
 ) -> PhantomSummary:
     """Write a synthetic data set in the competition layout under ``out``.
 
-    The output depends only on (seed, patient counts, size, bent_patients): byte-identical
-    whatever the number of worker processes. Refuses to write where a previous phantom
+    The output depends only on (seed, patient counts, size, bent_patients, appearance):
+    byte-identical whatever the number of worker processes. ``appearance`` (``default``,
+    ``film``: ``render.APPEARANCES``) changes the pixels only: the same seed gives the
+    same hands, poses and JSONs in every appearance. Refuses to write where a previous phantom
     (``train/``, ``test/`` or ``test_labels/``) exists unless ``overwrite``, which removes
     those folders only. ``bent_patients``: that many training patients bend both wrists
     and the others none (``plan.concentrate_bends``); None: each hand by chance.
@@ -75,6 +80,7 @@ def make_phantom(
         raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    look = get_appearance(appearance)
     jobs = plan_patients(seed, train_patients, test_patients)
     if bent_patients is not None:
         jobs = concentrate_bends(jobs, seed, bent_patients)
@@ -86,19 +92,21 @@ def make_phantom(
     with bar:
         if workers <= 1 or len(jobs) == 1:
             for job in jobs:
-                images += _write_patient(job, root, size, seed)
+                images += _write_patient(job, root, size, seed, look)
                 bar.update()
         else:
             ctx = get_context("spawn")  # safe even when the caller holds threads (torch, cv2)
             with ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
             ) as pool:
-                futures = [pool.submit(_write_patient, job, root, size, seed) for job in jobs]
+                futures = [pool.submit(_write_patient, job, root, size, seed, look) for job in jobs]
                 for future in as_completed(futures):
                     images += future.result()
                     bar.update()
     stats = PhantomStats.collect(images)
-    return PhantomSummary(root, 2 * train_patients, 2 * test_patients, size, seed, stats)
+    return PhantomSummary(
+        root, 2 * train_patients, 2 * test_patients, size, seed, stats, appearance
+    )
 
 
 def _prepare_root(root: Path, overwrite: bool) -> None:
@@ -121,10 +129,12 @@ def _init_worker(parent: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _write_patient(job: PatientJob, root: Path, size: int, seed: int) -> list[ImageStats]:
+def _write_patient(
+    job: PatientJob, root: Path, size: int, seed: int, look: Appearance
+) -> list[ImageStats]:
     """Draw and write both hands of one patient (PNGs and JSONs), each file atomically;
     return what each image holds (bent wrist, artefacts, overlapping labels)."""
-    patient = sample_patient(job, seed)
+    patient = sample_patient(job, seed, look)
     image_dir = root / job.split / "DCM" / job.patient_id
     label_dir = root / ("train/outputs_json" if job.split == "train" else "test_labels")
     label_dir = label_dir / job.patient_id
