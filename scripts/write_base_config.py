@@ -1,10 +1,11 @@
-"""Write configs/base.yaml from the dataclasses in bonecomp/config.py, its only source.
+"""Write configs/base.yaml from the models in bonecomp/config.py, its only source.
 
     python scripts/write_base_config.py            # (or: make base-config)
     python scripts/write_base_config.py --check    # exit 1 when the file is stale
 
-Every key's default and its doc (the comment) come from its ``key(...)`` declaration;
-run this after adding or changing one (tests/test_config.py fails until you do).
+Every key's default and its doc (the comment) come from its declaration (a field and the
+docstring under it); run this after adding or changing one (tests/test_config.py fails
+until you do).
 """
 
 from __future__ import annotations
