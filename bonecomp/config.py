@@ -4,12 +4,12 @@ Every key is declared once, as a field of a section model: its type, default and
 (pydantic constraints: ``ge``, ``lt``, ``multiple_of``, ``pattern``), its one-line doc (the
 docstring under it) and, in ``json_schema_extra``, whether ``--resume`` may change it
 (``RESUME``) and, where its constraints do not say it in words, how its error reads
-(``want(...)``). From those come the checks, ``configs/base.yaml`` (``make base-config``;
-a test fails when it is stale) and ``resume_may_change``. A new key is ``warmup_frac:
-float = Field(0.1, ge=0, lt=1)``, a docstring under it, and the code that reads it. Rules
-between keys (warm-up <= epochs, folds < data.n_splits, ...) are in
-``_cross_field_problems``, each worded once; names that need a registry (architecture,
-loss terms, TTA...) in ``bonecomp.checks.check_config``.
+(``want(...)``). From those come the checks, ``configs/base.yaml`` and
+``configs/schema.json`` (``make base-config``; a test fails when either is stale) and
+``resume_may_change``. A new key is ``warmup_frac: float = Field(0.1, ge=0, lt=1)``, a
+docstring under it, and the code that reads it. Rules between keys (warm-up <= epochs,
+folds < data.n_splits, ...) are in ``_cross_field_problems``, each worded once; names that
+need a registry (architecture, loss terms, TTA...) in ``bonecomp.checks.check_config``.
 
 A recipe YAML may name a parent with ``extends: base.yaml`` (path relative to the file);
 sections merge key by key, any value (a list, or a mapping such as ``loss.terms``) is
@@ -18,17 +18,18 @@ on one line that name the key and where its value came from (the YAML file, or "
 line"), so a typo never silently falls back to a default.
 
 Why pydantic 2 (a declared dependency; albumentations needs it anyway): strict typed
-parsing (``true`` is not an int, a string is not a float but PyYAML's ``3e-4``), ranges
-and the non-finite refusal come from field constraints instead of our own coercer, checks
-and key metadata. What pydantic does not know stays ours: the YAML chain and overrides
-with each value's source, the one-line error (``_problem`` turns a ``ValidationError``
-into ``<source>: <key> <what it must be>, got <value>``), renamed keys (``MOVED``), the
-rules between keys, the resume flags and the base.yaml writer.
+parsing (``true`` is not an int, a string is not a float but PyYAML's ``3e-4``), ranges,
+the non-finite refusal and the JSON Schema editors use come from field constraints instead
+of our own coercer, checks and key metadata. What pydantic does not know stays ours: the
+YAML chain and overrides with each value's source, the one-line error (``_problem`` turns a
+``ValidationError`` into ``<source>: <key> <what it must be>, got <value>``), renamed keys
+(``MOVED``), the rules between keys, the resume flags and the base.yaml writer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import textwrap
@@ -818,6 +819,7 @@ _COMMENT_AT = 32  # column of the comments
 _WIDTH = 100
 
 _BASE_HEADER = """\
+# yaml-language-server: $schema=schema.json
 # Every knob of the pipeline with its default. GENERATED from the models in
 # bonecomp/config.py by `make base-config` (python scripts/write_base_config.py): edit a
 # key's default or doc there, never here (tests/test_config.py fails when this is stale).
@@ -876,7 +878,39 @@ def _yaml_value(v: Any) -> str:
 
 def write_base_yaml(path: Path = BASE_YAML) -> bool:
     """Write ``base_yaml()`` to ``path``; False when it was already up to date."""
-    text = base_yaml()
+    return _write_changed(path, base_yaml())
+
+
+# ----------------------------------------------------------------------------- schema.json
+SCHEMA_JSON = BASE_YAML.with_name("schema.json")
+_EXTENDS = {"type": "string", "description": "the recipe this one overrides, relative to it"}
+
+
+def schema_json(cls: type[Section] = Config) -> str:
+    """The text of ``configs/schema.json``: the JSON Schema of a recipe, which editors
+    (yaml-language-server) read from each recipe's first line for completion and checks.
+    Every key is optional (each has its default); ``extends`` is allowed at the top."""
+    schema = cls.model_json_schema()
+    schema["properties"] = {"extends": _EXTENDS, **schema["properties"]}
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return json.dumps(_one_line(schema), indent=2) + "\n"
+
+
+def _one_line(node: Any) -> Any:
+    """The schema with each description (a docstring, wrapped in the code) on one line."""
+    if isinstance(node, list):
+        return [_one_line(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: " ".join(v.split()) if k == "description" else _one_line(v) for k, v in node.items()}
+
+
+def write_schema(path: Path = SCHEMA_JSON) -> bool:
+    """Write ``schema_json()`` to ``path``; False when it was already up to date."""
+    return _write_changed(path, schema_json())
+
+
+def _write_changed(path: Path, text: str) -> bool:
     if path.is_file() and path.read_text() == text:
         return False
     write_text(path, text)

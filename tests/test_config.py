@@ -3,11 +3,13 @@ and where its value came from."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import typing
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel, Field
@@ -15,6 +17,7 @@ from pydantic import BaseModel, Field
 from bonecomp.config import (
     RESUME,
     SCHEDULERS,
+    SCHEMA_JSON,
     Config,
     ConfigError,
     Section,
@@ -25,9 +28,11 @@ from bonecomp.config import (
     from_dict,
     load_config,
     resume_may_change,
+    schema_json,
     source_of,
     to_dict,
     write_base_yaml,
+    write_schema,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -356,3 +361,45 @@ def test_a_pattern_needs_its_wording():
         class _Bad(Section):
             name: str = Field("a", pattern=r"^[a-z]+$")
             """a name"""
+
+
+# ------------------------------------------------------------------------- schema.json
+def test_schema_json_is_generated_from_the_models():
+    """configs/schema.json is written by `make base-config`, like base.yaml."""
+    assert SCHEMA_JSON.read_text() == schema_json(), (
+        "configs/schema.json is stale: run `make base-config` (python scripts/write_base_config.py)"
+    )
+
+
+def test_the_schema_writer_rewrites_a_stale_file(tmp_path):
+    path = tmp_path / "schema.json"
+    path.write_text("{}\n")
+    assert write_schema(path) and path.read_text() == schema_json()
+    assert not write_schema(path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_schema_validates_every_recipe_and_editors_find_it(path):
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=schema.json\n")
+    jsonschema.validate(yaml.safe_load(text), json.loads(SCHEMA_JSON.read_text()))
+
+
+@pytest.mark.parametrize(
+    "recipe, words",
+    [
+        ({"train": {"epochz": 3}}, "Additional properties"),  # an unknown key
+        ({"bogus": 1}, "Additional properties"),
+        ({"train": {"epochs": "three"}}, "is not of type 'integer'"),  # a wrong type
+        ({"train": {"amp": 1}}, "is not of type 'boolean'"),
+        ({"infer": {"ensemble": [{"experiment": "a", "foldz": [0]}]}}, "Additional properties"),
+        ({"train": {"epochs": 0}}, "less than the minimum of 1"),  # a range, too
+    ],
+)
+def test_the_schema_refuses_what_the_loader_refuses(recipe, words):
+    schema = json.loads(SCHEMA_JSON.read_text())
+    jsonschema.validate({"extends": "base.yaml", "train": {"lr": 3.0e-3}}, schema)
+    with pytest.raises(jsonschema.ValidationError, match=words):
+        jsonschema.validate({"extends": "base.yaml", **recipe}, schema)
+    with pytest.raises(ConfigError):
+        from_dict(Config, recipe)
