@@ -81,10 +81,8 @@ class Section(BaseModel):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         for name, f in cls.model_fields.items():  # at import: a regex is not an error message
-            if _extra(f, "want") is None and "pattern" in _constraints(f.metadata):
-                raise TypeError(
-                    f"{cls.__name__}.{name}: a pattern needs json_schema_extra=want(...)"
-                )
+            if _extra(f, "want") is None and "pattern" in _constraints(f):
+                raise TypeError(f"{cls.__name__}.{name}: a pattern needs its want(...) words")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -123,15 +121,9 @@ def _extra(f: FieldInfo, name: str) -> Any:
     return f.json_schema_extra.get(name) if isinstance(f.json_schema_extra, dict) else None
 
 
-_BOUNDS = ("ge", "gt", "le", "lt", "multiple_of", "min_length", "pattern")
-
-
-def _constraints(meta: list[Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for m in meta:
-        for c in m.metadata if isinstance(m, FieldInfo) else [m]:
-            out.update({a: getattr(c, a) for a in _BOUNDS if getattr(c, a, None) is not None})
-    return out
+def _constraints(f: FieldInfo) -> dict[str, Any]:
+    bounds = ("ge", "gt", "le", "lt", "multiple_of", "min_length", "pattern")
+    return {a: getattr(m, a) for m in f.metadata for a in bounds if getattr(m, a, None) is not None}
 
 
 Prob = Annotated[float, Field(ge=0, le=1, json_schema_extra=want("be a probability in [0, 1]"))]
@@ -703,7 +695,7 @@ def _want(e: dict) -> str:
         return "must be a finite number"
     if not deep and _extra(field, "want"):
         return _extra(field, "want")
-    c = (not deep and _constraints(field.metadata)) or e.get("ctx") or {}
+    c = (not deep and _constraints(field)) or e.get("ctx") or {}
     ops = [(op, c[k]) for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in c]
     integer = not deep and int in _options(field.annotation)
     if "multiple_of" in c:

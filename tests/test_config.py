@@ -356,7 +356,7 @@ def test_a_new_key_is_one_declaration():
 
 def test_a_pattern_needs_its_wording():
     """A regex is no error message: a key with a pattern says how its error reads."""
-    with pytest.raises(TypeError, match=r"_Bad\.name: a pattern needs json_schema_extra=want"):
+    with pytest.raises(TypeError, match=r"_Bad\.name: a pattern needs its want\(\.\.\.\) words"):
 
         class _Bad(Section):
             name: str = Field("a", pattern=r"^[a-z]+$")
