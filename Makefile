@@ -60,7 +60,7 @@ doctor: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# configs/base.yaml from the key(...) declarations in bonecomp/config.py (its only source).
+# configs/base.yaml and configs/schema.json from bonecomp/config.py (their only source).
 base-config: $(STAMP)
 	$(BIN)/python scripts/write_base_config.py
 

@@ -1,19 +1,15 @@
-"""Experiment configuration: YAML files -> typed dataclasses, with dotted CLI overrides.
+"""Experiment configuration: YAML files -> typed pydantic models, with dotted CLI overrides.
 
-Every key is declared once, as a dataclass field made by ``key`` (a section by
-``section``): its type (the annotation), its default, its one-line documentation, the
-range check of its value, and whether ``--resume`` may change it. From those fields come
-the loader's type checks, ``check_values``, ``configs/base.yaml`` (written by
-``python scripts/write_base_config.py`` / ``make base-config``; a test fails when it is
-stale) and ``resume_may_change`` (the keys ``training.state.check_resumable`` lets
-differ). A new key is one ``key(...)`` line plus the code that reads it::
-
-    warmup_frac: float = key(0.1, "share of the epoch spent warming up",
-                             check=lambda v: 0 <= v < 1, want="must be in [0, 1)")
-
-Rules between keys (warm-up <= epochs, folds < data.n_splits, ...) are in
-``_cross_field_problems``, each worded once; names that need a registry (architecture,
-encoder, loss terms, optimizer, TTA) in ``bonecomp.checks.check_config``.
+Every key is declared once, as a field of a section model: its type, default and range
+(pydantic constraints: ``ge``, ``lt``, ``multiple_of``, ``pattern``), its one-line doc (the
+docstring under it) and, in ``json_schema_extra``, whether ``--resume`` may change it
+(``RESUME``) and, where its constraints do not say it in words, how its error reads
+(``want(...)``). From those come the checks, ``configs/base.yaml`` and
+``configs/schema.json`` (``make base-config``; a test fails when either is stale) and
+``resume_may_change``. A new key is ``warmup_frac: float = Field(0.1, ge=0, lt=1)``, a
+docstring under it, and the code that reads it. Rules between keys (warm-up <= epochs,
+folds < data.n_splits, ...) are in ``_cross_field_problems``, each worded once; names that
+need a registry (architecture, loss terms, TTA...) in ``bonecomp.checks.check_config``.
 
 A recipe YAML may name a parent with ``extends: base.yaml`` (path relative to the file);
 sections merge key by key, any value (a list, or a mapping such as ``loss.terms``) is
@@ -21,31 +17,31 @@ replaced. Unknown keys, wrong types, non-finite floats and values out of range a
 on one line that name the key and where its value came from (the YAML file, or "command
 line"), so a typo never silently falls back to a default.
 
-Why dataclass field metadata and not pydantic (2.x is importable here, but not a declared
-dependency): the loader already turns YAML into these dataclasses with one-line errors
-naming the file or override of each value, which pydantic's multi-line
-``ValidationError`` would need a wrapper to give; pydantic would not write base.yaml or
-know the resume rule either, so the metadata would still be ours. Metadata keeps the
-plain dataclasses every module uses (``dataclasses.asdict`` for checkpoints, tests
-building ``TrainConfig(lr=...)``) and adds no dependency. The loader is hand-written
-rather than OmegaConf for the same reason (~150 lines, one-line errors with sources).
+Why pydantic 2 (a declared dependency; albumentations needs it anyway): strict typed
+parsing (``true`` is not an int, a string is not a float but PyYAML's ``3e-4``), ranges,
+the non-finite refusal and the JSON Schema editors use come from field constraints instead
+of our own coercer, checks and key metadata. What pydantic does not know stays ours: the
+YAML chain and overrides with each value's source, the one-line error (``_problem`` turns a
+``ValidationError`` into ``<source>: <key> <what it must be>, got <value>``), renamed keys
+(``MOVED``), the rules between keys, the resume flags and the base.yaml writer.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
+import contextlib
+import json
 import math
 import re
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from bonecomp.fileio import write_text
 
@@ -64,599 +60,402 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- keys
-@dataclass(frozen=True)
-class KeyInfo:
-    """What one field declares besides its type and default (see ``key``)."""
-
-    doc: str
-    check: Callable[[Any], Any] | None = None
-    want: str = ""
-    resume: bool = False
-    finite: bool = True
-    section: bool = False
+RESUME = {"resume": True}  # json_schema_extra of a key that --resume may change
 
 
-_META = "bonecomp"
+def want(words: str, resume: bool = False) -> dict[str, Any]:
+    """``json_schema_extra`` of a key whose error reads ``must <words>``, where the words
+    of its constraints would not say it (a pattern, a share of what), and its ``resume``."""
+    return {"want": f"must {words}", **(RESUME if resume else {})}
 
 
-def key(
-    default: Any,
-    doc: str,
-    *,
-    check: Callable[[Any], Any] | None = None,
-    want: str = "",
-    resume: bool = False,
-    finite: bool = True,
-) -> Any:
-    """A config key: a dataclass field with its ``default`` and everything else about it.
+class Section(BaseModel):
+    """A config section: strict types, no unknown keys, finite floats (a key may say
+    ``allow_inf_nan=True``), each key's doc is the docstring under it. Assigning to a key
+    does not validate; ``check_values`` does."""
 
-    ``doc``: one line, the key's comment in ``configs/base.yaml`` (wrapped there if long).
-    ``check``: a test of the value (never called with None: an optional key may always
-    be null); a value it rejects is the error ``<key> <want>, got <value>``, so ``want``
-    reads like "must be >= 1" (add "or null" for an optional key).
-    ``resume``: ``--resume`` may change the value (it says how or where the run
-    computes, not what).
-    ``finite``: float values (also inside lists and mappings) must not be inf or nan.
-    A list or mapping default is copied for each instance.
-    """
-    if check is not None and not want:
-        raise TypeError(f"key({default!r}, {doc!r}): a check needs want='must be ...'")
-    meta = {_META: KeyInfo(doc, check, want, resume, finite)}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def section(cls: type, doc: str = "", *, resume: bool = False) -> Any:
-    """A nested section (a dataclass of keys); ``resume``: ``--resume`` may change any of
-    its keys."""
-    return dataclasses.field(
-        default_factory=cls, metadata={_META: KeyInfo(doc, resume=resume, section=True)}
+    model_config = ConfigDict(
+        strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True
     )
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        for name, f in cls.model_fields.items():  # at import: a regex is not an error message
+            if _extra(f, "want") is None and "pattern" in _constraints(f):
+                raise TypeError(f"{cls.__name__}.{name}: a pattern needs its want(...) words")
 
-def key_info(f: dataclasses.Field) -> KeyInfo:
-    """The declaration of field ``f``; a field made without ``key``/``section`` is a bug."""
-    try:
-        return f.metadata[_META]
-    except KeyError:
-        raise TypeError(
-            f"config field {f.name!r} is not declared with key() or section()"
-        ) from None
-
-
-def _positive_multiple_of_32(v: int) -> bool:
-    return v > 0 and v % 32 == 0
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_floats(cls, v: Any, info: Any) -> Any:
+        """PyYAML reads ``3e-4`` (no dot) as a string: where a float goes, it is one."""
+        return _floats(cls.model_fields[info.field_name].annotation, v)
 
 
-def _prob(v: float) -> bool:
-    return 0 <= v <= 1
+def _floats(tp: Any, v: Any) -> Any:
+    opts = _options(tp)
+    if isinstance(v, str) and float in opts:
+        with contextlib.suppress(ValueError):
+            return float(v)
+    for o in opts:
+        if isinstance(v, list) and typing.get_origin(o) is list:
+            return [_floats(typing.get_args(o)[0], x) for x in v]
+        if isinstance(v, dict) and typing.get_origin(o) is dict:
+            return {k: _floats(typing.get_args(o)[1], x) for k, x in v.items()}
+    return v
 
 
-def _name(v: str) -> bool:
-    return bool(v) and "/" not in v
+def _options(tp: Any) -> list[Any]:
+    """The types a value of ``tp`` may have: unions flattened, ``Annotated`` and None dropped."""
+    if typing.get_origin(tp) is Annotated:
+        return _options(typing.get_args(tp)[0])
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [o for a in typing.get_args(tp) for o in _options(a)]
+    return [] if tp is type(None) else [tp]
 
 
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-PROB = "must be a probability in [0, 1]"
-DEVICE_WANT = "must be auto, cpu, mps, cuda or cuda:<index>"
-MULTIPLE_OF_32 = "must be a positive multiple of 32"
+def _section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-@dataclass
-class AugmentConfig:
+def _extra(f: FieldInfo, name: str) -> Any:
+    return f.json_schema_extra.get(name) if isinstance(f.json_schema_extra, dict) else None
+
+
+def _constraints(f: FieldInfo) -> dict[str, Any]:
+    bounds = ("ge", "gt", "le", "lt", "multiple_of", "min_length", "pattern")
+    return {a: getattr(m, a) for m in f.metadata for a in bounds if getattr(m, a, None) is not None}
+
+
+Prob = Annotated[float, Field(ge=0, le=1, json_schema_extra=want("be a probability in [0, 1]"))]
+Share = Annotated[float, Field(ge=0, le=1)]
+SHARE = "be in [0, 2] (share of the box per side)"
+DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+Device = Annotated[
+    str, Field(pattern=DEVICE, json_schema_extra=want("be auto, cpu, mps, cuda or cuda:<index>"))
+]
+NAME = r"^[^/]+$"  # a name without '/'
+
+
+class AugmentConfig(Section):
     """Training augmentation (albumentations); validation uses none."""
 
-    hflip: float = key(0.5, "probability of a horizontal flip", check=_prob, want=PROB)
-    vflip: float = key(0.0, "probability of a vertical flip", check=_prob, want=PROB)
-    shift: float = key(
-        0.06, "fraction of the side", check=lambda v: 0 <= v < 1, want="must be in [0, 1)"
-    )
-    scale: float = key(0.1, "+- fraction", check=lambda v: 0 <= v < 1, want="must be in [0, 1)")
-    rotate: float = key(
-        20.0,
-        "+- degrees: test hands are often bent at the wrist",
-        check=lambda v: 0 <= v <= 180,
-        want="must be in [0, 180] degrees",
-    )
-    affine_p: float = key(
-        0.7, "probability of the shift-scale-rotate above", check=_prob, want=PROB
-    )
-    brightness_contrast: float = key(
-        0.2,
-        "+- fraction of brightness and of contrast",
-        check=lambda v: 0 <= v <= 1,
-        want="must be in [0, 1]",
-    )
-    brightness_contrast_p: float = key(
-        0.5, "probability of the brightness/contrast change", check=_prob, want=PROB
-    )
-    clahe_p: float = key(
-        0.0,
-        "probability of a random CLAHE (local contrast); data.preprocess applies it always",
-        check=_prob,
-        want=PROB,
-    )
+    hflip: Prob = 0.5
+    """probability of a horizontal flip"""
+    vflip: Prob = 0.0
+    """probability of a vertical flip"""
+    shift: float = Field(0.06, ge=0, lt=1)
+    """fraction of the side"""
+    scale: float = Field(0.1, ge=0, lt=1)
+    """+- fraction"""
+    rotate: float = Field(20.0, ge=0, le=180, json_schema_extra=want("be in [0, 180] degrees"))
+    """+- degrees: test hands are often bent at the wrist"""
+    affine_p: Prob = 0.7
+    """probability of the shift-scale-rotate above"""
+    brightness_contrast: float = Field(0.2, ge=0, le=1)
+    """+- fraction of brightness and of contrast"""
+    brightness_contrast_p: Prob = 0.5
+    """probability of the brightness/contrast change"""
+    clahe_p: Prob = 0.0
+    """probability of a random CLAHE (local contrast); data.preprocess applies it always"""
 
 
-@dataclass
-class DataConfig:
-    root: str = key(
-        "data/competition",
-        "docs/format.md layout: train/DCM, train/outputs_json, test/DCM",
-        resume=True,
-    )
-    image_size: int = key(
-        512,
-        "square training size, a multiple of 32; the cache is built at it",
-        check=_positive_multiple_of_32,
-        want=MULTIPLE_OF_32,
-    )
-    cache_dir: str = key(
-        "cache", "training cache and folds file per data root, built once", resume=True
-    )
-    n_splits: int = key(
-        5, "GroupKFold by patient folder (>= 2)", check=lambda v: v >= 2, want="must be >= 2"
-    )
-    fold_seed: int | None = key(
-        None, "null: plain GroupKFold by patient (deterministic); int: shuffled"
-    )
-    fold_stratify: Literal["wrist_angle"] | None = key(
-        None,
-        "null: GroupKFold by patient; wrist_angle: StratifiedGroupKFold by patient on the"
-        " binned wrist angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md)",
-    )
-    exclude: list[str] = key([], "training images with known annotation errors")
-    soft_targets: bool = key(True, "fractional pixel coverage as targets (data/rasterize.py)")
-    soft_k: int = key(
-        4,
-        "sub-samples per pixel side for soft targets (1..15)",
-        check=lambda v: 1 <= v <= 15,
-        want="must be in 1..15",
-    )
-    num_workers: int = key(
-        8, "DataLoader processes", check=lambda v: v >= 0, want="must be >= 0", resume=True
-    )
-    on_bad_image: Literal["error", "skip"] = key(
-        "error",
-        "a training PNG/JSON that cannot be used (undecodable, bad JSON, points outside the"
-        " PNG): error stops the cache build naming it; skip leaves it out with a warning",
-    )
-    crop: Literal["carpal"] | None = key(
-        None,
-        "null: whole images; carpal: train on the carpal box (a crop experiment for"
-        " infer.crop; cache train_<size>_carpal-m<margin>)",
-    )
-    crop_margin: float = key(
-        0.25,
-        "the carpals' box made square and grown by this share per side",
-        check=lambda v: 0 <= v <= 2,
-        want="must be in [0, 2] (share of the box per side)",
-    )
-    crop_jitter: float = key(
-        0.05,
-        "training: random shift/scale of the crop box (share of its side)",
-        check=lambda v: 0 <= v < 0.5,
-        want="must be in [0, 0.5)",
-    )
-    patch_size: int | None = key(
-        None,
-        "null: train on the whole data.image_size image; int: on random squares of this"
-        " side cut from it (a multiple of 32, <= data.image_size), validated and predicted"
-        " with Gaussian windows of it (infer.overlap)",
-        check=_positive_multiple_of_32,
-        want=MULTIPLE_OF_32 + " or null",
-    )
-    patch_foreground: float = key(
-        0.33,
-        "patch training: share of patches centred on a bone (data.patch_balance); the rest"
-        " are placed uniformly",
-        check=lambda v: 0 <= v <= 1,
-        want="must be in [0, 1]",
-    )
-    patch_balance: Literal["area", "uniform"] = key(
-        "area",
-        "patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area)"
-        " (small bones more often), uniform: every bone alike",
-    )
-    preprocess: list[str] = key(
-        [],
-        "fixed steps on every PNG at its source size, training cache and test images alike,"
-        " kept in the checkpoint (inference uses each member's own): [] or [clahe]",
-    )
-    clahe_clip: float = key(
-        2.0, "preprocess clahe: histogram clip limit", check=lambda v: v > 0, want="must be > 0"
-    )
-    clahe_grid: int = key(
-        8,
-        "preprocess clahe: tiles per side of the image",
-        check=lambda v: 1 <= v <= 64,
-        want="must be in 1..64",
-    )
-    augment: AugmentConfig = section(
-        AugmentConfig, "training only (albumentations); probabilities in [0, 1]"
-    )
+class DataConfig(Section):
+    root: str = Field("data/competition", json_schema_extra=RESUME)
+    """docs/format.md layout: train/DCM, train/outputs_json, test/DCM"""
+    image_size: int = Field(512, gt=0, multiple_of=32)
+    """square training size, a multiple of 32; the cache is built at it"""
+    cache_dir: str = Field("cache", json_schema_extra=RESUME)
+    """training cache and folds file per data root, built once"""
+    n_splits: int = Field(5, ge=2)
+    """GroupKFold by patient folder (>= 2)"""
+    fold_seed: int | None = None
+    """null: plain GroupKFold by patient (deterministic); int: shuffled"""
+    fold_stratify: Literal["wrist_angle"] | None = None
+    """null: GroupKFold by patient; wrist_angle: StratifiedGroupKFold by patient on the binned wrist
+    angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md)"""
+    exclude: list[str] = []
+    """training images with known annotation errors"""
+    soft_targets: bool = True
+    """fractional pixel coverage as targets (data/rasterize.py)"""
+    soft_k: int = Field(4, ge=1, le=15)
+    """sub-samples per pixel side for soft targets (1..15)"""
+    num_workers: int = Field(8, ge=0, json_schema_extra=RESUME)
+    """DataLoader processes"""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """a training PNG/JSON that cannot be used (undecodable, bad JSON, points outside the PNG):
+    error stops the cache build naming it; skip leaves it out with a warning"""
+    crop: Literal["carpal"] | None = None
+    """null: whole images; carpal: train on the carpal box (a crop experiment for infer.crop; cache
+    train_<size>_carpal-m<margin>)"""
+    crop_margin: float = Field(0.25, ge=0, le=2, json_schema_extra=want(SHARE))
+    """the carpals' box made square and grown by this share per side"""
+    crop_jitter: float = Field(0.05, ge=0, lt=0.5)
+    """training: random shift/scale of the crop box (share of its side)"""
+    patch_size: int | None = Field(None, gt=0, multiple_of=32)
+    """null: train on the whole data.image_size image; int: on random squares of this side cut from
+    it (a multiple of 32, <= data.image_size), validated and predicted with Gaussian windows of
+    it (infer.overlap)"""
+    patch_foreground: float = Field(0.33, ge=0, le=1)
+    """patch training: share of patches centred on a bone (data.patch_balance); the rest are placed
+    uniformly"""
+    patch_balance: Literal["area", "uniform"] = "area"
+    """patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area) (small bones
+    more often), uniform: every bone alike"""
+    preprocess: list[str] = []
+    """fixed steps on every PNG at its source size, training cache and test images alike, kept in
+    the checkpoint (inference uses each member's own): [] or [clahe]"""
+    clahe_clip: float = Field(2.0, gt=0)
+    """preprocess clahe: histogram clip limit"""
+    clahe_grid: int = Field(8, ge=1, le=64)
+    """preprocess clahe: tiles per side of the image"""
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """training only (albumentations); probabilities in [0, 1]"""
 
 
-@dataclass
-class ModelConfig:
-    arch: str = key(
-        "unet",
-        "fcn32s, fcn16s, fcn8s, unet, unetplusplus, deeplabv3, deeplabv3plus, any smp arch, or"
-        " one registered with bonecomp.models.register_arch (docs/extending.md)",
-    )
-    encoder: str = key("resnet34", "an smp encoder name or tu-<any timm model>")
-    encoder_weights: str | None = key(
-        "imagenet", "needs the network once; null = from scratch; or a path"
-    )
-    fcn_upsample: Literal["bilinear", "learned"] = key("bilinear", "FCN heads: bilinear or learned")
-    init_bias: float | None = key(-4.0, "output bias at the foreground prior: fast, stable start")
+class ModelConfig(Section):
+    arch: str = "unet"
+    """fcn32s, fcn16s, fcn8s, unet, unetplusplus, deeplabv3, deeplabv3plus, any smp arch, or one
+    registered with bonecomp.models.register_arch (docs/extending.md)"""
+    encoder: str = "resnet34"
+    """an smp encoder name or tu-<any timm model>"""
+    encoder_weights: str | None = "imagenet"
+    """needs the network once; null = from scratch; or a path"""
+    fcn_upsample: Literal["bilinear", "learned"] = "bilinear"
+    """FCN heads: bilinear or learned"""
+    init_bias: float | None = -4.0
+    """output bias at the foreground prior: fast, stable start"""
 
 
-@dataclass
-class LossConfig:
+class LossConfig(Section):
     # The weights' rule (>= 0, one > 0) and the term names: losses.check_loss_config.
-    terms: dict[str, float] = key(
-        {"bce": 0.5, "dice": 0.5},
-        "weighted sum; terms: bce, dice, focal, jaccard, lovasz, tversky, or one registered"
-        " with bonecomp.losses.register_loss (docs/extending.md)",
-    )
-    dice_smooth: float = key(
-        1.0,
-        "dice: smoothing added to numerator and denominator",
-        check=lambda v: v >= 0,
-        want="must be >= 0",
-    )
-    dice_over_batch: bool = key(
-        True, "dice: per class over the whole batch (stable if a batch lacks one)"
-    )
-    focal_gamma: float = key(
-        2.0, "focal: focusing exponent", check=lambda v: v >= 0, want="must be >= 0"
-    )
-    tversky_alpha: float = key(
-        0.3, "tversky: weight of false positives", check=lambda v: v >= 0, want="must be >= 0"
-    )
-    tversky_beta: float = key(
-        0.7,
-        "tversky: weight of false negatives (thin tips are missed first)",
-        check=lambda v: v >= 0,
-        want="must be >= 0",
-    )
+    terms: dict[str, float] = {"bce": 0.5, "dice": 0.5}
+    """weighted sum; terms: bce, dice, focal, jaccard, lovasz, tversky, or one registered with
+    bonecomp.losses.register_loss (docs/extending.md)"""
+    dice_smooth: float = Field(1.0, ge=0)
+    """dice: smoothing added to numerator and denominator"""
+    dice_over_batch: bool = True
+    """dice: per class over the whole batch (stable if a batch lacks one)"""
+    focal_gamma: float = Field(2.0, ge=0)
+    """focal: focusing exponent"""
+    tversky_alpha: float = Field(0.3, ge=0)
+    """tversky: weight of false positives"""
+    tversky_beta: float = Field(0.7, ge=0)
+    """tversky: weight of false negatives (thin tips are missed first)"""
 
 
-@dataclass
-class AverageConfig:
-    """Checkpoint averaging: ``averaged.pt``, the mean of the chosen epochs' weights (both
-    keys: the union of their epochs), validated like ``best.pt``."""
+class AverageConfig(Section):
+    """Checkpoint averaging: ``averaged.pt``, the mean of the chosen epochs' weights (both keys: the
+    union of their epochs), validated like ``best.pt``."""
 
-    last: int | None = key(
-        None,
-        "mean of the last k epochs' weights (k files in average_pool/)",
-        check=lambda v: v >= 1,
-        want="must be >= 1 or null",
-    )
-    best: int | None = key(
-        None,
-        "and/or of the k best validations' (k files too)",
-        check=lambda v: v >= 1,
-        want="must be >= 1 or null",
-    )
+    last: int | None = Field(None, ge=1)
+    """mean of the last k epochs' weights (k files in average_pool/)"""
+    best: int | None = Field(None, ge=1)
+    """and/or of the k best validations' (k files too)"""
 
 
 Scheduler = Literal["cosine", "poly", "step", "plateau", "constant", "none"]
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)  # the names, for optim and tests
 
 
-@dataclass
-class TrainConfig:
-    experiment: str = key(
+class TrainConfig(Section):
+    experiment: str = Field(
         "default",
-        "runs/<experiment>/fold<k>/",
-        check=_name,
-        want="must be a non-empty name without '/'",
-        resume=True,
+        pattern=NAME,
+        json_schema_extra=want("be a non-empty name without '/'", resume=True),
     )
-    output_dir: str = key("runs", "folder of the experiments' run folders", resume=True)
-    epochs: int = key(
-        40, "passes over the fold's training images", check=lambda v: v >= 1, want="must be >= 1"
+    """runs/<experiment>/fold<k>/"""
+    output_dir: str = Field("runs", json_schema_extra=RESUME)
+    """folder of the experiments' run folders"""
+    epochs: int = Field(40, ge=1)
+    """passes over the fold's training images"""
+    batch_size: int = Field(8, ge=1)
+    """per GPU"""
+    optimizer: str = "adamw"
+    """any timm optimizer: adamw, sgd, lion, lamb, ..."""
+    lr: float = Field(1e-3, gt=0)
+    """peak learning rate (after the warm-up)"""
+    weight_decay: float = Field(1e-4, ge=0)
+    """of every parameter, biases and norms included"""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """optimizers with momentum only (sgd, ...)"""
+    scheduler: Scheduler = "cosine"
+    """cosine, poly, step, plateau (on val Dice), constant, none (flat lr, no warm-up)"""
+    warmup_epochs: float = Field(1.0, ge=0)
+    """linear warm-up per update from min_lr (may be fractional)"""
+    min_lr: float | None = Field(None, ge=0)
+    """floor of the schedule and start of the warm-up; null = lr / 100"""
+    decay_epochs: float = Field(10.0, gt=0)
+    """step: epochs between decays"""
+    decay_rate: float = Field(0.1, gt=0, le=1)
+    """step, plateau: lr factor at each decay"""
+    patience_epochs: int = Field(5, ge=0)
+    """plateau: validations without a better Dice before a decay"""
+    poly_power: float = Field(0.9, gt=0)
+    """poly: exponent of the decay"""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """max gradient norm; null = none"""
+    accum_steps: int = Field(1, ge=1)
+    """batches per update (effective batch = batch_size x accum_steps)"""
+    amp: bool = True
+    """CUDA only: bf16 where supported, else fp16 with a grad scaler"""
+    channels_last: bool | Literal["auto"] = Field("auto", json_schema_extra=RESUME)
+    """auto: CUDA only (on CPU the demo model ran at 0.77x); true; false"""
+    ema: float | None = Field(None, gt=0, lt=1)
+    """EMA decay of weights, e.g. 0.999"""
+    average: AverageConfig = Field(default_factory=AverageConfig)
+    """averaged.pt: k epochs' weights averaged, BatchNorm statistics recomputed; null = off
+    (docs/pipeline.md "Checkpoint averaging")"""
+    seed: int = 42
+    """seed of the initial weights, the data order and the augmentations"""
+    init_from: str | None = Field(
+        None, min_length=1, json_schema_extra=want("name a checkpoint file or be null")
     )
-    batch_size: int = key(8, "per GPU", check=lambda v: v >= 1, want="must be >= 1")
-    optimizer: str = key("adamw", "any timm optimizer: adamw, sgd, lion, lamb, ...")
-    lr: float = key(
-        1e-3, "peak learning rate (after the warm-up)", check=lambda v: v > 0, want="must be > 0"
+    """a checkpoint (best.pt of another run) whose weights start this run, not its optimiser or
+    schedule: progressive resizing; same arch, encoder and classes"""
+    val_every: int = Field(1, ge=1)
+    """validate every n epochs (and after the last)"""
+    device: Device = Field("auto", json_schema_extra=RESUME)
+    """auto, cpu, cuda, cuda:1"""
+    max_train_minutes: float | None = Field(None, gt=0, json_schema_extra=RESUME)
+    """time budget: the LR schedule follows the time as well as the epochs, reaching its floor at
+    the budget's end; then validate, save and stop"""
+    expect_dice: float | None = Field(None, gt=0, le=1, json_schema_extra=RESUME)
+    """the validation Dice this recipe should reach: a fold cut by max_train_minutes below it gets a
+    warning saying what to do"""
+    save_oof: bool = True
+    """out-of-fold probabilities for threshold tuning"""
+    oof_size: int = Field(256, ge=1)
+    """side of the saved out-of-fold maps"""
+    trackers: list[str] = Field([], json_schema_extra=RESUME)
+    """experiment trackers, any of tensorboard, wandb, mlflow: config, summary.csv per epoch,
+    per-class Dice, report (pip install -e ".[track]"; README "Experiment trackers")"""
+    micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, json_schema_extra=want("be >= 1, auto or null", resume=True)
     )
-    weight_decay: float = key(
-        1e-4,
-        "of every parameter, biases and norms included",
-        check=lambda v: v >= 0,
-        want="must be >= 0",
+    """images per forward: null = batch_size; n; auto = probe the GPU"""
+    memory_fraction: float = Field(0.85, gt=0, le=1, json_schema_extra=RESUME)
+    """auto: largest micro-batch whose peak stays under this share"""
+    compile: bool = Field(False, json_schema_extra=RESUME)
+    """torch.compile the training model (off until measured)"""
+    report: bool = True
+    """scripts/train.py refreshes runs/<experiment>/report.html per fold"""
+    pseudo_labels: str | None = Field(
+        None, min_length=1, json_schema_extra=want("name a folder or be null")
     )
-    momentum: float = key(
-        0.9,
-        "optimizers with momentum only (sgd, ...)",
-        check=lambda v: 0 <= v < 1,
-        want="must be in [0, 1)",
+    """folder from scripts/pseudo_label.py: its test images join every fold's training part (never
+    validation)"""
+    pseudo_weight: float = Field(
+        1.0, gt=0, json_schema_extra=want("be > 0 (1.0: each pseudo image once per epoch)")
     )
-    scheduler: Scheduler = key(
-        "cosine",
-        "cosine, poly, step, plateau (on val Dice), constant, none (flat lr, no warm-up)",
-    )
-    warmup_epochs: float = key(
-        1.0,
-        "linear warm-up per update from min_lr (may be fractional)",
-        check=lambda v: v >= 0,
-        want="must be >= 0",
-    )
-    min_lr: float | None = key(
-        None,
-        "floor of the schedule and start of the warm-up; null = lr / 100",
-        check=lambda v: v >= 0,
-        want="must be >= 0 or null",
-    )
-    decay_epochs: float = key(
-        10.0, "step: epochs between decays", check=lambda v: v > 0, want="must be > 0"
-    )
-    decay_rate: float = key(
-        0.1,
-        "step, plateau: lr factor at each decay",
-        check=lambda v: 0 < v <= 1,
-        want="must be in (0, 1]",
-    )
-    patience_epochs: int = key(
-        5,
-        "plateau: validations without a better Dice before a decay",
-        check=lambda v: v >= 0,
-        want="must be >= 0",
-    )
-    poly_power: float = key(
-        0.9, "poly: exponent of the decay", check=lambda v: v > 0, want="must be > 0"
-    )
-    grad_clip: float | None = key(
-        1.0, "max gradient norm; null = none", check=lambda v: v > 0, want="must be > 0 or null"
-    )
-    accum_steps: int = key(
-        1,
-        "batches per update (effective batch = batch_size x accum_steps)",
-        check=lambda v: v >= 1,
-        want="must be >= 1",
-    )
-    amp: bool = key(True, "CUDA only: bf16 where supported, else fp16 with a grad scaler")
-    channels_last: bool | Literal["auto"] = key(
-        "auto",
-        "auto: CUDA only (on CPU the demo model ran at 0.77x); true; false",
-        resume=True,
-    )
-    ema: float | None = key(
-        None,
-        "EMA decay of weights, e.g. 0.999",
-        check=lambda v: 0 < v < 1,
-        want="must be in (0, 1) or null",
-    )
-    average: AverageConfig = section(
-        AverageConfig,
-        "averaged.pt: k epochs' weights averaged, BatchNorm statistics recomputed; null ="
-        ' off (docs/pipeline.md "Checkpoint averaging")',
-    )
-    seed: int = key(42, "seed of the initial weights, the data order and the augmentations")
-    init_from: str | None = key(
-        None,
-        "a checkpoint (best.pt of another run) whose weights start this run, not its"
-        " optimiser or schedule: progressive resizing; same arch, encoder and classes",
-        check=bool,
-        want="must name a checkpoint file or be null",
-    )
-    val_every: int = key(
-        1,
-        "validate every n epochs (and after the last)",
-        check=lambda v: v >= 1,
-        want="must be >= 1",
-    )
-    device: str = key(
-        "auto", "auto, cpu, cuda, cuda:1", check=DEVICE.fullmatch, want=DEVICE_WANT, resume=True
-    )
-    max_train_minutes: float | None = key(
-        None,
-        "time budget: the LR schedule follows the time as well as the epochs, reaching "
-        "its floor at the budget's end; then validate, save and stop",
-        check=lambda v: v > 0,
-        want="must be > 0 or null",
-        resume=True,
-    )
-    expect_dice: float | None = key(
-        None,
-        "the validation Dice this recipe should reach: a fold cut by max_train_minutes "
-        "below it gets a warning saying what to do",
-        check=lambda v: 0 < v <= 1,
-        want="must be in (0, 1] or null",
-        resume=True,
-    )
-    save_oof: bool = key(True, "out-of-fold probabilities for threshold tuning")
-    oof_size: int = key(
-        256, "side of the saved out-of-fold maps", check=lambda v: v >= 1, want="must be >= 1"
-    )
-    trackers: list[str] = key(
-        [],
-        "experiment trackers, any of tensorboard, wandb, mlflow: config, summary.csv per"
-        ' epoch, per-class Dice, report (pip install -e ".[track]"; README "Experiment'
-        ' trackers")',
-        resume=True,
-    )
-    micro_batch: int | Literal["auto"] | None = key(
-        None,
-        "images per forward: null = batch_size; n; auto = probe the GPU",
-        check=lambda v: v == "auto" or v >= 1,
-        want="must be >= 1, auto or null",
-        resume=True,
-    )
-    memory_fraction: float = key(
-        0.85,
-        "auto: largest micro-batch whose peak stays under this share",
-        check=lambda v: 0 < v <= 1,
-        want="must be in (0, 1]",
-        resume=True,
-    )
-    compile: bool = key(False, "torch.compile the training model (off until measured)", resume=True)
-    report: bool = key(True, "scripts/train.py refreshes runs/<experiment>/report.html per fold")
-    pseudo_labels: str | None = key(
-        None,
-        "folder from scripts/pseudo_label.py: its test images join every fold's training"
-        " part (never validation)",
-        check=bool,
-        want="must name a folder or be null",
-    )
-    pseudo_weight: float = key(
-        1.0,
-        "pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real"
-        " image; 0.5: a random half)",
-        check=lambda v: v > 0,
-        want="must be > 0 (1.0: each pseudo image once per epoch)",
-    )
-    pseudo_rule: Literal["soft", "sharpen"] = key(
-        "soft",
-        "soft: the ensemble's probability is the target; sharpen: confident pixels snapped"
-        " to 0/1, the rest kept soft",
-    )
-    pseudo_confidence: float = key(
-        0.9,
-        "sharpen: p >= this -> 1, p <= 1 - this -> 0 (in (0.5, 1])",
-        check=lambda v: 0.5 < v <= 1,
-        want="must be in (0.5, 1]",
-    )
+    """pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real image; 0.5: a
+    random half)"""
+    pseudo_rule: Literal["soft", "sharpen"] = "soft"
+    """soft: the ensemble's probability is the target; sharpen: confident pixels snapped to 0/1, the
+    rest kept soft"""
+    pseudo_confidence: float = Field(0.9, gt=0.5, le=1)
+    """sharpen: p >= this -> 1, p <= 1 - this -> 0 (in (0.5, 1])"""
 
 
-@dataclass
-class EnsembleMember:
+class EnsembleMember(Section):
     """One entry of ``infer.ensemble``: folds of one experiment (listed once)."""
 
-    experiment: str = key(
-        "",
-        "train.experiment of the member's runs",
-        check=bool,
-        want="must name an experiment (train.experiment of its runs)",
+    experiment: str = Field(
+        "",  # an entry must name it: its default is refused
+        min_length=1,
+        validate_default=True,
+        json_schema_extra=want("name an experiment (train.experiment of its runs)"),
     )
-    folds: list[int] = key(
-        [0, 1, 2, 3, 4], "its folds, each once", check=bool, want="must list at least one fold"
+    """train.experiment of the member's runs"""
+    folds: list[int] = Field(
+        [0, 1, 2, 3, 4], min_length=1, json_schema_extra=want("list at least one fold")
     )
-    weight: float = key(
-        1.0, "its share of the ensemble's average", check=lambda v: v > 0, want="must be > 0"
-    )
-    checkpoint: str = key(
-        "best", "best, last, averaged, or a checkpoint file name in the fold folder"
-    )
+    """its folds, each once"""
+    weight: float = Field(1.0, gt=0)
+    """its share of the ensemble's average"""
+    checkpoint: str = "best"
+    """best, last, averaged, or a checkpoint file name in the fold folder"""
 
 
-@dataclass
-class CarpalStageConfig:
-    """Second stage: a crop experiment re-predicts the carpals inside the box that the
-    first stage's carpal pixels give (``inference.carpal_stage``)."""
+class CarpalStageConfig(Section):
+    """Second stage: a crop experiment re-predicts the carpals inside the box that the first stage's
+    carpal pixels give (``inference.carpal_stage``)."""
 
-    experiment: str | None = key(
-        None,
-        "a data.crop=carpal experiment; null = no crop stage",
-        check=_name,
-        want="must be a name without '/' or null",
+    experiment: str | None = Field(
+        None, pattern=NAME, json_schema_extra=want("be a name without '/' or null")
     )
-    folds: list[int] = key([0, 1, 2, 3, 4], "the crop experiment's folds, each once")
-    checkpoint: str = key(
-        "best", "best, last, averaged, or a checkpoint file name in the fold folder"
-    )
-    weight: float | list[float] = key(
+    """a data.crop=carpal experiment; null = no crop stage"""
+    folds: list[int] = [0, 1, 2, 3, 4]
+    """the crop experiment's folds, each once"""
+    checkpoint: str = "best"
+    """best, last, averaged, or a checkpoint file name in the fold folder"""
+    weight: Share | Annotated[list[Share], Field(min_length=8, max_length=8)] = Field(
         1.0,
-        "crop's share of the carpal probabilities in the box (or 8 values)",
-        check=lambda v: (
-            all(0 <= w <= 1 for w in ([v] if isinstance(v, float) else v))
-            and (isinstance(v, float) or len(v) == 8)
+        json_schema_extra=want(
+            "be one share in [0, 1] or 8 (one per carpal, classes.CARPALS order)"
         ),
-        want="must be one share in [0, 1] or 8 (one per carpal, classes.CARPALS order)",
     )
-    margin: float | None = key(
-        None,
-        "box margin; null = data.crop_margin of the crop checkpoint",
-        check=lambda v: 0 <= v <= 2,
-        want="must be in [0, 2] (share of the box per side) or null",
-    )
-    threshold: float = key(
-        0.5,
-        "first-stage carpal probability that marks the box",
-        check=lambda v: 0 < v < 1,
-        want="must be in (0, 1)",
-    )
+    """crop's share of the carpal probabilities in the box (or 8 values)"""
+    margin: float | None = Field(None, ge=0, le=2, json_schema_extra=want(SHARE + " or null"))
+    """box margin; null = data.crop_margin of the crop checkpoint"""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """first-stage carpal probability that marks the box"""
 
 
-@dataclass
-class InferConfig:
-    name: str = key(
-        "submission",
-        "submissions/<name>_<timestamp>.csv",
-        check=bool,
-        want="must be a non-empty name",
+class InferConfig(Section):
+    name: str = Field("submission", min_length=1, json_schema_extra=want("be a non-empty name"))
+    """submissions/<name>_<timestamp>.csv"""
+    out_dir: str = "submissions"
+    """folder of the submission CSVs"""
+    device: Device = "auto"
+    """auto, cpu, cuda, cuda:1"""
+    amp: bool = True
+    """CUDA only: bf16 where supported, else fp16"""
+    tta: list[str] = Field(
+        ["none", "hflip"], min_length=1, json_schema_extra=want("be a non-empty list")
     )
-    out_dir: str = key("submissions", "folder of the submission CSVs")
-    device: str = key("auto", "auto, cpu, cuda, cuda:1", check=DEVICE.fullmatch, want=DEVICE_WANT)
-    amp: bool = key(True, "CUDA only: bf16 where supported, else fp16")
-    tta: list[str] = key(
-        ["none", "hflip"],
-        "none, hflip, vflip, hvflip, rot90, transpose, or one registered with"
-        " bonecomp.inference.tta.register_view (docs/extending.md)",
-        check=bool,
-        want="must be a non-empty list",
+    """none, hflip, vflip, hvflip, rot90, transpose, or one registered with
+    bonecomp.inference.tta.register_view (docs/extending.md)"""
+    scales: list[Annotated[float, Field(gt=0)]] = Field(
+        [1.0], min_length=1, json_schema_extra=want("be a non-empty list of > 0")
     )
-    scales: list[float] = key(
-        [1.0],
-        "TTA scale factors",
-        check=lambda v: bool(v) and all(s > 0 for s in v),
-        want="must be a non-empty list of > 0",
-    )
-    sliding_window: bool = key(False, "predict in overlapping infer.tile tiles (Gaussian-weighted)")
-    tile: int = key(
-        1024,
-        "sliding-window tile side (a multiple of 32)",
-        check=_positive_multiple_of_32,
-        want=MULTIPLE_OF_32,
-    )
-    overlap: float = key(
-        0.25,
-        "sliding-window overlap, in [0, 1)",
-        check=lambda v: 0 <= v < 1,
-        want="must be in [0, 1)",
-    )
-    batch_size: int = key(4, "images per forward", check=lambda v: v >= 1, want="must be >= 1")
-    thresholds: str | None = key(
-        None, "thresholds file; null = runs/thresholds_<name>.json when present"
-    )
-    threshold: float = key(
-        0.5,
-        "per-class default, in (0, 1)",
-        check=lambda v: 0 < v < 1,
-        want="must be in (0, 1)",
-    )
-    num_workers: int = key(4, "DataLoader processes", check=lambda v: v >= 0, want="must be >= 0")
-    ensemble: list[EnsembleMember] = key(
-        [],
-        "[{experiment: NAME, folds: [0, 1, 2, 3, 4], weight: 1.0, checkpoint: best}];"
-        " [] = every trained fold of train.experiment",
-    )
-    compile: bool = key(False, "torch.compile each ensemble member")
-    crop: CarpalStageConfig = section(
-        CarpalStageConfig, 'second stage on the carpal box (docs/pipeline.md "Carpal crop")'
-    )
+    """TTA scale factors"""
+    sliding_window: bool = False
+    """predict in overlapping infer.tile tiles (Gaussian-weighted)"""
+    tile: int = Field(1024, gt=0, multiple_of=32)
+    """sliding-window tile side (a multiple of 32)"""
+    overlap: float = Field(0.25, ge=0, lt=1)
+    """sliding-window overlap, in [0, 1)"""
+    batch_size: int = Field(4, ge=1)
+    """images per forward"""
+    thresholds: str | None = None
+    """thresholds file; null = runs/thresholds_<name>.json when present"""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """per-class default, in (0, 1)"""
+    num_workers: int = Field(4, ge=0)
+    """DataLoader processes"""
+    ensemble: list[EnsembleMember] = []
+    """[{experiment: NAME, folds: [0, 1, 2, 3, 4], weight: 1.0, checkpoint: best}]; [] = every
+    trained fold of train.experiment"""
+    compile: bool = False
+    """torch.compile each ensemble member"""
+    crop: CarpalStageConfig = Field(default_factory=CarpalStageConfig)
+    """second stage on the carpal box (docs/pipeline.md "Carpal crop")"""
 
 
-@dataclass
-class Config:
-    extensions: list[str] = key(
-        [],
-        "your modules with register_loss / register_view / register_arch / register_metric"
-        " calls, imported before the config check: dotted names or .py files"
-        " (docs/extending.md)",
-        resume=True,
-    )
-    data: DataConfig = section(DataConfig)
-    model: ModelConfig = section(ModelConfig)
-    loss: LossConfig = section(LossConfig)
-    train: TrainConfig = section(TrainConfig)
+class Config(Section):
+    extensions: list[str] = Field([], json_schema_extra=RESUME)
+    """your modules with register_loss / register_view / register_arch / register_metric calls,
+    imported before the config check: dotted names or .py files (docs/extending.md)"""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     # Inference settings do not change what a training run computes: --resume may.
-    infer: InferConfig = section(InferConfig, resume=True)
+    infer: InferConfig = Field(default_factory=InferConfig, json_schema_extra=RESUME)
+    _sources: Sources | None = PrivateAttr(None)  # where each value came from (source_of)
+
+    def __eq__(self, other: object) -> bool:  # the values, not where they came from
+        return type(other) is type(self) and self.__dict__ == other.__dict__
 
 
 # Keys that were renamed: a file that still uses one gets the new form in the error.
@@ -701,7 +500,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     # inference, maybe from another folder) must find the same file
     cfg.extensions = [str(Path(e).expanduser().resolve()) if e.endswith(".py") else e
                       for e in cfg.extensions]  # fmt: skip
-    cfg._sources = sources  # type: ignore[attr-defined]  # read by source_of()
+    cfg._sources = sources  # read by source_of()
     check_values(cfg)
     return cfg
 
@@ -729,7 +528,7 @@ def source_of(cfg: Config, key: str) -> str:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain dict of a config (for saving the resolved config and checkpoints)."""
-    return dataclasses.asdict(cfg)
+    return cfg.model_dump()
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -756,11 +555,9 @@ def _read_yaml_chain(path: Path, sources: Sources, seen: tuple[Path, ...] = ()) 
 
 
 def _section_type(cls: Any, name: str) -> type | None:
-    """The dataclass type of field ``name`` of ``cls`` (None if it is a value, not a section)."""
-    if not dataclasses.is_dataclass(cls):
-        return None
-    tp = typing.get_type_hints(cls).get(name)
-    return tp if dataclasses.is_dataclass(tp) else None
+    """The model type of field ``name`` of ``cls`` (None if it is a value, not a section)."""
+    f = cls.model_fields.get(name) if _section(cls) else None
+    return f.annotation if f is not None and _section(f.annotation) else None
 
 
 def _leaf_keys(doc: dict[str, Any], cls: Any, prefix: str = "") -> Iterator[str]:
@@ -800,83 +597,118 @@ def _apply_override(raw: dict[str, Any], item: str, sources: Sources) -> None:
     sources.set(key, COMMAND_LINE)
 
 
-def from_dict(cls: type, raw: Any, where: str | Sources = "config", key: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and type.
+def from_dict(cls: type[Section], raw: Any, where: str | Sources = "config") -> Any:
+    """Build model ``cls`` from a mapping, checking every key, type and range.
 
     ``where`` names the source of every value (a file name), or maps each key to its own.
     """
     src = where if isinstance(where, Sources) else Sources(default=where)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{src.of(key)}: {key or 'top level'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    pre = f"{key}." if key else ""
-    unknown = sorted(set(raw) - names)
-    for u in unknown:
-        if pre + u in MOVED:
-            raise ConfigError(
-                f"{src.of(pre + u)}: {pre + u} was replaced by {MOVED[pre + u]}", pre + u
-            )
-    if unknown:
-        raise ConfigError(
-            f"{src.of(pre + unknown[0])}: unknown key(s) {[pre + u for u in unknown]}; "
-            f"valid: {sorted(names)}",
-            pre + unknown[0],
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        key, message = _problem(cls, e)
+        raise ConfigError(f"{src.of(key)}: {message}", key) from None
+
+
+# pydantic's error types for a value of the right type that breaks its key's constraints
+_RANGE = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+          "too_short", "too_long", "string_too_short", "string_pattern_mismatch",
+          "finite_number"}  # fmt: skip
+
+
+def _problem(cls: type[Section], error: ValidationError) -> tuple[str, str]:
+    """The first problem of ``error`` as (dotted key, one line without its source), in the
+    order the loader always checked: renamed and unknown keys, types, then ranges. The
+    members of a union (``bool | Literal["auto"]``) the value is not even of the type of
+    come last: another member may say more; if none does, "must be bool or 'auto'"."""
+    errors = [{**e, **_walk(cls, e["loc"])} for e in error.errors()]
+    order = {"extra_forbidden": 0, **dict.fromkeys(_RANGE, 2)}
+    e = min(
+        errors, key=lambda e: -1 if e["key"] in MOVED else order.get(e["type"], 1 + 2 * e["union"])
+    )
+    key, got, kind, field = e["key"], e["input"], e["type"], e["field"]
+    if key in MOVED:
+        return key, f"{key} was replaced by {MOVED[key]}"
+    if kind == "extra_forbidden":
+        parent = key.rpartition(".")[0]
+        unknown = sorted(
+            x["key"] for x in errors if (x["type"], x["key"].rpartition(".")[0]) == (kind, parent)
         )
-    kwargs = {n: _coerce(hints[n], v, src, pre + n) for n, v in raw.items()}
-    return cls(**kwargs)
+        return unknown[0], f"unknown key(s) {unknown}; valid: {sorted(e['owner'].model_fields)}"
+    if kind in _RANGE:
+        floats = not e["deep"] and float in _options(field.annotation)
+        return key, f"{key} {_want(e)}, got {float(got) if floats and type(got) is int else got!r}"
+    members = [x for x in errors if x["union"] and x["key"] == key] if e["union"] else [e]
+    hint = _HINTS.get((key, got), "") if isinstance(got, str) else ""
+    return key, f"{key or 'top level'} must be {_type_of(members)}, got {got!r}{hint}"
 
 
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+_TYPES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str",
+          "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping"}  # fmt: skip
 
 
-def _coerce(tp: Any, v: Any, src: Sources, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for a in options:
-            try:
-                return _coerce(a, v, src, key)
-            except ConfigError as e:
-                errors.append(e)
-        if len(errors) == 1:
-            raise errors[0]
-        want = " or ".join(_describe(a) for a in options)
-        raise ConfigError(f"{src.of(key)}: {key} must be {want}, got {v!r}", key)
-    if origin is Literal:
-        if any(v == a and type(v) is type(a) for a in args):
-            return v
-        raise ConfigError(f"{src.of(key)}: {key} must be one of {list(args)}, got {v!r}", key)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, v, src, key)
-    if origin is list:
-        if not isinstance(v, list):
-            raise ConfigError(f"{src.of(key)}: {key} must be a list, got {v!r}", key)
-        return [_coerce(args[0], x, src, f"{key}[{i}]") for i, x in enumerate(v)]
-    if origin is dict:
-        if not isinstance(v, dict):
-            raise ConfigError(f"{src.of(key)}: {key} must be a mapping, got {v!r}", key)
-        return {
-            _coerce(args[0], k, src, key): _coerce(args[1], x, src, f"{key}.{k}")
-            for k, x in v.items()
-        }
-    if tp is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    if tp is float and isinstance(v, str):  # PyYAML reads 3e-4 (no dot) as a string
-        try:
-            return float(v)
-        except ValueError:
-            pass
-    if tp in (int, str, bool, float) and type(v) is tp:
-        return v
-    hint = _HINTS.get((key, v), "") if isinstance(v, str) else ""
-    raise ConfigError(f"{src.of(key)}: {key} must be {_describe(tp)}, got {v!r}{hint}", key)
+def _type_of(errors: list[dict]) -> str:
+    """The type the value must have, from pydantic's error types: "int", "a mapping",
+    "one of ['a', 'b']", or for a union's members "bool or 'auto'"."""
+    words = [
+        e["ctx"]["expected"] if e["type"] == "literal_error" else _TYPES.get(e["type"], e["msg"])
+        for e in errors
+    ]
+    if len(words) > 1:
+        return " or ".join(w.removeprefix("a ") for w in words)
+    return (
+        f"one of [{words[0].replace(' or ', ', ')}]"
+        if errors[0]["type"] == "literal_error"
+        else words[0]
+    )
+
+
+def _walk(cls: type[Section], loc: tuple) -> dict[str, Any]:
+    """Where pydantic's error location ``loc`` points: the dotted ``key`` (list items as
+    ``infer.ensemble[0].weight``), the ``field`` and the model (``owner``) of the innermost
+    key, whether ``loc`` ends in a ``union``'s member and whether it points inside the key's
+    value (``deep``: a list item, a mapping's value)."""
+    at: dict[str, Any] = {"key": "", "field": None, "owner": cls, "union": False, "deep": False}
+    tp: Any = cls
+    for part in loc[:-2] if loc[-1:] == ("[key]",) else loc:  # (..., key, '[key]'): a bad key
+        opts = _options(tp)
+        if len(opts) > 1:  # pydantic names the member it tried: 'int', "literal['auto']"
+            at["union"], tp = True, Any
+        elif _section(opts[0]):
+            field = opts[0].model_fields.get(part)
+            tp = field.annotation if field else Any
+            at.update(owner=opts[0], field=field, union=False, deep=False)
+            at["key"] = f"{at['key']}.{part}".lstrip(".")
+        else:  # a list index or a mapping's key
+            tp = (typing.get_args(opts[0]) or [Any])[-1]
+            at.update(union=False, deep=True)
+            at["key"] += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return at
+
+
+def _want(e: dict) -> str:
+    """What the key's value must be: its field's ``want``, else words for its constraints
+    (``ge=0, lt=1``: "must be in [0, 1)"; ``ge=1, le=15`` of an int: "must be in 1..15"),
+    with "or null" where null is allowed."""
+    field, deep = e["field"], e["deep"]
+    if e["type"] == "finite_number":
+        return "must be a finite number"
+    if not deep and _extra(field, "want"):
+        return _extra(field, "want")
+    c = (not deep and _constraints(field)) or e.get("ctx") or {}
+    ops = [(op, c[k]) for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if k in c]
+    integer = not deep and int in _options(field.annotation)
+    if "multiple_of" in c:
+        words = f"must be a {'positive ' if c.get('gt') == 0 else ''}multiple of {c['multiple_of']}"
+    elif len(ops) == 2 and integer and (ops[0][0], ops[1][0]) == (">=", "<="):
+        words = f"must be in {ops[0][1]}..{ops[1][1]}"
+    elif len(ops) == 2:
+        (a, lo), (b, hi) = ops
+        words = f"must be in {'[' if a == '>=' else '('}{lo:g}, {hi:g}{']' if b == '<=' else ')'}"
+    else:
+        words = f"must be {ops[0][0]} {ops[0][1]:g}" if ops else "must not be empty"
+    nullable = not deep and type(None) in typing.get_args(field.annotation)
+    return f"{words} or null" if nullable else words
 
 
 # Values users reach for by analogy with other tools, with where the feature lives here.
@@ -890,50 +722,17 @@ _HINTS = {
 
 # ----------------------------------------------------------------------------- values
 def check_values(cfg: Config) -> None:
-    """Raise ``ConfigError`` for the first value out of range; needs no registry.
-
-    Each key's own ``check`` (and the finite-float rule), then the rules between keys.
+    """Raise ``ConfigError`` for the first value of a wrong type or out of range (also one
+    assigned after loading), then for the first broken rule between keys; needs no registry.
     The message is one line: where the value came from, the key, what it must be.
     """
-    for k, message in _value_problems(cfg):
+    try:
+        type(cfg).model_validate(cfg.model_dump(warnings=False))
+    except ValidationError as e:
+        k, message = _problem(type(cfg), e)
+        raise ConfigError(f"{source_of(cfg, k)}: {message}", k) from None
+    for k, message in _cross_field_problems(cfg):
         raise ConfigError(f"{source_of(cfg, k)}: {k} {message}", k)
-
-
-def _values(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, KeyInfo]]:
-    """(dotted key, value, declaration) of every key of ``obj``, sections and list
-    entries (``infer.ensemble[0].weight``) included."""
-    for f in dataclasses.fields(obj):
-        k, v, info = prefix + f.name, getattr(obj, f.name), key_info(f)
-        if dataclasses.is_dataclass(v):
-            yield from _values(v, k + ".")
-            continue
-        yield k, v, info
-        if isinstance(v, list):
-            for i, x in enumerate(v):
-                if dataclasses.is_dataclass(x):
-                    yield from _values(x, f"{k}[{i}].")
-
-
-def _non_finite(k: str, v: Any) -> tuple[str, float] | None:
-    """The first inf/nan float in ``v`` (a float, or one inside a list or mapping)."""
-    if isinstance(v, float):
-        return None if math.isfinite(v) else (k, v)
-    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
-    for sub, x in items:
-        bad = _non_finite(f"{k}.{sub}" if isinstance(v, dict) else f"{k}[{sub}]", x)
-        if bad:
-            return bad
-    return None
-
-
-def _value_problems(cfg: Config) -> Iterator[tuple[str, str]]:
-    for k, v, info in _values(cfg):
-        bad = _non_finite(k, v) if info.finite else None
-        if bad:
-            yield bad[0], f"must be a finite number, got {bad[1]!r}"
-        elif info.check is not None and v is not None and not info.check(v):
-            yield k, f"{info.want}, got {v!r}"
-    yield from _cross_field_problems(cfg)
 
 
 def _cross_field_problems(cfg: Config) -> Iterator[tuple[str, str]]:
@@ -994,17 +793,15 @@ def _fold_problems(k: str, folds: list[int], n_splits: int) -> Iterator[tuple[st
 
 
 # ----------------------------------------------------------------------------- resume
-def resume_may_change(cls: type = Config, prefix: str = "") -> set[str]:
-    """Dotted keys (or whole sections) declared ``resume=True``: ``--resume`` may change
-    them (``training.state.check_resumable``)."""
+def resume_may_change(cls: type[Section] = Config, prefix: str = "") -> set[str]:
+    """Dotted keys (or whole sections) declared ``json_schema_extra=RESUME``: ``--resume``
+    may change them (``training.state.check_resumable``)."""
     out: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        info, k = key_info(f), prefix + f.name
-        if info.resume:
-            out.add(k)
-        elif info.section:
-            out |= resume_may_change(hints[f.name], k + ".")
+    for name, f in cls.model_fields.items():
+        if _extra(f, "resume"):
+            out.add(prefix + name)
+        elif _section(f.annotation):
+            out |= resume_may_change(f.annotation, f"{prefix}{name}.")
     return out
 
 
@@ -1014,7 +811,8 @@ _COMMENT_AT = 32  # column of the comments
 _WIDTH = 100
 
 _BASE_HEADER = """\
-# Every knob of the pipeline with its default. GENERATED from the dataclasses in
+# yaml-language-server: $schema=schema.json
+# Every knob of the pipeline with its default. GENERATED from the models in
 # bonecomp/config.py by `make base-config` (python scripts/write_base_config.py): edit a
 # key's default or doc there, never here (tests/test_config.py fails when this is stale).
 # A recipe says `extends: base.yaml` and overrides what differs; any key can also be
@@ -1023,22 +821,21 @@ _BASE_HEADER = """\
 """
 
 
-def base_yaml(cls: type = Config) -> str:
+def base_yaml(cls: type[Section] = Config) -> str:
     """The text of ``configs/base.yaml``: every key of ``cls`` with its default and its
     doc as a comment, sections nested (see ``scripts/write_base_config.py``)."""
     return _BASE_HEADER + "".join(line + "\n" for line in _yaml_lines(cls, 0))
 
 
-def _yaml_lines(cls: type, depth: int) -> Iterator[str]:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        info, pad = key_info(f), "  " * depth
-        if info.section:
-            yield from _commented(f"{pad}{f.name}:", info.doc)
-            yield from _yaml_lines(hints[f.name], depth + 1)
+def _yaml_lines(cls: type[Section], depth: int) -> Iterator[str]:
+    for name, f in cls.model_fields.items():
+        pad, doc = "  " * depth, f.description or ""
+        if _section(f.annotation):
+            yield from _commented(f"{pad}{name}:", doc)
+            yield from _yaml_lines(f.annotation, depth + 1)
         else:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            yield from _commented(f"{pad}{f.name}: {_yaml_value(default)}", info.doc)
+            default = f.get_default(call_default_factory=True)
+            yield from _commented(f"{pad}{name}: {_yaml_value(default)}", doc)
 
 
 def _commented(left: str, doc: str) -> Iterator[str]:
@@ -1073,7 +870,39 @@ def _yaml_value(v: Any) -> str:
 
 def write_base_yaml(path: Path = BASE_YAML) -> bool:
     """Write ``base_yaml()`` to ``path``; False when it was already up to date."""
-    text = base_yaml()
+    return _write_changed(path, base_yaml())
+
+
+# ----------------------------------------------------------------------------- schema.json
+SCHEMA_JSON = BASE_YAML.with_name("schema.json")
+_EXTENDS = {"type": "string", "description": "the recipe this one overrides, relative to it"}
+
+
+def schema_json(cls: type[Section] = Config) -> str:
+    """The text of ``configs/schema.json``: the JSON Schema of a recipe, which editors
+    (yaml-language-server) read from each recipe's first line for completion and checks.
+    Every key is optional (each has its default); ``extends`` is allowed at the top."""
+    schema = cls.model_json_schema()
+    schema["properties"] = {"extends": _EXTENDS, **schema["properties"]}
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+    return json.dumps(_one_line(schema), indent=2) + "\n"
+
+
+def _one_line(node: Any) -> Any:
+    """The schema with each description (a docstring, wrapped in the code) on one line."""
+    if isinstance(node, list):
+        return [_one_line(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    return {k: " ".join(v.split()) if k == "description" else _one_line(v) for k, v in node.items()}
+
+
+def write_schema(path: Path = SCHEMA_JSON) -> bool:
+    """Write ``schema_json()`` to ``path``; False when it was already up to date."""
+    return _write_changed(path, schema_json())
+
+
+def _write_changed(path: Path, text: str) -> bool:
     if path.is_file() and path.read_text() == text:
         return False
     write_text(path, text)

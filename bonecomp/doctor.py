@@ -9,7 +9,6 @@ without CUDA the GPU checks say "no GPU" and the rest run on the CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -476,7 +475,7 @@ def _trainable(cfg: Config, device: torch.device, channels_last: bool) -> _Train
     """The recipe's model (no downloaded weights), optimizer, loss and step settings (AMP,
     grad scaler, clipping, memory format) as training builds them. The step's
     out-of-memory retry and non-finite check are off: the checks report both."""
-    model = create_model(dataclasses.replace(cfg.model, encoder_weights=None)).to(device)
+    model = create_model(cfg.model.model_copy(update={"encoder_weights": None})).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()

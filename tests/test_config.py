@@ -3,46 +3,52 @@ and where its value came from."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import re
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
+from pydantic import BaseModel, Field
 
 from bonecomp.config import (
+    RESUME,
     SCHEDULERS,
+    SCHEMA_JSON,
     Config,
     ConfigError,
+    Section,
     TrainConfig,
     base_yaml,
     check_values,
     config_from_saved,
     from_dict,
-    key,
-    key_info,
     load_config,
     resume_may_change,
-    section,
+    schema_json,
     source_of,
     to_dict,
     write_base_yaml,
+    write_schema,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
 
 
-def _flatten(d: dict, cls: type = Config, prefix: str = "") -> dict:
-    """Dotted leaves; a mapping value (loss.terms) is one leaf, as in the dataclasses."""
+def _section(tp: object) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _flatten(d: dict, cls: type[BaseModel] = Config, prefix: str = "") -> dict:
+    """Dotted leaves; a mapping value (loss.terms) is one leaf, as in the models."""
     out = {}
-    hints = typing.get_type_hints(cls)
     for k, v in d.items():
-        tp = hints.get(k)
-        if isinstance(v, dict) and dataclasses.is_dataclass(tp):
+        tp = cls.model_fields[k].annotation if k in cls.model_fields else None
+        if isinstance(v, dict) and _section(tp):
             out.update(_flatten(v, tp, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -54,9 +60,9 @@ def test_base_yaml_lists_every_key_with_the_dataclass_default():
     assert "extends" not in base
     in_yaml, defaults = _flatten(base), _flatten(to_dict(Config()))
     assert sorted(set(defaults) - set(in_yaml)) == [], "keys missing from base.yaml"
-    assert sorted(set(in_yaml) - set(defaults)) == [], "base.yaml keys the dataclasses lack"
+    assert sorted(set(in_yaml) - set(defaults)) == [], "base.yaml keys the models lack"
     differ = {k: (in_yaml[k], defaults[k]) for k in defaults if in_yaml[k] != defaults[k]}
-    assert differ == {}, "base.yaml value != dataclass default (yaml, dataclass)"
+    assert differ == {}, "base.yaml value != model default (yaml, model)"
 
 
 def test_base_yaml_loads_to_the_defaults():
@@ -257,7 +263,7 @@ def test_non_finite_floats_are_refused_naming_the_key(override, key):
 
 
 # ------------------------------------------------------------- one declaration per key
-def test_base_yaml_is_generated_from_the_dataclasses():
+def test_base_yaml_is_generated_from_the_models():
     """configs/base.yaml is written by `make base-config`; edit bonecomp/config.py instead."""
     assert BASE.read_text() == base_yaml(), (
         "configs/base.yaml is stale: run `make base-config` (python scripts/write_base_config.py)"
@@ -272,20 +278,18 @@ def test_the_writer_rewrites_a_stale_file(tmp_path):
 
 
 def test_every_key_is_declared_with_a_doc():
-    def walk(cls: type, prefix: str = ""):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            info = key_info(f)  # a field made without key()/section() raises here
-            if info.section:
-                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+    def walk(cls: type[BaseModel], prefix: str = ""):
+        for name, f in cls.model_fields.items():
+            if _section(f.annotation):
+                yield from walk(f.annotation, f"{prefix}{name}.")
             else:
-                yield f"{prefix}{f.name}", info
-            if typing.get_origin(hints[f.name]) is list:
-                (item,) = typing.get_args(hints[f.name])
-                if dataclasses.is_dataclass(item):  # infer.ensemble's entries
-                    yield from walk(item, f"{prefix}{f.name}[].")
+                yield f"{prefix}{name}", f
+            if typing.get_origin(f.annotation) is list:
+                (item,) = typing.get_args(f.annotation)
+                if _section(item):  # infer.ensemble's entries
+                    yield from walk(item, f"{prefix}{name}[].")
 
-    undocumented = [k for k, info in walk(Config) if not info.doc]
+    undocumented = [k for k, f in walk(Config) if not f.description]
     assert undocumented == []
     assert len(list(walk(Config))) > 90  # the walk reached every section
 
@@ -309,23 +313,17 @@ def test_scheduler_names_have_one_source():
     assert "plateau" in SCHEDULERS
 
 
-@dataclass
 class _TrainWithANewKey(TrainConfig):
     """What a contributor writes to add a key: one declaration (and the code that reads it)."""
 
-    warmup_share: float = key(
-        0.1,
-        "share of the first epoch spent warming up",
-        check=lambda v: 0 <= v < 1,
-        want="must be in [0, 1)",
-        resume=True,
-    )
-    ceiling: float = key(2.0, "a float that may be infinite", finite=False)
+    warmup_share: float = Field(0.1, ge=0, lt=1, json_schema_extra=RESUME)
+    """share of the first epoch spent warming up"""
+    ceiling: float = Field(2.0, allow_inf_nan=True)
+    """a float that may be infinite"""
 
 
-@dataclass
 class _ConfigWithANewKey(Config):
-    train: _TrainWithANewKey = section(_TrainWithANewKey)
+    train: _TrainWithANewKey = Field(default_factory=_TrainWithANewKey)
 
 
 def test_a_new_key_is_one_declaration():
@@ -343,8 +341,11 @@ def test_a_new_key_is_one_declaration():
     check_values(cfg)
     with pytest.raises(ConfigError, match=r"train\.warmup_share must be float"):
         from_dict(_ConfigWithANewKey, {"train": {"warmup_share": "x"}})
-    cfg.train.warmup_share = 1.5
-    with pytest.raises(ConfigError, match=r"^config: train\.warmup_share must be in \[0, 1\)"):
+    out_of_range = r"^config: train\.warmup_share must be in \[0, 1\), got 1\.5$"
+    with pytest.raises(ConfigError, match=out_of_range):  # pydantic checks ranges as it loads
+        from_dict(_ConfigWithANewKey, {"train": {"warmup_share": 1.5}})
+    cfg.train.warmup_share = 1.5  # assigned after loading: check_values validates again
+    with pytest.raises(ConfigError, match=out_of_range):
         check_values(cfg)
     cfg.train.warmup_share, cfg.train.ceiling = 0.3, math.inf
     check_values(cfg)  # finite=False lets this one be inf
@@ -353,6 +354,52 @@ def test_a_new_key_is_one_declaration():
     assert may == resume_may_change() | {"train.warmup_share"}
 
 
-def test_a_check_needs_its_wording():
-    with pytest.raises(TypeError, match="want="):
-        key(1, "a doc", check=lambda v: v > 0)
+def test_a_pattern_needs_its_wording():
+    """A regex is no error message: a key with a pattern says how its error reads."""
+    with pytest.raises(TypeError, match=r"_Bad\.name: a pattern needs its want\(\.\.\.\) words"):
+
+        class _Bad(Section):
+            name: str = Field("a", pattern=r"^[a-z]+$")
+            """a name"""
+
+
+# ------------------------------------------------------------------------- schema.json
+def test_schema_json_is_generated_from_the_models():
+    """configs/schema.json is written by `make base-config`, like base.yaml."""
+    assert SCHEMA_JSON.read_text() == schema_json(), (
+        "configs/schema.json is stale: run `make base-config` (python scripts/write_base_config.py)"
+    )
+
+
+def test_the_schema_writer_rewrites_a_stale_file(tmp_path):
+    path = tmp_path / "schema.json"
+    path.write_text("{}\n")
+    assert write_schema(path) and path.read_text() == schema_json()
+    assert not write_schema(path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_schema_validates_every_recipe_and_editors_find_it(path):
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=schema.json\n")
+    jsonschema.validate(yaml.safe_load(text), json.loads(SCHEMA_JSON.read_text()))
+
+
+@pytest.mark.parametrize(
+    "recipe, words",
+    [
+        ({"train": {"epochz": 3}}, "Additional properties"),  # an unknown key
+        ({"bogus": 1}, "Additional properties"),
+        ({"train": {"epochs": "three"}}, "is not of type 'integer'"),  # a wrong type
+        ({"train": {"amp": 1}}, "is not of type 'boolean'"),
+        ({"infer": {"ensemble": [{"experiment": "a", "foldz": [0]}]}}, "Additional properties"),
+        ({"train": {"epochs": 0}}, "less than the minimum of 1"),  # a range, too
+    ],
+)
+def test_the_schema_refuses_what_the_loader_refuses(recipe, words):
+    schema = json.loads(SCHEMA_JSON.read_text())
+    jsonschema.validate({"extends": "base.yaml", "train": {"lr": 3.0e-3}}, schema)
+    with pytest.raises(jsonschema.ValidationError, match=words):
+        jsonschema.validate({"extends": "base.yaml", **recipe}, schema)
+    with pytest.raises(ConfigError):
+        from_dict(Config, recipe)

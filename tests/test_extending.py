@@ -4,6 +4,7 @@ key example behaves as the page says. Also the ``extensions`` key's one-line ref
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -111,16 +112,23 @@ def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_pat
     assert len(built) == 2  # inference rebuilt the member through the registry
 
 
-def test_the_config_key_example_is_one_declaration():
+def test_the_config_key_example_is_one_declaration(tmp_path, monkeypatch):
     (block,) = [b for b in _blocks("python") if b.startswith("# config key")]
-    ns: dict = {}
-    exec(compile(block, str(PAGE), "exec", dont_inherit=True), ns)  # as a module of its own
-    my = ns["MyConfig"]
+    path = tmp_path / "my_config_key.py"  # a module of its own: its docstrings are the docs
+    path.write_text(block)
+    spec = importlib.util.spec_from_file_location("my_config_key", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "my_config_key", module)
+    spec.loader.exec_module(module)
+    my = module.MyConfig
     text = base_yaml(my)
     loss = text[text.index("\nloss:\n") : text.index("\ntrain:\n")]
     assert re.search(r"\n  label_smoothing: 0\.0 +# targets pulled toward 0\.5 by this share", loss)
-    cfg = from_dict(my, {"loss": {"label_smoothing": 0.7}})  # check_values names no file here
-    want = r"^config: loss\.label_smoothing must be in \[0, 0\.5\), got 0\.7$"
+    want = r"^config: loss\.label_smoothing must be in \[0, 0\.5\), got 0\.7$"  # names no file
+    with pytest.raises(ConfigError, match=want):
+        from_dict(my, {"loss": {"label_smoothing": 0.7}})
+    cfg = from_dict(my, {"loss": {"label_smoothing": 0.3}})
+    cfg.loss.label_smoothing = 0.7  # changed after loading: the check sees it too
     with pytest.raises(ConfigError, match=want):
         check_values(cfg)
     assert "loss.label_smoothing" not in resume_may_change(my)

@@ -4,7 +4,6 @@ check refuses the size in one line before any work (the forward pass would asser
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -78,7 +77,7 @@ def test_checkpoints_of_the_fixed_size_build_load_and_predict_the_same():
     torch.manual_seed(0)
     old = smp.DPT("tu-vit_tiny_patch16_224", encoder_weights=None, classes=NUM_CLASSES).eval()
     cfg = ModelConfig(arch="dpt", encoder="tu-vit_tiny_patch16_224", encoder_weights=None)
-    new = create_model(dataclasses.replace(cfg, init_bias=None)).eval()
+    new = create_model(cfg.model_copy(update={"init_bias": None})).eval()
     new.net.load_state_dict(old.state_dict(), strict=True)
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():

@@ -3,7 +3,6 @@ inference, its own cache, and each ensemble member preprocessed as its checkpoin
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import cv2
@@ -147,7 +146,8 @@ def test_each_member_gets_the_preprocessing_of_its_checkpoint(tiny_root, tmp_pat
     model = create_model(trained.model).eval()
     runs = tmp_path / "runs"
     with_clahe = _checkpoint(runs / "clahe" / "fold0" / "best.pt", trained, model)
-    without = dataclasses.replace(trained, data=dataclasses.replace(trained.data, preprocess=[]))
+    no_clahe = trained.data.model_copy(update={"preprocess": []})
+    without = trained.model_copy(update={"data": no_clahe})
     flat = _checkpoint(runs / "flat" / "fold0" / "best.pt", without, model)  # same weights
 
     infer = tiny_config(tiny_root, tmp_path, **{"infer.tta": ["none"]})  # says nothing of CLAHE

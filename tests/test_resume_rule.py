@@ -1,9 +1,7 @@
 """--resume refuses a config that changes what the run computes; the keys that may change
-are those declared ``resume=True`` in bonecomp/config.py."""
+are those declared ``json_schema_extra=RESUME`` in bonecomp/config.py."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 
@@ -23,9 +21,7 @@ def _run(tmp_path, cfg: Config) -> RunDir:
 
 
 def _with(cfg: Config, section: str, **values) -> Config:
-    return dataclasses.replace(
-        cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)}
-    )
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
 
 
 def test_the_resume_set_comes_from_the_declarations():

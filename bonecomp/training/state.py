@@ -7,7 +7,6 @@ a resumed run continues as if never stopped (minus the epoch in progress).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import random
@@ -37,7 +36,7 @@ from bonecomp.optim import build_optimizer, build_scheduler
 from bonecomp.runs import RunDir, RunError
 from bonecomp.training.average import Averager, check_pool
 
-# Keys (or sections) that may change when resuming: declared ``resume=True`` next to the
+# Keys (or sections) that may change when resuming: declared ``json_schema_extra=RESUME`` on the
 # key in bonecomp/config.py (they do not alter what the run computes, or only say where
 # files live: a run folder may be moved or copied).
 RESUME_MAY_CHANGE = frozenset(resume_may_change())
@@ -97,7 +96,7 @@ def build_state(
     if init is None:
         model = create_model(cfg.model)
     else:  # no download of encoder weights the checkpoint's replace
-        model = create_model(dataclasses.replace(cfg.model, encoder_weights=None))
+        model = create_model(cfg.model.model_copy(update={"encoder_weights": None}))
         load_weights(model, init["model"], t.init_from)
     model = model.to(device)
     seed_everything(t.seed + dd.rank)
