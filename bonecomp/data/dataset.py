@@ -95,7 +95,7 @@ class BoneDataset(Dataset):
             mask = draw(shifted, polys.offsets, (p, p), outline(src_hw, (s, s)), k)
         origin = (y0, x0) if self.patch is not None else None
         # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
-        return self.sample.item(Item(image, mask, idx, k > 1, origin))
+        return self.sample.item(Item(image, mask, index=idx, soft=k > 1, origin=origin))
 
     def _rng(self) -> np.random.Generator:
         """The augmentation's generator (seeded per worker and epoch, see

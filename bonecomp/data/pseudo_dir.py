@@ -300,4 +300,5 @@ class PseudoDataset(Dataset):
             out = self.transform(image=image, mask=mask.transpose(1, 2, 0))
             image, mask = out["image"], np.asarray(out["mask"]).transpose(2, 0, 1)
         origin = (y0, x0) if self.patch is not None else None
-        return self.sample.item(Item(image, mask, self.offset + j, self.soft, origin, True))
+        item = Item(image, mask, index=self.offset + j, soft=self.soft, origin=origin, pseudo=True)
+        return self.sample.item(item)

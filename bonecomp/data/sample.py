@@ -219,7 +219,9 @@ class Sample:
         mask = rng.integers(0, 256, (NUM_CLASSES, side, side), dtype=np.uint8)
         if not soft:
             mask = (mask > 230).astype(np.uint8)
-        return self.item(Item(image, mask, 0, soft, (0, 0) if self.patch else None))
+        return self.item(
+            Item(image, mask, index=0, soft=soft, origin=(0, 0) if self.patch else None)
+        )
 
 
 def collate(items: Sequence[Mapping[str, Any]], keys: Sequence[str] = ()) -> dict[str, Any]:
