@@ -2,7 +2,8 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(preprocessing steps, architecture, encoder and input size, loss terms, optimizer, TTA),
+(preprocessing steps, architecture, encoder and input size, loss terms and the sample
+fields they read, optimizer, TTA),
 the output folders and the packages of the experiment trackers, in milliseconds and
 without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
@@ -16,11 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bonecomp.checkpoint import init_checkpoint
-from bonecomp.config import Config, ConfigError, check_values, source_of
+from bonecomp.config import Config, ConfigError, LossConfig, check_values, source_of
 from bonecomp.data.preprocess import check_preprocess
+from bonecomp.data.sample import FIELDS
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.tta import get_view, scaled_side
-from bonecomp.losses import check_loss_config
+from bonecomp.losses import check_loss_config, term_fields
 from bonecomp.models import check_input_side, check_model_config
 from bonecomp.optim import check_optimizer_name
 from bonecomp.trackers import check_trackers
@@ -39,6 +41,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
         lambda: check_preprocess(cfg.data),
         lambda: check_model_config(cfg.model, cfg.data.image_size, cfg.data.patch_size),
         lambda: check_loss_config(cfg.loss),
+        lambda: _check_loss_fields(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
         lambda: _check_input_sides(cfg),
@@ -63,6 +66,16 @@ def _check_tta(names: list[str]) -> None:
         except ValueError as e:  # worded once, by the registry
             key = f"infer.tta[{i}]"
             raise ConfigError(f"{key}: {e}", key) from None
+
+
+def _check_loss_fields(loss: LossConfig) -> None:
+    """Each sample field a configured loss term reads is registered
+    (``bonecomp.data.sample.register_field``); worded by the registry, naming the term."""
+    for term, names in term_fields(loss).items():
+        for name in names:
+            if name not in FIELDS:
+                e = FIELDS.unknown(name)
+                raise ConfigError(f"{e} (read by loss term {term!r})", e.key)
 
 
 # The keys that name folders the pipeline writes into.

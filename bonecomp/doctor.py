@@ -1,14 +1,22 @@
 """Self-check of a machine for a recipe, before spending GPU hours (``scripts/doctor.py``).
 
-Each check is a small function of a :class:`Probe` (config, device, speed memo) that
-returns one :class:`Row`: a name, ``ok`` / ``warn`` / ``fail`` and a one-line figure or
-advice. :func:`run_checks` runs them all; an exception inside one becomes that check's
-``fail`` row (its one-line message, no traceback) and the others still run. On a machine
-without CUDA the GPU checks say "no GPU" and the rest run on the CPU.
+Each check is a small function of a :class:`Probe` (config, device, speed memo, the
+recipe's training data) that returns one :class:`Row`: a name, ``ok`` / ``warn`` /
+``fail`` and a one-line figure or advice. :func:`run_checks` runs them all; an exception
+inside one becomes that check's ``fail`` row (its one-line message, no traceback) and
+the others still run. On a machine without CUDA the GPU checks say "no GPU" and the rest
+run on the CPU.
+
+The steps the doctor runs are training's: ``engine.train_step`` on batches of the
+training dataset's own items (``build_loaders`` over a temporary cache of a few training
+images: augmentation, ``data.patch_size`` patches, the sample fields the loss reads),
+collated by the training contract, with the recipe's loss. Without training data the
+items are random ones made through the same contract (``Sample.synthetic``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -28,16 +36,17 @@ from torch import nn
 
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import Config, ConfigError
-from bonecomp.data.cache import TrainCache, bytes_per_image, data_cache_dir, open_cache
+from bonecomp.data.cache import bytes_per_image, data_cache_dir, open_cache
 from bonecomp.data.layout import DataLayoutError, discover
+from bonecomp.data.sample import IMAGE
 from bonecomp.device import amp_dtype, pick_device, resolve_channels_last
-from bonecomp.engine import StepContext, train_step
+from bonecomp.engine import StepContext, batch_size, train_step
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.losses import build_loss
 from bonecomp.models import SegModel, create_model
 from bonecomp.models.encoder_weights import WeightsError, hub_host, hub_offline, reachable
 from bonecomp.optim import build_optimizer
-from bonecomp.training.data import build_loaders
+from bonecomp.training.data import DATA_ERRORS, FoldData, build_loaders, train_sample
 
 Status = Literal["ok", "warn", "fail"]
 NO_GPU = "no GPU"
@@ -57,12 +66,15 @@ class Row:
 
 @dataclass
 class Probe:
-    """What every check gets: the recipe, the device it will train on, the speed memo."""
+    """What every check gets: the recipe, the device it will train on, the speed memo and
+    the recipe's training data (built once, on first use; ``close`` removes it)."""
 
     cfg: Config
     device: torch.device
     quick: bool = False
     _speed: dict[bool, float] = field(default_factory=dict, repr=False)
+    _data: FoldData | Exception | None = field(default=None, repr=False)
+    _files: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
     def cuda(self) -> bool:
@@ -89,6 +101,56 @@ class Probe:
             self._speed = _time_formats(self, self.speed_batch, warmup, steps)
         return self._speed[channels_last]
 
+    def training_data(self) -> FoldData:
+        """The recipe's loaders (``build_loaders``, as training builds them) over a
+        temporary cache of the first 16 training images (8 with ``quick``), built once;
+        ``DataLayoutError`` when ``data.root`` holds no training data (any error of the
+        data is raised again on each call, not retried)."""
+        if self._data is None:
+            try:
+                self._data = self._build_training_data()
+            except Exception as e:
+                self._data = e
+        if isinstance(self._data, Exception):
+            raise self._data
+        return self._data
+
+    def _build_training_data(self) -> FoldData:
+        d = self.cfg.data
+        df = discover(d.root, "train", d.exclude)
+        n = min(len(df), 8 if self.quick else 16)
+        tmp = self._files.enter_context(tempfile.TemporaryDirectory(prefix="bonecomp-doctor-"))
+        cache = open_cache(df.iloc[:n], tmp, d.image_size, workers=1, progress=False)
+        rows = np.arange(len(cache))
+        with _no_worker_warning():
+            return build_loaders(self.cfg, cache, rows, rows[:1], pin_memory=self.cuda)
+
+    def batch(self, n: int) -> tuple[dict, str]:
+        """(``n`` training items collated as the training loader does, on the device;
+        where they came from). The items are the training dataset's own (augmented, cut
+        to ``data.patch_size``, with the fields the loss reads); without usable training
+        data (the data loader row says why), random ones made through the same contract."""
+        contract = train_sample(self.cfg)
+        try:
+            loader = self.training_data().train_loader
+        except DATA_ERRORS:
+            side = self.cfg.data.patch_size or self.cfg.data.image_size
+            soft = self.cfg.data.soft_targets
+            batch = contract.collate([contract.synthetic(side, soft, seed=i) for i in range(n)])
+            source = "random items: no usable training data"
+        else:
+            batch = loader.collate_fn([loader.dataset[i % len(loader.dataset)] for i in range(n)])
+            source = "training items"
+        if contract.extra:
+            source += f" with {', '.join(contract.extra)}"
+        moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return moved, source
+
+    def close(self) -> None:
+        """Remove the temporary training data."""
+        self._data = None
+        self._files.close()
+
 
 Check = Callable[[Probe], Row]
 
@@ -102,11 +164,14 @@ def run_checks(
     """
     probe = Probe(cfg, _train_device(cfg.train.device), quick)
     rows = []
-    for name, check in CHECKS:
-        row = _safe(name, check, probe)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+    try:
+        for name, check in CHECKS:
+            row = _safe(name, check, probe)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    finally:
+        probe.close()
     return rows
 
 
@@ -202,15 +267,17 @@ def check_amp_step(probe: Probe) -> Row:
     cl = resolve_channels_last(cfg.train.channels_last, dev)
     trainer = _trainable(cfg, dev, cl)
     amp = trainer.amp
-    size, b = cfg.data.image_size, probe.small_batch
-    what = f"{type(trainer.model.net).__name__}/{cfg.model.encoder} at {size} px"
+    b = probe.small_batch
+    batch, source = probe.batch(b)
+    what = f"{type(trainer.model.net).__name__}/{cfg.model.encoder}"
     precision = str(amp).removeprefix("torch.") if amp else "float32"
     if probe.cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    loss = _train_step(trainer, _batch(cfg, b, dev))
+    loss = _train_step(trainer, batch)
+    what = f"{what}, {precision}, batch {b} x {_inputs(cfg, batch)} ({source})"
     if not math.isfinite(loss):
-        return Row("amp step", "fail", f"{what}, {precision}: loss is {loss}; try train.amp=false")
-    msg = f"{what}, {precision}, batch {b}: loss {loss:.3f} finite"
+        return Row("amp step", "fail", f"{what}: loss is {loss}; try train.amp=false")
+    msg = f"{what}: loss {loss:.3f} finite"
     if not probe.cuda:
         return Row("amp step", "ok", f"{msg} ({NO_GPU}: no AMP, no GPU memory figure)")
     total = torch.cuda.get_device_properties(dev).total_memory
@@ -218,9 +285,11 @@ def check_amp_step(probe: Probe) -> Row:
     full = cfg.train.batch_size
     if full == b or probe.quick:
         return Row("amp step", "ok", msg)
+    del batch
+    big = probe.batch(full)[0]
     torch.cuda.reset_peak_memory_stats(dev)
     try:
-        loss = _train_step(trainer, _batch(cfg, full, dev))
+        loss = _train_step(trainer, big)
     except torch.cuda.OutOfMemoryError:
         return Row(
             "amp step",
@@ -246,7 +315,7 @@ def check_channels_last(probe: Probe) -> Row:
     setting = f"train.channels_last={_yaml(cfg.train.channels_last)}"
     msg = (
         f"NCHW {_rate(nchw)} img/s, channels_last {_rate(nhwc)} img/s ({gain:+.0%}) at batch "
-        f"{probe.speed_batch}, {cfg.data.image_size} px; {setting} -> "
+        f"{probe.speed_batch} x {_inputs(cfg)}; {setting} -> "
         f"{'channels_last' if chosen else 'NCHW'}"
     )
     slower = gain < -0.1 if chosen else gain > 0.1
@@ -330,29 +399,25 @@ def check_data_loader(probe: Probe) -> Row:
     cfg = probe.cfg
     d = cfg.data
     try:
-        df = discover(d.root, "train", d.exclude)
+        data = probe.training_data()
     except DataLayoutError as e:  # names the path, and says how to get data
         return Row("data loader", "warn", f"no usable training data (data.root): {e}")
-    n = min(len(df), 8 if probe.quick else 16)
     workers = d.num_workers
-    with tempfile.TemporaryDirectory(prefix="bonecomp-doctor-") as tmp:
-        cache = open_cache(df.iloc[:n], tmp, d.image_size, workers=1, progress=False)
-        n_batches = max(4, 3 * workers) if probe.quick else max(8, 4 * workers)
-        skip = max(1, workers)  # first batches: worker start-up
-        with warnings.catch_warnings():  # torch's "more workers than cores": our row says so
-            warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
-            it = _loader_batches(cfg, cache, skip + n_batches, probe.cuda)
+    n_batches = max(4, 3 * workers) if probe.quick else max(8, 4 * workers)
+    skip = max(1, workers)  # first batches: worker start-up
+    with _no_worker_warning():
+        it = _loader_batches(data, skip + n_batches)
         for _ in range(skip):
             next(it)
         t0 = time.perf_counter()
-        got = sum(len(b["index"]) for b in it)
+        got = sum(batch_size(b) for b in it)
         rate = got / (time.perf_counter() - t0)
-        del it, cache
+        del it
     cores = os.cpu_count() or 1
     model = probe.images_per_s(resolve_channels_last(cfg.train.channels_last, probe.device))
     msg = (
         f"{_rate(rate)} samples/s with data.num_workers={workers} ({cores} CPU cores) vs "
-        f"model {_rate(model)} img/s at {d.image_size} px"
+        f"model {_rate(model)} img/s at {_inputs(cfg)}"
     )
     if workers > cores:
         return Row("data loader", "warn", f"{msg}: more workers than cores, lower data.num_workers")
@@ -495,17 +560,14 @@ def _trainable(cfg: Config, device: torch.device, channels_last: bool) -> _Train
     return _Trainer(model, opt, build_loss(cfg.loss), ctx)
 
 
-def _batch(cfg: Config, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A random batch as the training loader yields it (compact uint8 images and masks),
-    already on the device."""
-    s = cfg.data.image_size
-    g = torch.Generator(device).manual_seed(0)
-    img = torch.randint(0, 256, (batch, s, s), dtype=torch.uint8, device=device, generator=g)
-    shape = (batch, NUM_CLASSES, s, s)
-    mask = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=g)
-    if not cfg.data.soft_targets:
-        mask = (mask > 230).to(torch.uint8)
-    return {"image": img, "mask": mask, "index": torch.arange(batch)}
+def _inputs(cfg: Config, batch: dict | None = None) -> str:
+    """What one training input is: "256 px images", or "32 px patches of 64 px images"
+    (the side read from ``batch`` when given)."""
+    side = int(batch[IMAGE].shape[-1]) if batch is not None else None
+    d = cfg.data
+    if d.patch_size is None:
+        return f"{side or d.image_size} px images"
+    return f"{side or d.patch_size} px patches of {d.image_size} px images"
 
 
 def _train_step(trainer: _Trainer, batch: dict[str, torch.Tensor]) -> float:
@@ -520,7 +582,8 @@ def _time_formats(probe: Probe, batch: int, warmup: int, steps: int) -> dict[boo
     step ignores the slow ones; CUDA is synchronised around each timed step.
     """
     cfg, dev = probe.cfg, probe.device
-    runs = {cl: (_trainable(cfg, dev, cl), _batch(cfg, batch, dev)) for cl in (False, True)}
+    items = probe.batch(batch)[0]  # the same items in both formats
+    runs = {cl: (_trainable(cfg, dev, cl), items) for cl in (False, True)}
     best = dict.fromkeys(runs, math.inf)
     for i in range(warmup + steps):
         for cl, (trainer, b) in runs.items():
@@ -535,11 +598,18 @@ def _time_formats(probe: Probe, batch: int, warmup: int, steps: int) -> dict[boo
     return {cl: batch / t for cl, t in best.items()}
 
 
-def _loader_batches(cfg: Config, cache: TrainCache, n: int, pin: bool) -> Iterator[dict]:
-    """``n`` batches of the trainer's own training loader over ``cache`` (as many epochs
-    of the few cached images as it takes)."""
-    rows = np.arange(len(cache))
-    loader = build_loaders(cfg, cache, rows, rows[:1], pin_memory=pin).train_loader
+@contextlib.contextmanager
+def _no_worker_warning() -> Iterator[None]:
+    """Without torch's "more workers than cores" warning: the data loader row says so."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+        yield
+
+
+def _loader_batches(data: FoldData, n: int) -> Iterator[dict]:
+    """``n`` batches of the trainer's own training loader (as many epochs of the few
+    cached images as it takes)."""
+    loader = data.train_loader
     while n > 0:
         for batch in loader:
             yield batch

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bonecomp.data.annotations import Polygons
-from bonecomp.data.dataset import to_float_image, to_float_mask
 from bonecomp.data.rasterize import truth_crops
+from bonecomp.data.sample import IMAGE, INDEX, convert_fields
 from bonecomp.distributed import all_ranks_true, all_reduce_max, all_reduce_sum, is_distributed
 from bonecomp.inference.postprocess import overlap_counts, upsample_threshold
 from bonecomp.inference.sliding import sliding_window
@@ -92,27 +92,25 @@ def autocast(ctx: StepContext) -> contextlib.AbstractContextManager:
 def to_device(batch: Mapping, ctx: StepContext) -> dict:
     """The batch on the device: every tensor moved, other values kept as they are.
 
-    Compact uint8 ``image`` (B, H, W) and ``mask`` (B, C, H, W) (see ``BoneDataset``) are
-    converted to float there, after the cheap transfer; ``image`` takes the memory format
-    of ``ctx.channels_last``. Any other key a dataset adds reaches the loss unchanged.
+    Each field of the sample contract (``bonecomp.data.sample``) is then converted as it
+    declares: compact uint8 ``image`` (B, H, W) and ``mask`` (B, C, H, W) become float
+    there, after the cheap transfer (``ctx.soft_targets``: the mask holds coverage), a
+    user field takes its ``device_dtype``. The model's input takes the memory format of
+    ``ctx.channels_last``. Any other key a dataset adds reaches the loss unchanged.
     """
     out = {
         k: v.to(ctx.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         for k, v in batch.items()
     }
-    images = out["image"]
-    if images.dtype == torch.uint8:
-        images = to_float_image(images)
-    if "mask" in out and out["mask"].dtype == torch.uint8:
-        out["mask"] = to_float_mask(out["mask"], ctx.soft_targets)
+    out = convert_fields(out, ctx.soft_targets)
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-    out["image"] = images.contiguous(memory_format=fmt)
+    out[IMAGE] = out[IMAGE].contiguous(memory_format=fmt)
     return out
 
 
 def batch_size(batch: Mapping) -> int:
     """Images in a batch (the length of its ``image``)."""
-    return len(batch["image"])
+    return len(batch[IMAGE])
 
 
 @dataclass
@@ -396,7 +394,7 @@ def _accumulate(
         )
         with sync:
             with autocast(ctx):
-                logits = model(on_device["image"])
+                logits = model(on_device[IMAGE])
             loss, parts = loss_fn(logits, on_device)
             if ctx.check_finite and not all_ranks_true(torch.isfinite(loss)):
                 names = ctx.image_names(_indices(chunk))  # every rank stops together
@@ -411,7 +409,7 @@ def _accumulate(
 
 def _indices(batch: Mapping) -> list[int]:
     """The batch's cache indices (``index``), for messages; positions when it has none."""
-    index = batch.get("index")
+    index = batch.get(INDEX)
     if index is None:
         return list(range(batch_size(batch)))
     return index.tolist() if isinstance(index, torch.Tensor) else list(index)
@@ -499,7 +497,7 @@ def validate(
     for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not ctx.progress):
         on_device = to_device(batch, ctx)
         logits = sliding_window(
-            lambda x: _forward_chunked(model, x, ctx), on_device["image"], window or 1 << 30,
+            lambda x: _forward_chunked(model, x, ctx), on_device[IMAGE], window or 1 << 30,
             overlap,
         )  # fmt: skip
         loss_sum += loss_fn(logits, on_device)[0].double()

@@ -3,8 +3,12 @@
 A term is called ``term(logits, batch) -> scalar tensor``: ``logits`` are the model's
 (B, C, H, W) output in float32 (also under autocast) and ``batch`` is the dict the
 dataset yields, on the device (``engine.to_device``): ``batch["mask"]`` holds the
-targets as float in [0, 1] (soft: fractional coverage), and a dataset may add any other
-key (per-pixel weights, distance maps, an ignore mask) for the term that reads it.
+targets as float in [0, 1] (soft: fractional coverage). A per-pixel input made in the
+dataset (a distance map, a boundary band, an ignore mask) is a sample field
+(``bonecomp.data.sample.register_field``) that the term declares it reads,
+``register_loss(name, builder, fields=("distance",))``: every item of training and
+validation then carries it as ``batch["distance"]``, and only while a configured term
+reads it.
 
 ``TERMS`` is the registry of term builders ``(LossConfig) -> term``; ``register_loss``
 adds one, from the package or from user code, and the config check, training and the
@@ -25,7 +29,7 @@ logits); each reads ``batch["mask"]``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import segmentation_models_pytorch as smp
 import torch
@@ -91,24 +95,49 @@ class _Plain(nn.Module):
 
 # name -> builder from the loss config. An unknown name lists these keys.
 TERMS: dict[str, TermBuilder] = {}
+# name -> the sample fields (``bonecomp.data.sample.FIELDS``) the term reads
+TERM_FIELDS: dict[str, tuple[str, ...]] = {}
 
 
-def register_loss(name: str, builder: TermBuilder | None = None, *, replace: bool = False):
+def register_loss(
+    name: str,
+    builder: TermBuilder | None = None,
+    *,
+    fields: Sequence[str] = (),
+    replace: bool = False,
+):
     """Add the term ``name`` to ``TERMS``: ``register_loss(name, builder)``, or
     ``@register_loss(name)`` over the builder. Returns the builder.
 
     ``builder(cfg: LossConfig)`` returns the term, called ``term(logits, batch)`` (see
-    the module docstring); ``loss.terms: {name: weight}`` then selects it. A name already
-    registered is refused (``ValueError``) unless ``replace=True``.
+    the module docstring); ``loss.terms: {name: weight}`` then selects it. ``fields``
+    names the sample fields beyond image, mask and index that the term reads from
+    ``batch`` (registered with ``bonecomp.data.sample.register_field``): the datasets
+    make them while the term is configured. A name already registered is refused
+    (``ValueError``) unless ``replace=True``.
     """
+    if isinstance(fields, str):
+        raise TypeError(f"loss term {name!r}: fields must be a sequence of names, got {fields!r}")
 
     def add(b: TermBuilder) -> TermBuilder:
         if name in TERMS and not replace:
             raise ValueError(f"loss term {name!r} is already registered (pass replace=True)")
         TERMS[name] = b
+        TERM_FIELDS[name] = tuple(fields)
         return b
 
     return add if builder is None else add(builder)
+
+
+def term_fields(cfg: LossConfig) -> dict[str, tuple[str, ...]]:
+    """{term: the sample fields it reads} of the configured terms (weight > 0)."""
+    return {name: TERM_FIELDS.get(name, ()) for name, w in cfg.terms.items() if w > 0}
+
+
+def loss_fields(cfg: LossConfig) -> tuple[str, ...]:
+    """The sample fields the configured loss reads, each once, in the order of the terms:
+    what the training and validation items must carry besides the built-in ones."""
+    return tuple(dict.fromkeys(f for names in term_fields(cfg).values() for f in names))
 
 
 MULTILABEL = smp.losses.MULTILABEL_MODE

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+from bonecomp import losses
+from bonecomp.data.sample import FIELDS
 from bonecomp.testing import tiny_phantom
 
 
@@ -25,6 +28,21 @@ def tiny_copy(tiny_root: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(tiny_root, dst)
     return dst
+
+
+@pytest.fixture
+def sample_registries(monkeypatch: pytest.MonkeyPatch):
+    """Loss terms and sample fields registered by a test are undone (copies of the loss
+    terms, their fields and the sample fields; extension modules the test imported are
+    forgotten, so the next test imports them again)."""
+    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))
+    monkeypatch.setattr(losses, "TERM_FIELDS", dict(losses.TERM_FIELDS))
+    monkeypatch.setattr(FIELDS, "_entries", dict(FIELDS._entries))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("bonecomp_extension_"):
+            del sys.modules[name]
 
 
 # ----------------------------------------------------------------------- isolation

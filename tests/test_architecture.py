@@ -15,6 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "bonecomp"
 LAYERS = {
     "bonecomp.classes": 0,
     "bonecomp.config": 0,
+    "bonecomp.registry": 0,  # the one registry type (imports the config's error only)
     "bonecomp.device": 0,  # device, autocast dtype, memory format
     "bonecomp.rle": 0,
     "bonecomp.fileio": 0,

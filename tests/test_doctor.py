@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from bonecomp import doctor
+from bonecomp.checks import check_config
 from bonecomp.config import load_config
 from bonecomp.models import create_model
 from bonecomp.models import encoder_weights as weights_mod
+from tests.test_sample import distance_example, record_term
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -160,3 +162,33 @@ def test_gpu_table_checks_amp_rle_and_nccl(tiny_root, tmp_path):
     assert "GiB" in rows["gpu"].message and "peak" in rows["amp step"].message
     assert "batch 4 (train.batch_size)" in rows["amp step"].message
     assert "identical" in rows["cuda rle"].message and "nccl" in rows["process group"].message
+
+
+def test_a_patch_recipe_steps_on_patch_items_with_the_loss_fields(
+    tiny_root, tmp_path, sample_registries
+):
+    """The doctor's step is training's: patch-size items of the training dataset, with
+    the sample field the recipe's loss reads (docs/extending.md's distance example)."""
+    example = distance_example(tmp_path)
+    extra = {"data.patch_size": "32", "extensions": f"[{example['extensions'][0]}]",
+             "loss.terms": str(example["loss.terms"])}  # fmt: skip
+    cfg = load_config(DEMO, overrides(tiny_root, tmp_path, **extra))
+    check_config(cfg)  # what scripts/doctor.py does first: imports the extension
+    seen: list[dict] = []
+    record_term("boundary", seen)
+    wanted = ("amp step", "channels_last", "data loader")
+    checks = [(n, c) for n, c in doctor.CHECKS if n in wanted]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(doctor, "CHECKS", checks)
+        rows = {r.name: r for r in doctor.run_checks(cfg)}  # batch 2: 1 x 1 features batch-norm
+    assert all(r.status != "fail" for r in rows.values()), rows
+    amp = rows["amp step"].message
+    assert "batch 2 x 32 px patches of 64 px images (training items with distance)" in amp
+    assert "finite" in amp
+    assert "32 px patches of 64 px images" in rows["channels_last"].message
+    assert "32 px patches of 64 px images" in rows["data loader"].message
+    assert seen and all(b["training"] for b in seen)
+    for b in seen:  # the field reached the loss at the patch's size, next to the mask
+        assert b["image"].shape[-2:] == (32, 32) and b["origin"].shape[-1] == 2
+        assert b["distance"].shape == b["mask"].shape == (b["mask"].shape[0], 29, 32, 32)
+    assert not list(tmp_path.glob("cache"))  # the doctor's cache was temporary

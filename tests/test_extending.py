@@ -38,7 +38,7 @@ def _module_source() -> str:
 
 
 def _recipe() -> dict:
-    (block,) = _blocks("yaml")
+    (block,) = [b for b in _blocks("yaml") if b.startswith("# configs/my_recipe.yaml")]
     return yaml.safe_load(block)
 
 

@@ -16,23 +16,15 @@ from bonecomp.data.images import read_image
 from bonecomp.data.patches import PatchSampler
 from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.data.rasterize import draw, outline, rasterize, to_frame
+from bonecomp.data.sample import Item, Sample, to_float_image, to_float_mask
 
-
-def to_float_image(image: torch.Tensor) -> torch.Tensor:
-    """uint8 grey (..., H, W) -> float (..., 3, H, W) in [0, 1] (grey as RGB)."""
-    x = image.float().div_(255).unsqueeze(-3)
-    return x.expand(*x.shape[:-3], 3, *x.shape[-2:]).contiguous()
-
-
-def to_float_mask(mask: torch.Tensor, soft: bool) -> torch.Tensor:
-    """uint8 masks -> float in [0, 1]: {0, 1} as they are, coverage 0..255 scaled."""
-    m = mask.float()
-    return m.div_(255) if soft else m
+__all__ = ["BoneDataset", "TestImages", "to_float_image", "to_float_mask"]
 
 
 class BoneDataset(Dataset):
     """Items of a training cache: ``{"image": (3,S,S) float in [0,1], "mask": (C,S,S) float,
-    "index": cache row}``.
+    "index": cache row}`` and the fields of ``sample`` (``bonecomp.data.sample``: every
+    item is made by ``Sample.item`` once the image and mask are final).
 
     Masks are drawn from the cached polygons at the cache's size: binary (exactly
     ``rasterize``), or with ``soft_targets`` each class's fractional pixel coverage
@@ -44,9 +36,12 @@ class BoneDataset(Dataset):
 
     With a ``patch`` sampler (``data.patch_size`` = P) each item is a P x P square of the
     augmented S x S image, placed by the sampler, and only the patch's masks are drawn
-    (the crop of the full S x S masks, exactly; ``"origin"`` gives its (y0, x0)). Only the
+    (the crop of the full S x S masks, exactly; ``origin`` gives its (y0, x0)). Only the
     patch's window is warped (``augment.draw_geometry``): the same draw of the
     augmentation as for the whole image, at a quarter of the pixels for P = S / 2.
+
+    ``sample`` (default: the built-in fields of ``patch`` and ``compact``) is the loader's
+    contract; training passes one that also makes the fields its loss reads.
     """
 
     def __init__(
@@ -58,7 +53,11 @@ class BoneDataset(Dataset):
         soft_k: int = 4,
         compact: bool = False,
         patch: PatchSampler | None = None,
+        sample: Sample | None = None,
     ) -> None:
+        self.sample = sample or Sample(patch=patch is not None, compact=compact)
+        if self.sample.patch != (patch is not None) or self.sample.compact != compact:
+            raise ValueError(f"{self.sample!r} does not fit patch={patch}, compact={compact}")
         self.cache = cache
         self.patch = patch
         self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
@@ -94,13 +93,9 @@ class BoneDataset(Dataset):
         else:
             shifted = points - np.array([x0, y0], np.float64)
             mask = draw(shifted, polys.offsets, (p, p), outline(src_hw, (s, s)), k)
-        img, mask_t = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask)
-        item: dict = {"image": img, "mask": mask_t, "index": idx}
-        if self.patch is not None:
-            item["origin"] = torch.tensor([y0, x0])
-        if not self.compact:
-            item["image"], item["mask"] = to_float_image(img), to_float_mask(mask_t, k > 1)
-        return item  # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
+        origin = (y0, x0) if self.patch is not None else None
+        # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
+        return self.sample.item(Item(image, mask, index=idx, soft=k > 1, origin=origin))
 
     def _rng(self) -> np.random.Generator:
         """The augmentation's generator (seeded per worker and epoch, see

@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.data.augment import draw_geometry
 from bonecomp.data.patches import PatchSampler
+from bonecomp.data.sample import Item, Sample
 from bonecomp.fileio import (
     file_hash,
     output_errors,
@@ -251,7 +252,9 @@ def pseudo_target(
 
 class PseudoDataset(Dataset):
     """Training items of a pseudo-label folder, compact like ``BoneDataset(compact=True)``:
-    ``{"image": (S, S) uint8, "mask": (C, S, S) uint8, "index": offset + row}``.
+    ``{"image": (S, S) uint8, "mask": (C, S, S) uint8, "index": offset + row}`` and the
+    fields of ``sample`` (made by ``Sample.item``, as the real items: training passes the
+    real items' contract, so a mixed batch collates).
 
     ``offset`` keeps the indices apart from the cache's rows (training passes the cache's
     length); ``transform`` is the real images' augmentation (see the module docstring).
@@ -266,7 +269,11 @@ class PseudoDataset(Dataset):
         soft: bool = True,
         offset: int = 0,
         patch: PatchSampler | None = None,
+        sample: Sample | None = None,
     ) -> None:
+        self.sample = sample or Sample(patch=patch is not None)
+        if self.sample.patch != (patch is not None) or not self.sample.compact:
+            raise ValueError(f"{self.sample!r} does not fit patch={patch} (compact items)")
         if rule not in RULES:
             raise ValueError(f"pseudo rule must be one of {RULES}, got {rule!r}")
         self.pseudo, self.transform, self.rule = pseudo, transform, rule
@@ -292,11 +299,6 @@ class PseudoDataset(Dataset):
         elif self.transform is not None:
             out = self.transform(image=image, mask=mask.transpose(1, 2, 0))
             image, mask = out["image"], np.asarray(out["mask"]).transpose(2, 0, 1)
-        item = {
-            "image": torch.from_numpy(np.ascontiguousarray(image)),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
-            "index": self.offset + j,
-        }
-        if self.patch is not None:  # the keys of a real patch item: they share batches
-            item["origin"] = torch.tensor([y0, x0])
-        return item
+        origin = (y0, x0) if self.patch is not None else None
+        item = Item(image, mask, index=self.offset + j, soft=self.soft, origin=origin, pseudo=True)
+        return self.sample.item(item)

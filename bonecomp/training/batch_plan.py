@@ -20,20 +20,23 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import default_collate
 
-from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import Config, LossConfig
+from bonecomp.data.sample import Sample, collate
 from bonecomp.distributed import all_reduce_min
 from bonecomp.engine import LossFn, StepContext, train_step
 from bonecomp.fileio import write_text
 from bonecomp.losses import build_loss
 from bonecomp.memory import BatchMemoryError, MemoryMeter, free_memory
 from bonecomp.runs import RunDir
+from bonecomp.training.data import train_sample
+
+Collate = Callable[[list[Mapping]], Mapping]
 
 GiB = 2**30
 
@@ -84,14 +87,17 @@ def plan_batch(
     meter: MemoryMeter | None,
     loss_fn: LossFn | None = None,
     sample: Callable[[], Mapping] | None = None,
+    collate_fn: Collate | None = None,
 ) -> BatchPlan:
     """The micro-batch for ``cfg``: from the config, or probed on ``meter``'s device.
 
     ``model`` is the bare model (not DDP-wrapped) and ``optimizer`` its optimiser, which
     must not have stepped yet (the probe uses a fresh one of the same kind). ``sample()``
-    gives one training item as the dataset yields it: the probe's batches repeat it, so a
-    loss term that reads a key the dataset adds finds it (random images and masks when
-    None). Under torchrun the ranks agree on the smallest micro-batch.
+    gives one training item as the dataset yields it and ``collate_fn`` batches items as
+    the loader does: the probe's batches repeat it, so a loss term that reads a key the
+    dataset adds finds it. When None, the item is a random one made through the
+    training contract (``training.data.train_sample``: the recipe's input side and the
+    fields its loss reads). Under torchrun the ranks agree on the smallest micro-batch.
     """
     t = cfg.train
     how, peaks, total = "config", {}, None
@@ -100,8 +106,13 @@ def plan_batch(
     elif t.micro_batch == "auto":
         how, total = "probe", meter.total()
         side = cfg.data.patch_size or cfg.data.image_size  # what one training input holds
+        if sample is None:
+            contract = train_sample(cfg)
+            sample = partial(contract.synthetic, side, ctx.soft_targets)
+            collate_fn = contract.collate
         peaks = probe(model, optimizer, ctx, side, t.batch_size, meter, loss_fn,
-                      limit=int(t.memory_fraction * total), sample=sample)  # fmt: skip
+                      limit=int(t.memory_fraction * total), sample=sample,
+                      collate_fn=collate_fn)  # fmt: skip
         fits = [m for m, p in peaks.items() if p is not None and p <= t.memory_fraction * total]
         if peaks.get(1) is None:
             key = "data.image_size" if cfg.data.patch_size is None else "data.patch_size"
@@ -147,10 +158,13 @@ def probe(
     loss_fn: LossFn | None = None,
     limit: int | None = None,
     sample: Callable[[], Mapping] | None = None,
+    collate_fn: Collate | None = None,
 ) -> dict[int, int | None]:
     """Peak bytes of one training step (``engine.train_step`` on a uint8 batch as the
     loader gives it) per micro-batch size (None: out of memory), growing until one runs
-    out of memory or passes ``limit``.
+    out of memory or passes ``limit``. The batches repeat ``sample()`` (default: a random
+    whole image of ``image_size`` through the built-in contract), collated by
+    ``collate_fn`` (default: ``sample.collate``).
 
     Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind and no grad
     scaler (so every step allocates the optimiser's state), then puts the weights, buffers
@@ -176,17 +190,14 @@ def probe(
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), _python_rngs_kept(), meter.watch(model):
-            item = sample() if sample is not None else None  # its augmentation draws too
+            # a training item's augmentation draws too
+            item = sample() if sample else Sample().synthetic(image_size, ctx.soft_targets)
             model.train()
             for m in probe_sizes(batch_size):
                 meter.reset()
                 failed = False
                 try:
-                    batch = (
-                        default_collate([item] * m)
-                        if item is not None
-                        else _random_batch(m, image_size, ctx)
-                    )
+                    batch = (collate_fn or collate)([item] * m)
                     train_step(model, [batch], scratch, loss_fn, step_ctx)
                     del batch
                     peaks[m] = meter.peak()
@@ -218,19 +229,6 @@ def _python_rngs_kept() -> Iterator[None]:
     finally:
         random.setstate(py)
         np.random.set_state(np_state)  # noqa: NPY002
-
-
-def _random_batch(m: int, size: int, ctx: StepContext) -> dict[str, torch.Tensor]:
-    """``m`` random compact images and masks (uint8, as the loader yields them) on the
-    device."""
-    top = 256 if ctx.soft_targets else 2
-    return {
-        "image": torch.randint(0, 256, (m, size, size), dtype=torch.uint8, device=ctx.device),
-        "mask": torch.randint(
-            0, top, (m, NUM_CLASSES, size, size), dtype=torch.uint8, device=ctx.device
-        ),
-        "index": torch.arange(m),
-    }
 
 
 def _fresh_like(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:

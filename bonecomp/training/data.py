@@ -34,8 +34,10 @@ from bonecomp.data.layout import DataLayoutError
 from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
 from bonecomp.data.preprocess import Preprocess
 from bonecomp.data.pseudo_dir import PseudoDataset, PseudoError, PseudoSet, open_pseudo
+from bonecomp.data.sample import Sample
 from bonecomp.distributed import Dist, RankError, all_gather_object, run_agreed, where
 from bonecomp.fileio import OutputError
+from bonecomp.losses import loss_fields
 from bonecomp.workers import end_with_parent
 
 # Problems of a node's data or disk: under torchrun each ends every rank in one line.
@@ -258,21 +260,27 @@ def build_loaders(
 ) -> FoldData:
     """Training loader (augmented, shuffled per epoch; plus ``pseudo``'s images when given)
     and validation loader (this rank's share of the fold), both yielding compact uint8
-    batches (see ``BoneDataset``)."""
+    batches (see ``BoneDataset``). Their items are made by one contract each
+    (``train_sample``, ``val_sample``: the fields the loss reads), real and pseudo-label
+    items by the same one, and collated by it."""
     d, t = cfg.data, cfg.train
     dd = dd or Dist()
     jitter = d.crop_jitter if d.crop else 0.0
     patch = patch_sampler(cfg, cache, train_idx)
+    train_contract, val_contract = train_sample(cfg), val_sample(cfg)
     train_ds = BoneDataset(
-        cache, train_idx, train_transform(d.augment, jitter), d.soft_targets, d.soft_k, True,
-        patch,
+        cache, train_idx, train_transform(d.augment, jitter), soft_targets=d.soft_targets,
+        soft_k=d.soft_k, compact=True, patch=patch, sample=train_contract,
     )  # fmt: skip
-    val_ds = BoneDataset(cache, val_idx[dd.rank :: dd.world], None, d.soft_targets, d.soft_k, True)
+    val_ds = BoneDataset(
+        cache, val_idx[dd.rank :: dd.world], None, soft_targets=d.soft_targets, soft_k=d.soft_k,
+        compact=True, sample=val_contract,
+    )  # fmt: skip
     gen = torch.Generator()
     if pseudo is not None:
         extra = PseudoDataset(
             pseudo, train_ds.transform, t.pseudo_rule, t.pseudo_confidence, d.soft_targets,
-            offset=len(cache), patch=patch,
+            offset=len(cache), patch=patch, sample=train_contract,
         )  # fmt: skip
         train_ds = TrainMix(train_ds, extra)
         sampler = MixSampler(
@@ -296,10 +304,25 @@ def build_loaders(
         sampler=sampler,
         generator=gen,
         drop_last=len(train_ds) > t.batch_size,
+        collate_fn=train_contract.collate,
         **loader_kw,
     )
-    val_loader = DataLoader(val_ds, val_batch_size(cfg), shuffle=False, **loader_kw)
+    val_loader = DataLoader(
+        val_ds, val_batch_size(cfg), shuffle=False, collate_fn=val_contract.collate, **loader_kw
+    )
     return FoldData(cache, train_idx, val_idx, train_loader, val_loader, gen, pseudo)
+
+
+def train_sample(cfg: Config) -> Sample:
+    """What a training item carries: the built-in fields (``origin`` with
+    ``data.patch_size``) and those the configured loss terms read."""
+    return Sample(loss_fields(cfg.loss), patch=cfg.data.patch_size is not None)
+
+
+def val_sample(cfg: Config) -> Sample:
+    """What a validation item carries: whole images, with the fields the loss reads (the
+    loss is called on validation batches too)."""
+    return Sample(loss_fields(cfg.loss))
 
 
 def patch_sampler(cfg: Config, cache: TrainCache, train_idx: np.ndarray) -> PatchSampler | None:

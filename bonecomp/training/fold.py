@@ -150,7 +150,8 @@ def run_training(
         # before load_last: the probe needs an optimiser that has not stepped
         loss_fn = build_loss(cfg.loss)
         plan = plan_batch(cfg, state.model, state.optimizer, state.ctx, device_meter(device),
-                          loss_fn, sample=lambda: data.train_loader.dataset[0])  # fmt: skip
+                          loss_fn, sample=lambda: data.train_loader.dataset[0],
+                          collate_fn=data.train_loader.collate_fn)  # fmt: skip
         state.ctx.micro_batch = None if cfg.train.micro_batch is None else plan.micro_batch
         start = load_last(state, run, device) if resume else Progress()
         if dd.main and state.average is not None:
