@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bonecomp import rle
+from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.layout import discover
@@ -24,7 +25,13 @@ from bonecomp.metrics import summarize
 from bonecomp.runs import MemberSpec, RunError, ensemble_members, thresholds_path
 from bonecomp.submission import read_submission, score_submission, validate_submission
 from bonecomp.testing import REPO as ROOT
-from bonecomp.testing import dense_dice, dense_truth, tiny_config, tiny_overrides
+from bonecomp.testing import (
+    classic_decode,
+    dense_dice,
+    dense_truth,
+    tiny_config,
+    tiny_overrides,
+)
 from bonecomp.training import run_training
 
 
@@ -129,3 +136,45 @@ def test_ensemble_members_refuse_duplicates_and_missing_files(trained):
             ensemble_members(cfg)
     finally:
         cfg.infer.ensemble = saved
+
+
+def _masks(path) -> dict[tuple[str, str], np.ndarray]:
+    """(image, class) -> its mask, decoded by the competition baseline's decoder."""
+    df = read_submission(path)
+    return {
+        (img, cls): classic_decode(code, 128, 128) if code else np.zeros((128, 128), np.uint8)
+        for img, cls, code in zip(df["image_name"], df["class"], df["rle"], strict=True)
+    }
+
+
+def test_each_class_threshold_of_the_file_reaches_that_class_masks_in_the_csv(
+    trained, tiny_root, tmp_path
+):
+    """A thresholds file as ``tune_thresholds.py`` writes it, a low threshold for some
+    classes and a high one for the others: each class's masks in the CSV are the masks of
+    a run with that threshold for every class (``infer.threshold``)."""
+    _, work = trained
+    low, high = 0.1, 0.7
+    keys = {"infer.name": "per_class", "infer.tta": ["none"]}  # not thresholds_demo.json
+
+    def submission(name: str, **extra) -> dict:
+        cfg = tiny_config(tiny_root, work, **keys, **extra)
+        return _masks(predict_submission(cfg, ensemble_members(cfg), tmp_path / name).path)
+
+    same = {t: submission(f"all_{t}.csv", **{"infer.threshold": t}) for t in (low, high)}
+    # the classes whose masks the two thresholds tell apart, given low and high in turn
+    moved = sorted(
+        {CLASSES.index(c) for (i, c), m in same[low].items() if (m != same[high][i, c]).any()}
+    )
+    assert len(moved) >= 4, "too few classes predicted: the test would prove little"
+    per_class = [high] * len(CLASSES)
+    for c in moved[::2]:
+        per_class[c] = low
+    run = work / "runs" / "tiny" / "fold0"
+    path = write_thresholds(tmp_path / "thr.json", per_class, grid=[low, 0.5, high],
+                            oof_images=2, runs=[str(run)])  # fmt: skip
+    got = submission("file.csv", **{"infer.thresholds": str(path)})
+    assert got.keys() == same[low].keys()
+    for (img, cls), mask in got.items():
+        want = same[per_class[CLASSES.index(cls)]][img, cls]
+        np.testing.assert_array_equal(mask, want, err_msg=f"{img} {cls}")
