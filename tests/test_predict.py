@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from bonecomp import rle
 from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
+from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
 from bonecomp.inference.predict import predict_submission
 from bonecomp.inference.thresholds import (
@@ -178,3 +180,26 @@ def test_each_class_threshold_of_the_file_reaches_that_class_masks_in_the_csv(
     for (img, cls), mask in got.items():
         want = same[per_class[CLASSES.index(cls)]][img, cls]
         np.testing.assert_array_equal(mask, want, err_msg=f"{img} {cls}")
+
+
+def test_inference_writes_each_image_at_its_own_size(trained, tiny_root, tiny_copy, tmp_path):
+    """Test PNGs of three sizes: each image's masks are written, and validated, at its
+    own size (the 160 x 160 image has runs past the 16384 pixels of a 128 x 128 one)."""
+    _, work = trained  # a low threshold: the tiny model's masks are not empty
+    cfg = tiny_config(tiny_root, work, **{"infer.threshold": 0.05, "infer.name": "sizes"})
+    sizes = [(128, 128), (96, 160), (160, 160), (128, 128)]
+    test = discover(tiny_copy, "test")
+    for path, (h, w) in zip(test["image_path"], sizes, strict=True):
+        cv2.imwrite(str(path), cv2.resize(read_image(path), (w, h)))
+    res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "s.csv", tiny_copy, False)
+    assert res.report.ok, res.report.problems
+    df = read_submission(res.path)
+    for name, (h, w) in zip(test["name"], sizes, strict=True):
+        runs = [
+            np.asarray(c.split(), int).reshape(-1, 2)
+            for c in df.loc[df["image_name"] == name, "rle"]
+        ]
+        last = max((int((r[:, 0] + r[:, 1] - 1).max()) for r in runs if len(r)), default=0)
+        assert last <= h * w, name
+        if (h, w) == (160, 160):
+            assert last > 128 * 128  # drawn at 160 x 160, not at the training images' size
