@@ -5,9 +5,12 @@ thresholds file's table refused when bad, and inference applying exactly the tab
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
+import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
@@ -327,3 +330,45 @@ def test_tuning_script_keeps_the_file_and_adds_the_table(trained, tmp_path, caps
         cfg.infer.thresholds = None
     assert res.cleanup.table == doc["cleanup"]
     assert res.before.mean == pytest.approx(doc["cleanup_dice_before"])
+
+
+def test_the_clean_up_is_chosen_on_the_masks_of_the_thresholds_in_use(
+    trained, tiny_root, tmp_path, capsys
+):
+    """OOF maps made by hand (``oof.npy`` of a run folder): each bone at its coverage, and
+    an island at p = 0.3 beside the Radius and the Ulna. The thresholds file (as
+    ``tune_thresholds.py`` writes it) gives the Radius 0.2 and every other class 0.5: only
+    the Radius's masks hold its island, so ``tune_cleanup.py`` keeps ``largest`` for the
+    Radius alone. At 0.5 for every class it would keep nothing."""
+    _, work = trained
+    src, run = work / "runs" / "tiny" / "fold0", tmp_path / "runs" / "hand" / "fold0"
+    run.mkdir(parents=True)
+    shutil.copy(src / "oof_index.csv", run)
+    (run / "best.pt").symlink_to(src / "best.pt")  # tuning reads only the OOF maps
+    index = pd.read_csv(run / "oof_index.csv")
+    radius, ulna, s = CLASSES.index("Radius"), CLASSES.index("Ulna"), 32
+    maps = np.zeros((len(index), C, s, s), np.float16)
+    for row, rel, h, w in zip(index["row"], index["rel"], index["src_h"], index["src_w"],
+                              strict=True):  # fmt: skip
+        truth = dense_truth(load_annotation(tiny_root / "train" / "outputs_json" /
+                                            rel.replace(".png", ".json")), (h, w))  # fmt: skip
+        cover = np.stack([cv2.resize(t.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA)
+                          for t in truth])  # fmt: skip
+        maps[row] = 0.02 + 0.9 * cover
+        for c in (radius, ulna):
+            assert cover[c, :6, :6].max() == 0  # the island is far from the bone
+            maps[row, c, 1:4, 1:4] = 0.3
+    np.save(run / "oof.npy", maps)
+    ts = [0.5] * C
+    ts[radius] = 0.2
+    thr = write_thresholds(tmp_path / "thr.json", ts, grid=[0.2, 0.5], oof_images=len(index),
+                           runs=[str(run)])  # fmt: skip
+    sys.path.insert(0, str(REPO / "scripts"))
+    import tune_cleanup as script
+
+    keys = {"infer.ensemble": [{"experiment": "hand", "folds": [0]}], "infer.thresholds": str(thr)}
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet", "--rules", "largest"]
+    out = tmp_path / "out.json"
+    over = tiny_overrides(tiny_root, tmp_path, **keys)
+    assert script.main([*args, "--out", str(out), *over]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["cleanup"] == {"Radius": ["largest"]}
