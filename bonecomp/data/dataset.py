@@ -36,7 +36,8 @@ class BoneDataset(Dataset):
 
     Masks are drawn from the cached polygons at the cache's size: binary (exactly
     ``rasterize``), or with ``soft_targets`` each class's fractional pixel coverage
-    (``soft_k`` x ``soft_k`` sub-samples). With a ``transform`` (see
+    (``soft_k`` x ``soft_k`` sub-samples; compact: 0..255, so 0 or 255 for ``soft_k`` 1,
+    as ``StepContext.soft_targets`` reads them). With a ``transform`` (see
     ``augment.train_transform``) the polygons move with the image as keypoints and the
     masks are drawn at the new pose. With ``compact`` the image stays uint8 (S, S) and the
     mask uint8 (C, S, S), and ``to_float_image`` / ``to_float_mask`` convert them on the
@@ -94,12 +95,15 @@ class BoneDataset(Dataset):
         else:
             shifted = points - np.array([x0, y0], np.float64)
             mask = draw(shifted, polys.offsets, (p, p), outline(src_hw, (s, s)), k)
+        if self.soft_targets and k == 1:  # one sub-sample: coverage is 0 or 255, as soft
+            mask *= 255  # masks are read (engine.to_device divides them by 255)
         img, mask_t = torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask)
         item: dict = {"image": img, "mask": mask_t, "index": idx}
         if self.patch is not None:
             item["origin"] = torch.tensor([y0, x0])
         if not self.compact:
-            item["image"], item["mask"] = to_float_image(img), to_float_mask(mask_t, k > 1)
+            item["image"] = to_float_image(img)
+            item["mask"] = to_float_mask(mask_t, self.soft_targets)
         return item  # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
 
     def _rng(self) -> np.random.Generator:
