@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from sklearn.model_selection import GroupKFold
 from torch import nn
 
+from bonecomp.checkpoint import load_checkpoint
 from bonecomp.classes import CARPALS
 from bonecomp.data.layout import discover
 from bonecomp.distributed import Dist
 from bonecomp.engine import to_device
 from bonecomp.losses import build_loss
 from bonecomp.testing import tiny_config
+from bonecomp.training import fold as fold_module
+from bonecomp.training import run_training
 from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 from bonecomp.training.state import build_state
 
@@ -263,3 +266,87 @@ def test_the_carpal_crop_keys_reach_the_training_batches(items):
     assert _same(other_seed, crops[0.1], 0)  # no jitter: the same box whatever the draw
     jittered = items(**{**crop, "data.crop_margin": 0.1, "data.crop_jitter": 0.3})
     assert not _same(jittered, crops[0.1], 0)
+
+
+# ------------------------------------------------------------------ optimiser and schedule
+SMALL = {"data.image_size": 32, "train.oof_size": 16, "train.save_oof": False}  # quicker
+RUNS = {
+    # sgd with momentum and weight decay; lr x 0.5 after every epoch; two loader batches
+    # (8 images, 4 per batch) per update: one update per epoch
+    "step": {"train.optimizer": "sgd", "train.momentum": 0.8, "train.weight_decay": 0.01,
+             "train.scheduler": "step", "train.lr": 0.02, "train.warmup_epochs": 0.0,
+             "train.decay_epochs": 1.0, "train.decay_rate": 0.5, "train.accum_steps": 2},
+    # a warm-up over 2 of 3 epochs (4 of 6 updates) from min_lr, then poly of power 2;
+    # validation every 2 epochs (and after the last)
+    "poly": {"train.scheduler": "poly", "train.poly_power": 2.0, "train.lr": 0.01,
+             "train.min_lr": 0.001, "train.warmup_epochs": 2.0, "train.epochs": 3,
+             "train.val_every": 2},
+    # plain sgd at lr 1 with the gradient norm clipped to 1e-4, from the step run's
+    # weights; plateau halves the lr after one validation without a better Dice
+    "plateau": {"train.optimizer": "sgd", "train.momentum": 0.0, "train.weight_decay": 0.0,
+                "train.scheduler": "plateau", "train.lr": 1.0, "train.warmup_epochs": 0.0,
+                "train.patience_epochs": 0, "train.decay_rate": 0.5, "train.epochs": 3,
+                "train.grad_clip": 1e-4},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_root, tmp_path_factory) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """The three tiny runs of ``RUNS``: {name: (summary.csv, last.pt)}; the plateau run
+    starts from the step run's best.pt and sees a validation Dice of 0.5 every time."""
+    work = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, keys in RUNS.items():
+        if name == "plateau":
+            keys = {**keys, "train.init_from": str(work / "runs" / "step" / "fold0" / "best.pt")}
+        cfg = tiny_config(tiny_root, work, **{"train.experiment": name, **SMALL, **keys})
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "plateau":
+                real = fold_module.validate
+
+                def flat(*args, real=real, **kw):
+                    val = real(*args, **kw)
+                    val.metrics["dice"] = 0.5
+                    return val
+
+                mp.setattr(fold_module, "validate", flat)
+            result = run_training(cfg, 0, progress=False)
+        out[name] = (
+            pd.read_csv(result.run_dir / "summary.csv"),
+            load_checkpoint(result.run_dir / "last.pt"),
+        )
+    out["step_best"] = None, load_checkpoint(work / "runs" / "step" / "fold0" / "best.pt")
+    return out
+
+
+def test_the_optimiser_keys_reach_the_optimiser_training_steps(runs):
+    summary, last = runs["step"]
+    group = last["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.8 and group["weight_decay"] == 0.01
+    assert "nesterov" in group and "betas" not in group  # SGD, not the default AdamW
+    assert summary["lr"].tolist() == pytest.approx([0.01, 0.005])  # 0.02 x 0.5 per epoch
+    assert last["progress"]["num_updates"] == 2  # one update of two batches per epoch
+
+
+def test_warmup_min_lr_poly_and_val_every_reach_the_run(runs):
+    """Linear warm-up from min_lr over 4 updates, then min_lr + (lr - min_lr) x
+    (1 - t / T)^2 over the run's T = 6 updates, reaching min_lr at the end."""
+    summary, last = runs["poly"]
+    lr, floor = 0.01, 0.001
+    want = [floor + (lr - floor) * 2 / 4, floor + (lr - floor) * (1 - 4 / 6) ** 2, floor]
+    assert summary["lr"].tolist() == pytest.approx(want)
+    assert summary["val_dice"].isna().tolist() == [True, False, False]  # epochs 1 and 2
+    assert last["progress"]["num_updates"] == 6
+
+
+def test_grad_clip_bounds_each_step_and_plateau_patience_decays_the_lr(runs):
+    summary, last = runs["plateau"]
+    # validations of epochs 0 and 1 give 0.5: no gain at epoch 1, patience 0: halved
+    assert summary["lr"].tolist() == pytest.approx([1.0, 1.0, 0.5])
+    start = runs["step_best"][1]["model"]
+    weights = [n for n, v in start.items() if v.is_floating_point() and "running_" not in n]
+    moved = torch.sqrt(sum(((last["model"][n].double() - start[n].double()) ** 2).sum()
+                           for n in weights))  # fmt: skip
+    # plain SGD moves the weights by lr x the clipped gradient: at most
+    # (1 + 1 + 0.5) x 2 updates per epoch x 1e-4 in all
+    assert 0 < moved <= 2 * 2.5 * 1e-4 * (1 + 1e-6)
