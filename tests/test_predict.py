@@ -8,6 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from bonecomp import rle
 from bonecomp.classes import CLASSES
@@ -203,3 +204,61 @@ def test_inference_writes_each_image_at_its_own_size(trained, tiny_root, tiny_co
         assert last <= h * w, name
         if (h, w) == (160, 160):
             assert last > 128 * 128  # drawn at 160 x 160, not at the training images' size
+
+
+def _fed(monkeypatch) -> list[torch.Tensor]:
+    """Every input the ensemble's models are fed from now on (their forward's argument)."""
+    from bonecomp.inference import ensemble as ensemble_mod
+
+    seen: list[torch.Tensor] = []
+    real = ensemble_mod.create_model
+
+    def create(cfg_model):
+        net = real(cfg_model)
+        net.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        return net
+
+    monkeypatch.setattr(ensemble_mod, "create_model", create)
+    return seen
+
+
+def test_the_infer_keys_decide_what_the_models_are_fed(trained, tiny_root, tmp_path, monkeypatch):
+    """infer.tta, infer.scales and infer.batch_size set as a user sets them: 4 test images
+    in loader batches of 3 and 1, each seen upright and flipped upside down, at 64 px
+    and at 1.5 x 64 = 96 px; with infer.sliding_window, 32 px tiles at half overlap
+    (3 x 3 per 64 px image)."""
+    _, work = trained
+    seen = _fed(monkeypatch)
+    keys = {"infer.tta": ["none", "vflip"], "infer.scales": [1.0, 1.5], "infer.batch_size": 3,
+            "infer.name": "fed"}  # fmt: skip
+    cfg = tiny_config(tiny_root, work, **keys)
+    assert predict_submission(
+        cfg, ensemble_members(cfg), tmp_path / "a.csv", progress=False
+    ).report.ok
+    assert sorted((x.shape[0], x.shape[-1]) for x in seen) == sorted(
+        [(3, 64), (3, 64), (3, 96), (3, 96), (1, 64), (1, 64), (1, 96), (1, 96)]
+    )
+    for size in (64, 96):  # per batch: the upright view and its vertical flip
+        views = [x for x in seen if x.shape[0] == 3 and x.shape[-1] == size]
+        assert torch.equal(views[1], views[0].flip(-2)) or torch.equal(views[0], views[1].flip(-2))
+    seen.clear()
+    keys = {"infer.tta": ["none"], "infer.sliding_window": True, "infer.tile": 32,
+            "infer.overlap": 0.5, "infer.name": "fed"}  # fmt: skip
+    cfg = tiny_config(tiny_root, work, **keys)
+    assert predict_submission(
+        cfg, ensemble_members(cfg), tmp_path / "b.csv", progress=False
+    ).report.ok
+    assert {tuple(x.shape[-2:]) for x in seen} == {(32, 32)}
+    assert sum(x.shape[0] for x in seen) == 4 * 9
+
+
+def test_the_submission_lands_in_out_dir_under_its_name(trained, tiny_root, tmp_path):
+    _, work = trained
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import infer
+
+    keys = {"infer.out_dir": str(tmp_path / "subs"), "infer.name": "mine"}
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--quiet"]
+    assert infer.main(args + tiny_overrides(tiny_root, work, **keys)) == 0
+    written = list((tmp_path / "subs").iterdir())
+    assert len(written) == 1 and written[0].name.startswith("mine_") and written[0].suffix == ".csv"
