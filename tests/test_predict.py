@@ -225,8 +225,8 @@ def _fed(monkeypatch) -> list[torch.Tensor]:
 def test_the_infer_keys_decide_what_the_models_are_fed(trained, tiny_root, tmp_path, monkeypatch):
     """infer.tta, infer.scales and infer.batch_size set as a user sets them: 4 test images
     in loader batches of 3 and 1, each seen upright and flipped upside down, at 64 px
-    and at 1.5 x 64 = 96 px; with infer.sliding_window, 32 px tiles at half overlap
-    (3 x 3 per 64 px image)."""
+    and at 1.5 x 64 = 96 px; with infer.sliding_window, 32 px tiles at 3/4 overlap
+    (a stride of 8 px: 5 x 5 per 64 px image)."""
     _, work = trained
     seen = _fed(monkeypatch)
     keys = {"infer.tta": ["none", "vflip"], "infer.scales": [1.0, 1.5], "infer.batch_size": 3,
@@ -243,13 +243,24 @@ def test_the_infer_keys_decide_what_the_models_are_fed(trained, tiny_root, tmp_p
         assert torch.equal(views[1], views[0].flip(-2)) or torch.equal(views[0], views[1].flip(-2))
     seen.clear()
     keys = {"infer.tta": ["none"], "infer.sliding_window": True, "infer.tile": 32,
-            "infer.overlap": 0.5, "infer.name": "fed"}  # fmt: skip
+            "infer.overlap": 0.75, "infer.name": "fed"}  # fmt: skip
     cfg = tiny_config(tiny_root, work, **keys)
     assert predict_submission(
         cfg, ensemble_members(cfg), tmp_path / "b.csv", progress=False
     ).report.ok
     assert {tuple(x.shape[-2:]) for x in seen} == {(32, 32)}
-    assert sum(x.shape[0] for x in seen) == 4 * 9
+    assert sum(x.shape[0] for x in seen) == 4 * 25
+
+
+def test_infer_compile_compiles_each_member(trained, tiny_root, tmp_path, monkeypatch):
+    _, work = trained
+    compiled: list = []
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)  # a spy
+    for on in (False, True):
+        cfg = tiny_config(tiny_root, work, **{"infer.compile": on, "infer.name": "c"})
+        members = ensemble_members(cfg)
+        assert predict_submission(cfg, members, tmp_path / f"{on}.csv", progress=False).report.ok
+        assert len(compiled) == (len(members) if on else 0)
 
 
 def test_the_submission_lands_in_out_dir_under_its_name(trained, tiny_root, tmp_path):
