@@ -22,6 +22,7 @@ from torch import nn
 
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.classes import CARPALS
+from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
 from bonecomp.distributed import Dist
 from bonecomp.engine import to_device
@@ -350,3 +351,19 @@ def test_grad_clip_bounds_each_step_and_plateau_patience_decays_the_lr(runs):
     # plain SGD moves the weights by lr x the clipped gradient: at most
     # (1 + 1 + 0.5) x 2 updates per epoch x 1e-4 in all
     assert 0 < moved <= 2 * 2.5 * 1e-4 * (1 + 1e-6)
+
+
+def test_the_preprocess_keys_reach_the_training_cache(tiny_root, tmp_path):
+    """data.preprocess [clahe] with data.clahe_clip 3 and data.clahe_grid 4: the images
+    training reads are OpenCV's CLAHE of each PNG at those settings, then resized."""
+    from tests.test_preprocess import plain, reference
+
+    table = discover(tiny_root, "train")
+    keys = {"data.preprocess": ["clahe"], "data.clahe_clip": 3.0, "data.clahe_grid": 4}
+    cfg = tiny_config(tiny_root, tmp_path, **keys)
+    _, cache = prepare_cache(cfg, table, Dist(), False)
+    for i in (0, len(cache) - 1):
+        png = read_image(table.set_index("rel").loc[cache.index["rel"].iloc[i], "image_path"])
+        np.testing.assert_array_equal(cache.image(i), reference(png, 64, 3.0, 4))
+        assert not np.array_equal(cache.image(i), reference(png, 64, 2.0, 8))  # the defaults
+        assert not np.array_equal(cache.image(i), plain(png, 64))
