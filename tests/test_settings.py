@@ -317,6 +317,7 @@ def runs(tiny_root, tmp_path_factory) -> dict[str, tuple[pd.DataFrame, dict]]:
             load_checkpoint(result.run_dir / "last.pt"),
         )
     out["step_best"] = None, load_checkpoint(work / "runs" / "step" / "fold0" / "best.pt")
+    out["step_files"] = None, {p.name for p in (work / "runs" / "step" / "fold0").iterdir()}
     return out
 
 
@@ -327,6 +328,8 @@ def test_the_optimiser_keys_reach_the_optimiser_training_steps(runs):
     assert "nesterov" in group and "betas" not in group  # SGD, not the default AdamW
     assert summary["lr"].tolist() == pytest.approx([0.01, 0.005])  # 0.02 x 0.5 per epoch
     assert last["progress"]["num_updates"] == 2  # one update of two batches per epoch
+    files = runs["step_files"][1]  # train.save_oof false: no out-of-fold maps
+    assert "best.pt" in files and not {"oof.npy", "oof_index.csv"} & files
 
 
 def test_warmup_min_lr_poly_and_val_every_reach_the_run(runs):
