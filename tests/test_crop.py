@@ -186,6 +186,48 @@ def test_a_sure_crop_model_changes_only_the_carpal_rows_inside_the_box(trained, 
     assert same[~is_changed].all() and not same[is_changed].all()
 
 
+def test_the_crop_checkpoint_and_margin_keys_reach_the_csv(trained, tiny_root, tmp_path):
+    """``infer.crop.checkpoint`` naming a file of the fold folder (the sure model saved
+    beside the echo's best.pt) turns the carpal rows into the whole box, where ``best``
+    leaves the CSV as it was; ``infer.crop.margin`` grows the boxes pasted into the CSV
+    by (1 + 2 m) per side."""
+    _, work = trained
+    echo = work / "runs" / "echo" / "fold0"
+    shutil.copy(work / "runs" / "sure" / "fold0" / "best.pt", echo / "sure.pt")
+    first = {
+        "train.epochs": 1,
+        "infer.tta": ["none"],
+        "infer.batch_size": 1,
+        "infer.threshold": 0.02,
+    }  # the module's first stage, as its fixture set it
+    plain_cfg = tiny_config(tiny_root, work, **first)
+    plain = read_submission(
+        predict_submission(plain_cfg, ensemble_members(plain_cfg), tmp_path / "p.csv").path
+    )
+
+    def csv(name: str, **crop):
+        keys = {
+            f"infer.crop.{k}": v for k, v in {"experiment": "echo", "folds": [0], **crop}.items()
+        }
+        cfg = tiny_config(tiny_root, work, **first, **keys)
+        res = predict_submission(cfg, ensemble_members(cfg), tmp_path / name, progress=False)
+        return read_submission(res.path), res.crop_boxes
+
+    carpal = plain["class"].isin([CLASSES[c] for c in CARPALS]).to_numpy()
+    best, _ = csv("best.csv", threshold=1e-6)  # the box is the image; the echo model
+    assert (best["rle"] == plain["rle"]).all()
+    sure, _ = csv("sure.csv", threshold=1e-6, checkpoint="sure.pt")
+    assert (sure["rle"][carpal] == "1 16384").all() and (sure["rle"] == plain["rle"])[~carpal].all()
+    # at 0.03 these barely trained models' carpal pixels mark boxes inside the image
+    sides = {}
+    for m in (0.0, 0.2):
+        _, boxes = csv(f"m{m}.csv", threshold=0.03, margin=m)
+        sides[m] = {n: b[1] - b[0] for n, b in boxes.items() if b is not None}
+    assert sides[0.0] and sides[0.0].keys() == sides[0.2].keys()
+    for n, side in sides[0.0].items():
+        assert side < 128 / 1.4 and sides[0.2][n] == pytest.approx(side * 1.4, abs=4), n
+
+
 def test_crop_stage_user_errors_are_one_line(trained, tmp_path):
     cfg, _ = trained
     members = ensemble_members(cfg)
