@@ -24,7 +24,7 @@ from bonecomp.inference import carpal_stage as crop_module
 from bonecomp.inference.carpal_stage import crop_oof_dice, paste_crop, prediction_box
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.predict import predict_submission
-from bonecomp.inference.thresholds import grid_dice, oof_items
+from bonecomp.inference.thresholds import grid_dice, oof_items, write_thresholds
 from bonecomp.memory import BatchMemoryError, MemoryBudget
 from bonecomp.runs import MemberSpec, RunDir, RunError, crop_members, ensemble_members
 from bonecomp.submission import read_submission
@@ -360,3 +360,28 @@ def test_a_crop_experiments_oof_is_read_in_its_box(carpal_run):
         assert im.picture(scale=1.0).shape[:2] == im.hw  # the image cut to the box
     with pytest.raises(RunError, match="crop experiment"):
         next(oof_items([MemberSpec(run.best)], "unused", progress=False))
+
+
+def test_crop_oof_scores_with_the_thresholds_file_in_use(carpal_run, tiny_root, tmp_path, capsys):
+    """crop_oof.py with a thresholds file giving half the carpals 0.02 and the others 0.5:
+    its "without" column (the first stage alone) is, per carpal, threshold tuning's OOF
+    Dice at that carpal's threshold."""
+    cfg, _, work = carpal_run
+    ts = [0.5] * 29
+    for c in CARPALS[::2]:
+        ts[c] = 0.02  # these barely trained models' carpal probabilities lie around it
+    path = write_thresholds(tmp_path / "thr.json", ts)
+    sys.path.insert(0, str(REPO / "scripts"))
+    import crop_oof
+
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
+    keys = {"infer.crop.experiment": "carp", "infer.crop.folds": [0], "infer.thresholds": str(path)}
+    assert crop_oof.main([*args, *tiny_overrides(tiny_root, work, **keys)]) == 0
+    printed = {ln.split()[0]: float(ln.split()[1]) for ln in capsys.readouterr().out.splitlines()
+               if ln.split() and ln.split()[0] in {CLASSES[c] for c in CARPALS}}  # fmt: skip
+    first = ensemble_members(cfg)
+    at = {t: grid_dice(oof_items(first, tiny_root, progress=False), (t,))[0][:, 0]
+          for t in (0.02, 0.5)}  # fmt: skip
+    for c in CARPALS:
+        assert printed[CLASSES[c]] == pytest.approx(at[ts[c]][c], abs=6e-5), CLASSES[c]
+    assert any(abs(at[0.02][c] - at[0.5][c]) > 1e-3 for c in CARPALS[::2])  # it can fail
