@@ -34,13 +34,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     """``timm.optim.create_optimizer_v2`` with ``train.optimizer/lr/weight_decay/momentum``.
 
     ``adamw`` is torch's AdamW; timm's ``sgd`` uses Nesterov momentum (``momentum`` is
-    plain). Weight decay applies to every parameter, biases and norms included, as before
-    (timm's ``filter_bias_and_bn`` would exempt them).
+    plain; ``sgd`` with ``train.momentum`` 0 is plain SGD). Weight decay applies to every
+    parameter, biases and norms included, as before (timm's ``filter_bias_and_bn`` would
+    exempt them).
     """
     check_optimizer_name(cfg.optimizer)
+    opt = cfg.optimizer
+    if cfg.momentum == 0 and opt.lower() in ("sgd", "nesterov"):
+        opt = "momentum"  # Nesterov without momentum is plain SGD (torch refuses the pair)
     return timm.optim.create_optimizer_v2(
         model,
-        opt=cfg.optimizer,
+        opt=opt,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,

@@ -168,7 +168,8 @@ def validate_submission(
 
     Every problem is reported with its line number (the header is line 1): header,
     row count, image names and their order, class order, duplicate rows, malformed RLE
-    or runs outside the image (``shapes``: one (H, W) or one per image).
+    or runs outside the image (``shapes``: one (H, W), or one per expected image: a row
+    is judged against the size of the image it names).
 
     Warnings, which leave the file valid: a leading UTF-8 byte-order mark (accepted: the
     header is read without it), a class whose every mask is empty, a file whose every
@@ -203,6 +204,9 @@ def validate_submission(
             f"({len(image_names)} test images x {NUM_CLASSES} classes)"
         )
     per_image = isinstance(shapes, list)
+    # a row is judged against the size of the test image it names; by position only when
+    # the name is not a test image (rows missing or moved must not borrow another's size)
+    shape_of = dict(zip(image_names, shapes, strict=False)) if per_image else {}
     names, classes, rles = df["image_name"].tolist(), df["class"].tolist(), df["rle"].tolist()
     dup = df.duplicated(["image_name", "class"], keep="first").to_numpy()
     seen, empty = np.zeros(NUM_CLASSES, int), np.zeros(NUM_CLASSES, int)  # per class
@@ -218,7 +222,7 @@ def validate_submission(
             add(f"line {line}: image_name {name!r}, expected {image_names[k]!r}")
         if cls != CLASSES[c]:
             add(f"line {line}: class {cls!r}, expected {CLASSES[c]!r} (class order)")
-        shape = shapes[min(k, len(shapes) - 1)] if per_image else shapes
+        shape = shape_of.get(name, shapes[min(k, len(shapes) - 1)]) if per_image else shapes
         try:
             starts, _ = rle.string_to_runs(code, shape)
         except rle.RLEError as e:

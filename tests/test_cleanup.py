@@ -5,9 +5,12 @@ thresholds file's table refused when bad, and inference applying exactly the tab
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
+import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
@@ -327,3 +330,80 @@ def test_tuning_script_keeps_the_file_and_adds_the_table(trained, tmp_path, caps
         cfg.infer.thresholds = None
     assert res.cleanup.table == doc["cleanup"]
     assert res.before.mean == pytest.approx(doc["cleanup_dice_before"])
+
+
+RADIUS, ULNA = CLASSES.index("Radius"), CLASSES.index("Ulna")
+
+
+def _hand_run(trained_work, tiny_root, runs, name: str, island: float):
+    """A run folder ``runs/<name>/fold0`` whose OOF maps are made by hand on the trained
+    run's validation images: each bone at 0.02 + 0.9 x its coverage, and a 12 px island
+    at p = ``island`` in a corner beside the Radius and the Ulna. Returns its folder."""
+    src, run = trained_work / "runs" / "tiny" / "fold0", runs / name / "fold0"
+    run.mkdir(parents=True)
+    shutil.copy(src / "oof_index.csv", run)
+    (run / "best.pt").symlink_to(src / "best.pt")  # tuning reads only the OOF maps
+    index = pd.read_csv(run / "oof_index.csv")
+    s = 32
+    maps = np.zeros((len(index), C, s, s), np.float16)
+    for row, rel, h, w in zip(index["row"], index["rel"], index["src_h"], index["src_w"],
+                              strict=True):  # fmt: skip
+        truth = dense_truth(load_annotation(tiny_root / "train" / "outputs_json" /
+                                            rel.replace(".png", ".json")), (h, w))  # fmt: skip
+        cover = np.stack([cv2.resize(t.astype(np.float32), (s, s), interpolation=cv2.INTER_AREA)
+                          for t in truth])  # fmt: skip
+        maps[row] = 0.02 + 0.9 * cover
+        for c in (RADIUS, ULNA):
+            assert cover[c, :6, :6].max() == 0  # the island is far from the bone
+            maps[row, c, 1:4, 1:4] = island
+    np.save(run / "oof.npy", maps)
+    return run
+
+
+def _tune_cleanup(tiny_root, work, thresholds_file, experiments, capsys) -> dict:
+    """``tune_cleanup.py --rules largest`` with the thresholds file and an ensemble of
+    ``experiments`` set as a user sets them; the clean-up table it writes."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import tune_cleanup as script
+
+    keys = {"infer.ensemble": [{"experiment": e, "folds": [0]} for e in experiments],
+            "infer.thresholds": str(thresholds_file)}  # fmt: skip
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet", "--rules", "largest"]
+    out = work / "out.json"
+    over = tiny_overrides(tiny_root, work, **keys)
+    assert script.main([*args, "--out", str(out), *over]) == 0, capsys.readouterr().err
+    return json.loads(out.read_text())["cleanup"]
+
+
+def test_the_clean_up_is_chosen_on_the_masks_of_the_thresholds_in_use(
+    trained, tiny_root, tmp_path, capsys
+):
+    """Hand-made OOF maps with an island at p = 0.3 beside the Radius and the Ulna. The
+    thresholds file (as ``tune_thresholds.py`` writes it) gives the Radius 0.2 and every
+    other class 0.5: only the Radius's masks hold its island, so ``tune_cleanup.py``
+    keeps ``largest`` for the Radius alone. At 0.5 for every class it would keep nothing."""
+    _, work = trained
+    run = _hand_run(work, tiny_root, tmp_path / "runs", "hand", 0.3)
+    ts = [0.5] * C
+    ts[RADIUS] = 0.2
+    thr = write_thresholds(tmp_path / "thr.json", ts, grid=[0.2, 0.5], oof_images=2,
+                           runs=[str(run)])  # fmt: skip
+    assert _tune_cleanup(tiny_root, tmp_path, thr, ["hand"], capsys) == {"Radius": ["largest"]}
+
+
+def test_the_clean_up_is_chosen_on_the_maps_of_the_class_weights_in_use(
+    trained, tiny_root, tmp_path, capsys
+):
+    """Two experiments' hand-made OOF maps, islands at p = 0.6 in ``a`` and none in ``b``.
+    The class weights of the thresholds file (as ``tune_ensemble.py`` writes them) give
+    the Radius 0.9 of ``a`` (an island of 0.54: seen at 0.5) and the Ulna 0.1 of ``a``
+    (0.06: unseen): ``largest`` for the Radius alone. With the members' own weights (1
+    and 1) both islands would be 0.3: unseen, no clean-up."""
+    _, work = trained
+    runs = [_hand_run(work, tiny_root, tmp_path / "runs", e, p) for e, p in (("a", 0.6), ("b", 0))]
+    share = [0.5] * C
+    share[RADIUS], share[ULNA] = 0.9, 0.1
+    table = {"a": share, "b": [1 - w for w in share]}
+    thr = write_thresholds(tmp_path / "thr.json", [0.5] * C, class_weights=table,
+                           runs=[str(r) for r in runs])  # fmt: skip
+    assert _tune_cleanup(tiny_root, tmp_path, thr, ["a", "b"], capsys) == {"Radius": ["largest"]}

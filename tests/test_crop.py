@@ -24,7 +24,7 @@ from bonecomp.inference import carpal_stage as crop_module
 from bonecomp.inference.carpal_stage import crop_oof_dice, paste_crop, prediction_box
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.inference.predict import predict_submission
-from bonecomp.inference.thresholds import grid_dice, oof_items
+from bonecomp.inference.thresholds import grid_dice, oof_items, write_thresholds
 from bonecomp.memory import BatchMemoryError, MemoryBudget
 from bonecomp.runs import MemberSpec, RunDir, RunError, crop_members, ensemble_members
 from bonecomp.submission import read_submission
@@ -186,6 +186,48 @@ def test_a_sure_crop_model_changes_only_the_carpal_rows_inside_the_box(trained, 
     assert same[~is_changed].all() and not same[is_changed].all()
 
 
+def test_the_crop_checkpoint_and_margin_keys_reach_the_csv(trained, tiny_root, tmp_path):
+    """``infer.crop.checkpoint`` naming a file of the fold folder (the sure model saved
+    beside the echo's best.pt) turns the carpal rows into the whole box, where ``best``
+    leaves the CSV as it was; ``infer.crop.margin`` grows the boxes pasted into the CSV
+    by (1 + 2 m) per side."""
+    _, work = trained
+    echo = work / "runs" / "echo" / "fold0"
+    shutil.copy(work / "runs" / "sure" / "fold0" / "best.pt", echo / "sure.pt")
+    first = {
+        "train.epochs": 1,
+        "infer.tta": ["none"],
+        "infer.batch_size": 1,
+        "infer.threshold": 0.02,
+    }  # the module's first stage, as its fixture set it
+    plain_cfg = tiny_config(tiny_root, work, **first)
+    plain = read_submission(
+        predict_submission(plain_cfg, ensemble_members(plain_cfg), tmp_path / "p.csv").path
+    )
+
+    def csv(name: str, **crop):
+        keys = {
+            f"infer.crop.{k}": v for k, v in {"experiment": "echo", "folds": [0], **crop}.items()
+        }
+        cfg = tiny_config(tiny_root, work, **first, **keys)
+        res = predict_submission(cfg, ensemble_members(cfg), tmp_path / name, progress=False)
+        return read_submission(res.path), res.crop_boxes
+
+    carpal = plain["class"].isin([CLASSES[c] for c in CARPALS]).to_numpy()
+    best, _ = csv("best.csv", threshold=1e-6)  # the box is the image; the echo model
+    assert (best["rle"] == plain["rle"]).all()
+    sure, _ = csv("sure.csv", threshold=1e-6, checkpoint="sure.pt")
+    assert (sure["rle"][carpal] == "1 16384").all() and (sure["rle"] == plain["rle"])[~carpal].all()
+    # at 0.03 these barely trained models' carpal pixels mark boxes inside the image
+    sides = {}
+    for m in (0.0, 0.2):
+        _, boxes = csv(f"m{m}.csv", threshold=0.03, margin=m)
+        sides[m] = {n: b[1] - b[0] for n, b in boxes.items() if b is not None}
+    assert sides[0.0] and sides[0.0].keys() == sides[0.2].keys()
+    for n, side in sides[0.0].items():
+        assert side < 128 / 1.4 and sides[0.2][n] == pytest.approx(side * 1.4, abs=4), n
+
+
 def test_crop_stage_user_errors_are_one_line(trained, tmp_path):
     cfg, _ = trained
     members = ensemble_members(cfg)
@@ -318,3 +360,28 @@ def test_a_crop_experiments_oof_is_read_in_its_box(carpal_run):
         assert im.picture(scale=1.0).shape[:2] == im.hw  # the image cut to the box
     with pytest.raises(RunError, match="crop experiment"):
         next(oof_items([MemberSpec(run.best)], "unused", progress=False))
+
+
+def test_crop_oof_scores_with_the_thresholds_file_in_use(carpal_run, tiny_root, tmp_path, capsys):
+    """crop_oof.py with a thresholds file giving half the carpals 0.02 and the others 0.5:
+    its "without" column (the first stage alone) is, per carpal, threshold tuning's OOF
+    Dice at that carpal's threshold."""
+    cfg, _, work = carpal_run
+    ts = [0.5] * 29
+    for c in CARPALS[::2]:
+        ts[c] = 0.02  # these barely trained models' carpal probabilities lie around it
+    path = write_thresholds(tmp_path / "thr.json", ts)
+    sys.path.insert(0, str(REPO / "scripts"))
+    import crop_oof
+
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
+    keys = {"infer.crop.experiment": "carp", "infer.crop.folds": [0], "infer.thresholds": str(path)}
+    assert crop_oof.main([*args, *tiny_overrides(tiny_root, work, **keys)]) == 0
+    printed = {ln.split()[0]: float(ln.split()[1]) for ln in capsys.readouterr().out.splitlines()
+               if ln.split() and ln.split()[0] in {CLASSES[c] for c in CARPALS}}  # fmt: skip
+    first = ensemble_members(cfg)
+    at = {t: grid_dice(oof_items(first, tiny_root, progress=False), (t,))[0][:, 0]
+          for t in (0.02, 0.5)}  # fmt: skip
+    for c in CARPALS:
+        assert printed[CLASSES[c]] == pytest.approx(at[ts[c]][c], abs=6e-5), CLASSES[c]
+    assert any(abs(at[0.02][c] - at[0.5][c]) > 1e-3 for c in CARPALS[::2])  # it can fail

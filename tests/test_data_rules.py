@@ -162,6 +162,18 @@ def test_an_output_folder_that_is_a_file_is_one_line(key, where, tiny_root, tmp_
     assert afile.read_text() == "keep me"
 
 
+def test_an_excluded_image_is_left_out_of_the_run(tiny_root, tmp_path):
+    """``data.exclude`` by file stem: the run's cache and folds hold the other nine."""
+    png = _pngs(tiny_root, "train")[0]
+    assert _train(tiny_root, tmp_path, f"data.exclude=[{png.stem}]", "train.epochs=1") == 0
+    (folder,) = (tmp_path / "cache").glob("*/train_64")
+    index = (folder / "index.csv").read_text()
+    assert png.name not in index and len(index.splitlines()) == 1 + 9
+    (folds,) = folder.parent.glob("folds_*.csv")
+    text = folds.read_text()
+    assert png.name not in text and len(text.splitlines()) == 1 + 9
+
+
 def test_excluding_every_image_says_excluded_not_unusable(tiny_root, tmp_path, capsys):
     names = ",".join(p.name for p in _pngs(tiny_root, "train"))
     assert _train(tiny_root, tmp_path / "work", f"data.exclude=[{names}]") == 2

@@ -4,6 +4,7 @@ stratified by wrist angle, the bent hands spread over the folds and the rule in 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -19,7 +20,10 @@ from bonecomp.data.folds import (
 from bonecomp.data.layout import discover
 from bonecomp.data.phantom import make_phantom, plan_patients
 from bonecomp.data.phantom.plan import concentrate_bends
-from bonecomp.testing import DEMO_CONFIG
+from bonecomp.runs import run_dir
+from bonecomp.testing import DEMO_CONFIG, tiny_config
+from bonecomp.training import fold as fold_module
+from bonecomp.training import run_training
 from tests.test_bad_inputs import _one_error_line, _train
 
 
@@ -79,13 +83,19 @@ N_BENT = 5  # of 10 training patients, both hands bent (make_phantom's bent_pati
 
 
 @pytest.fixture(scope="module")
-def bent_table(tmp_path_factory) -> tuple[pd.DataFrame, set[str]]:
-    """A 128 px phantom whose bent wrists are concentrated in 5 of 10 patients (seed 0),
-    its table and the patients the generator bent (from its plan, not from any measure)."""
+def bent_root(tmp_path_factory) -> Path:
+    """A 128 px phantom whose bent wrists are concentrated in 5 of 10 patients (seed 0)."""
     root = tmp_path_factory.mktemp("bent")
     make_phantom(root, 10, 0, size=128, seed=0, workers=1, progress=False, bent_patients=N_BENT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bent_table(bent_root) -> tuple[pd.DataFrame, set[str]]:
+    """The bent phantom's table and the patients the generator bent (from its plan, not
+    from any measure)."""
     jobs = concentrate_bends(plan_patients(0, 10, 0), 0, N_BENT)
-    return discover(root), {j.patient_id for j in jobs if j.bent}
+    return discover(bent_root), {j.patient_id for j in jobs if j.bent}
 
 
 def _bent_per_fold(folds: pd.DataFrame, bent: set[str]) -> list[int]:
@@ -151,3 +161,32 @@ def test_an_unknown_stratification_key_is_refused_by_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.fold_stratify") as e:
         load_config(DEMO_CONFIG, ["data.fold_stratify=elbow"])
     assert "\n" not in str(e.value)
+
+
+def test_a_stratified_run_trains_and_validates_on_the_stratified_split(
+    bent_root, bent_table, tmp_path, monkeypatch
+):
+    """``data.fold_stratify=wrist_angle`` set as a user sets it reaches the split a run
+    uses: its validation (the run's ``oof_index.csv``) holds one of the five bent patients,
+    and its training batches hold every other patient, never a validation one."""
+    df, bent = bent_table
+    # a fold that plain GroupKFold fills with other than one bent patient: a run that
+    # ignored the key would fail here
+    fold = next(k for k, n in enumerate(_bent_per_fold(make_folds(df, 5), bent)) if n != 1)
+    trained: set[str] = set()
+    real_epoch = fold_module.train_one_epoch
+
+    def recording(model, loader, *args, **kw):
+        rel = loader.dataset.cache.index["rel"]
+        trained.update(rel.iloc[i] for b in loader for i in b["index"].tolist())
+        return real_epoch(model, loader, *args, **kw)
+
+    monkeypatch.setattr(fold_module, "train_one_epoch", recording)
+    cfg = tiny_config(
+        bent_root, tmp_path, **{"data.fold_stratify": "wrist_angle", "train.epochs": 1}
+    )
+    run_training(cfg, fold, progress=False)
+    val = set(pd.read_csv(run_dir(cfg, fold).oof_index)["rel"].str.split("/").str[0])
+    train = {rel.split("/")[0] for rel in trained}
+    assert len(val & bent) == 1 and len(val) == 2  # two of ten patients, one of them bent
+    assert train == set(df["patient"]) - val  # the other eight, whole

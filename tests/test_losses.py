@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import segmentation_models_pytorch as smp
 import torch
 
 from bonecomp.config import ConfigError, LossConfig
 from bonecomp.losses import TERMS, build_loss, soft_dice_loss
+from bonecomp.testing import tiny_config
+from bonecomp.training import run_training
 
 
 def test_bce_of_zero_logits_is_log2():
@@ -107,3 +110,45 @@ def test_unknown_term_lists_the_valid_ones():
 def test_all_weights_zero_rejected():
     with pytest.raises(ConfigError, match=r"loss\.terms"):
         build_loss(LossConfig(terms={"bce": 0.0, "dice": 0.0}))
+
+
+# ------------------------------------------------------------- the weights, in a real run
+class _GradientSeen(torch.autograd.Function):
+    """Identity on a term's value that records the gradient the total sends back to it:
+    d total / d term, the term's weight in the sum that is backpropagated."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, log: list) -> torch.Tensor:
+        ctx.log = log
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.log.append(float(grad))
+        return grad, None
+
+
+def test_each_term_weighs_in_the_trained_total_as_configured(tiny_root, tmp_path, monkeypatch):
+    """``loss.terms`` set on the command line, with a registered term of our own: in a
+    real run every backward of the training step gives each term exactly its configured
+    weight, and summary.csv's loss is the weighted sum of the terms it logs."""
+    weights = {"bce": 0.3, "dice": 1.5, "sigmoid_mean": 0.7}
+    # registered as register_loss("sigmoid_mean", builder) does, and removed afterwards
+    builder = lambda c: lambda logits, batch: torch.sigmoid(logits).mean()  # noqa: E731
+    monkeypatch.setitem(TERMS, "sigmoid_mean", builder)
+    seen: dict[str, list[float]] = {name: [] for name in weights}
+    for name in weights:  # each built term wrapped to record its gradient
+        build = TERMS[name]
+
+        def recording(cfg, build=build, log=seen[name]):
+            term = build(cfg)
+            return lambda logits, batch: _GradientSeen.apply(term(logits, batch), log)
+
+        monkeypatch.setitem(TERMS, name, recording)
+    cfg = tiny_config(tiny_root, tmp_path, **{"loss.terms": weights, "train.epochs": 1})
+    result = run_training(cfg, 0, progress=False)
+    for name, w in weights.items():
+        assert seen[name] and seen[name] == pytest.approx([w] * len(seen[name]), rel=1e-6), name
+    row = pd.read_csv(result.run_dir / "summary.csv").iloc[-1]
+    want = sum(w * row[f"loss_{name}"] for name, w in weights.items())
+    assert row["loss"] == pytest.approx(want, rel=1e-5)

@@ -210,6 +210,21 @@ def test_auto_keeps_the_largest_micro_batch_under_the_margin(tiny_root, tmp_path
         check_config(cfg)
 
 
+def test_memory_fraction_is_the_margin_the_probe_keeps(tiny_root, tmp_path):
+    """120 bytes per image of 1000: 8 images (960 bytes) fit under 0.99 of the device,
+    only 4 (480) under 0.5 and only 2 (240) under 0.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, C, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ctx = engine.StepContext(torch.device("cpu"), progress=False)
+    for fraction, micro in ((0.99, 8), (0.5, 4), (0.3, 2)):
+        keys = {"train.micro_batch": "auto", "train.batch_size": 16,
+                "train.memory_fraction": fraction}  # fmt: skip
+        cfg = tiny_config(tiny_root, tmp_path, **keys)
+        plan = plan_batch(cfg, model, opt, ctx, MemoryBudget(total=1000, bytes_per_image=120))
+        assert plan.micro_batch == micro, fraction
+
+
 def test_the_probe_gives_the_loss_the_keys_the_dataset_yields(tiny_root, tmp_path, monkeypatch):
     """The probe's batches repeat a real training item: a term reading a key the dataset
     adds gets it (a random image/mask batch would raise KeyError)."""

@@ -89,6 +89,19 @@ def test_momentum_reaches_sgd():
     assert opt.param_groups[0]["momentum"] == 0.8
 
 
+def test_sgd_without_momentum_is_plain_sgd():
+    """timm's sgd is Nesterov, which torch refuses without momentum; momentum 0 (in the
+    key's range) gives plain SGD: one step moves a weight by lr x its gradient."""
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    opt = build_optimizer(model, TrainConfig(optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                                             lr=0.1))  # fmt: skip
+    model(torch.tensor([[3.0, 4.0]])).sum().backward()  # gradient (3, 4)
+    opt.step()
+    torch.testing.assert_close(model.weight, torch.tensor([[1.0 - 0.3, 2.0 - 0.4]]))
+
+
 def test_unknown_optimizer_names_the_key():
     with pytest.raises(ConfigError, match=r"train\.optimizer.*'adamx'.*valid.*adamw"):
         build_optimizer(_model(), TrainConfig(optimizer="adamx"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -16,11 +17,15 @@ from bonecomp import models
 from bonecomp.checkpoint import load_checkpoint, save_checkpoint
 from bonecomp.checks import check_config
 from bonecomp.config import ConfigError
+from bonecomp.data.annotations import load_annotation
+from bonecomp.data.layout import discover
+from bonecomp.distributed import Dist
 from bonecomp.inference.ensemble import load_member
 from bonecomp.inference.predict import predict_submission
 from bonecomp.runs import ensemble_members
-from bonecomp.testing import tiny_config
+from bonecomp.testing import dense_truth, tiny_config
 from bonecomp.training import state as state_mod
+from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 from bonecomp.training.fold import run_training
 from bonecomp.training.state import build_state
 from tests.test_bad_inputs import _one_error_line, _train
@@ -169,3 +174,73 @@ def test_validation_batches_hold_the_pixels_of_a_training_batch(tiny_root, tmp_p
     assert size(**{"train.batch_size": 8}) == 8  # whole images: the training batch
     assert size(**{"train.batch_size": 8, "data.patch_size": 32}) == 2  # 8 x 32^2 / 64^2
     assert size(**{"train.batch_size": 2, "data.patch_size": 32}) == 1  # at least one
+
+
+# ------------------------------------------------------- the sampler's keys, in the batches
+SAMPLED = {"data.image_size": 128, "data.patch_size": 32, "train.batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def centre_hits(tiny_root, tmp_path_factory):
+    """``hits(**keys)``: (N, C) bool, which classes cover the centre of each of 1600
+    training patches, and the fold's training images (``rel``), for the tiny recipe
+    with ``keys`` set as a user sets them; the loaders are built as training builds them
+    (``prepare_cache`` + ``build_loaders``) and drawn epoch by epoch. Memoised per keys."""
+    work = tmp_path_factory.mktemp("sampled")
+    memo: dict = {}
+
+    def hits(**keys) -> tuple[torch.Tensor, list[str]]:
+        key = tuple(sorted(keys.items()))
+        if key not in memo:
+            cfg = tiny_config(tiny_root, work, **SAMPLED, **keys)
+            folds, cache = prepare_cache(cfg, discover(tiny_root, "train"), Dist(), False)
+            data = build_loaders(cfg, cache, *fold_split(folds, 0))
+            h = cfg.data.patch_size // 2
+            out = []
+            for epoch in range(200):
+                data.start_epoch(cfg.train.seed, epoch, 0)
+                for batch in data.train_loader:  # soft masks: coverage 0..255
+                    out.append(batch["mask"][:, :, h - 1 : h + 1, h - 1 : h + 1].amax((2, 3)) > 127)
+            rels = cache.index["rel"].iloc[data.train_idx].tolist()
+            memo[key] = torch.cat(out), rels
+        return memo[key]
+
+    return hits
+
+
+def test_patch_foreground_is_the_share_of_training_patches_centred_on_a_bone(
+    centre_hits, tiny_root
+):
+    share = {
+        f: centre_hits(**{"data.patch_foreground": f})[0].any(1).float().mean().item()
+        for f in (0.0, 0.5, 1.0)
+    }
+    # placed uniformly, a patch's centre is on bone as often as bone covers the middle of
+    # the image (the centres' range), measured on the truth drawn by OpenCV (augmentation
+    # moves it a little)
+    table = discover(tiny_root, "train")
+    on_bone = [dense_truth(load_annotation(j), (128, 128)).any(0)[16:112, 16:112].mean()
+               for j in table["json_path"]]  # fmt: skip
+    assert share[0.0] == pytest.approx(np.mean(on_bone), abs=0.05)
+    assert share[1.0] > 0.95  # every patch centred on a bone
+    assert share[0.5] == pytest.approx((share[0.0] + share[1.0]) / 2, abs=0.05)  # half and half
+
+
+def test_patch_balance_decides_which_bones_the_training_patches_are_centred_on(
+    centre_hits, tiny_root
+):
+    """``area`` draws a bone with weight 1 / sqrt(its mean area), ``uniform`` every bone
+    alike: per class, the ratio of the two counts falls with the area at the power -1/2
+    (how often a centred patch's centre pixels land on its bone cancels in the ratio)."""
+    counts = {}
+    for balance in ("area", "uniform"):
+        hits, rels = centre_hits(**{"data.patch_foreground": 1.0, "data.patch_balance": balance})
+        hits = hits.float()
+        counts[balance] = (hits / hits.sum(1, keepdim=True).clamp(min=1)).sum(0).numpy()
+    table = discover(tiny_root, "train").set_index("rel").loc[rels]
+    areas = np.stack([dense_truth(load_annotation(j), (128, 128)).sum((1, 2))
+                      for j in table["json_path"]]).astype(float)  # fmt: skip
+    mean_area = areas.sum(0) / np.maximum((areas > 0).sum(0), 1)
+    assert (mean_area > 0).all() and (counts["uniform"] > 0).all()
+    slope = np.polyfit(np.log(mean_area), np.log(counts["area"] / counts["uniform"]), 1)[0]
+    assert slope == pytest.approx(-0.5, abs=0.2)  # ignoring the key: 0

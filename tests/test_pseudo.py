@@ -354,3 +354,75 @@ def test_train_script_refusal_is_one_line_exit_2(trained, tiny_root, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "train.pseudo_labels" in err and "does not exist" in err
     assert len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------- the keys, in the training batches
+NO_AUGMENT = {"data.augment.hflip": 0.0, "data.augment.affine_p": 0.0}  # masks as stored
+THRESHOLDS = [0.2 + 0.02 * c + 0.001 for c in range(NUM_CLASSES)]  # per class, off the grid
+
+
+@pytest.fixture(scope="module")
+def known_pseudo(tiny_root, tmp_path_factory):
+    """A pseudo-label folder of the tiny test images at 64 px with random probabilities
+    and per-class thresholds (no model needed), and a work folder for its runs."""
+    work = tmp_path_factory.mktemp("known")
+    test = discover(tiny_root, "test")
+    index = test[["rel", "patient", "name"]].assign(src_h=128, src_w=128)
+    rng = np.random.default_rng(0)
+    writer = PseudoWriter(work / "pl", index, 64)
+    for row, path in enumerate(test["image_path"]):
+        image = cv2.resize(read_image(path), (64, 64), interpolation=cv2.INTER_AREA)
+        writer.add(row, image, rng.random((NUM_CLASSES, 64, 64)))
+    return writer.close({"thresholds": THRESHOLDS}).path, work
+
+
+def _expected_target(stored: np.ndarray, rule: str, confidence: float, soft: bool) -> np.ndarray:
+    """The target the docs promise for stored uint8 probabilities (written here, not taken
+    from ``pseudo_target``): soft, sharpened, or each class's threshold."""
+    p = stored.astype(np.float64) / 255
+    if not soft:
+        return (p > np.asarray(THRESHOLDS)[:, None, None]).astype(np.uint8)
+    out = stored.copy()
+    if rule == "sharpen":
+        out[p >= confidence] = 255
+        out[p <= 1 - confidence] = 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "rule, confidence, weight, soft",
+    [("soft", 0.9, 1.0, True), ("sharpen", 0.75, 2.0, True), ("sharpen", 0.95, 0.5, True),
+     ("soft", 0.9, 1.0, False)],
+    ids=["soft", "sharpen-0.75-twice", "sharpen-0.95-half", "binary"],
+)  # fmt: skip
+def test_the_pseudo_rule_confidence_and_weight_reach_the_training_batches(
+    known_pseudo, tiny_root, rule, confidence, weight, soft
+):
+    folder, work = known_pseudo
+    keys = {
+        **NO_AUGMENT, "train.pseudo_labels": str(folder), "train.pseudo_rule": rule,
+        "train.pseudo_confidence": confidence, "train.pseudo_weight": weight,
+        "data.soft_targets": soft, "train.batch_size": 2,  # 8 real + 2, 4 or 8 pseudo: no rest
+    }  # fmt: skip
+    cfg = tiny_config(tiny_root, work, **keys)
+    table = discover(tiny_root, "train")
+    pseudo = open_pseudo_labels(cfg, table)
+    folds, cache = prepare_cache(cfg, table, Dist(), False)
+    data = build_loaders(cfg, cache, *fold_split(folds, 0), pseudo=pseudo)
+    n = len(cache)
+    stored = [open_pseudo(folder).read(j)[1] for j in range(len(pseudo))]
+    for epoch in range(2):
+        data.start_epoch(cfg.train.seed, epoch, 0)
+        drawn = []
+        for batch in data.train_loader:
+            for i, mask in zip(batch["index"].tolist(), batch["mask"], strict=True):
+                if i >= n:
+                    drawn.append(i - n)
+                    want = _expected_target(stored[i - n], rule, confidence, soft)
+                    np.testing.assert_array_equal(mask.numpy(), want, err_msg=f"pseudo row {i - n}")
+        assert len(drawn) == round(weight * len(pseudo))  # pseudo items per epoch
+        assert len(set(drawn)) == min(len(drawn), len(pseudo))  # each once, or twice each
+        if weight == 2.0:
+            assert sorted(drawn) == sorted([*range(len(pseudo))] * 2)
+    sharp = _expected_target(stored[0], rule, confidence, soft)
+    assert ((sharp != stored[0]).mean() > 0.05) == (rule == "sharpen" or not soft)  # can fail

@@ -3,6 +3,7 @@ scorer agrees with the metric on masks of known Dice."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from bonecomp import rle
 from bonecomp.classes import CLASSES
 from bonecomp.data.annotations import load_annotation
+from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
 from bonecomp.submission import (
     HEADER,
@@ -205,3 +207,46 @@ def test_a_clean_file_has_no_warnings(tmp_path):
         write_submission(tmp_path / "s.csv", _rows(fill="1 3")), NAMES, SHAPE
     )
     assert report.ok and report.warnings == []
+
+
+# ------------------------------------------------------------------ per-image sizes
+SIZES = [(128, 128), (96, 160), (160, 160), (128, 128)]  # (H, W) of the 4 test PNGs, in order
+
+
+@pytest.fixture
+def mixed_sizes(tiny_copy):
+    """A copy of the tiny phantom whose test PNGs have the sizes ``SIZES``."""
+    test = discover(tiny_copy, "test")
+    for path, (h, w) in zip(test["image_path"], SIZES, strict=True):
+        cv2.imwrite(str(path), cv2.resize(read_image(path), (w, h)))
+    return tiny_copy
+
+
+def test_each_image_rle_is_judged_against_its_own_png_size(mixed_sizes, tmp_path, capsys):
+    """``check_submission.py --data`` reads each test PNG's size: a run ending at pixel
+    16010 fits the 128 x 128 image (16384 pixels) but not the 96 x 160 one (15360); one
+    ending at 20010 fits the 160 x 160 image (25600) but not a 128 x 128 one."""
+    names = discover(mixed_sizes, "test")["name"].tolist()
+    fits_128, fits_160 = "16001 10", "20001 10"
+
+    def first_class(codes: dict[int, str], name: str):  # image number -> its first RLE
+        rows = [(n, [codes.get(k, "")] + [""] * 28) for k, n in enumerate(names)]
+        return write_submission(tmp_path / name, rows)
+
+    ok = first_class({0: fits_128, 2: fits_160, 3: fits_128}, "ok.csv")
+    code, out = _check_script(ok, mixed_sizes, capsys)
+    assert code == 0 and "OK" in out, out
+    bad = first_class({0: fits_160, 1: fits_128, 2: fits_160}, "bad.csv")
+    code, out = _check_script(bad, mixed_sizes, capsys)
+    problems = [ln for ln in out.splitlines() if ln.startswith("line ")]
+    assert code == 1 and len(problems) == 2, out
+    assert problems[0].startswith(f"line 2: bad RLE for {names[0]} {CLASSES[0]}: ")
+    assert problems[0].endswith("past the end of a 128x128 mask")
+    assert problems[1].startswith(f"line {2 + 29}: bad RLE for {names[1]} {CLASSES[0]}: ")
+    assert problems[1].endswith("past the end of a 96x160 mask")
+    # rows of a named test image are judged against that image's size, also when an
+    # image's rows are missing and the rest moved up (no false "bad RLE" for them)
+    df = read_submission(ok)
+    df[df["image_name"] != names[1]].to_csv(tmp_path / "short.csv", index=False)
+    code, out = _check_script(tmp_path / "short.csv", mixed_sizes, capsys)
+    assert code == 1 and "have no rows" in out and "bad RLE" not in out, out

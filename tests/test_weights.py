@@ -287,3 +287,34 @@ def test_ensemble_normalises_class_weights_per_class():
         ]
         with pytest.raises(ValueError, match=msg):
             Ensemble(members, views(["none"], [1.0]))
+
+
+def test_the_member_weights_of_infer_ensemble_weigh_its_probabilities(trained, tiny_root):
+    """infer.ensemble with weights 3 (tiny) and 1 (fcn), as a user writes it: the
+    probabilities inference thresholds are (3 sigmoid(tiny) + sigmoid(fcn)) / 4, each
+    model run here by hand on the test PNG resized with INTER_AREA."""
+    import cv2
+
+    from bonecomp.data.dataset import to_float_image
+    from bonecomp.data.images import read_image
+    from bonecomp.data.layout import discover
+    from bonecomp.inference.ensemble import load_member
+    from bonecomp.inference.predict import build_ensemble, predicted_batches
+
+    _, work = trained
+    weighted = [{**ENSEMBLE[0], "weight": 3.0}, {**ENSEMBLE[1], "weight": 1.0}]
+    keys = {"infer.ensemble": weighted, "infer.tta": ["none"], "infer.name": "weighted"}
+    cfg = tiny_config(tiny_root, work, **_overrides(**keys))
+    members = ensemble_members(cfg)
+    ens, table, _ = build_ensemble(cfg, members, torch.device("cpu"))
+    assert table is None  # no class weights file: the scalar weights
+    test = discover(tiny_root, "test")
+    got = torch.cat([p for _, p in predicted_batches(ens, test, ens.inputs, cfg,
+                                                     torch.device("cpu"), "t", False)])  # fmt: skip
+    pngs = [read_image(p) for p in test["image_path"]]
+    x = to_float_image(torch.from_numpy(np.stack(
+        [cv2.resize(p, (64, 64), interpolation=cv2.INTER_AREA) for p in pngs])))  # fmt: skip
+    with torch.no_grad():
+        tiny, fcn = (torch.sigmoid(load_member(m.checkpoint).model.eval()(x)) for m in members)
+    torch.testing.assert_close(got, (3 * tiny + fcn) / 4, atol=1e-5, rtol=1e-5)
+    assert (tiny - fcn).abs().max() > 0.05  # the weights matter: the test can fail

@@ -28,7 +28,8 @@ class BoneDataset(Dataset):
 
     Masks are drawn from the cached polygons at the cache's size: binary (exactly
     ``rasterize``), or with ``soft_targets`` each class's fractional pixel coverage
-    (``soft_k`` x ``soft_k`` sub-samples). With a ``transform`` (see
+    (``soft_k`` x ``soft_k`` sub-samples; compact: 0..255, so 0 or 255 for ``soft_k`` 1,
+    as ``StepContext.soft_targets`` reads them). With a ``transform`` (see
     ``augment.train_transform``) the polygons move with the image as keypoints and the
     masks are drawn at the new pose. With ``compact`` the image stays uint8 (S, S) and the
     mask uint8 (C, S, S), and ``to_float_image`` / ``to_float_mask`` convert them on the
@@ -93,9 +94,12 @@ class BoneDataset(Dataset):
         else:
             shifted = points - np.array([x0, y0], np.float64)
             mask = draw(shifted, polys.offsets, (p, p), outline(src_hw, (s, s)), k)
+        if self.soft_targets and k == 1:  # one sub-sample: coverage is 0 or 255, as soft
+            mask *= 255  # masks are read (engine.to_device divides them by 255)
         origin = (y0, x0) if self.patch is not None else None
         # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
-        return self.sample.item(Item(image, mask, index=idx, soft=k > 1, origin=origin))
+        item = Item(image, mask, index=idx, soft=self.soft_targets, origin=origin)
+        return self.sample.item(item)
 
     def _rng(self) -> np.random.Generator:
         """The augmentation's generator (seeded per worker and epoch, see
