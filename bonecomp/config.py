@@ -483,7 +483,7 @@ class TrainConfig:
     )
     micro_batch: int | Literal["auto"] | None = key(
         None,
-        "images per forward: null = batch_size; n; auto = probe the GPU",
+        "images per forward: null = batch_size; n; auto = probe the GPU, from the computed plan",
         check=lambda v: v == "auto" or v >= 1,
         want="must be >= 1, auto or null",
         resume=True,
@@ -496,6 +496,13 @@ class TrainConfig:
         resume=True,
     )
     compile: bool = key(False, "torch.compile the training model (off until measured)", resume=True)
+    grad_checkpointing: bool = key(
+        False,
+        "recompute the encoder's and decoder's blocks in the backward pass: less activation"
+        " memory for ~1 more forward of them per step, same gradients (scripts/doctor.py"
+        " --plan shows both)",
+        resume=True,
+    )
     report: bool = key(True, "scripts/train.py refreshes runs/<experiment>/report.html per fold")
     pseudo_labels: str | None = key(
         None,
