@@ -221,3 +221,35 @@ def test_a_plan_says_what_is_exact_and_what_is_an_allowance():
     assert tr.ema_bytes == tr.weight_bytes + tr.buffer_bytes
     assert tr.total(tr.at_recipe) > tr.at_recipe.peak + tr.ema_bytes
     assert dataclasses.asdict(p)  # plain data: benchmarks write it as JSON
+
+
+# ------------------------------------------------------------ train.micro_batch: auto
+def test_auto_probes_from_the_computed_plan(tiny_root, tmp_path):
+    """On a GPU the probe starts at the plan's size and halves only if it does not fit:
+    one probe where the plan is right, where growing from 1 took four; a plan that
+    fails is said and the probe grows from 1 as before."""
+    from bonecomp import engine
+    from bonecomp.memory import MemoryBudget
+    from bonecomp.testing import tiny_config
+    from bonecomp.training.batch_plan import plan_batch
+
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.micro_batch": "auto", "train.batch_size": 16})
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 29, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ctx = engine.StepContext(torch.device("cpu"), progress=False)
+    budget = MemoryBudget(total=1000, bytes_per_image=120)  # 4 fit under 85 %, 8 do not
+    limits = []
+    plan = plan_batch(cfg, model, opt, ctx, budget, planner=lambda b: limits.append(b) or 4)
+    assert plan.micro_batch == 4 and plan.planned == 4 and plan.peak_bytes == {4: 480}
+    assert limits == [850] and "computed plan: 4" in plan.describe()
+    plan = plan_batch(cfg, model, opt, ctx, budget, planner=lambda b: 8)  # too optimistic
+    assert plan.micro_batch == 4 and plan.peak_bytes == {8: 960, 4: 480}
+    plan = plan_batch(cfg, model, opt, ctx, MemoryBudget(total=1000, bytes_per_image=900),
+                      planner=lambda b: 4)  # fmt: skip
+    assert plan.micro_batch == 1 and plan.peak_bytes == {4: None, 2: None, 1: 900}
+
+    def broken(limit):
+        raise RuntimeError("no fake kernel")
+
+    plan = plan_batch(cfg, model, opt, ctx, budget, planner=broken)
+    assert plan.planned is None and plan.peak_bytes == {1: 120, 2: 240, 4: 480, 8: 960}
