@@ -99,13 +99,14 @@ class RecipePlan:
     target: int
     training: TrainingPlan
     inference: InferenceFigures
-    seconds: float = 0.0  # to compute it
+    seconds: float = 0.0  # to compute it (wall clock)
+    cpu_seconds: float = 0.0  # to compute it (this process's CPU time)
     notes: list[str] = field(default_factory=list)
 
 
 def plan_recipe(cfg: Config, target: int = 24 * GiB, config: str = "") -> RecipePlan:
     """The plan of ``cfg`` for a GPU of ``target`` bytes (see the module)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tracer = StepTracer(cfg)
     mb = recipe_micro_batch(cfg)
     ema = (tracer.weight_bytes + tracer.buffer_bytes) if cfg.train.ema else 0
@@ -143,6 +144,7 @@ def plan_recipe(cfg: Config, target: int = 24 * GiB, config: str = "") -> Recipe
         training=training,
         inference=inference,
         seconds=time.perf_counter() - t0,
+        cpu_seconds=time.process_time() - c0,
     )
 
 
@@ -187,7 +189,8 @@ def format_plan(p: RecipePlan) -> str:
     geometry = f"{p.side} px patches" if p.patch else f"{p.side} px whole images"
     ck = "true" if tr.checkpointing else "false"
     lines = [
-        f"plan: {p.config} (computed on fake tensors in {p.seconds:.0f} s, not measured on a GPU)",
+        f"plan: {p.config} (computed on fake tensors in {p.seconds:.0f} s, {p.cpu_seconds:.0f} s"
+        " of CPU; not measured on a GPU)",
         f"model      {p.what}, {tr.parameters / 1e6:.1f} M parameters; training on {geometry};"
         " CUDA autocast float16 (bfloat16 on Ampere and newer takes the same bytes)",
         f"target     {target / GiB:g} GiB (--gpu-memory); framework allowance: {fw.describe()}",
@@ -299,7 +302,7 @@ def epoch_seconds(p: RecipePlan, card_tflops: float, utilisation: float = 1.0) -
     return EPOCH_IMAGES * flops / (card_tflops * 1e12 * utilisation)
 
 
-def test_seconds(p: RecipePlan, card_tflops: float, utilisation: float = 1.0) -> float:
+def test_set_seconds(p: RecipePlan, card_tflops: float, utilisation: float = 1.0) -> float:
     return TEST_IMAGES * p.inference.flops_per_image / (card_tflops * 1e12 * utilisation)
 
 
@@ -316,7 +319,7 @@ def _flops_lines(p: RecipePlan) -> list[str]:
         f"{'test floor':>10}  {'estimate':>9}",
     ]
     for c in CARDS:
-        e, t = epoch_seconds(p, c.tflops), test_seconds(p, c.tflops)
+        e, t = epoch_seconds(p, c.tflops), test_set_seconds(p, c.tflops)
         lines.append(
             f"  {c.name:<11}{c.tflops:>7.0f}  {_t(e):>11}  {_t(e / UTILISATION):>9}  "
             f"{_t(t):>10}  {_t(t / UTILISATION):>9}" + (f"   ({c.note})" if c.note else "")
@@ -329,8 +332,10 @@ __all__ = [
     "Framework",
     "GiB",
     "RecipePlan",
+    "epoch_seconds",
     "fits_at_all",
     "format_plan",
     "plan_recipe",
     "planned_micro_batch",
+    "test_set_seconds",
 ]

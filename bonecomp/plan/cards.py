@@ -57,5 +57,20 @@ def card(name: str) -> Card:
     raise KeyError(name)
 
 
+def card_for(device_name: str) -> Card | None:
+    """The table's card of a ``torch.cuda.get_device_name`` (None: not in the table). An
+    H100 PCIe has its own peak (756 TFLOPS); an H200 is an H100 SXM's (989, NVIDIA H200
+    datasheet: 1,979 with sparsity)."""
+    name = device_name.upper()
+    if "H100" in name and "PCIE" in name:
+        return Card("H100 PCIe", 756.0, 80, "")
+    if "H200" in name:
+        return Card("H200", 989.0, 141, "")
+    for key in ("H100", "A100", "V100", "A10G", "L4"):
+        if key in name:
+            return card(key)
+    return card("A10") if "A10" in name else None
+
+
 def seconds(flops: float, c: Card, utilisation: float = 1.0) -> float:
     return flops / (c.tflops * 1e12 * utilisation)
