@@ -146,8 +146,7 @@ class StepTracer:
         self._correction: dict[bool, int] = {}
         self._ref_step: dict[bool, tuple[int, int]] = {}
         self._peaks: dict[tuple[int, bool], int] = {}
-        self.input_bytes = 0
-        state = self._create_state(params)
+        state = self._create_state()
         self.optimizer_bytes = storage_bytes(state)
         self.optimizer_host_bytes = storage_bytes(  # the "step" counters, on the host
             [t for s in self.optimizer.state.values() for t in s.values()
@@ -179,7 +178,7 @@ class StepTracer:
             todo.extend(f for f, _ in fn.next_functions)
         return [p for p in self.model.parameters() if id(p) in used]
 
-    def _create_state(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _create_state(self) -> list[torch.Tensor]:
         """One optimiser step on zero gradients of the parameters the loss reaches: the
         state every later step holds (the 0-dim ``step`` counters of torch's Adam family
         live on the host)."""
@@ -201,9 +200,9 @@ class StepTracer:
         """The whole step at ``m`` images per forward (computed once per (m, checkpointing))."""
         key = (m, checkpointing)
         if key not in self._known:
-            acts_cpu, flops, phases = self._run(m, checkpointing)
+            acts_cpu, flops, phases, inputs = self._run(m, checkpointing)
             if m == self.reference:  # the optimiser step's peak and the input batch then
-                self._ref_step[checkpointing] = (phases.get("step", (0, {}))[0], self.input_bytes)
+                self._ref_step[checkpointing] = (phases.get("step", (0, {}))[0], inputs)
             correction = self._cuda_correction(m, checkpointing, acts_cpu)
             fb_peak, fb_live = phases["forward/backward"]
             fb_live = dict(fb_live)
@@ -218,10 +217,10 @@ class StepTracer:
             )  # fmt: skip
         return self._known[key]
 
-    def _run(self, m: int, checkpointing: bool, step: bool = True) -> tuple[int, int, dict]:
-        """(activations when the backward starts, FLOPs, the phases' peaks) of one step;
-        without ``step`` the optimiser's update is skipped (clipping and the rest of
-        ``train_step`` run)."""
+    def _run(self, m: int, checkpointing: bool, step: bool = True) -> tuple[int, int, dict, int]:
+        """(activations when the backward starts, FLOPs, the phases' peaks, the input
+        batch's bytes) of one step; without ``step`` the optimiser's update is skipped
+        (clipping and the rest of ``train_step`` run)."""
         set_grad_checkpointing(self.model, checkpointing)
         if not step:
             self.optimizer.step = lambda *args, **kwargs: None  # the instance's, for this run
@@ -230,7 +229,7 @@ class StepTracer:
                 self.trace.reset_peak()
                 with self.trace.phase(INPUTS), torch.device("cpu"):
                     batch = compact_batch(m, self.side, self.cfg.data.soft_targets)
-                self.input_bytes = self.trace.bytes_of(INPUTS)
+                inputs = self.trace.bytes_of(INPUTS)
                 train_step(self.model, [batch], self.optimizer, self.loss_fn, self.ctx)
                 del batch
         finally:
@@ -239,7 +238,7 @@ class StepTracer:
         t = self.trace
         end = t.forward_end or {}
         acts = end.get(ACTIVATIONS, 0) + end.get(WEIGHT_COPIES, 0)
-        return acts, t.flops, dict(t.phase_peaks)
+        return acts, t.flops, dict(t.phase_peaks), inputs
 
     def _cuda_correction(self, m: int, checkpointing: bool, acts_cpu: int) -> int:
         """CUDA minus CPU activations: computed at the reference micro-batch, scaled by
@@ -310,10 +309,10 @@ class StepTracer:
         self.figures(self.reference, checkpointing)  # the reference's step phase
         key = (m, checkpointing)
         if key not in self._peaks:
-            acts_cpu, _, phases = self._run(m, checkpointing, step=False)
+            acts_cpu, _, phases, inputs = self._run(m, checkpointing, step=False)
             fb = phases["forward/backward"][0] + self._cuda_correction(m, checkpointing, acts_cpu)
-            ref_step = self._ref_step[checkpointing]
-            step = ref_step[0] - ref_step[1] + self.input_bytes if ref_step[0] else 0
+            ref_step, ref_inputs = self._ref_step[checkpointing]
+            step = ref_step - ref_inputs + inputs if ref_step else 0
             self._peaks[key] = max(fb, step)
         return self._peaks[key]
 
