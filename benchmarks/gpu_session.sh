@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What needs a GPU, in one go: the CUDA postprocess path, training throughput and memory
-# at the recipes' real sizes, the streaming ensemble, and a short real training of the
-# FCN-8s recipe on a 2048 px phantom (then inference and the score of its submission).
+# at the recipes' real sizes, the computed plan of every recipe against the measured
+# max_memory_allocated and step time, the streaming ensemble, and a short real training
+# of the FCN-8s recipe on a 2048 px phantom (then inference and the score of its
+# submission).
 #
 #   bash benchmarks/gpu_session.sh [bench|train|all]      logs in $LOGS (default gpu-logs)
 #
@@ -27,6 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
     step postprocess $PY benchmarks/bench_postprocess.py --no-memory
     step train_bench $PY benchmarks/bench_train.py --data "$WORK/bench-phantom"
+    step plan_bench $PY benchmarks/bench_plan.py --json "$LOGS/plan.json"
     step infer_bench $PY benchmarks/bench_infer.py --train-seconds 40
 fi
 if [ "$WHAT" = train ] || [ "$WHAT" = all ]; then

@@ -332,11 +332,14 @@ class TrainConfig(Section):
     micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, json_schema_extra=want("be >= 1, auto or null", resume=True)
     )
-    """images per forward: null = batch_size; n; auto = probe the GPU"""
+    """images per forward: null = batch_size; n; auto = probe the GPU, from the computed plan"""
     memory_fraction: float = Field(0.85, gt=0, le=1, json_schema_extra=RESUME)
     """auto: largest micro-batch whose peak stays under this share"""
     compile: bool = Field(False, json_schema_extra=RESUME)
     """torch.compile the training model (off until measured)"""
+    grad_checkpointing: bool = Field(False, json_schema_extra=RESUME)
+    """recompute the encoder's and decoder's blocks in the backward pass: less activation memory
+    for ~1 more forward of them per step, same gradients (scripts/doctor.py --plan shows both)"""
     report: bool = True
     """scripts/train.py refreshes runs/<experiment>/report.html per fold"""
     pseudo_labels: str | None = Field(

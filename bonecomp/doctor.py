@@ -44,6 +44,7 @@ from bonecomp.engine import StepContext, batch_size, train_step
 from bonecomp.inference.postprocess import upsample_threshold
 from bonecomp.losses import build_loss
 from bonecomp.models import SegModel, create_model
+from bonecomp.models.checkpointing import set_grad_checkpointing
 from bonecomp.models.encoder_weights import WeightsError, hub_host, hub_offline, reachable
 from bonecomp.optim import build_optimizer
 from bonecomp.training.data import DATA_ERRORS, FoldData, build_loaders, train_sample
@@ -543,6 +544,7 @@ def _trainable(cfg: Config, device: torch.device, channels_last: bool) -> _Train
     model = create_model(cfg.model.model_copy(update={"encoder_weights": None})).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    set_grad_checkpointing(model, cfg.train.grad_checkpointing)  # the memory training sees
     model.train()
     opt = build_optimizer(model, cfg.train)
     amp = amp_dtype(device, cfg.train.amp)

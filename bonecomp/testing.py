@@ -176,3 +176,69 @@ def as_overrides(values: dict) -> list[str]:
 def tiny_config(data_root: Path | str, work: Path | str, **extra) -> Config:
     """``configs/demo.yaml`` with ``tiny_overrides`` applied."""
     return load_config(DEMO_CONFIG, tiny_overrides(data_root, work, **extra))
+
+
+# ------------------------------------------------------------------------- the plan
+def measured_cpu_step(cfg: Config, micro_batch: int) -> tuple[int, dict[str, int]]:
+    """The peak of live tensor bytes of one real training step of ``cfg`` on the CPU
+    (float32, the optimiser's state already made by a first step), measured by torch's
+    profiler (``profile_memory``) and its memory timeline, which sorts every allocation
+    into parameters, optimizer state, gradients, activations, ... by what the tensor
+    became; returns (peak, {category: bytes alive at the peak}).
+
+    The reference the plan (``bonecomp.plan``, fake tensors) is checked against: real
+    kernels and the allocator's own accounting, nothing of the plan's.
+    """
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    from bonecomp.engine import StepContext, train_step
+    from bonecomp.losses import build_loss
+    from bonecomp.models import create_model
+    from bonecomp.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = create_model(cfg.model.model_copy(update={"encoder_weights": None})).train()
+    optimizer = build_optimizer(model, cfg.train)
+    ctx = StepContext(
+        torch.device("cpu"), grad_clip=cfg.train.grad_clip, progress=False,
+        soft_targets=cfg.data.soft_targets, oom_retry=False, check_finite=False,
+    )  # fmt: skip
+    loss_fn = build_loss(cfg.loss)
+    side = cfg.data.patch_size or cfg.data.image_size
+    top = 256 if cfg.data.soft_targets else 2
+    batch = {
+        "image": torch.randint(0, 256, (micro_batch, side, side), dtype=torch.uint8),
+        "mask": torch.randint(0, top, (micro_batch, 29, side, side), dtype=torch.uint8),
+        "index": torch.arange(micro_batch),
+    }
+    train_step(model, [batch], optimizer, loss_fn, ctx)  # the optimiser's state
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+        with_stack=True,
+    ) as prof:  # fmt: skip
+        train_step(model, [batch], optimizer, loss_fn, ctx)
+    memory = prof._memory_profile()
+    live: dict[str, int] = defaultdict(int)
+    total = peak = 0
+    at_peak: dict[str, int] = {}
+
+    def category(key, version) -> str:
+        c = memory._categories.get(key, version)
+        return c.name if c is not None else "UNKNOWN"
+
+    for _, action, (key, version), size in memory.timeline:
+        if action in (Action.PREEXISTING, Action.CREATE):
+            live[category(key, version)] += size
+            total += size
+        elif action == Action.INCREMENT_VERSION:
+            live[category(key, version - 1)] -= size
+            live[category(key, version)] += size
+        elif action == Action.DESTROY:
+            live[category(key, version)] -= size
+            total -= size
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    return peak, {k: v for k, v in at_peak.items() if v}

@@ -41,6 +41,7 @@ LAYERS = {
     "bonecomp.inference.pseudo_labels": 3,  # wiring: test images -> pseudo-label folder
     "bonecomp.training": 3,  # wiring: one fold end to end
     "bonecomp.doctor": 3,  # wiring: checks a machine against a recipe
+    "bonecomp.plan": 3,  # the recipe's step and ensemble on fake tensors (auto starts there)
     "bonecomp.viz": 4,
     "bonecomp.report": 4,  # HTML pages of runs: embeds viz's pictures (a leaf)
     "bonecomp.testing": 4,  # references for tests/ and benchmarks/: may import any module

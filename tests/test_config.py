@@ -304,6 +304,7 @@ def test_resume_rule_is_todays_set():
         "train.micro_batch", "train.memory_fraction", "train.compile",
         "extensions",  # added since: where the user's registrations live, like data.root
         "train.expect_dice",  # added since: a warning's threshold, not the training
+        "train.grad_checkpointing",  # added since: recomputes, the same gradients
     }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ ever in memory, whatever the number of test images.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,15 @@ class Ensemble:
         return total / weights
 
     def _predictor(self, m: Member, device: torch.device):
-        dtype = amp_dtype(device, self.amp)
+        run = self._forward(m, device)
+        tile = m.patch_size or self.tile
+        if tile and tile < m.input_size:
+            return lambda x: sliding_window(run, x, tile, self.overlap)
+        return run
+
+    def _forward(self, m: Member, device: torch.device):
+        """One forward of member ``m``: the device's memory format, autocast, float32
+        logits (``bonecomp.plan`` runs the same on fake tensors)."""
         fmt = (
             torch.channels_last
             if resolve_channels_last("auto", device)
@@ -154,15 +163,14 @@ class Ensemble:
 
         def run(x: torch.Tensor) -> torch.Tensor:
             x = x.contiguous(memory_format=fmt)
-            with torch.autocast(
-                device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-            ):
+            with self._autocast(device):
                 return m.model(x).float()
 
-        tile = m.patch_size or self.tile
-        if tile and tile < m.input_size:
-            return lambda x: sliding_window(run, x, tile, self.overlap)
         return run
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = amp_dtype(device, self.amp)
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def infer_ensemble(models: Sequence[Member], inf: InferConfig) -> Ensemble:

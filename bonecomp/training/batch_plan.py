@@ -2,9 +2,12 @@
 
 ``null`` keeps the loader's batch, an int fixes it, ``auto`` measures one training step
 (``engine.train_step``: forward, backward, optimiser step, with AMP and channels_last as
-training uses them) of the real model at the recipe's input size with 1, 2, 4, ...
-images up to ``train.batch_size``, keeping the largest whose peak stays under
-``train.memory_fraction`` of the device. The effective batch (``batch_size x
+training uses them) of the real model at the recipe's input size, keeping the largest
+micro-batch whose peak stays under ``train.memory_fraction`` of the device. On a GPU the
+computed plan (``bonecomp.plan``: the same step on fake tensors) proposes the size first:
+the probe measures it and halves only if it does not fit (one step where the plan is
+right); without a plan (it failed, or a fake device in the tests) the probe grows 1, 2,
+4, ... images up to ``train.batch_size``. The effective batch (``batch_size x
 accum_steps`` per update) never changes: a smaller micro-batch means more forwards per
 update. The probe leaves the weights and the random streams of training as they were; on
 CPU there is nothing to measure and ``auto`` is the full batch.
@@ -53,6 +56,7 @@ class BatchPlan:
     device: str
     how: str  # "probe", "cpu" (no probe), "config"
     memory_fraction: float | None = None
+    planned: int | None = None  # the computed plan's micro-batch the probe started from
     total_bytes: int | None = None
     peak_bytes: dict[int, int | None] = field(default_factory=dict)  # None: out of memory
 
@@ -63,7 +67,12 @@ class BatchPlan:
             f"(train.batch_size={self.batch_size} x train.accum_steps={self.accum_steps})"
         )
         if self.how == "cpu":
-            return head + "; train.micro_batch=auto on CPU: no probe, the full batch"
+            return (
+                head + "; train.micro_batch=auto on CPU: no probe, the full batch "
+                "(scripts/doctor.py --plan computes a GPU's)"
+            )
+        if self.planned is not None:
+            head += f"; computed plan: {self.planned}"
         if not self.peak_bytes:
             return head
         peaks = ", ".join(
@@ -88,8 +97,13 @@ def plan_batch(
     loss_fn: LossFn | None = None,
     sample: Callable[[], Mapping] | None = None,
     collate_fn: Collate | None = None,
+    planner: Callable[[int], int] | None = None,
 ) -> BatchPlan:
     """The micro-batch for ``cfg``: from the config, or probed on ``meter``'s device.
+
+    ``planner(budget_bytes)`` gives the computed plan's largest micro-batch within the
+    budget (``bonecomp.plan.planned_micro_batch``; training passes it on a GPU): the
+    probe starts there. A planner that fails is reported and the probe grows from 1.
 
     ``model`` is the bare model (not DDP-wrapped) and ``optimizer`` its optimiser, which
     must not have stepped yet (the probe uses a fresh one of the same kind). ``sample()``
@@ -100,7 +114,7 @@ def plan_batch(
     fields its loss reads). Under torchrun the ranks agree on the smallest micro-batch.
     """
     t = cfg.train
-    how, peaks, total = "config", {}, None
+    how, peaks, total, planned = "config", {}, None, None
     if t.micro_batch == "auto" and meter is None:
         micro, how = t.batch_size, "cpu"
     elif t.micro_batch == "auto":
@@ -110,11 +124,13 @@ def plan_batch(
             contract = train_sample(cfg)
             sample = partial(contract.synthetic, side, ctx.soft_targets)
             collate_fn = contract.collate
+        limit = int(t.memory_fraction * total)
+        planned = _planned(planner, limit, t.batch_size)
         peaks = probe(model, optimizer, ctx, side, t.batch_size, meter, loss_fn,
-                      limit=int(t.memory_fraction * total), sample=sample,
-                      collate_fn=collate_fn)  # fmt: skip
+                      limit=limit, sample=sample, collate_fn=collate_fn,
+                      start=planned)  # fmt: skip
         fits = [m for m, p in peaks.items() if p is not None and p <= t.memory_fraction * total]
-        if peaks.get(1) is None:
+        if not fits and peaks[min(peaks)] is None:  # out of memory at the fewest images
             key = "data.image_size" if cfg.data.patch_size is None else "data.patch_size"
             raise BatchMemoryError(
                 f"out of memory with one {side} px image per forward "
@@ -135,15 +151,46 @@ def plan_batch(
         memory_fraction=t.memory_fraction if how == "probe" else None,
         total_bytes=total,
         peak_bytes=peaks,
+        planned=planned,
     )
+
+
+def batch_planner(cfg: Config, ctx: StepContext) -> Callable[[int], int] | None:
+    """On a GPU with ``train.micro_batch: auto``: the computed plan's micro-batch within a
+    budget (``bonecomp.plan.planned_micro_batch``; the budget leaves room for cuDNN's
+    workspace, which the probe's ``max_memory_allocated`` includes and the plan does not)."""
+    if cfg.train.micro_batch != "auto" or ctx.device.type != "cuda":
+        return None
+
+    def planner(limit: int) -> int:
+        from bonecomp.plan import FRAMEWORK, planned_micro_batch
+
+        return planned_micro_batch(cfg, limit - FRAMEWORK.workspace, ctx.amp_dtype)
+
+    return planner
+
+
+def _planned(planner: Callable[[int], int] | None, limit: int, batch_size: int) -> int | None:
+    """The plan's micro-batch under ``limit`` (at least 1, at most the batch), or None."""
+    if planner is None:
+        return None
+    try:
+        planned = planner(limit)
+    except Exception as e:  # the plan only saves probes: never a reason to stop
+        print(f"batch plan: the computed plan failed ({type(e).__name__}: {e}); probing from 1")
+        return None
+    return min(max(planned, 1), batch_size)
 
 
 def save_plan(plan: BatchPlan, run: RunDir) -> None:
     write_text(run.batch_plan, plan.to_json())
 
 
-def probe_sizes(batch_size: int) -> list[int]:
-    """1, 2, 4, ... below ``batch_size``, then ``batch_size`` itself."""
+def probe_sizes(batch_size: int, start: int | None = None) -> list[int]:
+    """1, 2, 4, ... below ``batch_size``, then ``batch_size`` itself; from a planned
+    ``start``: ``start`` and its halves down to 1 (the probe stops at the first that fits)."""
+    if start is not None:
+        return [start >> k for k in range(start.bit_length())]
     sizes = [1 << k for k in range(batch_size.bit_length()) if 1 << k < batch_size]
     return [*sizes, batch_size]
 
@@ -159,12 +206,14 @@ def probe(
     limit: int | None = None,
     sample: Callable[[], Mapping] | None = None,
     collate_fn: Collate | None = None,
+    start: int | None = None,
 ) -> dict[int, int | None]:
     """Peak bytes of one training step (``engine.train_step`` on a uint8 batch as the
     loader gives it) per micro-batch size (None: out of memory), growing until one runs
-    out of memory or passes ``limit``. The batches repeat ``sample()`` (default: a random
-    whole image of ``image_size`` through the built-in contract), collated by
-    ``collate_fn`` (default: ``sample.collate``).
+    out of memory or passes ``limit``; from a planned ``start``, halving from it until
+    one fits. The batches repeat ``sample()`` (default: a random whole image of
+    ``image_size`` through the built-in contract), collated by ``collate_fn`` (default:
+    ``sample.collate``).
 
     Runs on ``model`` itself with a fresh optimiser of ``optimizer``'s kind and no grad
     scaler (so every step allocates the optimiser's state), then puts the weights, buffers
@@ -193,7 +242,7 @@ def probe(
             # a training item's augmentation draws too
             item = sample() if sample else Sample().synthetic(image_size, ctx.soft_targets)
             model.train()
-            for m in probe_sizes(batch_size):
+            for m in probe_sizes(batch_size, start):
                 meter.reset()
                 failed = False
                 try:
@@ -207,8 +256,11 @@ def probe(
                 if failed:
                     peaks[m] = None
                     free_memory(ctx.device)
-                    break
-                if limit is not None and peaks[m] > limit:
+                    if start is None:
+                        break
+                    continue
+                over = limit is not None and peaks[m] > limit
+                if over == (start is None):  # growing: stop over the limit; halving: at a fit
                     break
     finally:
         del scratch

@@ -32,7 +32,7 @@ from bonecomp.losses import build_loss
 from bonecomp.memory import device_meter
 from bonecomp.runs import RunDir, RunError, run_dir
 from bonecomp.training.average import clear_pool, recompute_bn
-from bonecomp.training.batch_plan import plan_batch, save_plan
+from bonecomp.training.batch_plan import batch_planner, plan_batch, save_plan
 from bonecomp.training.data import (
     DATA_ERRORS,
     FoldData,
@@ -151,7 +151,8 @@ def run_training(
         loss_fn = build_loss(cfg.loss)
         plan = plan_batch(cfg, state.model, state.optimizer, state.ctx, device_meter(device),
                           loss_fn, sample=lambda: data.train_loader.dataset[0],
-                          collate_fn=data.train_loader.collate_fn)  # fmt: skip
+                          collate_fn=data.train_loader.collate_fn,
+                          planner=batch_planner(cfg, state.ctx))  # fmt: skip
         state.ctx.micro_batch = None if cfg.train.micro_batch is None else plan.micro_batch
         start = load_last(state, run, device) if resume else Progress()
         if dd.main and state.average is not None:

@@ -32,6 +32,7 @@ from bonecomp.distributed import Dist
 from bonecomp.engine import StepContext, Validation
 from bonecomp.fileio import atomic_write
 from bonecomp.models import create_model
+from bonecomp.models.checkpointing import set_grad_checkpointing
 from bonecomp.optim import build_optimizer, build_scheduler
 from bonecomp.runs import RunDir, RunError
 from bonecomp.training.average import Averager, check_pool
@@ -105,6 +106,8 @@ def build_state(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=t.ema) if t.ema else None
+    if t.grad_checkpointing:  # after the EMA's copy, which only runs forwards
+        set_grad_checkpointing(model)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t, updates_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
