@@ -9,6 +9,10 @@ built under such a temporary name and moved into place by ``replace_dir``.
 
 A folder the pipeline cannot write to (read-only, no permission, disk full) is reported
 in one place, ``output_errors``: an ``OutputError`` naming the folder and the cause.
+
+The JSON files the pipeline reads back (annotations, thresholds files) are parsed by
+``loads_json``, which refuses a key given twice in one object (``json`` keeps the last
+silently).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _TMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)$")
 
@@ -95,6 +100,22 @@ def write_text(path: Path | str, text: str) -> Path:
     with atomic_write(path) as f:
         f.write(text)
     return Path(path)
+
+
+def loads_json(text: str) -> Any:
+    """``json.loads`` that raises ``ValueError`` for an object giving a key twice (where
+    ``json`` silently keeps the last: a second ``"thresholds"`` or ``"points"`` would
+    replace the first unseen)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} is given twice in one object (JSON keeps only the last)")
+        out[k] = v
+    return out
 
 
 def file_hash(path: Path | str, chunk: int = 1 << 24) -> str:

@@ -190,6 +190,13 @@ def _flock(f, fcntl, grace_s: float = 15.0) -> bool:
             time.sleep(0.2)
 
 
+def run_name(path: Path | str) -> str:
+    """``<experiment>/fold<k>``: what a run folder is, wherever ``train.output_dir`` lies
+    (a thresholds file names the runs it was tuned on; a moved runs folder is the same)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}"
+
+
 def runs_root(cfg: Config) -> Path:
     return Path(cfg.train.output_dir)
 

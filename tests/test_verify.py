@@ -103,6 +103,13 @@ def _damage_cases():
     def outside(r):
         return _edit_json(r, lambda d: _points(d, [[1, 1], [500, 5], [9, 1]])), "outside"
 
+    def duplicate_key(r):  # json keeps the last "points" silently; both are valid polygons
+        path = _first(r, "train/outputs_json/*/*.json")
+        text = path.read_text()
+        first = text.index('"points"')
+        path.write_text(text[:first] + '"points": [[1, 1], [9, 1], [9, 9]], ' + text[first:])
+        return path, "key 'points' is given twice"
+
     def duplicate_stem(r):
         png = _first(r, "test/DCM/*/*.png")
         other = sorted((r / "test" / "DCM").iterdir())[-1]
@@ -124,6 +131,7 @@ def _damage_cases():
         float_points,
         nan_points,
         outside,
+        duplicate_key,
         duplicate_stem,
     ]
 
