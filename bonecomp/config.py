@@ -343,6 +343,10 @@ class AverageConfig:
     )
 
 
+# train.pseudo_weight's ceiling: an epoch draws weight x the pseudo images (its order is
+# held in memory), so 1e9 would be an endless epoch, not a stronger pseudo signal.
+PSEUDO_WEIGHT_MAX = 10
+
 Scheduler = Literal["cosine", "poly", "step", "plateau", "constant", "none"]
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)  # the names, for optim and tests
 
@@ -508,8 +512,11 @@ class TrainConfig:
         1.0,
         "pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real"
         " image; 0.5: a random half)",
-        check=lambda v: v > 0,
-        want="must be > 0 (1.0: each pseudo image once per epoch)",
+        check=lambda v: 0 < v <= PSEUDO_WEIGHT_MAX,
+        want=f"must be in (0, {PSEUDO_WEIGHT_MAX}]: each pseudo image is drawn about weight"
+        " times per epoch (1.0: once, as a real image is; more than"
+        f" {PSEUDO_WEIGHT_MAX} would drown the real images and hold the epoch's order in"
+        " memory)",
     )
     pseudo_rule: Literal["soft", "sharpen"] = key(
         "soft",
