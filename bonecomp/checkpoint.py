@@ -24,7 +24,17 @@ FORMAT = "bonecomp-checkpoint-1"
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable bonecomp checkpoint; the message names it."""
+    """A file that is not a usable bonecomp checkpoint; the message names it.
+
+    ``reason`` is what is wrong without the way out, for a caller that knows a better one
+    (a damaged ``best.pt`` on ``--resume`` is deleted, not saved again)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+AGAIN = "copy or save it again"  # the way out of a damaged file, unless the caller knows one
 
 
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
@@ -41,19 +51,23 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     which suggests ``weights_only=False``, never reaches the user).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file; name the file (e.g. {path / 'best.pt'})"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     problem = _container_problem(path)
     if problem:
-        raise CheckpointError(f"{path}: {problem}")
+        reason, again = problem
+        raise CheckpointError(f"{path}: {reason}" + (f"; {AGAIN}" if again else ""), reason)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
     except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
-        raise CheckpointError(
-            f"{path}: damaged checkpoint ({_first_line(e)}); copy or save it again"
-        ) from e
+        reason = f"damaged checkpoint ({_first_line(e)})"
+        raise CheckpointError(f"{path}: {reason}; {AGAIN}", reason) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a plain state_dict" if _is_state_dict(ckpt) else f"a {type(ckpt).__name__}"
         raise CheckpointError(
@@ -126,17 +140,18 @@ def load_weights(
         ) from e
 
 
-def _container_problem(path: Path) -> str | None:
-    """What is wrong with the file as a container, before unpickling anything."""
+def _container_problem(path: Path) -> tuple[str, bool] | None:
+    """What is wrong with the file as a container, before unpickling anything, and whether
+    copying or saving it again is the way out."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        return "empty file (0 bytes): not a checkpoint; save or copy it again"
+        return "empty file (0 bytes): not a checkpoint", True
     if zipfile.is_zipfile(path):
         return None
     if head == b"PK\x03\x04":
-        return "truncated or damaged checkpoint (incomplete zip archive); copy or save it again"
-    return "not a PyTorch checkpoint (unknown bytes, not the zip archive torch.save writes)"
+        return "truncated or damaged checkpoint (incomplete zip archive)", True
+    return "not a PyTorch checkpoint (unknown bytes, not the zip archive torch.save writes)", False
 
 
 def _unsafe_reason(error: Exception) -> str:

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from bonecomp.config import Config, check_values, config_from_saved
@@ -71,6 +72,9 @@ PSEUDO_PROBS = "probs.npy"
 PSEUDO_CRC = "crc.npy"
 PSEUDO_INDEX = "index.csv"
 PSEUDO_META = "meta.json"  # written last: a folder without it is not a pseudo-label folder
+
+
+_REWRITE = "delete it: --resume writes it again from the next epoch (the rows before are lost)"
 
 
 class RunError(RuntimeError):
@@ -109,6 +113,20 @@ class RunDir:
     def saved_config(self) -> Config:
         """The run's ``config.yaml`` as a ``Config`` (errors name the file)."""
         return config_from_saved(yaml.safe_load(self.config.read_text()), str(self.config))
+
+    def read_summary(self) -> pd.DataFrame:
+        """``summary.csv`` as a table: empty when the file is missing or empty (nothing
+        logged yet, or a disk that lost its bytes); a file that does not parse, or has no
+        ``epoch`` column, is a ``RunError`` naming it (a resume writes it again)."""
+        try:
+            table = pd.read_csv(self.summary)
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return pd.DataFrame()
+        except (OSError, ValueError) as e:  # ParserError, UnicodeDecodeError are ValueErrors
+            raise RunError(f"{self.summary}: cannot be read ({e}); {_REWRITE}") from e
+        if len(table.columns) and "epoch" not in table:
+            raise RunError(f"{self.summary}: no 'epoch' column; {_REWRITE}")
+        return table
 
     def pooled(self, epoch: int) -> Path:
         """Where ``train.average`` keeps the weights of ``epoch``."""

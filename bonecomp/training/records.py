@@ -35,12 +35,10 @@ class SummaryLog:
 
     def __init__(self, cfg: Config, run: RunDir, resume_after: int | None = None) -> None:
         self.path = run.summary
-        self.rows: list[dict] = []
-        if self.path.exists():
-            old = pd.read_csv(self.path)
-            if resume_after is not None:  # rows past last.pt belong to the lost epoch
-                old = old[old["epoch"] <= resume_after]
-            self.rows = old.to_dict("records")
+        old = run.read_summary()  # empty when missing or empty
+        if resume_after is not None and len(old):  # rows past last.pt: the lost epoch's
+            old = old[old["epoch"] <= resume_after]
+        self.rows: list[dict] = old.to_dict("records")
         self.trackers = Trackers(cfg.train.trackers, to_dict(cfg), run)
 
     def log(self, row: dict) -> None:
