@@ -51,23 +51,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     which suggests ``weights_only=False``, never reaches the user).
     """
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"{path} is a folder, not a checkpoint file; name the file (e.g. {path / 'best.pt'})"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    problem = _container_problem(path)
-    if problem:
-        reason, again = problem
-        raise CheckpointError(f"{path}: {reason}" + (f"; {AGAIN}" if again else ""), reason)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
-    except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
-        reason = f"damaged checkpoint ({_first_line(e)})"
-        raise CheckpointError(f"{path}: {reason}; {AGAIN}", reason) from e
+    ckpt = read_torch_file(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a plain state_dict" if _is_state_dict(ckpt) else f"a {type(ckpt).__name__}"
         raise CheckpointError(
@@ -84,6 +68,32 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"from this version's {len(CLASSES)} classes ({CLASSES[0]!r}, ...)"
         )
     return ckpt
+
+
+def read_torch_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """What ``torch.save`` wrote to ``path``, loaded with ``weights_only=True`` (tensors and
+    plain data: a pickle of other objects could run code). A folder, a missing, empty,
+    truncated or foreign file, or an unsafe pickle is a ``CheckpointError`` naming the
+    file in one line (never torch's ``weights_only=False`` advice). The one reader of
+    torch files: checkpoints and ``model.encoder_weights`` files."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file; name the file (e.g. {path / 'best.pt'})"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = _container_problem(path)
+    if problem:
+        reason, again = problem
+        raise CheckpointError(f"{path}: {reason}" + (f"; {AGAIN}" if again else ""), reason)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
+    except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
+        reason = f"damaged checkpoint ({_first_line(e)})"
+        raise CheckpointError(f"{path}: {reason}; {AGAIN}", reason) from e
 
 
 # Model keys that do not change the weights' shapes: a run may start from another's

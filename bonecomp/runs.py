@@ -149,10 +149,23 @@ class RunDir:
 
         The file is removed on release (a finished or failed run leaves no ``.lock``);
         a process that took the lock on a file just removed by its releasing holder
-        retries on the new one, so two processes never both hold it."""
+        retries on the new one, so two processes never both hold it. Folders the lock
+        created are removed on release when still empty (a run refused before it wrote a
+        file leaves no empty ``fold<k>/``)."""
         path = self.path / LOCK
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()]  # inner first
         with output_errors(path):
             self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._flocked(path):
+                yield
+        finally:  # a run refused before it wrote anything leaves no empty folder
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+
+    @contextlib.contextmanager
+    def _flocked(self, path: Path) -> Iterator[None]:
         try:
             import fcntl
         except ImportError:  # Windows: no lock

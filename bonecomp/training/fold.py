@@ -22,6 +22,7 @@ from bonecomp import distributed
 from bonecomp.checkpoint import CheckpointError
 from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, save_config
+from bonecomp.data.folds import check_patients
 from bonecomp.data.layout import discover
 from bonecomp.data.pseudo_dir import PseudoSet
 from bonecomp.device import pick_device
@@ -127,6 +128,7 @@ def run_training(
 
     def find_data() -> tuple[pd.DataFrame, PseudoSet | None]:  # each node reads its own copy
         table = discover(cfg.data.root, "train", cfg.data.exclude)
+        check_patients(table, cfg.data.n_splits)  # not after the cache build
         return table, open_pseudo_labels(cfg, table)  # the user's data: before the run
 
     table, pseudo = run_agreed(find_data, DATA_ERRORS)  # a problem on one node ends all
