@@ -458,6 +458,14 @@ class TrainConfig:
     device: str = key(
         "auto", "auto, cpu, cuda, cuda:1", check=DEVICE.fullmatch, want=DEVICE_WANT, resume=True
     )
+    dist_timeout: float = key(
+        300.0,
+        "torchrun: seconds a rank waits for every rank to join at MASTER_ADDR:MASTER_PORT,"
+        " then stops in one line (collectives keep torch's 30 min)",
+        check=lambda v: v > 0,
+        want="must be > 0 (seconds)",
+        resume=True,
+    )
     max_train_minutes: float | None = key(
         None,
         "time budget: the LR schedule follows the time as well as the epochs, reaching "

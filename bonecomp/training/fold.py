@@ -123,7 +123,7 @@ def run_training(
     check_config(cfg)
     if not 0 <= fold < cfg.data.n_splits:
         raise ConfigError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
-    dd = distributed.setup(cfg.train.device)
+    dd = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     device = _device(cfg.train.device, dd)
 
     def find_data() -> tuple[pd.DataFrame, PseudoSet | None]:  # each node reads its own copy
