@@ -18,7 +18,7 @@ from torch import nn
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, ConfigError, config_from_saved, to_dict
-from bonecomp.fileio import atomic_write
+from bonecomp.fileio import atomic_write, reserve
 
 FORMAT = "bonecomp-checkpoint-1"
 
@@ -38,9 +38,39 @@ AGAIN = "copy or save it again"  # the way out of a damaged file, unless the cal
 
 
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
-    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file."""
+    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file.
+
+    The file's blocks are reserved first (the tensors' bytes and room for the archive's
+    records), so a disk that cannot take it is ``OutputError`` naming the file before a
+    byte is written; should torch's writer still fail on the disk, the operating
+    system's error is reported the same way, never torch's ``enforce fail`` traceback."""
+    obj = {"format": FORMAT, **payload}
     with atomic_write(path, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
+        reserve(f.fileno(), _archive_bytes(obj))
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer hides the OSError of a full disk
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+        f.truncate()  # down from the reserved room to what was written
+
+
+def _archive_bytes(obj: Any) -> int:
+    """An upper bound of what ``torch.save`` writes for ``obj``: every tensor's bytes, 4 KiB
+    per tensor for its zip record and alignment, and 1 MiB for the pickled rest."""
+    tensors = _tensors(obj)
+    return sum(t.untyped_storage().nbytes() for t in tensors) + 4096 * len(tensors) + (1 << 20)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:

@@ -32,12 +32,15 @@ _TMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)$")
 
 # errno -> what the user is told about the folder.
 _CAUSES = {
-    errno.EROFS: "is on a read-only file system",
-    errno.EACCES: "is read-only (no permission to write there)",
-    errno.EPERM: "is read-only (no permission to write there)",
-    errno.ENOSPC: "is on a full disk (no space left)",
-    errno.EDQUOT: "is on a full disk (disk quota exceeded)",
+    errno.EROFS: "the folder is on a read-only file system",
+    errno.EACCES: "the folder is read-only (no permission to write there)",
+    errno.EPERM: "the folder is read-only (no permission to write there)",
+    errno.ENOSPC: "the folder is on a full disk (no space left)",
+    errno.EDQUOT: "the folder is on a full disk (disk quota exceeded)",
+    errno.EFBIG: "the file would pass this process's file size limit (ulimit -f) or the "
+    "file system's",
 }
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk cannot take the bytes
 
 
 class OutputError(Exception):
@@ -55,7 +58,7 @@ def output_errors(path: Path | str) -> Iterator[None]:
             raise
         path = Path(path)
         raise OutputError(
-            f"cannot write {path.name} in {path.parent}: the folder {_CAUSES[e.errno]}; "
+            f"cannot write {path.name} in {path.parent}: {_CAUSES[e.errno]}; "
             "free space or fix its permissions, or write elsewhere"
         ) from e
 
@@ -130,17 +133,33 @@ def file_hash(path: Path | str, chunk: int = 1 << 24) -> str:
 def preallocate(path: Path | str) -> None:
     """Reserve ``path``'s blocks now, so running out of disk raises ``OSError`` here
     rather than a SIGBUS when a page of the memory map is first written."""
-    if not hasattr(os, "posix_fallocate"):
-        return
     fd = os.open(path, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # the filesystem cannot preallocate: the free-space check has to do
+        reserve(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def reserve(fd: int, nbytes: int) -> None:
+    """Reserve the first ``nbytes`` of the open file ``fd`` on its disk before they are
+    written (a memory map, a checkpoint): a disk that cannot take them raises ``OSError``
+    (ENOSPC, EDQUOT; EFBIG past ``ulimit -f``) now, never a SIGBUS or a torn write later.
+    Where the file system cannot preallocate, its free space is checked instead."""
+    if nbytes <= 0:
+        return
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            return
+        except OSError as e:
+            if e.errno in _FULL:
+                raise
+    if not hasattr(os, "fstatvfs"):
+        return
+    have = getattr(os.fstat(fd), "st_blocks", 0) * 512  # no fallocate: the free space
+    vfs = os.fstatvfs(fd)
+    if vfs.f_bavail * vfs.f_frsize < nbytes - have:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def pid_alive(pid: int) -> bool:

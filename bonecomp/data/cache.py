@@ -364,7 +364,7 @@ def build_cache(
         )
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise CacheError(
                 f"cache {folder}: the disk is full ({e.strerror}); the partial cache was "
                 f"removed. Free {_gb(_cache_bytes(len(df), size))} in {folder.parent} "

@@ -18,7 +18,7 @@ from bonecomp.config import Config, to_dict
 from bonecomp.data.cache import TrainCache
 from bonecomp.distributed import Dist
 from bonecomp.engine import OOFWriter
-from bonecomp.fileio import atomic_write
+from bonecomp.fileio import atomic_write, output_errors, preallocate, reserve
 from bonecomp.runs import OOF, OOF_INDEX, RunDir
 from bonecomp.trackers import Trackers
 
@@ -92,13 +92,19 @@ def stage_oof(
         if len(mine):
             # unlinked at creation: nothing is left behind, however the process ends
             with tempfile.TemporaryFile() as f:  # the map keeps its own handle
+                with output_errors(Path(tempfile.gettempdir()) / "oof rows"):
+                    reserve(f.fileno(), int(np.prod(shape)) * 2)  # no SIGBUS on a full disk
                 buffer = np.memmap(f, np.float16, "w+", shape=shape)
         return OOFWriter(buffer, {int(i): r for r, i in enumerate(mine)}, size)
     run.path.mkdir(parents=True, exist_ok=True)
-    array = np.lib.format.open_memmap(run.staged(OOF), "w+", np.float16, (len(val_idx), *row_shape))
+    staged = run.staged(OOF)
+    with output_errors(staged):  # a full disk: one line naming the file, never a SIGBUS
+        array = np.lib.format.open_memmap(staged, "w+", np.float16, (len(val_idx), *row_shape))
+        preallocate(staged)  # every block reserved before the map is written
     index = cache.index.iloc[val_idx].reset_index(drop=True)
     index.insert(0, "row", np.arange(len(val_idx)))
-    index.to_csv(run.staged(OOF_INDEX), index=False)
+    with output_errors(run.staged(OOF_INDEX)):
+        index.to_csv(run.staged(OOF_INDEX), index=False)
     return OOFWriter(array, {int(i): r for r, i in enumerate(val_idx)}, size)
 
 
