@@ -126,6 +126,17 @@ def read_torch_file(path: Path | str, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: {reason}; {AGAIN}", reason) from e
 
 
+def checkpoint_epoch(path: Path | str) -> int | None:
+    """The ``epoch`` a checkpoint records, read without loading its tensors (memory-mapped);
+    None when the file cannot be read or records none."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged: whoever loads it for use reports that
+        return None
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return int(epoch) if isinstance(epoch, int) else None
+
+
 # Model keys that do not change the weights' shapes: a run may start from another's
 # checkpoint whatever their values (the checkpoint's weights replace both).
 _FREE_MODEL_KEYS = ("encoder_weights", "init_bias")

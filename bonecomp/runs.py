@@ -12,7 +12,8 @@ module; no other file spells these names.
         dice_per_class_averaged.csv   its per-class validation Dice
         average_pool/epoch<e>.pt      train.average: the weights of the epochs it averages
                              (at most k per key; kept for a resume)
-        oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
+        oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16),
+                             the index recording the epoch (best.pt's)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         tb/, wandb/          train.trackers: TensorBoard events, W&B run files
         .lock                held while a process trains this fold (removed after)
@@ -59,6 +60,7 @@ AVERAGED_DICE_CSV = "dice_per_class_averaged.csv"
 AVERAGE_POOL = "average_pool"
 OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
+OOF_EPOCH = "epoch"  # oof_index.csv's column: the epoch whose validation made the maps
 LOCK = ".lock"
 BATCH_PLAN = "batch_plan.json"
 TENSORBOARD = "tb"  # train.trackers: the fold's TensorBoard event files
@@ -221,11 +223,31 @@ def _flock(f, fcntl, grace_s: float = 15.0) -> bool:
             time.sleep(0.2)
 
 
+def oof_epoch(index: Path) -> int | None:
+    """The epoch an ``oof_index.csv`` (committed or staged) records for its maps; None
+    when the file is missing, unreadable, or from before the epoch was recorded."""
+    try:
+        column = pd.read_csv(index, usecols=[OOF_EPOCH], nrows=1)[OOF_EPOCH]
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
+        return None
+    return int(column.iloc[0]) if len(column) else None
+
+
 def run_name(path: Path | str) -> str:
     """``<experiment>/fold<k>``: what a run folder is, wherever ``train.output_dir`` lies
     (a thresholds file names the runs it was tuned on; a moved runs folder is the same)."""
     path = Path(path)
     return f"{path.parent.name}/{path.name}"
+
+
+def crop_stage_error(run: RunDir | Path | str) -> RunError:
+    """The one refusal of a carpal-crop run (``data.crop``) where whole-image members go
+    (``infer.ensemble``, ``--checkpoints``): threshold and ensemble tuning find it by its
+    OOF maps' boxes, inference by its checkpoint's config; both say this."""
+    return RunError(
+        f"{run} is a crop experiment (data.crop): it was trained on the carpal box, not the "
+        "whole image; use it as infer.crop (scripts/crop_oof.py), not as an ensemble member"
+    )
 
 
 def runs_root(cfg: Config) -> Path:

@@ -318,3 +318,32 @@ def test_a_crop_experiments_oof_is_read_in_its_box(carpal_run):
         assert im.picture(scale=1.0).shape[:2] == im.hw  # the image cut to the box
     with pytest.raises(RunError, match="crop experiment"):
         next(oof_items([MemberSpec(run.best)], "unused", progress=False))
+
+
+def test_a_crop_model_is_refused_as_a_whole_image_member_in_tunings_words(
+    carpal_run, tiny_root, tmp_path, capsys
+):
+    """A carpal-crop checkpoint given to infer.py (``--checkpoints``, or its experiment in
+    ``infer.ensemble``) is refused in the very line threshold tuning gives (it ran a box
+    model on whole images and the submission validated OK); no CSV (issue 29, case 2)."""
+    _, _, work = carpal_run
+    crop_ckpt = work / "runs" / "carp" / "fold0" / "best.pt"
+    sys.path.insert(0, str(REPO / "scripts"))
+    import infer
+    import tune_thresholds
+
+    base = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
+    over = tiny_overrides(tiny_root, work)
+    assert tune_thresholds.main([*base, *over, "--checkpoints", str(crop_ckpt)]) == 2
+    tuned = capsys.readouterr().err.strip()
+    assert tuned.startswith(f"error: {crop_ckpt.parent} is a crop experiment (data.crop)")
+    out = tmp_path / "s.csv"
+    listed = "infer.ensemble=[{experiment: carp, folds: [0]}]"
+    for how in (["--checkpoints", str(crop_ckpt)], ["--ensemble", listed]):
+        assert infer.main([*base, "--out", str(out), *over, *how]) == 2
+        assert capsys.readouterr().err.strip() == tuned
+        assert not out.exists()
+    assert tuned.endswith(
+        "it was trained on the carpal box, not the whole image; use it as infer.crop "
+        "(scripts/crop_oof.py), not as an ensemble member"
+    )

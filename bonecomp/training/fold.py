@@ -47,6 +47,7 @@ from bonecomp.training.records import (
     commit_oof,
     discard_staged_oof,
     gather_oof,
+    settle_oof,
     stage_oof,
 )
 from bonecomp.training.state import (
@@ -165,6 +166,9 @@ def run_training(
                 tqdm.write(plan.describe())
             if resume:
                 tqdm.write(f"resumed {run} after epoch {start.epoch} (best {start.best_dice:.4f})")
+                settled = settle_oof(run, start.best_epoch)  # before any new validation
+                if settled:
+                    tqdm.write(settled)
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
         state.ctx.image_names = data.image_names  # the non-finite message names images
         fold_run = FoldRun(
@@ -251,7 +255,7 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
                 prog.budget_takeover = budget.takeover
         metric = None
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
-            oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
+            oof = stage_oof(cfg, run, data.cache, data.val_idx, dd, epoch) if t.save_oof else None
             val = validate(
                 state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof,
                 cfg.data.patch_size, cfg.infer.overlap,

@@ -19,7 +19,7 @@ from bonecomp.data.cache import TrainCache
 from bonecomp.distributed import Dist
 from bonecomp.engine import OOFWriter
 from bonecomp.fileio import atomic_write, output_errors, preallocate, reserve
-from bonecomp.runs import OOF, OOF_INDEX, RunDir
+from bonecomp.runs import OOF, OOF_EPOCH, OOF_INDEX, RunDir, oof_epoch
 from bonecomp.trackers import Trackers
 
 FIRST = ("epoch", "loss")  # leading columns; the rest follow in the order they appear
@@ -73,10 +73,12 @@ def _finite(v: object) -> bool:
 
 
 def stage_oof(
-    cfg: Config, run: RunDir, cache: TrainCache, val_idx: np.ndarray, dd: Dist
+    cfg: Config, run: RunDir, cache: TrainCache, val_idx: np.ndarray, dd: Dist, epoch: int = -1
 ) -> OOFWriter:
     """Where this validation pass's probabilities go; it replaces ``oof.npy`` only if the
-    epoch turns out to be the best (``commit_oof``).
+    epoch turns out to be the best (``commit_oof``, after ``best.pt`` is saved). The index
+    records ``epoch``, so the maps and ``best.pt`` can be matched after a kill between
+    the two (``settle_oof``; readers refuse maps of another epoch than best.pt's).
 
     Rank 0 writes a float16 memmap in the run folder; the other ranks never open the run
     folder (on another node it is not there: no shared file system is needed) and keep
@@ -103,6 +105,7 @@ def stage_oof(
         preallocate(staged)  # every block reserved before the map is written
     index = cache.index.iloc[val_idx].reset_index(drop=True)
     index.insert(0, "row", np.arange(len(val_idx)))
+    index[OOF_EPOCH] = epoch
     with output_errors(run.staged(OOF_INDEX)):
         index.to_csv(run.staged(OOF_INDEX), index=False)
     return OOFWriter(array, {int(i): r for r, i in enumerate(val_idx)}, size)
@@ -124,6 +127,25 @@ def commit_oof(run: RunDir) -> None:
     """Make the staged OOF arrays the run's ``oof.npy`` / ``oof_index.csv``."""
     for name, target in ((OOF, run.oof), (OOF_INDEX, run.oof_index)):
         os.replace(run.staged(name), target)
+
+
+def settle_oof(run: RunDir, best_epoch: int) -> str | None:
+    """On ``--resume`` (rank 0, before any validation): make the committed OOF maps those
+    of ``best.pt``'s epoch when a killed process left them staged (killed after saving
+    ``best.pt``, before or between the two renames of ``commit_oof``: the re-run epoch
+    ties ``best.pt``'s score, so it would never commit them again). Returns what was done
+    (None: nothing to do)."""
+    if best_epoch < 0 or oof_epoch(run.oof_index) == best_epoch:
+        return None
+    if oof_epoch(run.staged(OOF_INDEX)) != best_epoch:
+        return None  # maps of no checkpoint's epoch: the readers refuse them, naming why
+    for name, target in ((OOF, run.oof), (OOF_INDEX, run.oof_index)):
+        if run.staged(name).exists():  # the map is gone when it was renamed already
+            os.replace(run.staged(name), target)
+    return (
+        f"committed the out-of-fold maps of best epoch {best_epoch}, left staged by the "
+        "process that was stopped"
+    )
 
 
 def discard_staged_oof(run: RunDir) -> None:
