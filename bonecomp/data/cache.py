@@ -55,7 +55,6 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -71,7 +70,7 @@ from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
-from bonecomp.workers import end_with_parent
+from bonecomp.workers import end_with_parent, spawn_context
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
@@ -406,8 +405,8 @@ def _build_into(
         if workers == 1:
             results = map(_cache_item, jobs)
         else:
-            pool = ProcessPoolExecutor(
-                workers, get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
+            pool = ProcessPoolExecutor(  # ends with us, also while it imports
+                workers, spawn_context(), initializer=_worker_init, initargs=(os.getpid(),)
             )
             results = pool.map(_cache_item, jobs, chunksize=4)
         try:
