@@ -222,7 +222,7 @@ def test_a_folder_replace_killed_between_its_renames_is_undone(tmp_path):
 def _best_maps(tiny_root: Path, tmp_path: Path, run: Path) -> np.ndarray:
     """The out-of-fold maps best.pt gives, computed here: its model validated on fold 0's
     validation images through the same ``validate`` and ``OOFWriter`` training uses."""
-    cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 3})
+    cfg = tiny_config(tiny_root, tmp_path)
     folds, cache = prepare_cache(cfg, discover(tiny_root), Dist(), False)
     train_idx, val_idx = fold_split(folds, 0)
     data = build_loaders(cfg, cache, train_idx, val_idx)
@@ -241,12 +241,15 @@ def test_kill9_between_best_pt_and_its_oof_maps_then_resume(tiny_root, tmp_path,
     the killed process had staged (the re-run epoch ties best.pt's score, so it would never
     commit them again), and the run ends with the maps of best.pt's epoch."""
     run = tmp_path / "runs" / "tiny" / "fold0"
-    proc = _start(tmp_path, "train", _train_args(tiny_root, tmp_path), fault="slow-commit")
+    args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
+    args += tiny_overrides(tiny_root, tmp_path, **{"train.report": False})  # 2 epochs
+    proc = _start(tmp_path, "train", args, fault="slow-commit")
     _wait_for(proc, (tmp_path / "fault-reached").is_file)
     _kill9(proc)
     _no_orphans(str(tmp_path))
     assert load_checkpoint(run / "best.pt")["epoch"] == 1
     sys.path.insert(0, str(REPO / "scripts"))
+    import train as train_script
     import tune_thresholds
 
     tune = ["--config", str(DEMO_CONFIG), "--quiet", *tiny_overrides(tiny_root, tmp_path)]
@@ -254,7 +257,9 @@ def test_kill9_between_best_pt_and_its_oof_maps_then_resume(tiny_root, tmp_path,
     err = capsys.readouterr().err.strip()
     assert "maps of epoch 0, but best.pt is epoch 1" in err and "--resume" in err, err
     assert "\n" not in err
-    _resume_and_check(tiny_root, tmp_path, run)
+    assert train_script.main([*args, "--resume"]) == 0  # re-runs epoch 1
+    assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0, 1] and _temps(run) == []
+    assert "committed the out-of-fold maps of best epoch 1" in capsys.readouterr().out
     best = load_checkpoint(run / "best.pt")["epoch"]
     got = np.load(run / "oof.npy")
     want = _best_maps(tiny_root, tmp_path, run)
