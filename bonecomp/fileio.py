@@ -38,7 +38,7 @@ _CAUSES = {
     errno.ENOSPC: "the folder is on a full disk (no space left)",
     errno.EDQUOT: "the folder is on a full disk (disk quota exceeded)",
     errno.EFBIG: "the file would pass this process's file size limit (ulimit -f) or the "
-    "file system's",
+    "file system's; raise the limit (ulimit -f unlimited)",
 }
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk cannot take the bytes
 
@@ -57,9 +57,10 @@ def output_errors(path: Path | str) -> Iterator[None]:
         if e.errno not in _CAUSES:
             raise
         path = Path(path)
+        fix = "" if e.errno == errno.EFBIG else "free space or fix its permissions, "
         raise OutputError(
             f"cannot write {path.name} in {path.parent}: {_CAUSES[e.errno]}; "
-            "free space or fix its permissions, or write elsewhere"
+            f"{fix}or write elsewhere"
         ) from e
 
 
