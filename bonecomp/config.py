@@ -461,7 +461,7 @@ class TrainConfig:
     dist_timeout: float = key(
         300.0,
         "torchrun: seconds a rank waits for every rank to join at MASTER_ADDR:MASTER_PORT,"
-        " then stops in one line (collectives keep torch's 30 min)",
+        " then stops in one line (collectives keep torch's own timeouts)",
         check=lambda v: v > 0,
         want="must be > 0 (seconds)",
         resume=True,

@@ -19,6 +19,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import constants
 
 T = TypeVar("T")
 
@@ -44,9 +45,13 @@ class Dist:
             dist.barrier()
 
 
-# What a rank waits for in a collective once the job has started (torch's own default):
-# a rank may wait long for rank 0 (the cache build), unlike the rendezvous.
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# What a rank waits for in a collective once the job has started: torch's own defaults
+# (NCCL 10 min, gloo 30 min), as before train.dist_timeout: a rank may wait long for rank 0
+# (the cache build), unlike the rendezvous.
+COLLECTIVE_TIMEOUT = {
+    "nccl": constants.default_pg_nccl_timeout,
+    "gloo": constants.default_pg_timeout,
+}
 TORCHRUN = (
     "start the script with torchrun (docs/pipeline.md), or unset WORLD_SIZE to train on one process"
 )
@@ -69,10 +74,9 @@ def setup(device_pref: str = "auto", timeout_s: float = 300.0) -> Dist:
             f"train.dist_timeout={timeout_s:g} s)",
             flush=True,
         )
+        backend = "nccl" if use_nccl else "gloo"
         try:
-            dist.init_process_group(
-                "nccl" if use_nccl else "gloo", timeout=timedelta(seconds=timeout_s)
-            )
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError) as e:  # DistStoreError (a timeout) is a RuntimeError
             raise RankError(
                 f"{where(rank)}: not every one of the {world} ranks joined at {addr}:{port} "
@@ -81,7 +85,7 @@ def setup(device_pref: str = "auto", timeout_s: float = 300.0) -> Dist:
                 "--master_addr and --master_port), or raise train.dist_timeout"
             ) from None
         if hasattr(dist, "set_timeout"):  # from here on, only collectives: torch's default
-            dist.set_timeout(COLLECTIVE_TIMEOUT)
+            dist.set_timeout(COLLECTIVE_TIMEOUT[backend])
         _exit_cleanly_on_sigterm()
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
