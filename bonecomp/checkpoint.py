@@ -18,19 +18,59 @@ from torch import nn
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, ConfigError, config_from_saved, to_dict
-from bonecomp.fileio import atomic_write
+from bonecomp.fileio import atomic_write, reserve
 
 FORMAT = "bonecomp-checkpoint-1"
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable bonecomp checkpoint; the message names it."""
+    """A file that is not a usable bonecomp checkpoint; the message names it.
+
+    ``reason`` is what is wrong without the way out, for a caller that knows a better one
+    (a damaged ``best.pt`` on ``--resume`` is deleted, not saved again)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+AGAIN = "copy or save it again"  # the way out of a damaged file, unless the caller knows one
 
 
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
-    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file."""
+    """``torch.save`` through ``atomic_write``: a crash never leaves a torn file.
+
+    The file's blocks are reserved first (the tensors' bytes and room for the archive's
+    records), so a disk that cannot take it is ``OutputError`` naming the file before a
+    byte is written; should torch's writer still fail on the disk, the operating
+    system's error is reported the same way, never torch's ``enforce fail`` traceback."""
+    obj = {"format": FORMAT, **payload}
     with atomic_write(path, "wb") as f:
-        torch.save({"format": FORMAT, **payload}, f)
+        reserve(f.fileno(), _archive_bytes(obj))
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer hides the OSError of a full disk
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+        f.truncate()  # down from the reserved room to what was written
+
+
+def _archive_bytes(obj: Any) -> int:
+    """An upper bound of what ``torch.save`` writes for ``obj``: every tensor's bytes, 4 KiB
+    per tensor for its zip record and alignment, and 1 MiB for the pickled rest."""
+    tensors = _tensors(obj)
+    return sum(t.untyped_storage().nbytes() for t in tensors) + 4096 * len(tensors) + (1 << 20)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict:
@@ -41,19 +81,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
     which suggests ``weights_only=False``, never reaches the user).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    problem = _container_problem(path)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
-    except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
-        raise CheckpointError(
-            f"{path}: damaged checkpoint ({_first_line(e)}); copy or save it again"
-        ) from e
+    ckpt = read_torch_file(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a plain state_dict" if _is_state_dict(ckpt) else f"a {type(ckpt).__name__}"
         raise CheckpointError(
@@ -70,6 +98,43 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
             f"from this version's {len(CLASSES)} classes ({CLASSES[0]!r}, ...)"
         )
     return ckpt
+
+
+def read_torch_file(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
+    """What ``torch.save`` wrote to ``path``, loaded with ``weights_only=True`` (tensors and
+    plain data: a pickle of other objects could run code). A folder, a missing, empty,
+    truncated or foreign file, or an unsafe pickle is a ``CheckpointError`` naming the
+    file in one line (never torch's ``weights_only=False`` advice). The one reader of
+    torch files: checkpoints and ``model.encoder_weights`` files."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file; name the file (e.g. {path / 'best.pt'})"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    problem = _container_problem(path)
+    if problem:
+        reason, again = problem
+        raise CheckpointError(f"{path}: {reason}" + (f"; {AGAIN}" if again else ""), reason)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
+    except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
+        reason = f"damaged checkpoint ({_first_line(e)})"
+        raise CheckpointError(f"{path}: {reason}; {AGAIN}", reason) from e
+
+
+def checkpoint_epoch(path: Path | str) -> int | None:
+    """The ``epoch`` a checkpoint records, read without loading its tensors (memory-mapped);
+    None when the file cannot be read or records none."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged: whoever loads it for use reports that
+        return None
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    return int(epoch) if isinstance(epoch, int) else None
 
 
 # Model keys that do not change the weights' shapes: a run may start from another's
@@ -126,17 +191,18 @@ def load_weights(
         ) from e
 
 
-def _container_problem(path: Path) -> str | None:
-    """What is wrong with the file as a container, before unpickling anything."""
+def _container_problem(path: Path) -> tuple[str, bool] | None:
+    """What is wrong with the file as a container, before unpickling anything, and whether
+    copying or saving it again is the way out."""
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        return "empty file (0 bytes): not a checkpoint; save or copy it again"
+        return "empty file (0 bytes): not a checkpoint", True
     if zipfile.is_zipfile(path):
         return None
     if head == b"PK\x03\x04":
-        return "truncated or damaged checkpoint (incomplete zip archive); copy or save it again"
-    return "not a PyTorch checkpoint (unknown bytes, not the zip archive torch.save writes)"
+        return "truncated or damaged checkpoint (incomplete zip archive)", True
+    return "not a PyTorch checkpoint (unknown bytes, not the zip archive torch.save writes)", False
 
 
 def _unsafe_reason(error: Exception) -> str:

@@ -23,7 +23,8 @@ from bonecomp.data.sample import FIELDS
 from bonecomp.extensions import import_extensions
 from bonecomp.inference.tta import get_view, scaled_side
 from bonecomp.losses import check_loss_config, term_fields
-from bonecomp.models import check_input_side, check_model_config
+from bonecomp.models import check_input_side, check_model_config, create_model
+from bonecomp.models.encoder_weights import WeightsError
 from bonecomp.optim import check_optimizer_name
 from bonecomp.trackers import check_trackers
 
@@ -48,6 +49,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
         lambda: _check_folders(cfg),
         lambda: check_trackers(cfg.train.trackers if training else []),
         lambda: init_checkpoint(cfg) if training else None,  # loads it: ~1 s at most
+        lambda: _check_encoder_weights(cfg) if training else None,  # a file: ~1 s
     ]
     for check in checks:
         try:
@@ -56,6 +58,21 @@ def check_config(cfg: Config, training: bool = True) -> None:
             if e.key is None:
                 raise
             raise ConfigError(f"{source_of(cfg, e.key)}: {e}", e.key) from None
+
+
+def _check_encoder_weights(cfg: Config) -> None:
+    """A ``model.encoder_weights`` file loads into the recipe's encoder: the model is built
+    with it, as training will build it, now rather than after the cache (a missing,
+    damaged, unsafe or foreign file is one line naming the key). Not used, so not checked,
+    under ``train.init_from`` (whose weights replace the encoder's)."""
+    key, weights = "model.encoder_weights", cfg.model.encoder_weights
+    if weights in (None, "imagenet") or cfg.train.init_from is not None:
+        return
+    try:
+        create_model(cfg.model)
+    except WeightsError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(key) else f"{key}: {msg}", key) from None
 
 
 def _check_tta(names: list[str]) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bonecomp.checkpoint import CheckpointError
@@ -97,6 +98,51 @@ def folds(value: str, cfg: Config) -> list[int]:
     if not value.isdigit() or int(value) >= n:
         raise ConfigError(f"--fold {value!r}: expected 0..{n - 1} (data.n_splits={n}) or 'all'")
     return [int(value)]
+
+
+def check_out_file(path: str | None, option: str = "--out") -> None:
+    """An output file option names a file that can be written: not a folder, and not
+    below a file (``ConfigError`` naming the option, before any work)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option}: {target} is a folder; name a file in it, e.g. "
+                          f"{target / 'thresholds.json'}")  # fmt: skip
+    for part in target.parents:
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{option}: {target} is below the file {part}, not a folder")
+            break
+
+
+def check_grid(
+    values: Sequence[float], option: str = "--grid", closed: bool = False,
+    must_hold: float | None = None,
+) -> None:  # fmt: skip
+    """Candidate values of a tuning grid: finite, in (0, 1) (thresholds) or with
+    ``closed`` in [0, 1] (crop weights), holding ``must_hold`` (the default kept unless
+    beaten, so tuning never lowers the OOF Dice)."""
+    span = "[0, 1]" if closed else "(0, 1)"
+    for v in values:
+        inside = 0 <= v <= 1 if closed else 0 < v < 1  # False for nan
+        if not inside:
+            raise ConfigError(f"{option}: {v} is not in {span}")
+    if must_hold is not None and must_hold not in values:
+        raise ConfigError(
+            f"{option} must hold {must_hold} (the value kept unless another beats it), got "
+            f"{list(values)}"
+        )
+
+
+def check_min_gain(value: float, option: str = "--min-gain") -> None:
+    """A tuning script's ``--min-gain``: a finite number >= 0 (a negative one would keep
+    choices that lower the OOF Dice)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(
+            f"{option}: {value} must be a number >= 0 (a choice is kept only when it gains "
+            "more than this on OOF)"
+        )
 
 
 def one_line(error: BaseException) -> str:

@@ -253,6 +253,10 @@ class AverageConfig(Section):
     """and/or of the k best validations' (k files too)"""
 
 
+# train.pseudo_weight's ceiling: an epoch draws weight x the pseudo images (its order is
+# held in memory), so 1e9 would be an endless epoch, not a stronger pseudo signal.
+PSEUDO_WEIGHT_MAX = 10
+
 Scheduler = Literal["cosine", "poly", "step", "plateau", "constant", "none"]
 SCHEDULERS: tuple[str, ...] = typing.get_args(Scheduler)  # the names, for optim and tests
 
@@ -316,9 +320,13 @@ class TrainConfig(Section):
     """validate every n epochs (and after the last)"""
     device: Device = Field("auto", json_schema_extra=RESUME)
     """auto, cpu, cuda, cuda:1"""
+    dist_timeout: float = Field(300.0, gt=0, json_schema_extra=want("be > 0 (seconds)", True))
+    """torchrun: seconds a rank waits for every rank to join at MASTER_ADDR:MASTER_PORT, then stops
+    in one line (collectives keep torch's own timeouts)"""
     max_train_minutes: float | None = Field(None, gt=0, json_schema_extra=RESUME)
-    """time budget: the LR schedule follows the time as well as the epochs, reaching its floor at
-    the budget's end; then validate, save and stop"""
+    """time budget, a safety net: the LR schedule follows the updates while the projected finish
+    fits; once it overruns, the clock takes over and anneals to the floor by the deadline; then
+    validate, save and stop"""
     expect_dice: float | None = Field(None, gt=0, le=1, json_schema_extra=RESUME)
     """the validation Dice this recipe should reach: a fold cut by max_train_minutes below it gets a
     warning saying what to do"""
@@ -348,7 +356,14 @@ class TrainConfig(Section):
     """folder from scripts/pseudo_label.py: its test images join every fold's training part (never
     validation)"""
     pseudo_weight: float = Field(
-        1.0, gt=0, json_schema_extra=want("be > 0 (1.0: each pseudo image once per epoch)")
+        1.0,
+        gt=0,
+        le=PSEUDO_WEIGHT_MAX,
+        json_schema_extra=want(
+            f"be in (0, {PSEUDO_WEIGHT_MAX}]: each pseudo image is drawn about weight times per"
+            f" epoch (1.0: once, as a real image is; more than {PSEUDO_WEIGHT_MAX} would drown"
+            " the real images and hold the epoch's order in memory)"
+        ),
     )
     """pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real image; 0.5: a
     random half)"""
@@ -542,19 +557,83 @@ def _read_yaml_chain(path: Path, sources: Sources, seen: tuple[Path, ...] = ()) 
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'extends' loop through {[str(p) for p in seen]}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    doc = _load_yaml(path)
     parent = doc.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(
+            f"{path}: extends must name one file (e.g. `extends: base.yaml`), got "
+            f"{_short(parent)}; a recipe has one parent, which may itself extend another"
+        )
     base = {} if parent is None else _read_yaml_chain(path.parent / parent, sources, (*seen, path))
     for key in _leaf_keys(doc, Config):
         sources.set(key, str(path))
     return _merge(base, doc, Config)
+
+
+class _Duplicate(yaml.YAMLError):
+    """A key given twice in one mapping of a recipe."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error
+    (yaml keeps the last silently: a second ``train:`` block would replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges are meant to repeat
+                continue
+            k = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(k, typing.Hashable) and k in lines:
+                raise _Duplicate(f"key {k!r} is given twice (lines {lines[k]} and {line})")
+            lines[k] = line
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    """One recipe file as a mapping; anything that is not one (missing, not UTF-8 text, a
+    checkpoint given as ``--config``, invalid YAML, a key given twice, nested deeper than
+    a config can be) is a ``ConfigError`` naming the file, in one line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data[:4] == b"PK\x03\x04":
+        raise ConfigError(
+            f"{path}: not a YAML recipe but a zip archive (a checkpoint?); --config takes a "
+            "recipe such as configs/demo.yaml (a checkpoint goes to --checkpoints or "
+            "train.init_from)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "a recipe is YAML text: save it as UTF-8"
+        ) from None
+    try:
+        doc = yaml.load(text, Loader=_RecipeLoader) or {}
+    except _Duplicate as e:
+        raise ConfigError(
+            f"{path}: {e}; keep one (yaml would silently keep only the second)"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested too deep to be a recipe (a recipe nests a few levels)"
+        ) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return doc
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _section_type(cls: Any, name: str) -> type | None:

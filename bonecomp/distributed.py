@@ -13,11 +13,13 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import constants
 
 T = TypeVar("T")
 
@@ -43,16 +45,91 @@ class Dist:
             dist.barrier()
 
 
-def setup(device_pref: str = "auto") -> Dist:
-    """Join the torchrun process group (NCCL on CUDA, else gloo); rank 0 of 1 without."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+# What a rank waits for in a collective once the job has started: torch's own defaults
+# (NCCL 10 min, gloo 30 min), as before train.dist_timeout: a rank may wait long for rank 0
+# (the cache build), unlike the rendezvous.
+COLLECTIVE_TIMEOUT = {
+    "nccl": constants.default_pg_nccl_timeout,
+    "gloo": constants.default_pg_timeout,
+}
+TORCHRUN = (
+    "start the script with torchrun (docs/pipeline.md), or unset WORLD_SIZE to train on one process"
+)
+
+
+def setup(device_pref: str = "auto", timeout_s: float = 300.0) -> Dist:
+    """Join the torchrun process group (NCCL on CUDA, else gloo); rank 0 of 1 without.
+
+    torchrun's variables are checked first (``check_env``). Joining prints what the rank
+    waits for; ranks that do not all join within ``timeout_s`` (``train.dist_timeout``)
+    end in one ``RankError`` line naming the address, instead of torch's 30 minutes."""
+    env = check_env()
+    if env is None:
         return Dist()
+    world, rank, addr, port = env
     if not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and not device_pref.startswith("cpu")
-        dist.init_process_group("nccl" if use_nccl else "gloo")
+        print(
+            f"{where(rank)}: waiting for {world} ranks at {addr}:{port} (up to "
+            f"train.dist_timeout={timeout_s:g} s)",
+            flush=True,
+        )
+        backend = "nccl" if use_nccl else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # DistStoreError (a timeout) is a RuntimeError
+            raise RankError(
+                f"{where(rank)}: not every one of the {world} ranks joined at {addr}:{port} "
+                f"within train.dist_timeout={timeout_s:g} s ({_one_line(e)[:200]}); start "
+                "them all (the same torchrun command on every node, with the same "
+                "--master_addr and --master_port), or raise train.dist_timeout"
+            ) from None
+        if hasattr(dist, "set_timeout"):  # from here on, only collectives: torch's default
+            dist.set_timeout(COLLECTIVE_TIMEOUT[backend])
         _exit_cleanly_on_sigterm()
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def check_env() -> tuple[int, int, str, int] | None:
+    """torchrun's variables, checked before any work: None without a job (``WORLD_SIZE``
+    unset or 1), else (world, rank, MASTER_ADDR, MASTER_PORT). A variable missing, not a
+    number or out of range is one ``RankError`` line saying which and what to do (torch
+    would raise a traceback, or wait for a store that never comes)."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    world = _whole(raw)
+    if world is None or world < 1:
+        raise RankError(f"{_var('WORLD_SIZE')} is not a whole number >= 1; {TORCHRUN}")
+    if world == 1:
+        return None
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise RankError(
+            f"WORLD_SIZE={world} without {', '.join(missing)}: torchrun sets them all; {TORCHRUN}"
+        )
+    rank, local = _whole(os.environ["RANK"]), _whole(os.environ.get("LOCAL_RANK", "0"))
+    if rank is None or not 0 <= rank < world:
+        raise RankError(
+            f"{_var('RANK')} is not a rank of WORLD_SIZE={world} (0..{world - 1}); {TORCHRUN}"
+        )
+    if local is None or local < 0:
+        raise RankError(f"{_var('LOCAL_RANK')} is not a whole number >= 0; {TORCHRUN}")
+    port = _whole(os.environ["MASTER_PORT"])
+    if port is None or not 0 < port < 2**16:
+        raise RankError(f"{_var('MASTER_PORT')} is not a port (1..65535); {TORCHRUN}")
+    return world, rank, os.environ["MASTER_ADDR"], port
+
+
+def _var(name: str) -> str:
+    """``NAME=value`` for a message (the value quoted unless it is a number)."""
+    value = os.environ.get(name, "")
+    return f"{name}={value}" if _whole(value) is not None else f"{name}={value!r}"
+
+
+def _whole(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
 
 
 def _exit_cleanly_on_sigterm() -> None:

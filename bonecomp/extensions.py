@@ -12,8 +12,10 @@ second import would register its names twice).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,17 +27,23 @@ KEY = "extensions"
 
 
 def import_extensions(names: Sequence[str]) -> list[ModuleType]:
-    """Import each module of ``names`` (once); a module that cannot be found or fails to
-    import is a one-line ``ConfigError`` with key ``extensions[i]`` (the caller adds
-    where the value came from)."""
+    """Import each module of ``names`` (once); a module that cannot be found, fails to
+    import, or ends the program while imported (``sys.exit``, an argument parser reading
+    the script's command line) is a one-line ``ConfigError`` with key ``extensions[i]``
+    (the caller adds where the value came from)."""
     return [_import_one(name, f"{KEY}[{i}]") for i, name in enumerate(names)]
 
 
 def _import_one(name: str, key: str) -> ModuleType:
+    said = io.StringIO()  # the module's stderr while it is imported: replayed, unless it exits
     try:
-        if name.endswith(".py"):
-            return _import_file(Path(name), key)
-        return importlib.import_module(name)
+        with contextlib.redirect_stderr(said):
+            try:
+                if name.endswith(".py"):
+                    return _import_file(Path(name), key)
+                return importlib.import_module(name)
+            except SystemExit as e:  # sys.exit() at import, or argparse on the script's argv
+                raise _exited(name, key, e, said) from None
     except ConfigError:
         raise
     except ModuleNotFoundError as e:
@@ -48,6 +56,23 @@ def _import_one(name: str, key: str) -> ModuleType:
         ) from None
     except Exception as e:  # the user's module raised while it was imported
         raise _failed(name, key, e) from e
+    finally:
+        sys.stderr.write(said.getvalue())
+
+
+def _exited(name: str, key: str, e: SystemExit, said: io.StringIO) -> ConfigError:
+    """The one line for a module that ended the program while imported; what it printed
+    (argparse's usage and complaint) is not replayed, its last line is quoted."""
+    last = [line for line in said.getvalue().splitlines() if line.strip()][-1:]
+    said.seek(0)
+    said.truncate()
+    told = f": {_clip(last[0])}" if last else ""
+    return ConfigError(
+        f"{key}: importing {name!r} ended the program (sys.exit({e.code!r})){told}; an "
+        "extension module may only define and register (a script's own code, such as "
+        "parsing the command line, belongs under `if __name__ == '__main__':`)",
+        key,
+    )
 
 
 def _import_file(path: Path, key: str) -> ModuleType:
@@ -68,6 +93,11 @@ def _import_file(path: Path, key: str) -> ModuleType:
         del sys.modules[module_name]
         raise
     return module
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _failed(name: str, key: str, e: BaseException) -> ConfigError:

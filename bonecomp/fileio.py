@@ -9,6 +9,10 @@ built under such a temporary name and moved into place by ``replace_dir``.
 
 A folder the pipeline cannot write to (read-only, no permission, disk full) is reported
 in one place, ``output_errors``: an ``OutputError`` naming the folder and the cause.
+
+The JSON files the pipeline reads back (annotations, thresholds files) are parsed by
+``loads_json``, which refuses a key given twice in one object (``json`` keeps the last
+silently).
 """
 
 from __future__ import annotations
@@ -16,23 +20,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _TMP = re.compile(r"^\.(.+)\.(tmp|old)-(\d+)$")
 
 # errno -> what the user is told about the folder.
 _CAUSES = {
-    errno.EROFS: "is on a read-only file system",
-    errno.EACCES: "is read-only (no permission to write there)",
-    errno.EPERM: "is read-only (no permission to write there)",
-    errno.ENOSPC: "is on a full disk (no space left)",
-    errno.EDQUOT: "is on a full disk (disk quota exceeded)",
+    errno.EROFS: "the folder is on a read-only file system",
+    errno.EACCES: "the folder is read-only (no permission to write there)",
+    errno.EPERM: "the folder is read-only (no permission to write there)",
+    errno.ENOSPC: "the folder is on a full disk (no space left)",
+    errno.EDQUOT: "the folder is on a full disk (disk quota exceeded)",
+    errno.EFBIG: "the file would pass this process's file size limit (ulimit -f) or the "
+    "file system's; raise the limit (ulimit -f unlimited)",
 }
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the disk cannot take the bytes
 
 
 class OutputError(Exception):
@@ -49,9 +57,10 @@ def output_errors(path: Path | str) -> Iterator[None]:
         if e.errno not in _CAUSES:
             raise
         path = Path(path)
+        fix = "" if e.errno == errno.EFBIG else "free space or fix its permissions, "
         raise OutputError(
-            f"cannot write {path.name} in {path.parent}: the folder {_CAUSES[e.errno]}; "
-            "free space or fix its permissions, or write elsewhere"
+            f"cannot write {path.name} in {path.parent}: {_CAUSES[e.errno]}; "
+            f"{fix}or write elsewhere"
         ) from e
 
 
@@ -97,6 +106,22 @@ def write_text(path: Path | str, text: str) -> Path:
     return Path(path)
 
 
+def loads_json(text: str) -> Any:
+    """``json.loads`` that raises ``ValueError`` for an object giving a key twice (where
+    ``json`` silently keeps the last: a second ``"thresholds"`` or ``"points"`` would
+    replace the first unseen)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} is given twice in one object (JSON keeps only the last)")
+        out[k] = v
+    return out
+
+
 def file_hash(path: Path | str, chunk: int = 1 << 24) -> str:
     """blake2b-128 hex digest of a file, read in chunks (the manifests' file hashes)."""
     h = hashlib.blake2b(digest_size=16)
@@ -109,17 +134,33 @@ def file_hash(path: Path | str, chunk: int = 1 << 24) -> str:
 def preallocate(path: Path | str) -> None:
     """Reserve ``path``'s blocks now, so running out of disk raises ``OSError`` here
     rather than a SIGBUS when a page of the memory map is first written."""
-    if not hasattr(os, "posix_fallocate"):
-        return
     fd = os.open(path, os.O_RDWR)
     try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # the filesystem cannot preallocate: the free-space check has to do
+        reserve(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
+
+
+def reserve(fd: int, nbytes: int) -> None:
+    """Reserve the first ``nbytes`` of the open file ``fd`` on its disk before they are
+    written (a memory map, a checkpoint): a disk that cannot take them raises ``OSError``
+    (ENOSPC, EDQUOT; EFBIG past ``ulimit -f``) now, never a SIGBUS or a torn write later.
+    Where the file system cannot preallocate, its free space is checked instead."""
+    if nbytes <= 0:
+        return
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            return
+        except OSError as e:
+            if e.errno in _FULL:
+                raise
+    if not hasattr(os, "fstatvfs"):
+        return
+    have = getattr(os.fstat(fd), "st_blocks", 0) * 512  # no fallocate: the free space
+    vfs = os.fstatvfs(fd)
+    if vfs.f_bavail * vfs.f_frsize < nbytes - have:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def pid_alive(pid: int) -> bool:

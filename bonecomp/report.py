@@ -340,7 +340,7 @@ def _tuned_for(path: Path, experiment: str) -> bool:
 
 def _fold_view(run: RunDir, best: float) -> FoldView:
     """One fold's line: ``best`` is its mean validation Dice (dice_per_class.csv)."""
-    summary = pd.read_csv(run.summary) if run.summary.is_file() else pd.DataFrame()
+    summary = run.read_summary()  # empty when missing or empty
     epoch = None
     if "val_dice" in summary and summary["val_dice"].notna().any():
         epoch = int(summary.loc[summary["val_dice"].idxmax(), "epoch"])

@@ -12,7 +12,8 @@ module; no other file spells these names.
         dice_per_class_averaged.csv   its per-class validation Dice
         average_pool/epoch<e>.pt      train.average: the weights of the epochs it averages
                              (at most k per key; kept for a resume)
-        oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16)
+        oof.npy, oof_index.csv   out-of-fold probabilities of the best model (float16),
+                             the index recording the epoch (best.pt's)
         batch_plan.json      train.micro_batch=auto: the probed micro-batch and peaks
         tb/, wandb/          train.trackers: TensorBoard events, W&B run files
         .lock                held while a process trains this fold (removed after)
@@ -42,6 +43,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from bonecomp.config import Config, check_values, config_from_saved
@@ -58,6 +60,7 @@ AVERAGED_DICE_CSV = "dice_per_class_averaged.csv"
 AVERAGE_POOL = "average_pool"
 OOF = "oof.npy"
 OOF_INDEX = "oof_index.csv"
+OOF_EPOCH = "epoch"  # oof_index.csv's column: the epoch whose validation made the maps
 LOCK = ".lock"
 BATCH_PLAN = "batch_plan.json"
 TENSORBOARD = "tb"  # train.trackers: the fold's TensorBoard event files
@@ -71,6 +74,9 @@ PSEUDO_PROBS = "probs.npy"
 PSEUDO_CRC = "crc.npy"
 PSEUDO_INDEX = "index.csv"
 PSEUDO_META = "meta.json"  # written last: a folder without it is not a pseudo-label folder
+
+
+_REWRITE = "delete it: --resume writes it again from the next epoch (the rows before are lost)"
 
 
 class RunError(RuntimeError):
@@ -110,6 +116,20 @@ class RunDir:
         """The run's ``config.yaml`` as a ``Config`` (errors name the file)."""
         return config_from_saved(yaml.safe_load(self.config.read_text()), str(self.config))
 
+    def read_summary(self) -> pd.DataFrame:
+        """``summary.csv`` as a table: empty when the file is missing or empty (nothing
+        logged yet, or a disk that lost its bytes); a file that does not parse, or has no
+        ``epoch`` column, is a ``RunError`` naming it (a resume writes it again)."""
+        try:
+            table = pd.read_csv(self.summary)
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return pd.DataFrame()
+        except (OSError, ValueError) as e:  # ParserError, UnicodeDecodeError are ValueErrors
+            raise RunError(f"{self.summary}: cannot be read ({e}); {_REWRITE}") from e
+        if len(table.columns) and "epoch" not in table:
+            raise RunError(f"{self.summary}: no 'epoch' column; {_REWRITE}")
+        return table
+
     def pooled(self, epoch: int) -> Path:
         """Where ``train.average`` keeps the weights of ``epoch``."""
         return self.average_pool / f"epoch{epoch:04d}.pt"
@@ -131,10 +151,23 @@ class RunDir:
 
         The file is removed on release (a finished or failed run leaves no ``.lock``);
         a process that took the lock on a file just removed by its releasing holder
-        retries on the new one, so two processes never both hold it."""
+        retries on the new one, so two processes never both hold it. Folders the lock
+        created are removed on release when still empty (a run refused before it wrote a
+        file leaves no empty ``fold<k>/``)."""
         path = self.path / LOCK
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()]  # inner first
         with output_errors(path):
             self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._flocked(path):
+                yield
+        finally:  # a run refused before it wrote anything leaves no empty folder
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+
+    @contextlib.contextmanager
+    def _flocked(self, path: Path) -> Iterator[None]:
         try:
             import fcntl
         except ImportError:  # Windows: no lock
@@ -188,6 +221,33 @@ def _flock(f, fcntl, grace_s: float = 15.0) -> bool:
             if not pid.isdigit() or pid_alive(int(pid)) or time.monotonic() > deadline:
                 return False
             time.sleep(0.2)
+
+
+def oof_epoch(index: Path) -> int | None:
+    """The epoch an ``oof_index.csv`` (committed or staged) records for its maps; None
+    when the file is missing, unreadable, or from before the epoch was recorded."""
+    try:
+        column = pd.read_csv(index, usecols=[OOF_EPOCH], nrows=1)[OOF_EPOCH]
+    except (OSError, ValueError, KeyError, pd.errors.EmptyDataError):
+        return None
+    return int(column.iloc[0]) if len(column) else None
+
+
+def run_name(path: Path | str) -> str:
+    """``<experiment>/fold<k>``: what a run folder is, wherever ``train.output_dir`` lies
+    (a thresholds file names the runs it was tuned on; a moved runs folder is the same)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}"
+
+
+def crop_stage_error(run: RunDir | Path | str) -> RunError:
+    """The one refusal of a carpal-crop run (``data.crop``) where whole-image members go
+    (``infer.ensemble``, ``--checkpoints``): threshold and ensemble tuning find it by its
+    OOF maps' boxes, inference by its checkpoint's config; both say this."""
+    return RunError(
+        f"{run} is a crop experiment (data.crop): it was trained on the carpal box, not the "
+        "whole image; use it as infer.crop (scripts/crop_oof.py), not as an ensemble member"
+    )
 
 
 def runs_root(cfg: Config) -> Path:

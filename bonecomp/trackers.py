@@ -21,10 +21,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlparse
 
 import yaml
 
 from bonecomp.config import ConfigError
+from bonecomp.models.encoder_weights import reachable
 from bonecomp.runs import MLFLOW_ARTIFACTS, MLFLOW_DB, RunDir
 
 INSTALL = 'pip install -e ".[track]"'
@@ -45,6 +47,13 @@ class Tracker:
     def missing(cls) -> list[str]:
         """The required modules that are not installed."""
         return [m for m in cls.modules if not _installed(m)]
+
+    @classmethod
+    def unreachable(cls) -> str | None:
+        """Why the tracker's server cannot be reached, found in seconds (None: it can, or
+        there is no server): checked before any work, where the library itself would
+        retry for minutes after the run folder was claimed."""
+        return None
 
     def start(self, config: dict[str, Any], run: RunDir) -> None:
         """Open the tracker's run for fold folder ``run`` and record the resolved config."""
@@ -172,6 +181,21 @@ class MLflow(Tracker):
         need = cls.modules if remote else (*cls.modules, "sqlalchemy", "alembic")
         return [m for m in need if not _installed(m)]
 
+    @classmethod
+    def unreachable(cls, timeout: float = 3.0) -> str | None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        url = urlparse(uri)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            return None  # a local store or a database: nothing to reach
+        port = url.port or (443 if url.scheme == "https" else 80)
+        if reachable(url.hostname, port, timeout):
+            return None
+        return (
+            f"MLFLOW_TRACKING_URI={uri}: no server answers at {url.hostname}:{port} within "
+            f"{timeout:g} s; start it, fix the variable, or unset it (a local SQLite store in "
+            "train.output_dir)"
+        )
+
     def start(self, config: dict[str, Any], run: RunDir) -> None:
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
@@ -240,9 +264,10 @@ TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB
 
 
 def check_trackers(names: list[str]) -> None:
-    """``ConfigError`` naming ``train.trackers[i]`` for an unknown or repeated name, or a
-    tracker whose package is not installed (with the command that installs it). Names are
-    checked before packages: a wrong list is the same error on every machine."""
+    """``ConfigError`` naming ``train.trackers[i]`` for an unknown or repeated name, a
+    tracker whose package is not installed (with the command that installs it), or whose
+    server does not answer (seconds, before any work). Names are checked before packages:
+    a wrong list is the same error on every machine."""
     for i, name in enumerate(names):
         key = f"train.trackers[{i}]"
         if name not in TRACKERS:
@@ -258,6 +283,9 @@ def check_trackers(names: list[str]) -> None:
                 f"{INSTALL} (or pip install {TRACKERS[name].packages})",
                 key,
             )
+        why = TRACKERS[name].unreachable()
+        if why:
+            raise ConfigError(f"{key}: {name}: {why}", key)
 
 
 class Trackers:

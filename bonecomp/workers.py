@@ -30,6 +30,14 @@ forked on the first epoch's ``iter``). Helper threads (pin-memory, tqdm's monito
 weights download) create no process, so their ending never takes a worker with it. Do
 not iterate a DataLoader first in a short-lived thread.
 
+A spawn worker runs Python code long before any initializer: the new interpreter
+unpickles its start-up data, imports the parent's main module (a script importing torch)
+and the modules of the initializer and of the work, seconds on a loaded machine, during
+which it would outlive a killed parent. So the spawn pools use ``spawn_context()``: its
+processes carry a name whose unpickling, the first thing the new interpreter does with
+its parent's data, arms the signal (``bonecomp.workers`` is light: ctypes and the
+standard library), before every import.
+
 The multiprocessing resource tracker (a spawn pool's helper process) needs no call: it
 exits when its pipe closes, that is when the parent and every worker are gone.
 """
@@ -43,6 +51,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.context import SpawnContext, SpawnProcess
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -54,6 +63,42 @@ def end_with_parent(parent: int) -> None:
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     if os.getppid() != parent:  # died before the signal was armed (or while starting)
         os._exit(1)
+
+
+def spawn_context() -> SpawnContext:
+    """A spawn context (for ``ProcessPoolExecutor``) whose worker processes end with this
+    process from their first instruction on, including while they import (see above)."""
+    return _ArmedSpawnContext()
+
+
+class _ArmingName(str):
+    """A process name that arms ``end_with_parent`` where it is unpickled: spawn sends the
+    name with the start-up data, which a new worker reads before importing anything."""
+
+    parent: int
+
+    def __new__(cls, name: str, parent: int) -> _ArmingName:
+        obj = super().__new__(cls, name)
+        obj.parent = parent
+        return obj
+
+    def __reduce__(self) -> tuple:
+        return _armed_name, (str(self), self.parent)
+
+
+def _armed_name(name: str, parent: int) -> str:
+    end_with_parent(parent)
+    return name
+
+
+class _ArmedProcess(SpawnProcess):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._name = _ArmingName(self._name, os.getpid())
+
+
+class _ArmedSpawnContext(SpawnContext):
+    Process = _ArmedProcess
 
 
 def loader_worker_init(worker_id: int, parent: int) -> None:

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args) -> int:
+    cli.check_grid(args.grid, closed=True)  # the options, before any OOF map is read
+    cli.check_min_gain(args.min_gain)
     cfg = cli.load(args)
     first, crop = ensemble_members(cfg), crop_members(cfg)
     if not crop:

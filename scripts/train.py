@@ -56,7 +56,7 @@ def train(args) -> int:
 def report(cfg: Config, last_fold: bool) -> Path | None:
     """Refresh runs/<experiment>/report.html with every trained fold (train.report; rank 0),
     called by run_training at the end of a fold so the trackers get the page."""
-    dd = distributed.setup(cfg.train.device)  # the job run_training joined
+    dd = distributed.setup(cfg.train.device, cfg.train.dist_timeout)  # the job it joined
     # under torchrun the other ranks would wait for rank 0's page: last fold only
     if not cfg.train.report or not dd.main or not (last_fold or dd.world == 1):
         return None

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def tune(args) -> int:
     candidates(args.areas, args.rules)  # a bad rule or area: one line, before any work
+    cli.check_out_file(args.out)
+    cli.check_min_gain(args.min_gain)
     cfg = cli.load(args)
     members = cli.members(args, cfg)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))

@@ -17,7 +17,7 @@ import sys
 
 from bonecomp import cli
 from bonecomp.inference.class_weights import MIN_GAIN, MIN_SHARE, STEP, tune_ensemble
-from bonecomp.inference.thresholds import GRID
+from bonecomp.inference.thresholds import DEFAULT, GRID
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tune(args) -> int:
+    cli.check_out_file(args.out)  # the options, before any OOF map is read
+    cli.check_grid(args.grid, must_hold=DEFAULT)
+    cli.check_min_gain(args.min_gain)
     cfg = cli.load(args)
     members = cli.members(args, cfg)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from bonecomp import cli
-from bonecomp.inference.thresholds import GRID, tune_thresholds
+from bonecomp.inference.thresholds import DEFAULT, GRID, tune_thresholds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tune(args) -> int:
+    cli.check_out_file(args.out)  # the options, before any OOF map is read
+    cli.check_grid(args.grid, must_hold=DEFAULT)
+    cli.check_min_gain(args.min_gain)
     cfg = cli.load(args)
     members = cli.members(args, cfg)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))

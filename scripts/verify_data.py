@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     report = verify_dataset(args.root, workers=args.workers, progress=not args.quiet)
     for problem in report.problems:
         print(problem)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -104,3 +104,13 @@ def test_unreadable_json_names_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(AnnotationError, match=r"bad\.json"):
         load_annotation(bad)
+
+
+def test_a_key_given_twice_is_refused_naming_the_file(tmp_path):
+    """json keeps the last of two equal keys silently (a polygon would vanish unseen)."""
+    path = tmp_path / "dup.json"
+    text = json.dumps(_doc())
+    first = text.index('"points"')
+    path.write_text(text[:first] + '"points": [[1, 1], [9, 1], [9, 9]], ' + text[first:])
+    with pytest.raises(AnnotationError, match=r"dup\.json: .*key 'points' is given twice"):
+        load_annotation(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -275,3 +276,50 @@ def _cmdline(pid: int) -> str:
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """``make(folder)``: a read-only bind mount of ``folder`` (a shared data set, a
+    Kaggle-style input folder): writing there fails with EROFS, as root too."""
+    mounts = []
+
+    def make(folder: Path) -> Path:
+        view = tmp_path / f"ro-{len(mounts)}"
+        view.mkdir()
+        for cmd in (["mount", "--bind", str(folder), str(view)],
+                    ["mount", "-o", "remount,bind,ro", str(view)]):  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                if mounts or cmd[1] != "--bind":
+                    subprocess.run(["umount", str(view)], capture_output=True)
+                pytest.skip(f"cannot make a read-only mount here: {done.stderr.strip()}")
+        mounts.append(view)
+        return view
+
+    yield make
+    gc.collect()  # the cache's memory maps hold its files
+    for view in mounts:
+        if subprocess.run(["umount", str(view)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(view)], capture_output=True)  # once unused
+
+
+def test_a_complete_cache_on_a_read_only_mount_is_used(tiny_root, tmp_path, read_only):
+    """Nothing needs writing, so no lock file is needed: training reads it as it is; a
+    cache that is not complete there is one line naming data.cache_dir."""
+    from bonecomp.distributed import Dist
+    from bonecomp.testing import tiny_config
+    from bonecomp.training import run_training
+    from bonecomp.training.data import prepare_cache
+
+    cfg = tiny_config(tiny_root, tmp_path, **{"train.epochs": 1})
+    prepare_cache(cfg, discover(tiny_root), Dist(), False)  # cache and folds, writable
+    view = read_only(tmp_path / "cache")
+    with pytest.raises(OSError):
+        (view / "probe").write_text("")  # the mount is read-only
+    ro = tiny_config(tiny_root, tmp_path, **{"train.epochs": 1, "data.cache_dir": str(view)})
+    result = run_training(ro, 0, progress=False)
+    assert result.epochs_done == 1
+    other = tiny_config(tiny_root, tmp_path, **{"data.image_size": 96, "data.cache_dir": str(view)})
+    with pytest.raises(CacheError, match=r"read-only.*set data\.cache_dir to a writable folder"):
+        prepare_cache(other, discover(tiny_root), Dist(), False)

@@ -305,6 +305,7 @@ def test_resume_rule_is_todays_set():
         "extensions",  # added since: where the user's registrations live, like data.root
         "train.expect_dice",  # added since: a warning's threshold, not the training
         "train.grad_checkpointing",  # added since: recomputes, the same gradients
+        "train.dist_timeout",  # added since: how long a rank waits for the others to join
     }  # fmt: skip
 
 
@@ -404,3 +405,65 @@ def test_the_schema_refuses_what_the_loader_refuses(recipe, words):
         jsonschema.validate({"extends": "base.yaml", **recipe}, schema)
     with pytest.raises(ConfigError):
         from_dict(Config, recipe)
+
+
+# ------------------------------------------------------------------ bad recipe files
+def _recipe_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (recipe file, what its one-line error must say)."""
+    cases = {}
+    dup = tmp_path / "dup.yaml"  # a second train: block would silently replace the first
+    dup.write_text(
+        "train:\n  experiment: a\n  epochs: 3\nmodel: {arch: unet}\ntrain:\n  epochs: 9\n"
+    )
+    cases["duplicate section"] = (dup, r"dup\.yaml: key 'train' is given twice \(lines 1 and 5\)")
+    inner = tmp_path / "inner.yaml"
+    inner.write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n")
+    cases["duplicate key"] = (inner, r"inner\.yaml: key 'epochs' is given twice \(lines 2 and 4\)")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("extends: [base.yaml]\n")
+    cases["extends list"] = (listed, r"listed\.yaml: extends must name one file")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train: {experiment: caf\u00e9}\n".encode("latin-1"))
+    cases["latin-1 byte"] = (
+        latin,
+        r"latin\.yaml: not a UTF-8 text file \(byte 0xe9 at offset 23\)",
+    )
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    cases["a checkpoint"] = (ckpt, r"best\.pt: not a YAML recipe but a zip archive")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: " + "{a: " * 6000 + "1" + "}" * 6000 + "\n")
+    cases["nested 6000 deep"] = (deep, r"deep\.yaml: nested too deep")
+    return cases
+
+
+CASES = ("duplicate section", "duplicate key", "extends list", "latin-1 byte", "a checkpoint",
+         "nested 6000 deep")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_recipe_file_is_one_line_naming_it(case, tmp_path):
+    path, message = _recipe_cases(tmp_path)[case]
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bad_recipe_file_ends_the_script_in_one_line(tmp_path, capsys):
+    """Through a script: ``--config best.pt`` and a duplicated key, exit 2, one line."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train as train_script
+
+    for case in ("a checkpoint", "duplicate section"):
+        path, message = _recipe_cases(tmp_path)[case]
+        assert train_script.main(["--config", str(path), "--fold", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.search(message, err) and err.startswith("error: ") and "\n" not in err
+
+
+def test_the_same_key_in_a_parent_and_its_child_is_not_a_duplicate(tmp_path):
+    (tmp_path / "base.yaml").write_text("train: {epochs: 3}\n")
+    (tmp_path / "r.yaml").write_text("extends: base.yaml\ntrain: {epochs: 5}\n")
+    assert load_config(tmp_path / "r.yaml").train.epochs == 5

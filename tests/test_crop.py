@@ -385,3 +385,32 @@ def test_crop_oof_scores_with_the_thresholds_file_in_use(carpal_run, tiny_root, 
     for c in CARPALS:
         assert printed[CLASSES[c]] == pytest.approx(at[ts[c]][c], abs=6e-5), CLASSES[c]
     assert any(abs(at[0.02][c] - at[0.5][c]) > 1e-3 for c in CARPALS[::2])  # it can fail
+
+
+def test_a_crop_model_is_refused_as_a_whole_image_member_in_tunings_words(
+    carpal_run, tiny_root, tmp_path, capsys
+):
+    """A carpal-crop checkpoint given to infer.py (``--checkpoints``, or its experiment in
+    ``infer.ensemble``) is refused in the very line threshold tuning gives (it ran a box
+    model on whole images and the submission validated OK); no CSV (issue 29, case 2)."""
+    _, _, work = carpal_run
+    crop_ckpt = work / "runs" / "carp" / "fold0" / "best.pt"
+    sys.path.insert(0, str(REPO / "scripts"))
+    import infer
+    import tune_thresholds
+
+    base = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
+    over = tiny_overrides(tiny_root, work)
+    assert tune_thresholds.main([*base, *over, "--checkpoints", str(crop_ckpt)]) == 2
+    tuned = capsys.readouterr().err.strip()
+    assert tuned.startswith(f"error: {crop_ckpt.parent} is a crop experiment (data.crop)")
+    out = tmp_path / "s.csv"
+    listed = "infer.ensemble=[{experiment: carp, folds: [0]}]"
+    for how in (["--checkpoints", str(crop_ckpt)], ["--ensemble", listed]):
+        assert infer.main([*base, "--out", str(out), *over, *how]) == 2
+        assert capsys.readouterr().err.strip() == tuned
+        assert not out.exists()
+    assert tuned.endswith(
+        "it was trained on the carpal box, not the whole image; use it as infer.crop "
+        "(scripts/crop_oof.py), not as an ensemble member"
+    )

@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
-from bonecomp.testing import DEMO_CONFIG, tiny_overrides
+from bonecomp.testing import DEMO_CONFIG, REPO, tiny_overrides
 from tests.test_bad_inputs import _one_error_line, _train  # the corpus's own checks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -71,6 +75,16 @@ def stray_file(root: Path, split: str) -> Path:
 DAMAGE = [upper_case_extension, nested_image, broken_symlink, duplicate_stem, stray_file]
 
 
+def one_pixel_image(root: Path, split: str) -> Path:
+    """A 1x1 PNG (decodes, complete): verify_data rejects its size; so must inference."""
+    png = _pngs(root, split)[0]
+    cv2.imwrite(str(png), np.zeros((1, 1), np.uint8))
+    return png
+
+
+TEST_DAMAGE = [*DAMAGE, one_pixel_image]  # the test split's rules: also the images' sizes
+
+
 def _verify_names(root: Path, path: Path, capsys: pytest.CaptureFixture) -> None:
     assert verify_data.main([str(root), "--quiet"]) == 1
     out = capsys.readouterr().out
@@ -94,7 +108,7 @@ def trained(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("damage", TEST_DAMAGE, ids=lambda f: f.__name__)
 def test_inference_refuses_what_the_check_rejects(
     damage, tiny_root, trained, tiny_copy, tmp_path, capsys
 ):
@@ -190,3 +204,29 @@ def test_a_symlinked_image_that_reaches_a_file_is_read(tiny_copy, tmp_path):
     from bonecomp.data.layout import discover
 
     assert png.name in set(discover(tiny_copy, "test")["name"])
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line_not_a_segfault(
+    tiny_root, trained, tiny_copy, tmp_path
+):
+    """cv2.imread crashed the process (SIGSEGV) on a name that is not valid UTF-8: the
+    check lists it, inference refuses it in one line (both name it, the odd bytes shown as
+    \\xff), in their own processes as a user runs them (issue 29, case 4)."""
+    png = _pngs(tiny_copy, "test")[0]
+    bad = os.fsencode(png.parent) + b"/" + os.fsencode(png.stem) + b"\xff.png"
+    os.rename(os.fsencode(png), bad)
+    shown = os.fsdecode(bad).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = partial(subprocess.run, capture_output=True, text=True, timeout=300, env=env)
+    check = run(
+        [sys.executable, str(REPO / "scripts" / "verify_data.py"), str(tiny_copy), "--quiet"]
+    )
+    assert check.returncode == 1, (check.returncode, check.stderr[-2000:])
+    assert f"{shown}: file name is not valid UTF-8" in check.stdout, check.stdout
+    out = tmp_path / "sub.csv"
+    args = ["--config", str(DEMO_CONFIG), "--ensemble", "--quiet", "--data", str(tiny_copy)]
+    args += ["--out", str(out), *tiny_overrides(tiny_root, trained)]
+    done = run([sys.executable, str(REPO / "scripts" / "infer.py"), *args])
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    _one_error_line(done.stderr, [shown, "not valid UTF-8", "verify_data.py"])
+    assert not out.exists()

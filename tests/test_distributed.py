@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import config_from_saved
@@ -231,7 +232,7 @@ def test_a_rank_that_torchrun_ends_removes_its_lock(tmp_path):
         capture_output=True, text=True, timeout=60, env=ENV,
     )  # fmt: skip
     assert proc.returncode == 143, proc.stderr
-    assert proc.stderr == "" and list(run.iterdir()) == []
+    assert proc.stderr == "" and not run.exists()  # no lock, and the empty folder it made goes
 
 
 GATHER_OOF = """
@@ -278,3 +279,54 @@ def test_oof_rows_of_every_rank_land_in_their_row(tmp_path):
     expected = np.array([7, 3, 9, 1, 5], np.float16)[:, None, None, None] / 16
     np.testing.assert_array_equal(oof, np.broadcast_to(expected, (5, 29, 4, 4)))
     assert not (tmp_path / "rank1").exists()
+
+
+# ------------------------------------------------- torchrun variables (issue 29, case 8)
+def _train_in_process(tmp_path: Path, capsys, **extra) -> tuple[int, str]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    args = [*TRAIN[1:], "--fold", "0", "--quiet", *tiny_overrides(ROOT / "nodata", tmp_path)]
+    args += [f"{k}={v}" for k, v in extra.items()]
+    code = train_script.main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 without RANK, MASTER_ADDR, MASTER_PORT"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a whole number"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"},
+         "MASTER_PORT='http' is not a port"),
+        ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+         "RANK=2 is not a rank of WORLD_SIZE=2"),
+    ],
+    ids=["world alone", "world not a number", "port not a number", "rank out of range"],
+)  # fmt: skip
+def test_torchrun_variables_are_checked_before_any_work(env, says, tmp_path, capsys, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # (a short rendezvous timeout: torch, given RANK=2 of 2, waited 30 minutes for a store)
+    code, err = _train_in_process(tmp_path, capsys, **{"train.dist_timeout": 3})
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert says in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_rank_alone_waits_for_train_dist_timeout_and_says_for_whom(tiny_root, tmp_path):
+    """Rank 0 of 2 with no rank 1: a line says what it waits for, and after
+    ``train.dist_timeout`` seconds one error line (not torch's 30 minutes of silence)."""
+    port = free_port()
+    env = {**ENV, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    args = [*tiny_overrides(tiny_root, tmp_path), "train.dist_timeout=3"]
+    cmd = [sys.executable, *TRAIN, "--fold", "0", "--quiet", *args]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert f"waiting for 2 ranks at 127.0.0.1:{port}" in done.stdout, done.stdout
+    err = done.stderr.strip()
+    assert done.returncode == 2 and "\n" not in err, err
+    assert "train.dist_timeout=3" in err and f"127.0.0.1:{port}" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()

@@ -209,3 +209,39 @@ def test_the_scripts_import_the_recipes_extensions(tiny_root, tmp_path):
     assert "loss.terms: unknown term(s) ['plain_bce']" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs" / "other").exists()
+
+
+PARSES_ARGV = """import argparse
+ap = argparse.ArgumentParser()
+ap.add_argument("--scale", type=float, default=1.0)
+SCALE = ap.parse_args().scale
+"""
+
+
+@pytest.mark.parametrize(
+    "body, says",
+    [
+        ("import sys\nsys.exit(0)\n", r"ended the program \(sys\.exit\(0\)\)"),
+        (PARSES_ARGV, r"ended the program \(sys\.exit\(2\)\): .*unrecognized arguments: --config"),
+    ],
+    ids=["sys.exit(0)", "parses sys.argv"],
+)
+def test_an_extension_that_ends_the_program_at_import_is_blamed_on_it(
+    body, says, tiny_root, tmp_path, registries, monkeypatch, capsys
+):
+    """A module that exits, or parses the script's own arguments, while it is imported:
+    one line naming ``extensions[0]``, exit 2, before any work (not a silent exit 0, not
+    argparse's complaint about train.py's arguments)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train as train_script
+
+    module = tmp_path / "ext.py"
+    module.write_text(body)
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--fold", "0", "--quiet"]
+    args += tiny_overrides(tiny_root, tmp_path, extensions=[str(module)])
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    assert train_script.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: command line: extensions[0]: importing ") and "\n" not in err
+    assert re.search(says, err), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()

@@ -16,13 +16,21 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 
 from bonecomp.checkpoint import load_checkpoint
+from bonecomp.classes import NUM_CLASSES
 from bonecomp.data.layout import discover
+from bonecomp.distributed import Dist
+from bonecomp.engine import OOFWriter, StepContext, validate
 from bonecomp.fileio import remove_stale_temps, replace_dir
+from bonecomp.inference.ensemble import load_member
+from bonecomp.losses import build_loss
 from bonecomp.submission import validate_submission
-from bonecomp.testing import DEMO_CONFIG, REPO, tiny_overrides
+from bonecomp.testing import DEMO_CONFIG, REPO, tiny_config, tiny_overrides
+from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 
 WRAPPER = """
 import os, sys, time
@@ -46,6 +54,20 @@ if fault == "slow-infer":
         add(self, *args, **kwargs)
         time.sleep(120)
     submission.SubmissionWriter.add = slow_add
+if fault == "slow-commit":  # every validation beats the one before (epoch 1 is a new
+    from bonecomp.training import fold  # best); the kill lands after epoch 1's best.pt,
+    real_validate, real_commit, seen = fold.validate, fold.commit_oof, []  # before its maps
+    def better(*args, **kwargs):
+        val = real_validate(*args, **kwargs)
+        seen.append(1)
+        val.metrics["dice"] += len(seen)
+        return val
+    def slow_commit(run):
+        if len(seen) == 2:
+            open(os.environ["FAULT_MARK"], "w").close()
+            time.sleep(120)
+        real_commit(run)
+    fold.validate, fold.commit_oof = better, slow_commit
 if __name__ == "__main__":  # worker processes (spawn) re-import this file
     import {script} as script
     sys.exit(script.main(sys.argv[1:]))
@@ -60,6 +82,7 @@ def _wrapper(tmp_path: Path, script: str) -> Path:
 
 def _start(tmp_path: Path, script: str, args: list[str], fault: str = "") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "FAULT": fault}
+    env["FAULT_MARK"] = str(tmp_path / "fault-reached")
     cmd = [sys.executable, str(_wrapper(tmp_path, script)), *args]
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path
@@ -194,3 +217,51 @@ def test_a_folder_replace_killed_between_its_renames_is_undone(tmp_path):
     replace_dir(new, pseudo)
     assert [p.name for p in tmp_path.iterdir()] == ["pseudo"]
     assert (pseudo / "meta.json").read_text() == "new"
+
+
+def _best_maps(tiny_root: Path, tmp_path: Path, run: Path) -> np.ndarray:
+    """The out-of-fold maps best.pt gives, computed here: its model validated on fold 0's
+    validation images through the same ``validate`` and ``OOFWriter`` training uses."""
+    cfg = tiny_config(tiny_root, tmp_path)
+    folds, cache = prepare_cache(cfg, discover(tiny_root), Dist(), False)
+    train_idx, val_idx = fold_split(folds, 0)
+    data = build_loaders(cfg, cache, train_idx, val_idx)
+    size = cfg.train.oof_size
+    maps = np.zeros((len(val_idx), NUM_CLASSES, size, size), np.float16)
+    writer = OOFWriter(maps, {int(i): r for r, i in enumerate(val_idx)}, size)
+    ctx = StepContext(torch.device("cpu"), progress=False, soft_targets=cfg.data.soft_targets)
+    model = load_member(run / "best.pt").model
+    validate(model, data.val_loader, cache, build_loss(cfg.loss), ctx, 0.5, writer)
+    return maps
+
+
+def test_kill9_between_best_pt_and_its_oof_maps_then_resume(tiny_root, tmp_path, capsys):
+    """Killed after epoch 1's best.pt, before its OOF maps were committed: threshold tuning
+    refuses the maps (epoch 0's) in one line; ``--resume`` commits epoch 1's maps, which
+    the killed process had staged (the re-run epoch ties best.pt's score, so it would never
+    commit them again), and the run ends with the maps of best.pt's epoch."""
+    run = tmp_path / "runs" / "tiny" / "fold0"
+    args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
+    args += tiny_overrides(tiny_root, tmp_path, **{"train.report": False})  # 2 epochs
+    proc = _start(tmp_path, "train", args, fault="slow-commit")
+    _wait_for(proc, (tmp_path / "fault-reached").is_file)
+    _kill9(proc)
+    _no_orphans(str(tmp_path))
+    assert load_checkpoint(run / "best.pt")["epoch"] == 1
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train as train_script
+    import tune_thresholds
+
+    tune = ["--config", str(DEMO_CONFIG), "--quiet", *tiny_overrides(tiny_root, tmp_path)]
+    assert tune_thresholds.main(tune) == 2
+    err = capsys.readouterr().err.strip()
+    assert "maps of epoch 0, but best.pt is epoch 1" in err and "--resume" in err, err
+    assert "\n" not in err
+    assert train_script.main([*args, "--resume"]) == 0  # re-runs epoch 1
+    assert pd.read_csv(run / "summary.csv")["epoch"].tolist() == [0, 1] and _temps(run) == []
+    assert "committed the out-of-fold maps of best epoch 1" in capsys.readouterr().out
+    best = load_checkpoint(run / "best.pt")["epoch"]
+    got = np.load(run / "oof.npy")
+    want = _best_maps(tiny_root, tmp_path, run)
+    assert np.abs(got.astype(np.float32) - want.astype(np.float32)).max() < 1e-3, best
+    assert tune_thresholds.main(tune) == 0

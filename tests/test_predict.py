@@ -273,3 +273,34 @@ def test_the_submission_lands_in_out_dir_under_its_name(trained, tiny_root, tmp_
     assert infer.main(args + tiny_overrides(tiny_root, work, **keys)) == 0
     written = list((tmp_path / "subs").iterdir())
     assert len(written) == 1 and written[0].name.startswith("mine_") and written[0].suffix == ".csv"
+
+
+@pytest.mark.parametrize("reader", ["thresholds", "class_weights", "cleanup"])
+def test_a_thresholds_file_giving_a_key_twice_is_refused_naming_it(reader, tmp_path):
+    """json keeps the last of two equal keys silently: the file is refused instead."""
+    from bonecomp.inference.class_weights import read_class_weights
+    from bonecomp.inference.cleanup import read_cleanup
+
+    read = {"thresholds": read_thresholds, "class_weights": read_class_weights,
+            "cleanup": read_cleanup}[reader]  # fmt: skip
+    path = write_thresholds(tmp_path / "thr.json", [0.5] * 29)
+    text = path.read_text()
+    path.write_text(text.replace('"thresholds":', f'"thresholds": {[0.3] * 29}, "thresholds":', 1))
+    with pytest.raises(RunError, match=r"thr\.json: .*key 'thresholds' is given twice"):
+        read(path)
+
+
+def test_a_moved_run_is_not_other_models_for_its_own_thresholds_file(tmp_path):
+    """The thresholds file records the run folders it was tuned on; after train.output_dir
+    moved, the same experiment and fold are the same models (no warning)."""
+    from bonecomp.config import load_config
+    from bonecomp.inference.thresholds import resolve_thresholds
+
+    old, new = tmp_path / "old" / "runs", tmp_path / "new" / "runs"
+    path = write_thresholds(new / "thr.json", [0.4] * 29, runs=[str(old / "tiny" / "fold0")])
+    cfg = load_config(None, [f"infer.thresholds={path}"])
+    ts, source = resolve_thresholds(cfg, [MemberSpec(new / "tiny" / "fold0" / "best.pt")])
+    assert ts == [0.4] * 29 and source == str(path)
+    with pytest.warns(UserWarning, match="not on these models"):
+        _, source = resolve_thresholds(cfg, [MemberSpec(new / "tiny" / "fold1" / "best.pt")])
+    assert "WARNING" in source

@@ -242,6 +242,22 @@ def test_mix_sampler_weight_and_ddp_shards():
     assert list(ranks[0]) != shards[0]  # a new order each epoch
 
 
+def test_an_absurd_pseudo_weight_is_one_line_at_the_config_check(tiny_root, tmp_path, capsys):
+    """``train.pseudo_weight=1e9`` grew the epoch's order to 16.6 GB and was killed by the
+    kernel without a word: it is bounded, and the line says why (issue 29, case 11)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    args = ["--config", str(ROOT / "configs" / "demo.yaml"), "--fold", "0", "--quiet"]
+    args += tiny_overrides(tiny_root, tmp_path, **{"train.pseudo_weight": 1e9})
+    assert train_script.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: command line: train.pseudo_weight must be in (0, 10]: ")
+    assert "\n" not in err and not (tmp_path / "runs").exists()
+    most = list(MixSampler(6, 4, 10.0, torch.Generator().manual_seed(0)))  # the ceiling works
+    assert sorted(most) == sorted([*range(6), *list(range(6, 10)) * 10])
+
+
 def test_sharpen_snaps_confident_pixels_and_binary_targets_use_thresholds():
     p = np.array([0, 25, 26, 127, 229, 230, 255], np.uint8).reshape(1, 1, -1)
     assert pseudo_target(p, "soft", 0.9, True, [0.5]).tolist() == p.tolist()

@@ -67,8 +67,8 @@ def _damage_cases():
 
     def wrong_size(r):
         png = _first(r, "train/DCM/*/*.png")
-        cv2.imwrite(str(png), np.zeros((64, 64), np.uint8))
-        return png, "differs"
+        cv2.imwrite(str(png), np.zeros((16, 16), np.uint8))
+        return png, "below the 32 px"
 
     def bad_json(r):
         js = _first(r, "train/outputs_json/*/*.json")
@@ -103,6 +103,13 @@ def _damage_cases():
     def outside(r):
         return _edit_json(r, lambda d: _points(d, [[1, 1], [500, 5], [9, 1]])), "outside"
 
+    def duplicate_key(r):  # json keeps the last "points" silently; both are valid polygons
+        path = _first(r, "train/outputs_json/*/*.json")
+        text = path.read_text()
+        first = text.index('"points"')
+        path.write_text(text[:first] + '"points": [[1, 1], [9, 1], [9, 9]], ' + text[first:])
+        return path, "key 'points' is given twice"
+
     def duplicate_stem(r):
         png = _first(r, "test/DCM/*/*.png")
         other = sorted((r / "test" / "DCM").iterdir())[-1]
@@ -124,6 +131,7 @@ def _damage_cases():
         float_points,
         nan_points,
         outside,
+        duplicate_key,
         duplicate_stem,
     ]
 
@@ -163,3 +171,16 @@ def _tree_hash(root: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def test_an_image_of_another_size_is_a_warning_not_a_problem(tiny_copy, capsys):
+    """The competition's images are all one size; a test image of another is worth a look
+    but no error: inference predicts and encodes it at its own size."""
+    png = _first(tiny_copy, "test/DCM/*/*.png")
+    cv2.imwrite(str(png), np.zeros((160, 96), np.uint8))
+    report = verify_dataset(tiny_copy, progress=False)
+    assert report.ok, [str(p) for p in report.problems]
+    assert [w.file for w in report.warnings] == [str(png)]
+    assert "differs from (128, 128)" in report.warnings[0].message
+    assert verify_data.main([str(tiny_copy), "--quiet"]) == 0
+    assert f"warning: {png}: image size (160, 96) differs" in capsys.readouterr().out

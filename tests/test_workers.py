@@ -30,8 +30,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 BUSY = """
-import os, sys
+import os, sys, time
 from pathlib import Path
+
+if __name__ == "__mp_main__" and os.environ.get("SLOW_IMPORT"):
+    # a spawn worker imports its parent's main module first: a slow import (torch,
+    # cv2 on a loaded machine) stands for all of them
+    (Path(os.environ["WORKER_MARKS"]) / f"importing-{os.getpid()}").touch()
+    time.sleep(60)
 
 
 def busy(*args, **kwargs):
@@ -209,3 +215,47 @@ def test_without_pdeathsig_the_polling_thread_ends_an_idle_worker(tmp_path):
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kind", ["cache", "phantom"])
+def test_spawn_workers_die_with_their_parent_while_importing(kind, tiny_root, tmp_path):
+    """A spawn worker imports its parent's main module and its own modules (seconds of
+    torch, cv2) before any initializer runs: the parent-death signal is armed first
+    thing in the new interpreter, so a parent killed then takes its workers (and, with
+    them, the resource tracker) within a second, not after their imports (issue 29, 13)."""
+    work = tmp_path / "w"
+    marks = work / "marks"
+    marks.mkdir(parents=True)
+    script = work / "busy_parent.py"
+    script.write_text(BUSY)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WORKER_MARKS": str(marks), "SLOW_IMPORT": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), kind, str(tiny_root), str(work)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=work,
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(marks.glob("importing-*"))) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the workers never started importing"
+            time.sleep(0.05)
+        trackers = _children(proc.pid, "resource_tracker")
+        workers = [int(p.name.split("-")[1]) for p in marks.glob("importing-*")]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    try:
+        killed = time.monotonic()
+        while any(map(_alive, workers)) and time.monotonic() - killed < 10:
+            time.sleep(0.02)
+        took = time.monotonic() - killed
+        left = [p for p in workers if _alive(p)]
+        assert not left and took < 2.0, f"workers {left} outlived their parent ({took:.1f} s)"
+        while any(map(_alive, trackers)) and time.monotonic() - killed < 10:
+            time.sleep(0.02)
+        assert not [p for p in trackers if _alive(p)], "the resource tracker outlived them"
+    finally:
+        for pid in workers + trackers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -8,7 +8,6 @@ all); ``parse_annotation`` refuses a document that has any.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bonecomp.classes import CLASS_TO_INDEX, CLASSES
+from bonecomp.fileio import loads_json
 
 # Most points one polygon may have. The largest bone's outline at 2048 px, one point per
 # pixel, needs under 5,000; filling a self-crossing polygon (cv2.fillPoly) grows faster
@@ -66,11 +66,11 @@ class Polygons:
 
 
 def read_json(path: Path | str) -> dict:
-    """Parse a JSON file; a read or parse error names the file."""
+    """Parse a JSON file; a read or parse error (a key given twice too) names the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return loads_json(f.read())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError, JSONDecodeError, a key twice
         raise AnnotationError(f"{path}: cannot read JSON ({e})") from e
 
 

@@ -55,7 +55,6 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -71,7 +70,7 @@ from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.preprocess import NONE, Preprocess
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
-from bonecomp.workers import end_with_parent
+from bonecomp.workers import end_with_parent, spawn_context
 
 CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
@@ -139,8 +138,10 @@ def open_cache(
 
     Loads it when valid for these sources and this size, else (re)builds it. A lock
     file serialises jobs sharing the folder; under it, the temporary folders of builders
-    that died (kill -9) are removed. ``verify`` re-hashes the big arrays too (seconds per
-    GB); by default their sizes and headers are checked. ``on_bad_image``: "error" stops
+    that died (kill -9) are removed. In a read-only folder (a shared mount) a complete
+    cache is used without a lock; an incomplete one is a ``CacheError``. ``verify``
+    re-hashes the big arrays too (seconds per GB); by default their sizes and headers are
+    checked. ``on_bad_image``: "error" stops
     at an unusable training image, "skip" leaves it out (the cache's index then lacks it).
     ``crop_margin``: a carpal crop cache with this margin (None: whole images).
     ``preprocess``: the ``data.preprocess`` steps, applied to each PNG before it is cut
@@ -149,8 +150,9 @@ def open_cache(
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
     folder = Path(cache_dir) / cache_name(size, crop_margin, preprocess)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(folder.with_name(f".{folder.name}.lock")):
+    with _locked(folder.with_name(f".{folder.name}.lock")) as locked:
+        if not locked:  # a read-only folder: nothing can be built or cleaned there
+            return _read_only_cache(df, folder, size, on_bad_image, crop_margin, preprocess)
         for stale in remove_stale_temps(folder.parent):
             print(f"cache: cleaned up {stale}, left by a build that was killed", file=sys.stderr)
         fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin, preprocess)
@@ -203,19 +205,50 @@ def data_cache_dir(cache_dir: Path | str, root: Path | str) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX); a no-op where fcntl is missing."""
+def _locked(path: Path) -> Iterator[bool]:
+    """An exclusive advisory lock on ``path`` (POSIX; a no-op where fcntl is missing);
+    yields False, holding nothing, when its folder is read-only (no one can write there,
+    so there is nothing to serialise)."""
     try:
         import fcntl
     except ImportError:  # Windows: no lock
-        yield
+        yield True
         return
-    with open(path, "a") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield False
+        return
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_only_cache(
+    df: pd.DataFrame,
+    folder: Path,
+    size: int,
+    on_bad_image: str,
+    crop_margin: float | None,
+    preprocess: Preprocess,
+) -> TrainCache:
+    """The cache in a folder that cannot be written (a shared or input mount): used as it
+    is when complete for these sources, else one ``CacheError`` saying why it cannot be
+    built there and what to do."""
+    fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin, preprocess)
+    problem = check_cache(folder, fingerprint)
+    if problem is None:
+        return load_cache(folder)
+    raise CacheError(
+        f"cache {folder}: {problem}, and {folder.parent} is read-only, so it cannot be "
+        "built there; set data.cache_dir to a writable folder"
+    )
 
 
 def source_fingerprint(
@@ -330,7 +363,7 @@ def build_cache(
         )
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise CacheError(
                 f"cache {folder}: the disk is full ({e.strerror}); the partial cache was "
                 f"removed. Free {_gb(_cache_bytes(len(df), size))} in {folder.parent} "
@@ -372,8 +405,8 @@ def _build_into(
         if workers == 1:
             results = map(_cache_item, jobs)
         else:
-            pool = ProcessPoolExecutor(
-                workers, get_context("spawn"), initializer=_worker_init, initargs=(os.getpid(),)
+            pool = ProcessPoolExecutor(  # ends with us, also while it imports
+                workers, spawn_context(), initializer=_worker_init, initargs=(os.getpid(),)
             )
             results = pool.map(_cache_item, jobs, chunksize=4)
         try:

@@ -69,6 +69,17 @@ def stratify_table(df: pd.DataFrame, rule: str, n_splits: int) -> pd.DataFrame:
     return pd.DataFrame({rule: values, "stratum": strata})
 
 
+def check_patients(df: pd.DataFrame, n_splits: int) -> None:
+    """Enough patients for ``data.n_splits`` folds (each fold validates on patients of its
+    own): a ``FoldsError`` naming the key otherwise. Cheap: call it before any work."""
+    n_patients = df["patient"].nunique()
+    if n_patients < n_splits:
+        raise FoldsError(
+            f"data.n_splits={n_splits}: {n_patients} patients cannot fill {n_splits} folds "
+            f"(each fold validates on patients of its own); set data.n_splits <= {n_patients}"
+        )
+
+
 def make_folds(
     df: pd.DataFrame,
     n_splits: int = 5,
@@ -81,9 +92,7 @@ def make_folds(
     ``seed=None`` is sklearn's deterministic split; an int shuffles patients.
     Returns columns image (relative path), patient, fold (and the strata's columns).
     """
-    n_patients = df["patient"].nunique()
-    if n_patients < n_splits:
-        raise FoldsError(f"{n_patients} patients cannot fill {n_splits} folds")
+    check_patients(df, n_splits)
     kw = {"shuffle": True, "random_state": seed} if seed is not None else {}
     folds = pd.Series(-1, index=df.index, dtype=int)
     if strata is None:

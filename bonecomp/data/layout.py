@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bonecomp.data.images import printable
+
 PHANTOM_HINT = (
     "Expected the competition layout (docs/format.md): <root>/train/DCM/ID*/*.png, "
     "<root>/train/outputs_json/ID*/*.json, <root>/test/DCM/ID*/*.png. Put the data there "
@@ -69,11 +71,11 @@ class Listing:
 def scan_images(root: Path | str, split: str = "train") -> Listing:
     """The images of ``root/<split>/DCM`` and the files that break its rules.
 
-    Rules: an image is ``<ID>/<name>.png`` (lower-case extension) in a patient folder;
-    every patient folder holds two; a stem names one image in the split (the submission
-    and ``data.exclude`` know images by name); a symbolic link must reach a file. Any
-    other file outside a patient folder, below one, or in one but not a ``.png`` breaks
-    them. Hidden files (``.DS_Store``) are ignored everywhere.
+    Rules: an image is ``<ID>/<name>.png`` (lower-case extension; names valid UTF-8) in a
+    patient folder; every patient folder holds two; a stem names one image in the split
+    (the submission and ``data.exclude`` know images by name); a symbolic link must reach
+    a file. Any other file outside a patient folder, below one, or in one but not a
+    ``.png`` breaks them. Hidden files (``.DS_Store``) are ignored everywhere.
     """
     dcm = Path(root) / split / "DCM"
     if not dcm.is_dir():
@@ -82,12 +84,17 @@ def scan_images(root: Path | str, split: str = "train") -> Listing:
     bad = listing.problems.append
     owners: dict[str, list[Path]] = defaultdict(list)
     for entry in _visible(dcm):
+        if not _utf8(entry.name):
+            bad((entry, NOT_UTF8))
+            continue
         if not entry.is_dir():
             bad((entry, _broken(entry) or "file outside a patient folder"))
             continue
         count = 0
         for f in _visible(entry):
-            if f.is_dir():
+            if not _utf8(f.name):
+                bad((f, NOT_UTF8))
+            elif f.is_dir():
                 nested = [p for p in f.rglob("*") if not p.is_dir()]
                 if nested:
                     what = f"folder inside a patient folder; its {len(nested)} file(s) are not read"
@@ -113,6 +120,22 @@ def scan_images(root: Path | str, split: str = "train") -> Listing:
     return listing
 
 
+NOT_UTF8 = (
+    "file name is not valid UTF-8 (its odd bytes shown as \\xNN): rename it; image names "
+    "go into the submission, a UTF-8 text file"
+)
+
+
+def _utf8(name: str) -> bool:
+    """Whether a file name read from the disk is valid UTF-8 (Python keeps the bytes of
+    one that is not as surrogates, which no UTF-8 text can hold)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
@@ -129,7 +152,7 @@ def find_images(root: Path | str, split: str = "train") -> list[Path]:
     listing = scan_images(root, split)
     if listing.problems:
         n = len(listing.problems)
-        shown = "; ".join(f"{p}: {m}" for p, m in listing.problems[:3])
+        shown = "; ".join(f"{printable(p)}: {m}" for p, m in listing.problems[:3])
         more = f" (and {n - 3} more)" if n > 3 else ""
         raise DataLayoutError(
             f"{n} file(s) in {listing.dcm} break the layout (docs/format.md), and no image "

@@ -2,13 +2,14 @@
 
 Read-only. Checks the layout (the rules of ``layout.scan_images``, which training and
 inference apply too; image/JSON pairs; a test folder with images), every PNG (decodes,
-complete, same size as the others) and every annotation (see ``annotations.check_annotation``).
+complete; its size by ``images.size_problems``, which inference applies too; a size other
+than the others' is a warning, ``images.size_warnings``) and every
+annotation (see ``annotations.check_annotation``).
 """
 
 from __future__ import annotations
 
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,13 @@ import cv2
 from tqdm.auto import tqdm
 
 from bonecomp.data.annotations import AnnotationError, check_annotation, read_json
+from bonecomp.data.images import (
+    ImageReadError,
+    printable,
+    read_image,
+    size_problems,
+    size_warnings,
+)
 from bonecomp.data.layout import PHANTOM_HINT, annotation_dir, find_jsons, scan_images
 
 _PNG_END = b"IEND\xaeB`\x82"
@@ -35,6 +43,7 @@ class Problem:
 class Report:
     root: Path
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # worth a look, not a problem
     patients: int = 0
     images: int = 0
     annotations: int = 0
@@ -74,7 +83,7 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
     images: list[tuple[str, Path]] = []  # (split, path)
     for split, listing in listings.items():
         images += [(split, listing.dcm / r) for r in listing.images]
-        report.problems += [Problem(str(p), m) for p, m in listing.problems]
+        report.problems += [Problem(printable(p), m) for p, m in listing.problems]
 
     pairs: dict[Path, Path] = {}
     if "train" in splits and jdir.is_dir():
@@ -98,13 +107,12 @@ def verify_dataset(root: Path | str, workers: int = 4, progress: bool = True) ->
                 disable=not progress,
             )
         )
-    sizes = Counter(s for s, _ in shapes if s is not None)
-    common = sizes.most_common(1)[0][0] if sizes else None
-    for p, (shape, problem) in zip(paths, shapes, strict=True):
+    for p, (_, problem) in zip(paths, shapes, strict=True):
         if problem:
-            report.problems.append(Problem(str(p), problem))
-        elif shape != common:
-            report.problems.append(Problem(str(p), f"image size {shape} differs from {common}"))
+            report.problems.append(Problem(printable(p), problem))
+    decoded = {p: shape for p, (shape, _) in zip(paths, shapes, strict=True) if shape is not None}
+    report.problems += [Problem(printable(p), m) for p, m in size_problems(decoded)]  # one rule
+    report.warnings += [Problem(printable(p), m) for p, m in size_warnings(decoded)]
 
     shape_of = dict(zip(paths, (s for s, _ in shapes), strict=True))
     for img, js in sorted(pairs.items()):
@@ -136,8 +144,9 @@ def _check_png(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         return None, "not a PNG file"
     if tail != _PNG_END:
         return None, "truncated PNG (no IEND chunk at the end)"
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
+    try:
+        img = read_image(path, cv2.IMREAD_UNCHANGED)
+    except ImageReadError:
         return None, "PNG does not decode"
     if img.dtype != "uint8":
         return None, f"PNG is {img.dtype}, expected 8-bit"

@@ -212,7 +212,7 @@ def load_crop_stage(cfg: Config, device: torch.device) -> CarpalStage | None:
         )
     margin = spec.margin if spec.margin is not None else data.crop_margin
     weights = [spec.weight] * len(CARPALS) if isinstance(spec.weight, float) else list(spec.weight)
-    models = [load_member(m.checkpoint, 1.0, device) for m in members]
+    models = [load_member(m.checkpoint, 1.0, device, crop=True) for m in members]
     return CarpalStage(infer_ensemble(models, cfg.infer), margin, spec.threshold, weights)
 
 

@@ -21,7 +21,6 @@ table when present; a table for other experiments than the ensemble's is refused
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from bonecomp.inference.thresholds import (
     choose,
     image_dice,
     oof_maps,
+    read_thresholds_doc,
     weighted_mean,
     write_thresholds,
 )
@@ -213,12 +213,7 @@ def tune_ensemble(
 def read_class_weights(path: Path | str) -> dict[str, list[float]] | None:
     """The ``class_weights`` table of a thresholds file, or None when it has none; a
     damaged table is a ``RunError`` naming the file."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
-    if not isinstance(doc, dict):
-        raise RunError(f"thresholds file {path}: not a JSON object")
+    doc = read_thresholds_doc(path)
     table = doc.get("class_weights")
     if table is None:
         return None

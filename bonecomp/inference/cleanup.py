@@ -50,7 +50,7 @@ from bonecomp.inference.postprocess import (
     trim,
     upsample_threshold,
 )
-from bonecomp.inference.thresholds import oof_items, resolve_thresholds
+from bonecomp.inference.thresholds import oof_items, read_thresholds_doc, resolve_thresholds
 from bonecomp.metrics import DiceTable, dice_from_counts
 from bonecomp.runs import MemberSpec, RunError, thresholds_in_use
 
@@ -308,7 +308,7 @@ def tune_cleanup(
     result = choose_cleanup(dice, combos, min_gain)
     result.before.n_images = result.after.n_images = n
     if src.is_file():
-        doc = json.loads(src.read_text())
+        doc = read_thresholds_doc(src)
     else:
         doc = {"classes": list(CLASSES), "thresholds": thresholds}
         doc["runs"] = [str(m.run) for m in members]
@@ -330,11 +330,8 @@ def read_cleanup(path: Path | str) -> Cleanup | None:
     """The ``cleanup`` table of a thresholds file, or None when it has none. A damaged
     table, an unknown rule or classes other than ``CLASSES`` is a ``RunError`` naming the
     file and the key."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
-    if not isinstance(doc, dict) or doc.get("cleanup") is None:
+    doc = read_thresholds_doc(path)
+    if doc.get("cleanup") is None:
         return None
     retune = "re-tune it with scripts/tune_cleanup.py"
     if doc.get("classes") != list(CLASSES):

@@ -32,6 +32,7 @@ from bonecomp.extensions import import_extensions
 from bonecomp.inference.sliding import sliding_window
 from bonecomp.inference.tta import View, tta_mean, views
 from bonecomp.models import create_model
+from bonecomp.runs import crop_stage_error
 
 
 @dataclass
@@ -52,13 +53,20 @@ class Member:
 
 
 def load_member(
-    path: Path | str, weight: float | torch.Tensor = 1.0, device: torch.device | str = "cpu"
+    path: Path | str,
+    weight: float | torch.Tensor = 1.0,
+    device: torch.device | str = "cpu",
+    crop: bool = False,
 ) -> Member:
     """Rebuild a model from a checkpoint alone (architecture, geometry and preprocessing
     from its config, never from the inference config: a checkpoint older than patch
-    training has no ``patch_size`` and its config none)."""
+    training has no ``patch_size`` and its config none). A model trained on the carpal
+    box (``data.crop``) is refused unless ``crop`` (the crop stage's members), in the
+    words threshold tuning uses (``runs.crop_stage_error``)."""
     ckpt = load_checkpoint(path, "cpu")
     cfg = config_from_saved(ckpt["config"], where=str(path))
+    if cfg.data.crop and not crop:
+        raise crop_stage_error(Path(path).parent)
     cfg.model.encoder_weights = None  # the checkpoint holds the weights; never download
     cfg.model.init_bias = None
     try:  # the run's registered architecture may live in its extensions

@@ -3,9 +3,11 @@
 Training (``training.records.stage_oof``) saves, for the best epoch of a fold, one
 float16 map ``(C, S, S)`` per validation image (``train.oof_size`` = S) and an index row
 per map: ``row`` (the map's row in ``oof.npy``), ``rel``, ``patient``, ``name`` and
-``src_h, src_w`` (the source size the map stands for), plus, for a crop experiment
-(``data.crop``), the carpal box it was predicted on (``data.carpal_box.BOX_COLUMNS``; the
-map and ``src_h, src_w`` are then in the box's frame).
+``src_h, src_w`` (the source size the map stands for), ``epoch`` (whose validation made
+the maps: they must be ``best.pt``'s, else ``open_oof`` refuses them), plus, for a crop
+experiment (``data.crop``), the carpal box it was predicted on
+(``data.carpal_box.BOX_COLUMNS``; the map and ``src_h, src_w`` are then in the box's
+frame).
 
 ``open_oof`` checks both files once (present, readable, shapes that agree) and keeps the
 array memory-mapped: ``RunOOF.probs`` reads one image's map when asked, so threshold
@@ -29,9 +31,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bonecomp.checkpoint import checkpoint_epoch
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.data.carpal_box import BOX_COLUMNS, Box, index_boxes
-from bonecomp.runs import OOF, RunDir, RunError
+from bonecomp.runs import OOF, OOF_EPOCH, RunDir, RunError, crop_stage_error
 
 INDEX_COLUMNS = ("row", "rel", "name", "src_h", "src_w")  # what every oof_index.csv holds
 
@@ -92,12 +95,10 @@ def open_oof(run: RunDir | Path | str, crop: bool | None = None) -> RunOOF:
     index = _read_index(run, retrain)
     boxes = index_boxes(index)
     if crop is False and boxes is not None:
-        raise RunError(
-            f"{run} is a crop experiment (data.crop): its out-of-fold maps cover the "
-            "carpal box, not the image; use it as infer.crop (scripts/crop_oof.py)"
-        )
+        raise crop_stage_error(run)  # its maps cover the carpal box, not the image
     if crop is True and boxes is None:
         raise RunError(f"{run.oof_index} has no crop boxes: not a data.crop experiment")
+    _check_epoch(run, index)
     try:
         array = np.load(run.oof, mmap_mode="r")
     except (OSError, ValueError, EOFError) as e:
@@ -129,6 +130,21 @@ def by_image(oofs: Sequence[RunOOF]) -> dict[str, list[tuple[RunOOF, OofRow]]]:
         for r in oof.rows:
             out.setdefault(r.rel, []).append((oof, r))
     return out
+
+
+def _check_epoch(run: RunDir, index: pd.DataFrame) -> None:
+    """The maps are ``best.pt``'s: a ``RunError`` when the index records another epoch than
+    ``best.pt``'s (a process killed between saving the two; ``--resume`` settles them).
+    Maps written before the epoch was recorded, or a run without ``best.pt``, pass."""
+    if OOF_EPOCH not in index.columns or not len(index) or not run.best.is_file():
+        return
+    maps, best = int(index[OOF_EPOCH].iloc[0]), checkpoint_epoch(run.best)
+    if best is not None and maps != best:
+        raise RunError(
+            f"{run.oof}: out-of-fold maps of epoch {maps}, but {run.best.name} is epoch {best}: "
+            "they do not belong together (training was stopped between saving them); "
+            f"resume the run to settle them (scripts/train.py --fold {_fold(run)} --resume)"
+        )
 
 
 def _read_index(run: RunDir, retrain: str) -> pd.DataFrame:

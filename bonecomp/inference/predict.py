@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from bonecomp.checks import check_config
 from bonecomp.config import Config
 from bonecomp.data.dataset import TestImages, to_float_image
-from bonecomp.data.images import png_shapes
+from bonecomp.data.images import checked_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.preprocess import Preprocess
 from bonecomp.device import pick_device
@@ -116,6 +116,7 @@ def predict_submission(
     check_config(cfg)
     device = pick_device(cfg.infer.device, "infer.device")
     test = discover(data_root or cfg.data.root, "test")
+    shapes = list(checked_shapes(test).values())  # a size verify_data rejects: refused now
     clean, cleanup_from = resolve_cleanup(cfg)  # a bad table: refused before loading models
     ens, table, weights_from = build_ensemble(cfg, members, device)
     inf = cfg.infer
@@ -126,7 +127,6 @@ def predict_submission(
     path = Path(out) if out else Path(inf.out_dir) / f"{inf.name}_{stamp}.csv"
     names = test["name"].tolist()
     paths = test["image_path"].tolist()  # the loader keeps this order (no shuffling)
-    shapes = list(png_shapes(test).values())
     t0 = time.monotonic()
     writer = SubmissionWriter(path)
     done = 0  # images written so far (the loader keeps the table's order)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from bonecomp.checks import check_config
 from bonecomp.config import Config
-from bonecomp.data.images import png_shapes
+from bonecomp.data.images import checked_shapes
 from bonecomp.data.layout import discover
 from bonecomp.data.preprocess import Preprocess
 from bonecomp.data.pseudo_dir import PseudoWriter
@@ -57,12 +57,13 @@ def write_pseudo_labels(
     device = pick_device(cfg.infer.device, "infer.device")
     root = Path(data_root or cfg.data.root)
     test = discover(root, "test")
+    shapes = checked_shapes(test)  # a size verify_data rejects: refused before any model
     ens, table, weights_from = build_ensemble(cfg, members, device)
     thresholds, thresholds_from = resolve_thresholds(cfg, members)
     size, inf = cfg.data.image_size, cfg.infer
     prep = Preprocess.of(cfg.data)  # the images are for a run with this data section
     index = test[["rel", "patient", "name"]].copy()
-    index["src_h"], index["src_w"] = zip(*png_shapes(test).values(), strict=True)
+    index["src_h"], index["src_w"] = zip(*shapes.values(), strict=True)
     writer = PseudoWriter(Path(out) if out else pseudo_path(cfg), index, size)
     batches = predicted_batches(
         ens, test, [*ens.inputs, (size, prep)], cfg, device, "pseudo-labels", progress

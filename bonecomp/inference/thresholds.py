@@ -25,11 +25,11 @@ from bonecomp.classes import CLASSES
 from bonecomp.config import Config
 from bonecomp.data.rasterize import truth_crops
 from bonecomp.data.truth import GroundTruth, as_truth
-from bonecomp.fileio import write_text
+from bonecomp.fileio import loads_json, write_text
 from bonecomp.inference.oof import OofRow, RunOOF, open_oof
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceTable, dice_from_counts
-from bonecomp.runs import MemberSpec, RunError, thresholds_in_use, thresholds_path
+from bonecomp.runs import MemberSpec, RunError, run_name, thresholds_in_use, thresholds_path
 
 GRID: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 DEFAULT = 0.5
@@ -197,14 +197,24 @@ def write_thresholds(path: Path, thresholds: Sequence[float], **info) -> Path:
     return write_text(path, json.dumps(doc, indent=1, default=lambda v: np.asarray(v).tolist()))
 
 
+def read_thresholds_doc(path: Path | str) -> dict:
+    """A thresholds file's JSON object, read by every reader of the file (thresholds,
+    class weights, clean-up); unreadable, not JSON, a key given twice or not an object is
+    a ``RunError`` naming the file."""
+    try:
+        doc = loads_json(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8, a key twice
+        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
+    if not isinstance(doc, dict):
+        raise RunError(f"thresholds file {path}: not a JSON object")
+    return doc
+
+
 def read_thresholds(path: Path | str) -> tuple[list[float], list[str]]:
     """(per-class thresholds, the run folders they were tuned on) from a thresholds file;
     a damaged file is a ``RunError`` naming it."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
-    if not isinstance(doc, dict) or doc.get("classes") != list(CLASSES):
+    doc = read_thresholds_doc(path)
+    if doc.get("classes") != list(CLASSES):
         raise RunError(f"thresholds file {path}: classes differ from the competition's 29")
     try:
         return as_thresholds(doc["thresholds"], len(CLASSES)), list(doc.get("runs", []))
@@ -216,7 +226,9 @@ def resolve_thresholds(cfg: Config, members: Sequence[MemberSpec] = ()) -> tuple
     """Per-class thresholds: ``infer.thresholds``, else the tuned file of ``infer.name``,
     else ``infer.threshold`` for every class; and a line saying where they came from.
 
-    A file tuned on other runs than ``members`` is still used, with a warning.
+    A file tuned on other runs than ``members`` (other experiments or folds: run folders
+    are compared by ``runs.run_name``, so a moved runs folder is the same) is still used,
+    with a warning.
     """
     path = thresholds_in_use(cfg)
     if not (cfg.infer.thresholds or path.is_file()):
@@ -224,7 +236,8 @@ def resolve_thresholds(cfg: Config, members: Sequence[MemberSpec] = ()) -> tuple
         return ts, f"{cfg.infer.threshold} for all classes"
     ts, runs = read_thresholds(path)
     used = {str(m.run) for m in members}
-    if runs and used and used != set(runs):
+    # the same experiments and folds are the same models, also after the runs folder moved
+    if runs and used and {run_name(r) for r in used} != {run_name(r) for r in runs}:
         msg = f"{path} was tuned on {sorted(runs)}, not on these models {sorted(used)}"
         warnings.warn(msg, stacklevel=2)
         return ts, f"{path} (WARNING: {msg})"

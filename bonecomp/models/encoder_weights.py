@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
-import torch
 from torch import nn
+
+from bonecomp.checkpoint import CheckpointError, read_torch_file
 
 T = TypeVar("T")
 
@@ -58,9 +59,17 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # safetensors' own error type: a damaged or foreign file
+            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # weights only, and one line for a file that is damaged or not safe to load
+            state = read_torch_file(path)
+        except CheckpointError as e:
+            raise WeightsError(str(e)) from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: holds a {type(state).__name__}, not a state dict")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -69,7 +78,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     for k, v in state.items():
         for prefix in ("", "encoder.", "module.", "model.", "module.encoder.", "net.encoder."):
             name = k[len(prefix) :] if k.startswith(prefix) else None
-            if name in own and own[name].shape == v.shape:
+            if name in own and own[name].shape == getattr(v, "shape", None):
                 matched[name] = v
                 break
     if not matched:

@@ -120,6 +120,12 @@ class Averager:
         """The union of the ``last`` and ``best`` epochs, sorted."""
         return sorted(set(self.last_epochs) | {e for e, _ in self.pool})
 
+    def kept_for(self, epoch: int) -> str:
+        """The key(s) an epoch's pool file is kept for: ``train.average.last`` / ``.best``."""
+        best = {e for e, _ in self.pool}
+        roles = [k for k, held in (("last", self.last_epochs), ("best", best)) if epoch in held]
+        return " and ".join(f"train.average.{k}" for k in roles) or "train.average"
+
     def mean_weights(self, model: nn.Module, run: RunDir) -> dict[str, torch.Tensor] | None:
         """Rank 0: ``model``'s state dict with its parameters replaced by their mean over
         the pool's files of ``epochs_chosen`` (``swa_utils.AveragedModel``, one file in
@@ -128,7 +134,7 @@ class Averager:
         avg, scratch = None, copy.deepcopy(model).cpu()
         for epoch in self.epochs_chosen():
             path = run.pooled(epoch)
-            load_weights(scratch, _read_pooled(path), path)
+            load_weights(scratch, _read_pooled(path, epoch, self.kept_for(epoch)), path)
             if avg is None:
                 avg = AveragedModel(scratch, device=torch.device("cpu"), use_buffers=False)
             avg.update_parameters(scratch)
@@ -140,7 +146,7 @@ class Averager:
         return out
 
 
-def _read_pooled(path: Path) -> dict[str, torch.Tensor]:
+def _read_pooled(path: Path, epoch: int, kept_for: str) -> dict[str, torch.Tensor]:
     """The weights of a pool file (weights only: ``load_checkpoint`` wants a run's config
     beside them, which the pool's files, not meant for inference, do not repeat)."""
     try:
@@ -148,8 +154,10 @@ def _read_pooled(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torn, edited or replaced: one line naming the file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{path}: cannot read train.average.best's weights ({first}); delete the fold's "
-            "folder and train it again"
+            f"{path}: cannot read the weights of epoch {epoch} kept for {kept_for} "
+            f"({first.split('. ')[0]}); averaged.pt cannot be made without them: restore the "
+            "file if you have a copy; the fold's best.pt and last.pt are whole and usable "
+            "(infer.ensemble checkpoint: best or last)"
         ) from e
 
 

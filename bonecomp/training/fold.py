@@ -22,6 +22,7 @@ from bonecomp import distributed
 from bonecomp.checkpoint import CheckpointError
 from bonecomp.checks import check_config
 from bonecomp.config import Config, ConfigError, save_config
+from bonecomp.data.folds import check_patients
 from bonecomp.data.layout import discover
 from bonecomp.data.pseudo_dir import PseudoSet
 from bonecomp.device import pick_device
@@ -46,6 +47,7 @@ from bonecomp.training.records import (
     commit_oof,
     discard_staged_oof,
     gather_oof,
+    settle_oof,
     stage_oof,
 )
 from bonecomp.training.state import (
@@ -122,11 +124,12 @@ def run_training(
     check_config(cfg)
     if not 0 <= fold < cfg.data.n_splits:
         raise ConfigError(f"fold {fold} out of range for data.n_splits={cfg.data.n_splits}")
-    dd = distributed.setup(cfg.train.device)
+    dd = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     device = _device(cfg.train.device, dd)
 
     def find_data() -> tuple[pd.DataFrame, PseudoSet | None]:  # each node reads its own copy
         table = discover(cfg.data.root, "train", cfg.data.exclude)
+        check_patients(table, cfg.data.n_splits)  # not after the cache build
         return table, open_pseudo_labels(cfg, table)  # the user's data: before the run
 
     table, pseudo = run_agreed(find_data, DATA_ERRORS)  # a problem on one node ends all
@@ -165,6 +168,9 @@ def run_training(
                 tqdm.write(plan.describe())
             if resume:
                 tqdm.write(f"resumed {run} after epoch {start.epoch} (best {start.best_dice:.4f})")
+                settled = settle_oof(run, start.best_epoch)  # before any new validation
+                if settled:
+                    tqdm.write(settled)
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
         state.ctx.image_names = data.image_names  # the non-finite message names images
         fold_run = FoldRun(
@@ -251,7 +257,7 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
                 prog.budget_takeover = budget.takeover
         metric = None
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
-            oof = stage_oof(cfg, run, data.cache, data.val_idx, dd) if t.save_oof else None
+            oof = stage_oof(cfg, run, data.cache, data.val_idx, dd, epoch) if t.save_oof else None
             val = validate(
                 state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof,
                 cfg.data.patch_size, cfg.infer.overlap,

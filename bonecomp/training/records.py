@@ -18,8 +18,8 @@ from bonecomp.config import Config, to_dict
 from bonecomp.data.cache import TrainCache
 from bonecomp.distributed import Dist
 from bonecomp.engine import OOFWriter
-from bonecomp.fileio import atomic_write
-from bonecomp.runs import OOF, OOF_INDEX, RunDir
+from bonecomp.fileio import atomic_write, output_errors, preallocate, reserve
+from bonecomp.runs import OOF, OOF_EPOCH, OOF_INDEX, RunDir, oof_epoch
 from bonecomp.trackers import Trackers
 
 FIRST = ("epoch", "loss")  # leading columns; the rest follow in the order they appear
@@ -35,12 +35,10 @@ class SummaryLog:
 
     def __init__(self, cfg: Config, run: RunDir, resume_after: int | None = None) -> None:
         self.path = run.summary
-        self.rows: list[dict] = []
-        if self.path.exists():
-            old = pd.read_csv(self.path)
-            if resume_after is not None:  # rows past last.pt belong to the lost epoch
-                old = old[old["epoch"] <= resume_after]
-            self.rows = old.to_dict("records")
+        old = run.read_summary()  # empty when missing or empty
+        if resume_after is not None and len(old):  # rows past last.pt: the lost epoch's
+            old = old[old["epoch"] <= resume_after]
+        self.rows: list[dict] = old.to_dict("records")
         self.trackers = Trackers(cfg.train.trackers, to_dict(cfg), run)
 
     def log(self, row: dict) -> None:
@@ -75,10 +73,12 @@ def _finite(v: object) -> bool:
 
 
 def stage_oof(
-    cfg: Config, run: RunDir, cache: TrainCache, val_idx: np.ndarray, dd: Dist
+    cfg: Config, run: RunDir, cache: TrainCache, val_idx: np.ndarray, dd: Dist, epoch: int = -1
 ) -> OOFWriter:
     """Where this validation pass's probabilities go; it replaces ``oof.npy`` only if the
-    epoch turns out to be the best (``commit_oof``).
+    epoch turns out to be the best (``commit_oof``, after ``best.pt`` is saved). The index
+    records ``epoch``, so the maps and ``best.pt`` can be matched after a kill between
+    the two (``settle_oof``; readers refuse maps of another epoch than best.pt's).
 
     Rank 0 writes a float16 memmap in the run folder; the other ranks never open the run
     folder (on another node it is not there: no shared file system is needed) and keep
@@ -94,13 +94,20 @@ def stage_oof(
         if len(mine):
             # unlinked at creation: nothing is left behind, however the process ends
             with tempfile.TemporaryFile() as f:  # the map keeps its own handle
+                with output_errors(Path(tempfile.gettempdir()) / "oof rows"):
+                    reserve(f.fileno(), int(np.prod(shape)) * 2)  # no SIGBUS on a full disk
                 buffer = np.memmap(f, np.float16, "w+", shape=shape)
         return OOFWriter(buffer, {int(i): r for r, i in enumerate(mine)}, size)
     run.path.mkdir(parents=True, exist_ok=True)
-    array = np.lib.format.open_memmap(run.staged(OOF), "w+", np.float16, (len(val_idx), *row_shape))
+    staged = run.staged(OOF)
+    with output_errors(staged):  # a full disk: one line naming the file, never a SIGBUS
+        array = np.lib.format.open_memmap(staged, "w+", np.float16, (len(val_idx), *row_shape))
+        preallocate(staged)  # every block reserved before the map is written
     index = cache.index.iloc[val_idx].reset_index(drop=True)
     index.insert(0, "row", np.arange(len(val_idx)))
-    index.to_csv(run.staged(OOF_INDEX), index=False)
+    index[OOF_EPOCH] = epoch
+    with output_errors(run.staged(OOF_INDEX)):
+        index.to_csv(run.staged(OOF_INDEX), index=False)
     return OOFWriter(array, {int(i): r for r, i in enumerate(val_idx)}, size)
 
 
@@ -120,6 +127,25 @@ def commit_oof(run: RunDir) -> None:
     """Make the staged OOF arrays the run's ``oof.npy`` / ``oof_index.csv``."""
     for name, target in ((OOF, run.oof), (OOF_INDEX, run.oof_index)):
         os.replace(run.staged(name), target)
+
+
+def settle_oof(run: RunDir, best_epoch: int) -> str | None:
+    """On ``--resume`` (rank 0, before any validation): make the committed OOF maps those
+    of ``best.pt``'s epoch when a killed process left them staged (killed after saving
+    ``best.pt``, before or between the two renames of ``commit_oof``: the re-run epoch
+    ties ``best.pt``'s score, so it would never commit them again). Returns what was done
+    (None: nothing to do)."""
+    if best_epoch < 0 or oof_epoch(run.oof_index) == best_epoch:
+        return None
+    if oof_epoch(run.staged(OOF_INDEX)) != best_epoch:
+        return None  # maps of no checkpoint's epoch: the readers refuse them, naming why
+    for name, target in ((OOF, run.oof), (OOF_INDEX, run.oof_index)):
+        if run.staged(name).exists():  # the map is gone when it was renamed already
+            os.replace(run.staged(name), target)
+    return (
+        f"committed the out-of-fold maps of best epoch {best_epoch}, left staged by the "
+        "process that was stopped"
+    )
 
 
 def discard_staged_oof(run: RunDir) -> None:

@@ -176,7 +176,13 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
         ckpt = load_checkpoint(run.last, "cpu")
         best = None
         if run.best.is_file():
-            b = load_checkpoint(run.best)
+            try:
+                b = load_checkpoint(run.best)
+            except CheckpointError as e:  # the run goes on without it: deleting is the way
+                raise CheckpointError(
+                    f"{run.best}: {e.reason}; delete it and resume: the next validation "
+                    "writes a new best.pt (its out-of-fold maps with it)"
+                ) from None
             best = float(b["metric"]), int(b["epoch"])
         return ckpt, best
 
@@ -194,8 +200,8 @@ def load_last(state: TrainState, run: RunDir, device: torch.device) -> Progress:
     set_rng_state(ckpt["rng"])
     saved = ckpt.get("progress", ckpt)  # checkpoints before 0.2 kept these at the top
     progress = Progress(**{k: saved.get(k, v) for k, v in asdict(Progress()).items()})
-    if best is not None:
-        progress.best_dice, progress.best_epoch = best
+    # the best score is best.pt's; without best.pt (deleted) the next validation is best
+    progress.best_dice, progress.best_epoch = best if best is not None else (-1.0, -1)
     return progress
 
 

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -33,7 +32,7 @@ from bonecomp.data.phantom.plan import (
 from bonecomp.data.phantom.render import Appearance, get_appearance
 from bonecomp.data.phantom.stats import ImageStats, PhantomStats, label_overlap
 from bonecomp.fileio import atomic_write
-from bonecomp.workers import end_with_parent
+from bonecomp.workers import end_with_parent, spawn_context
 
 MIN_SIZE = 128  # below this the distal phalanges shrink to a pixel or two
 FAKE_SIDE = 3060  # the wrong height/width the real JSON metadata carries
@@ -95,7 +94,7 @@ def make_phantom(
                 images += _write_patient(job, root, size, seed, look)
                 bar.update()
         else:
-            ctx = get_context("spawn")  # safe even when the caller holds threads (torch, cv2)
+            ctx = spawn_context()  # spawn: safe beside threads (torch, cv2); ends with us
             with ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),)
             ) as pool:
