@@ -19,7 +19,7 @@ from bonecomp.checkpoint import init_checkpoint
 from bonecomp.config import Config, ConfigError, check_values, source_of
 from bonecomp.data.preprocess import check_preprocess
 from bonecomp.extensions import import_extensions
-from bonecomp.inference.tta import get_view, scaled_side
+from bonecomp.inference.tta import VIEWS, scaled_side
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_input_side, check_model_config
 from bonecomp.optim import check_optimizer_name
@@ -57,12 +57,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
 
 def _check_tta(names: list[str]) -> None:
     """Each ``infer.tta`` name is a registered view (``inference.tta.register_view``)."""
-    for i, name in enumerate(names):
-        try:
-            get_view(name)
-        except ValueError as e:  # worded once, by the registry
-            key = f"infer.tta[{i}]"
-            raise ConfigError(f"{key}: {e}", key) from None
+    VIEWS.check(names)
 
 
 # The keys that name folders the pipeline writes into.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
+from bonecomp.registry import restore_point
 from bonecomp.testing import tiny_phantom
 
 
@@ -28,6 +30,19 @@ def tiny_copy(tiny_root: Path, tmp_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------- isolation
+@pytest.fixture
+def registries():
+    """What a test registers (itself, or by importing an extension module) is undone
+    afterwards in every registry, and the extension modules it imported are forgotten."""
+    restore = restore_point()
+    before = set(sys.modules)
+    yield
+    restore()
+    for name in set(sys.modules) - before:
+        if name.startswith("bonecomp_extension_"):
+            del sys.modules[name]
+
+
 REPO = Path(__file__).resolve().parents[1]
 GUARDED = ("runs", "submissions", "cache", "data")  # what `make demo` writes
 
