@@ -2,9 +2,10 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(preprocessing steps, architecture, encoder and input size, loss terms, optimizer, TTA),
-the output folders and the packages of the experiment trackers, in milliseconds and
-without building a model
+(fold stratifier, preprocessing steps, architecture, encoder and input size, loss terms,
+optimizer, TTA views, clean-up rules, trackers: each against its ``bonecomp.registry``,
+the config holding plain names), the output folders and the packages of the experiment
+trackers, in milliseconds and without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
 every side the network will see is checked against it). Every error is one line: where
 the value came from (the YAML file, or "command line"), the key, and what is wrong.
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from bonecomp.checkpoint import init_checkpoint
 from bonecomp.config import Config, ConfigError, check_values, source_of
+from bonecomp.data.folds import STRATIFIERS
 from bonecomp.data.preprocess import check_preprocess
 from bonecomp.extensions import import_extensions
+from bonecomp.inference.cleanup import CLEANUP_RULES
 from bonecomp.inference.tta import VIEWS, scaled_side
 from bonecomp.losses import check_loss_config
 from bonecomp.models import check_input_side, check_model_config
@@ -36,11 +39,13 @@ def check_config(cfg: Config, training: bool = True) -> None:
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
         lambda: _check_patches(cfg),
+        lambda: _check_fold_stratify(cfg.data.fold_stratify),
         lambda: check_preprocess(cfg.data),
         lambda: check_model_config(cfg.model, cfg.data.image_size, cfg.data.patch_size),
         lambda: check_loss_config(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
+        lambda: CLEANUP_RULES.check(cfg.infer.cleanup_rules or []),
         lambda: _check_input_sides(cfg),
         lambda: _check_folders(cfg),
         lambda: check_trackers(cfg.train.trackers if training else []),
@@ -53,6 +58,12 @@ def check_config(cfg: Config, training: bool = True) -> None:
             if e.key is None:
                 raise
             raise ConfigError(f"{source_of(cfg, e.key)}: {e}", e.key) from None
+
+
+def _check_fold_stratify(rule: str | None) -> None:
+    """``data.fold_stratify`` is null or a registered rule (``data.folds.register_stratifier``)."""
+    if rule is not None:
+        STRATIFIERS.get(rule)
 
 
 def _check_tta(names: list[str]) -> None:

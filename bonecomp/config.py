@@ -135,6 +135,15 @@ Device = Annotated[
 ]
 NAME = r"^[^/]+$"  # a name without '/'
 
+# Closed choices (not extension points): the Literal is their one list; code that needs
+# the names as a tuple takes ``typing.get_args`` of it. Names a user may register (fold
+# stratifiers, preprocessing steps, trackers, clean-up rules, architectures, loss terms,
+# TTA views) are plain strings here, checked against their registry by bonecomp.checks.
+OnBadImage = Literal["error", "skip"]
+PatchBalance = Literal["area", "uniform"]
+FcnUpsample = Literal["bilinear", "learned"]
+PseudoRule = Literal["soft", "sharpen"]
+
 
 class AugmentConfig(Section):
     """Training augmentation (albumentations); validation uses none."""
@@ -170,9 +179,10 @@ class DataConfig(Section):
     """GroupKFold by patient folder (>= 2)"""
     fold_seed: int | None = None
     """null: plain GroupKFold by patient (deterministic); int: shuffled"""
-    fold_stratify: Literal["wrist_angle"] | None = None
+    fold_stratify: str | None = None
     """null: GroupKFold by patient; wrist_angle: StratifiedGroupKFold by patient on the binned wrist
-    angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md)"""
+    angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md), or a rule registered with
+    bonecomp.data.folds.register_stratifier (docs/extending.md)"""
     exclude: list[str] = []
     """training images with known annotation errors"""
     soft_targets: bool = True
@@ -181,7 +191,7 @@ class DataConfig(Section):
     """sub-samples per pixel side for soft targets (1..15)"""
     num_workers: int = Field(8, ge=0, json_schema_extra=RESUME)
     """DataLoader processes"""
-    on_bad_image: Literal["error", "skip"] = "error"
+    on_bad_image: OnBadImage = "error"
     """a training PNG/JSON that cannot be used (undecodable, bad JSON, points outside the PNG):
     error stops the cache build naming it; skip leaves it out with a warning"""
     crop: Literal["carpal"] | None = None
@@ -198,12 +208,13 @@ class DataConfig(Section):
     patch_foreground: float = Field(0.33, ge=0, le=1)
     """patch training: share of patches centred on a bone (data.patch_balance); the rest are placed
     uniformly"""
-    patch_balance: Literal["area", "uniform"] = "area"
+    patch_balance: PatchBalance = "area"
     """patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area) (small bones
     more often), uniform: every bone alike"""
     preprocess: list[str] = []
     """fixed steps on every PNG at its source size, training cache and test images alike, kept in
-    the checkpoint (inference uses each member's own): [] or [clahe]"""
+    the checkpoint (inference uses each member's own): [], [clahe], or steps registered with
+    bonecomp.data.preprocess.register_preprocess (docs/extending.md)"""
     clahe_clip: float = Field(2.0, gt=0)
     """preprocess clahe: histogram clip limit"""
     clahe_grid: int = Field(8, ge=1, le=64)
@@ -220,7 +231,7 @@ class ModelConfig(Section):
     """an smp encoder name or tu-<any timm model>"""
     encoder_weights: str | None = "imagenet"
     """needs the network once; null = from scratch; or a path"""
-    fcn_upsample: Literal["bilinear", "learned"] = "bilinear"
+    fcn_upsample: FcnUpsample = "bilinear"
     """FCN heads: bilinear or learned"""
     init_bias: float | None = -4.0
     """output bias at the foreground prior: fast, stable start"""
@@ -327,8 +338,9 @@ class TrainConfig(Section):
     oof_size: int = Field(256, ge=1)
     """side of the saved out-of-fold maps"""
     trackers: list[str] = Field([], json_schema_extra=RESUME)
-    """experiment trackers, any of tensorboard, wandb, mlflow: config, summary.csv per epoch,
-    per-class Dice, report (pip install -e ".[track]"; README "Experiment trackers")"""
+    """experiment trackers, any of tensorboard, wandb, mlflow (pip install -e ".[track]"; README
+    "Experiment trackers") or one registered with bonecomp.trackers.register_tracker
+    (docs/extending.md): config, summary.csv per epoch, per-class Dice, report"""
     micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, json_schema_extra=want("be >= 1, auto or null", resume=True)
     )
@@ -349,7 +361,7 @@ class TrainConfig(Section):
     )
     """pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real image; 0.5: a
     random half)"""
-    pseudo_rule: Literal["soft", "sharpen"] = "soft"
+    pseudo_rule: PseudoRule = "soft"
     """soft: the ensemble's probability is the target; sharpen: confident pixels snapped to 0/1, the
     rest kept soft"""
     pseudo_confidence: float = Field(0.9, gt=0.5, le=1)
@@ -438,6 +450,12 @@ class InferConfig(Section):
     trained fold of train.experiment"""
     compile: bool = False
     """torch.compile each ensemble member"""
+    cleanup_rules: list[str] | None = Field(
+        None, min_length=1, json_schema_extra=want("be a non-empty list or null")
+    )
+    """kinds of clean-up rule scripts/tune_cleanup.py tries: largest, min_area, fill_holes, or rules
+    registered with bonecomp.inference.cleanup.register_cleanup (docs/extending.md); null =
+    every registered one"""
     crop: CarpalStageConfig = Field(default_factory=CarpalStageConfig)
     """second stage on the carpal box (docs/pipeline.md "Carpal crop")"""
 

@@ -22,6 +22,7 @@ from types import ModuleType
 from bonecomp.config import ConfigError
 
 KEY = "extensions"
+FILE_MODULE_PREFIX = "bonecomp_extension_"  # the module name of an entry loaded from a file
 
 
 def import_extensions(names: Sequence[str]) -> list[ModuleType]:
@@ -54,7 +55,7 @@ def _import_file(path: Path, key: str) -> ModuleType:
     path = path.expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"{key}: no file {str(path)!r}", key)
-    module_name = f"bonecomp_extension_{path.stem}_{abs(hash(str(path))):x}"
+    module_name = f"{FILE_MODULE_PREFIX}{path.stem}_{abs(hash(str(path))):x}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

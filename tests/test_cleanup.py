@@ -133,9 +133,17 @@ def test_only_the_classes_the_table_names_are_cleaned(bones):
 
 def test_unknown_rules_are_refused():
     assert parse_rule("min_area:12") == Rule.make("min_area", 12)
-    for bad in ("biggest", "min_area", "min_area:0", "min_area:-3", "largest:2", 5, None):
-        with pytest.raises(ValueError, match="unknown clean-up rule"):
+    for bad in ("biggest", 5, None):
+        with pytest.raises(ConfigError) as e:
+            parse_rule(bad, "cleanup.Lunate")
+        assert str(e.value) == (
+            f"cleanup.Lunate: unknown clean-up rule {bad!r}; valid: largest, min_area, fill_holes"
+        )
+    for bad in ("min_area", "min_area:0", "min_area:-3"):
+        with pytest.raises(ValueError, match=r"'min_area' is written min_area:<pixels>"):
             parse_rule(bad)
+    with pytest.raises(ValueError, match=r"'largest' takes no argument, got 'largest:2'"):
+        parse_rule("largest:2")
 
 
 # --------------------------------------------------------------------------- tuning
