@@ -462,8 +462,9 @@ class InferConfig(Section):
 
 class Config(Section):
     extensions: list[str] = Field([], json_schema_extra=RESUME)
-    """your modules with register_loss / register_view / register_arch / register_metric calls,
-    imported before the config check: dotted names or .py files (docs/extending.md)"""
+    """your modules with register_* calls (loss terms, TTA views, architectures, metrics, trackers,
+    preprocessing steps, clean-up rules, fold stratifiers), imported before the config check:
+    dotted names or .py files (docs/extending.md)"""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

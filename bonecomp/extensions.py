@@ -1,8 +1,10 @@
 """User code that extends the pipeline: the modules named by the config's ``extensions``.
 
-A loss term, TTA view, architecture or metric is registered by a call in the user's own
-module (``register_loss``, ``register_view``, ``register_arch``, ``register_metric``;
-see docs/extending.md). Listing that module under ``extensions`` makes every script
+A loss term, TTA view, architecture, metric, tracker, preprocessing step, clean-up rule
+or fold stratifier is registered by a call in the user's own module (``register_loss``,
+``register_view``, ``register_arch``, ``register_metric``, ``register_tracker``,
+``register_preprocess``, ``register_cleanup``, ``register_stratifier``; see
+docs/extending.md). Listing that module under ``extensions`` makes every script
 import it before the config check, and inference imports a checkpoint's extensions
 before it rebuilds the model, so a registered name works through the normal config with
 no edit of the library. An entry is a dotted module name on ``sys.path`` or a ``.py``

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
+from bonecomp.checks import check_config
 from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
@@ -42,6 +44,7 @@ from bonecomp.testing import (
     tiny_overrides,
 )
 from bonecomp.training import run_training
+from tests.test_extending import _module_source
 
 C = len(CLASSES)
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity for scipy's labelling (the reference)
@@ -277,6 +280,43 @@ def test_inference_applies_exactly_the_table(trained, tmp_path, tiny_root):
         assert r2 == want, (img, cls)
         changed += r2 != r
     assert changed > 0
+
+
+def _open3_reference(mask: np.ndarray) -> np.ndarray:
+    """A 3x3 opening of a whole mask, background beyond the image (not the page's code)."""
+    m = np.pad(mask.astype(np.uint8), 2)
+    m = cv2.dilate(cv2.erode(m, np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8))
+    return m[2:-2, 2:-2].astype(bool)
+
+
+def test_inference_applies_the_pages_registered_rule(trained, tmp_path, tiny_root, registries):
+    """docs/extending.md's ``open3``, from the module a recipe names under ``extensions``:
+    the submission whose thresholds file names it holds exactly the opened masks."""
+    cfg, _ = trained
+    module = tmp_path / "my_extensions.py"
+    module.write_text(_module_source())
+    check_config(cfg.model_copy(update={"extensions": [str(module)]}), training=False)
+    members = ensemble_members(cfg)
+    shapes = png_shapes(discover(tiny_root, "test"))
+    table = {name: ["open3"] for name in CLASSES}
+    try:
+        cfg.infer.thresholds = str(write_thresholds(tmp_path / "plain.json", [0.2] * C))
+        base = predict_submission(cfg, members, tmp_path / "plain.csv", progress=False)
+        f = write_thresholds(tmp_path / "clean.json", [0.2] * C, cleanup=table)
+        cfg.infer.thresholds = str(f)
+        res = predict_submission(cfg, members, tmp_path / "clean.csv", progress=False)
+    finally:
+        cfg.infer.thresholds = None
+    assert res.report.ok and "open3" in res.cleanup_from
+    changed = 0
+    for (img, cls, r), (img2, cls2, r2) in zip(
+        _rows(base.path)[1:], _rows(res.path)[1:], strict=True
+    ):
+        assert (img, cls) == (img2, cls2)
+        want = _open3_reference(classic_decode(r, *shapes[img]))
+        np.testing.assert_array_equal(classic_decode(r2, *shapes[img]).astype(bool), want)
+        changed += r2 != r
+    assert changed > 0, "open3 changed no mask: the test would prove little"
 
 
 def test_bad_tables_are_refused_in_one_line(trained, tmp_path, capsys):
