@@ -52,7 +52,7 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
     except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
         raise CheckpointError(
-            f"{path}: damaged checkpoint ({_first_line(e)}); copy or save it again"
+            f"{path}: damaged checkpoint ({_first_sentence(e)}); copy or save it again"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a plain state_dict" if _is_state_dict(ckpt) else f"a {type(ckpt).__name__}"
@@ -149,7 +149,8 @@ def _unsafe_reason(error: Exception) -> str:
     )
 
 
-def _first_line(error: BaseException) -> str:
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an exception's first line (its type when it has none)."""
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return line.split(". ")[0].rstrip(".")
 

@@ -843,7 +843,7 @@ _BASE_HEADER = """\
 def base_yaml(cls: type[Section] = Config) -> str:
     """The text of ``configs/base.yaml``: every key of ``cls`` with its default and its
     doc as a comment, sections nested (see ``scripts/write_base_config.py``)."""
-    return _BASE_HEADER + "".join(line + "\n" for line in _yaml_lines(cls, 0))
+    return _BASE_HEADER + "".join(line + "\n" for line in _yaml_lines(cls, depth=0))
 
 
 def _yaml_lines(cls: type[Section], depth: int) -> Iterator[str]:
@@ -904,16 +904,19 @@ def schema_json(cls: type[Section] = Config) -> str:
     schema = cls.model_json_schema()
     schema["properties"] = {"extends": _EXTENDS, **schema["properties"]}
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-    return json.dumps(_one_line(schema), indent=2) + "\n"
+    return json.dumps(_flat_descriptions(schema), indent=2) + "\n"
 
 
-def _one_line(node: Any) -> Any:
+def _flat_descriptions(node: Any) -> Any:
     """The schema with each description (a docstring, wrapped in the code) on one line."""
     if isinstance(node, list):
-        return [_one_line(x) for x in node]
+        return [_flat_descriptions(x) for x in node]
     if not isinstance(node, dict):
         return node
-    return {k: " ".join(v.split()) if k == "description" else _one_line(v) for k, v in node.items()}
+    return {
+        k: " ".join(v.split()) if k == "description" else _flat_descriptions(v)
+        for k, v in node.items()
+    }
 
 
 def write_schema(path: Path = SCHEMA_JSON) -> bool:

@@ -168,7 +168,7 @@ def run_agreed(
         except BaseException as e:  # every rank must hear of any failure
             error = e
             mistake = isinstance(e, errors)
-            text = _one_line(e) if mistake else f"failed ({type(e).__name__}); see its traceback"
+            text = _last_line(e) if mistake else f"failed ({type(e).__name__}); see its traceback"
             problem = f"{where()}: {text}"
     problems = [p for p in all_gather_object(problem) if p is not None]
     if error is not None and not isinstance(error, errors):
@@ -179,7 +179,8 @@ def run_agreed(
     return result
 
 
-def _one_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
+    """The last line of an exception's message (its type when it has none)."""
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__
 

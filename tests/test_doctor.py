@@ -118,7 +118,7 @@ def test_imagenet_weights_ok_when_reachable_else_fail_with_advice(
     tiny_root, tmp_path, monkeypatch, online
 ):
     for module in (weights_mod, doctor):  # the hub cache is empty in tests: no download
-        monkeypatch.setattr(module, "reachable", lambda *a: online)
+        monkeypatch.setattr(module, "reachable", lambda *a, **kw: online)
     cfg = load_config(DEMO, overrides(tiny_root, tmp_path, **{"model.encoder_weights": "imagenet"}))
     row = doctor.check_encoder_weights(doctor.Probe(cfg, torch.device("cpu")))
     if online:

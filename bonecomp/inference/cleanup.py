@@ -369,7 +369,11 @@ def choose_cleanup(
                 break
     rows = np.arange(len(dice))
     return CleanupResult(
-        list(combos), dice, pick, DiceTable(dice[:, 0], 0), DiceTable(dice[rows, pick], 0)
+        list(combos),
+        dice,
+        pick,
+        DiceTable(dice[:, 0], n_images=0),
+        DiceTable(dice[rows, pick], n_images=0),
     )
 
 

@@ -154,9 +154,9 @@ def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
         return arch.build(cfg, num_classes, w)
 
     if weights == "imagenet":
-        net = with_imagenet_weights(lambda: build("imagenet"), cfg.encoder)
+        net = with_imagenet_weights(lambda: build(weights="imagenet"), cfg.encoder)
     else:
-        net = build(None)
+        net = build(weights=None)
     if weights not in (None, "imagenet"):
         load_encoder_weights(net.encoder, weights)
     model = SegModel(net)
@@ -234,7 +234,7 @@ def _fcn_encoder(name: str, arch: str) -> nn.Module:
         "tu-convnext_*, tu-swin_*, mit_b*) or another model.arch"
     )
     try:
-        enc = _get_encoder(name, None)
+        enc = _get_encoder(name, weights=None)
     except ValueError as e:  # smp: "Unsupported model downsampling pattern" (ViT, DeiT...)
         raise ValueError(f"{advice} ({e})") from None
     chans = list(enc.out_channels)
