@@ -21,6 +21,7 @@ LAYERS = {
     "bonecomp.distributed": 0,
     "bonecomp.memory": 0,  # out-of-memory handling and meters (torch only)
     "bonecomp.workers": 0,  # worker processes end with their parent (stdlib only)
+    "bonecomp.registry": 0,  # the one registry type of every extension point (config only)
     "bonecomp.extensions": 1,  # imports the user's modules named by the config
     "bonecomp.runs": 1,  # the run folder's names (config + file helpers only)
     "bonecomp.data": 1,

@@ -18,12 +18,12 @@ the image's edge through the empty outside, so the holes are those of the whole 
 At 2048 px the cost is a connected-component pass over a bone's box, not over the image.
 
 Tuning (``tune_cleanup``) scores every combination of (nothing | largest | min_area per
-area of the grid) x (fill_holes or not) x (each rule registered on its own: or not) on
-each OOF image, at its source size, with the
-thresholds and class weights of the thresholds file in use, exactly as the thresholds
-tuning scores Dice (``thresholds.image_dice``). A class takes the best combination whose
-every rule gains more than ``min_gain`` over the same combination without it; otherwise
-none. No rule is the first candidate, so tuning never lowers the OOF Dice.
+area of the grid) x (fill_holes or not) x (each other registered rule or not) on each OOF
+image, at its source size, with the thresholds and class weights of the thresholds file
+in use, exactly as the thresholds tuning scores Dice (``thresholds.image_dice``). A class
+takes the best combination whose every rule gains more than ``min_gain`` over the same
+combination without it; otherwise none. No rule is the first candidate, so tuning never
+lowers the OOF Dice.
 
 The choice lives in the thresholds file as ``cleanup: {class name: [rule, ...]}`` (only
 the classes with rules), beside the thresholds and class weights it was tuned with. Re-
