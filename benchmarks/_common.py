@@ -51,7 +51,7 @@ def phantom_root(data: Path | None, patients: int, seed: int = 0) -> Iterator[Pa
         else:
             root = data
         t0 = time.perf_counter()
-        if ensure_phantom(root, patients, 0, 2048, seed):
+        if ensure_phantom(root, patients, test_patients=0, size=2048, seed=seed):
             print(f"phantom: {2 * patients} images at 2048 px in {root} "
                   f"({time.perf_counter() - t0:.1f} s)")  # fmt: skip
         yield root

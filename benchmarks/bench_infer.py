@@ -87,7 +87,7 @@ def train_members(work: Path, root: Path, seconds: float) -> None:
                 },
             ),
         )
-        result = run_training(cfg, 0, progress=False)
+        result = run_training(cfg, fold=0, progress=False)
         print(f"{arch}: val Dice {result.best_dice:.3f} after {seconds:.0f} s")
         shutil.copytree(result.run_dir, result.run_dir.with_name("fold1"))
 
@@ -218,7 +218,14 @@ def window_rows(args) -> list[Row]:
     what = f"{tile} px windows over {side} px, overlap 0.5"
     return [
         Row(f"{what}: time per image", t_o / n, t_s / n, "s"),  # the same work: parity
-        Row(f"{what}: blending (ours) vs model", (t_o - model_o) / n, model_o / n, "s", False, 10),
+        Row(
+            f"{what}: blending (ours) vs model",
+            (t_o - model_o) / n,
+            model_o / n,
+            "s",
+            higher_is_better=False,
+            target=10,
+        ),
         Row(f"{what}: peak RSS", m_o, m_s, "MiB"),
     ]
 
@@ -239,7 +246,7 @@ def main() -> None:
         tmp = Path(tmp)
         root = args.data or tmp / "phantom"
         t0 = time.perf_counter()
-        if ensure_phantom(root, args.patients, max(counts) // 2, 2048, args.seed):
+        if ensure_phantom(root, args.patients, max(counts) // 2, size=2048, seed=args.seed):
             print(f"phantom in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         train_members(tmp, root, 5 if args.quick else args.train_seconds)
@@ -265,7 +272,16 @@ def main() -> None:
                     )
                     result[which] = job.result()
             (t_o, m_o, g_o), (t_b, m_b, _) = result["ours"], result["base"]
-            rows.append(Row(f"{n} images: time per image", t_o / n, t_b / n, "s", False, 1.0))
+            rows.append(
+                Row(
+                    f"{n} images: time per image",
+                    t_o / n,
+                    t_b / n,
+                    "s",
+                    higher_is_better=False,
+                    target=1.0,
+                )
+            )
             rows.append(Row(f"{n} images: peak RSS", m_o, m_b, "MiB"))
             if g_o == g_o:
                 print(f"{n} images: peak GPU memory (ours) {g_o:.2f} GiB")

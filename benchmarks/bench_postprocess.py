@@ -173,7 +173,7 @@ def main() -> None:
         check(ok, f"{case}: ours == baseline, 29 strings per image, byte for byte", failures)
         n = len(xs)
         t_ours = median_time(lambda xs=xs: [ours(x) for x in xs], args.repeats) / n
-        t_base = median_time(lambda xs=xs: [baseline(x) for x in xs], args.repeats, 0) / n
+        t_base = median_time(lambda xs=xs: [baseline(x) for x in xs], args.repeats, warmup=0) / n
         t_clean = median_time(lambda xs=xs: [ours_cleaned(x) for x in xs], args.repeats) / n
         rows.append(Row(f"{case}: time per image", t_ours, t_base, "s", target=25))
         rows.append(Row(f"{case}: + clean-up, all classes", t_clean, t_base, "s", target=25))

@@ -86,7 +86,7 @@ def library_rate(cfg, size: int, batch: int, steps: int, device: torch.device) -
     torch.manual_seed(0)
     model = create_model(cfg.model).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    dtype = amp_dtype(device, True)
+    dtype = amp_dtype(device, enabled=True)
     ctx = StepContext(
         device,
         dtype,
@@ -107,11 +107,11 @@ def library_rate(cfg, size: int, batch: int, steps: int, device: torch.device) -
         for _ in range(steps)
     ]
     loss_fn, sched = build_loss(cfg.loss).to(device), SimpleNamespace(step_update=lambda n: None)
-    train_one_epoch(model, batches[:1], opt, sched, loss_fn, ctx, Epoch(0))  # warm-up
+    train_one_epoch(model, batches[:1], opt, sched, loss_fn, ctx, Epoch(index=0))  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    train_one_epoch(model, batches, opt, sched, loss_fn, ctx, Epoch(0))
+    train_one_epoch(model, batches, opt, sched, loss_fn, ctx, Epoch(index=0))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return batch * steps / (time.perf_counter() - t0)
@@ -175,11 +175,31 @@ def main() -> None:
             ours, peak = model_rate(cfg, size, batch, steps, device, ours=True)
             ref, _ = model_rate(cfg, size, batch, steps, device, ours=False)
             where = f"{size} px, batch {batch}"
-            rows.append(Row(f"{name}: model img/s ({where})", ours, ref, "/s", True))
+            rows.append(
+                Row(f"{name}: model img/s ({where})", ours, ref, "/s", higher_is_better=True)
+            )
             lib = library_rate(cfg, size, batch, steps, device)
-            rows.append(Row(f"{name}: library step vs hand loop img/s", lib, ours, "/s", True, 0.9))
+            rows.append(
+                Row(
+                    f"{name}: library step vs hand loop img/s",
+                    lib,
+                    ours,
+                    "/s",
+                    higher_is_better=True,
+                    target=0.9,
+                )
+            )
             feed = loader_rate(cfg, root, root / "cache", 3 if args.quick else 8)
-            rows.append(Row(f"{name}: loader vs model img/s", feed, ours, "/s", True, 1.0))
+            rows.append(
+                Row(
+                    f"{name}: loader vs model img/s",
+                    feed,
+                    ours,
+                    "/s",
+                    higher_is_better=True,
+                    target=1.0,
+                )
+            )
             est = estimated_gib(cfg, cfg.train.batch_size)
             notes.append(
                 f"{name}: {cfg.data.image_size} px, batch {cfg.train.batch_size}: "

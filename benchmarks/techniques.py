@@ -251,7 +251,10 @@ def averaging_row(args, cfg: Config, flat: Path) -> Row:
     ]
     a, b = (float(np.mean(x)) for x in zip(*pairs, strict=True))
     note = f"members' val Dice: averaged.pt {a:.4f} vs best.pt {b:.4f}; OOF maps are best.pt's"
-    return Row("checkpoint averaging (vs baseline)", None, test_dice(args, avg, flat, "avg"), note)
+    return Row(
+        "checkpoint averaging (vs baseline)", oof=None, test=test_dice(args, avg, flat, "avg"),
+        note=note,
+    )  # fmt: skip
 
 
 def cleanup_row(args, cfg: Config, members, weights: Path) -> Row:
@@ -471,7 +474,7 @@ def patch_study_table(args) -> str:
     head = " | ".join(groups)
     lines = [f"| fold 0 | val Dice | {head} | train s |", "| --- |" + " --- |" * (len(groups) + 2)]
     for name in names:
-        run = run_dir(config(args, name), 0)
+        run = run_dir(config(args, name), fold=0)
         dice = pd.read_csv(run.dice_csv)["dice"].to_numpy()
         train = pd.read_csv(run.summary)["train_time"].sum()
         cells = [f"{dice.mean():.4f}", *(f"{dice[idx].mean():.3f}" for idx in groups.values())]

@@ -122,7 +122,7 @@ def read_torch_file(path: Path | str, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: {_unsafe_reason(e)}") from e
     except Exception as e:  # zip entries torn or missing: torch's reader says RuntimeError
-        reason = f"damaged checkpoint ({_first_line(e)})"
+        reason = f"damaged checkpoint ({_first_sentence(e)})"
         raise CheckpointError(f"{path}: {reason}; {AGAIN}", reason) from e
 
 
@@ -215,7 +215,8 @@ def _unsafe_reason(error: Exception) -> str:
     )
 
 
-def _first_line(error: BaseException) -> str:
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an exception's first line (its type when it has none)."""
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return line.split(". ")[0].rstrip(".")
 

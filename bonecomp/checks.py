@@ -2,10 +2,10 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(preprocessing steps, architecture, encoder and input size, loss terms and the sample
-fields they read, optimizer, TTA),
-the output folders and the packages of the experiment trackers, in milliseconds and
-without building a model
+(fold stratifier, preprocessing steps, architecture, encoder and input size, loss terms
+and the sample fields they read, optimizer, TTA views, clean-up rules, trackers: each
+against its ``bonecomp.registry``, the config holding plain names), the output folders
+and the packages of the experiment trackers, in milliseconds and without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
 every side the network will see is checked against it). Every error is one line: where
 the value came from (the YAML file, or "command line"), the key, and what is wrong.
@@ -18,10 +18,12 @@ from pathlib import Path
 
 from bonecomp.checkpoint import init_checkpoint
 from bonecomp.config import Config, ConfigError, LossConfig, check_values, source_of
+from bonecomp.data.folds import STRATIFIERS
 from bonecomp.data.preprocess import check_preprocess
 from bonecomp.data.sample import FIELDS
 from bonecomp.extensions import import_extensions
-from bonecomp.inference.tta import get_view, scaled_side
+from bonecomp.inference.cleanup import CLEANUP_RULES
+from bonecomp.inference.tta import VIEWS, scaled_side
 from bonecomp.losses import check_loss_config, term_fields
 from bonecomp.models import check_input_side, check_model_config, create_model
 from bonecomp.models.encoder_weights import WeightsError
@@ -39,12 +41,14 @@ def check_config(cfg: Config, training: bool = True) -> None:
     checks: list[Callable[[], None]] = [
         lambda: import_extensions(cfg.extensions),  # first: they add registry entries
         lambda: _check_patches(cfg),
+        lambda: _check_fold_stratify(cfg.data.fold_stratify),
         lambda: check_preprocess(cfg.data),
         lambda: check_model_config(cfg.model, cfg.data.image_size, cfg.data.patch_size),
         lambda: check_loss_config(cfg.loss),
         lambda: _check_loss_fields(cfg.loss),
         lambda: check_optimizer_name(cfg.train.optimizer),
         lambda: _check_tta(cfg.infer.tta),
+        lambda: CLEANUP_RULES.check(cfg.infer.cleanup_rules or []),
         lambda: _check_input_sides(cfg),
         lambda: _check_folders(cfg),
         lambda: check_trackers(cfg.train.trackers if training else []),
@@ -75,14 +79,15 @@ def _check_encoder_weights(cfg: Config) -> None:
         raise ConfigError(msg if msg.startswith(key) else f"{key}: {msg}", key) from None
 
 
+def _check_fold_stratify(rule: str | None) -> None:
+    """``data.fold_stratify`` is null or a registered rule (``data.folds.register_stratifier``)."""
+    if rule is not None:
+        STRATIFIERS.get(rule)
+
+
 def _check_tta(names: list[str]) -> None:
     """Each ``infer.tta`` name is a registered view (``inference.tta.register_view``)."""
-    for i, name in enumerate(names):
-        try:
-            get_view(name)
-        except ValueError as e:  # worded once, by the registry
-            key = f"infer.tta[{i}]"
-            raise ConfigError(f"{key}: {e}", key) from None
+    VIEWS.check(names)
 
 
 def _check_loss_fields(loss: LossConfig) -> None:

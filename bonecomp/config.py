@@ -135,6 +135,15 @@ Device = Annotated[
 ]
 NAME = r"^[^/]+$"  # a name without '/'
 
+# Closed choices (not extension points): the Literal is their one list; code that needs
+# the names as a tuple takes ``typing.get_args`` of it. Names a user may register (fold
+# stratifiers, preprocessing steps, trackers, clean-up rules, architectures, loss terms,
+# TTA views) are plain strings here, checked against their registry by bonecomp.checks.
+OnBadImage = Literal["error", "skip"]
+PatchBalance = Literal["area", "uniform"]
+FcnUpsample = Literal["bilinear", "learned"]
+PseudoRule = Literal["soft", "sharpen"]
+
 
 class AugmentConfig(Section):
     """Training augmentation (albumentations); validation uses none."""
@@ -170,9 +179,10 @@ class DataConfig(Section):
     """GroupKFold by patient folder (>= 2)"""
     fold_seed: int | None = None
     """null: plain GroupKFold by patient (deterministic); int: shuffled"""
-    fold_stratify: Literal["wrist_angle"] | None = None
+    fold_stratify: str | None = None
     """null: GroupKFold by patient; wrist_angle: StratifiedGroupKFold by patient on the binned wrist
-    angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md)"""
+    angle (|angle| <10, 10-20, >=20 degrees; docs/pipeline.md), or a rule registered with
+    bonecomp.data.folds.register_stratifier (docs/extending.md)"""
     exclude: list[str] = []
     """training images with known annotation errors"""
     soft_targets: bool = True
@@ -181,7 +191,7 @@ class DataConfig(Section):
     """sub-samples per pixel side for soft targets (1..15)"""
     num_workers: int = Field(8, ge=0, json_schema_extra=RESUME)
     """DataLoader processes"""
-    on_bad_image: Literal["error", "skip"] = "error"
+    on_bad_image: OnBadImage = "error"
     """a training PNG/JSON that cannot be used (undecodable, bad JSON, points outside the PNG):
     error stops the cache build naming it; skip leaves it out with a warning"""
     crop: Literal["carpal"] | None = None
@@ -198,12 +208,13 @@ class DataConfig(Section):
     patch_foreground: float = Field(0.33, ge=0, le=1)
     """patch training: share of patches centred on a bone (data.patch_balance); the rest are placed
     uniformly"""
-    patch_balance: Literal["area", "uniform"] = "area"
+    patch_balance: PatchBalance = "area"
     """patch training: which bone a centred patch is on; area: weight 1/sqrt(mean area) (small bones
     more often), uniform: every bone alike"""
     preprocess: list[str] = []
     """fixed steps on every PNG at its source size, training cache and test images alike, kept in
-    the checkpoint (inference uses each member's own): [] or [clahe]"""
+    the checkpoint (inference uses each member's own): [], [clahe], or steps registered with
+    bonecomp.data.preprocess.register_preprocess (docs/extending.md)"""
     clahe_clip: float = Field(2.0, gt=0)
     """preprocess clahe: histogram clip limit"""
     clahe_grid: int = Field(8, ge=1, le=64)
@@ -220,7 +231,7 @@ class ModelConfig(Section):
     """an smp encoder name or tu-<any timm model>"""
     encoder_weights: str | None = "imagenet"
     """needs the network once; null = from scratch; or a path"""
-    fcn_upsample: Literal["bilinear", "learned"] = "bilinear"
+    fcn_upsample: FcnUpsample = "bilinear"
     """FCN heads: bilinear or learned"""
     init_bias: float | None = -4.0
     """output bias at the foreground prior: fast, stable start"""
@@ -335,8 +346,9 @@ class TrainConfig(Section):
     oof_size: int = Field(256, ge=1)
     """side of the saved out-of-fold maps"""
     trackers: list[str] = Field([], json_schema_extra=RESUME)
-    """experiment trackers, any of tensorboard, wandb, mlflow: config, summary.csv per epoch,
-    per-class Dice, report (pip install -e ".[track]"; README "Experiment trackers")"""
+    """experiment trackers, any of tensorboard, wandb, mlflow (pip install -e ".[track]"; README
+    "Experiment trackers") or one registered with bonecomp.trackers.register_tracker
+    (docs/extending.md): config, summary.csv per epoch, per-class Dice, report"""
     micro_batch: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, json_schema_extra=want("be >= 1, auto or null", resume=True)
     )
@@ -367,7 +379,7 @@ class TrainConfig(Section):
     )
     """pseudo samples per epoch = weight x pseudo images (1.0: each once, like a real image; 0.5: a
     random half)"""
-    pseudo_rule: Literal["soft", "sharpen"] = "soft"
+    pseudo_rule: PseudoRule = "soft"
     """soft: the ensemble's probability is the target; sharpen: confident pixels snapped to 0/1, the
     rest kept soft"""
     pseudo_confidence: float = Field(0.9, gt=0.5, le=1)
@@ -456,14 +468,21 @@ class InferConfig(Section):
     trained fold of train.experiment"""
     compile: bool = False
     """torch.compile each ensemble member"""
+    cleanup_rules: list[str] | None = Field(
+        None, min_length=1, json_schema_extra=want("be a non-empty list or null")
+    )
+    """kinds of clean-up rule scripts/tune_cleanup.py tries: largest, min_area, fill_holes, or rules
+    registered with bonecomp.inference.cleanup.register_cleanup (docs/extending.md); null =
+    every registered one"""
     crop: CarpalStageConfig = Field(default_factory=CarpalStageConfig)
     """second stage on the carpal box (docs/pipeline.md "Carpal crop")"""
 
 
 class Config(Section):
     extensions: list[str] = Field([], json_schema_extra=RESUME)
-    """your modules with register_loss / register_view / register_arch / register_metric calls,
-    imported before the config check: dotted names or .py files (docs/extending.md)"""
+    """your modules with register_* calls (loss terms, TTA views, architectures, metrics, trackers,
+    preprocessing steps, clean-up rules, fold stratifiers), imported before the config check:
+    dotted names or .py files (docs/extending.md)"""
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -906,7 +925,7 @@ _BASE_HEADER = """\
 def base_yaml(cls: type[Section] = Config) -> str:
     """The text of ``configs/base.yaml``: every key of ``cls`` with its default and its
     doc as a comment, sections nested (see ``scripts/write_base_config.py``)."""
-    return _BASE_HEADER + "".join(line + "\n" for line in _yaml_lines(cls, 0))
+    return _BASE_HEADER + "".join(line + "\n" for line in _yaml_lines(cls, depth=0))
 
 
 def _yaml_lines(cls: type[Section], depth: int) -> Iterator[str]:
@@ -967,16 +986,19 @@ def schema_json(cls: type[Section] = Config) -> str:
     schema = cls.model_json_schema()
     schema["properties"] = {"extends": _EXTENDS, **schema["properties"]}
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-    return json.dumps(_one_line(schema), indent=2) + "\n"
+    return json.dumps(_flat_descriptions(schema), indent=2) + "\n"
 
 
-def _one_line(node: Any) -> Any:
+def _flat_descriptions(node: Any) -> Any:
     """The schema with each description (a docstring, wrapped in the code) on one line."""
     if isinstance(node, list):
-        return [_one_line(x) for x in node]
+        return [_flat_descriptions(x) for x in node]
     if not isinstance(node, dict):
         return node
-    return {k: " ".join(v.split()) if k == "description" else _one_line(v) for k, v in node.items()}
+    return {
+        k: " ".join(v.split()) if k == "description" else _flat_descriptions(v)
+        for k, v in node.items()
+    }
 
 
 def write_schema(path: Path = SCHEMA_JSON) -> bool:

@@ -80,7 +80,7 @@ def setup(device_pref: str = "auto", timeout_s: float = 300.0) -> Dist:
         except (RuntimeError, ValueError) as e:  # DistStoreError (a timeout) is a RuntimeError
             raise RankError(
                 f"{where(rank)}: not every one of the {world} ranks joined at {addr}:{port} "
-                f"within train.dist_timeout={timeout_s:g} s ({_one_line(e)[:200]}); start "
+                f"within train.dist_timeout={timeout_s:g} s ({_last_line(e)[:200]}); start "
                 "them all (the same torchrun command on every node, with the same "
                 "--master_addr and --master_port), or raise train.dist_timeout"
             ) from None
@@ -245,7 +245,7 @@ def run_agreed(
         except BaseException as e:  # every rank must hear of any failure
             error = e
             mistake = isinstance(e, errors)
-            text = _one_line(e) if mistake else f"failed ({type(e).__name__}); see its traceback"
+            text = _last_line(e) if mistake else f"failed ({type(e).__name__}); see its traceback"
             problem = f"{where()}: {text}"
     problems = [p for p in all_gather_object(problem) if p is not None]
     if error is not None and not isinstance(error, errors):
@@ -256,7 +256,8 @@ def run_agreed(
     return result
 
 
-def _one_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
+    """The last line of an exception's message (its type when it has none)."""
     text = str(error).strip()
     return text.splitlines()[-1] if text else type(error).__name__
 

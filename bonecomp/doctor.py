@@ -203,13 +203,13 @@ def _safe(name: str, check: Check, probe: Probe) -> Row:
     try:
         return check(probe)
     except Exception as e:  # a check's failure is a row, never a crash of the doctor
-        return Row(name, "fail", _one_line(e))
+        return Row(name, "fail", _first_line_and_type(e))
     finally:
         if probe.cuda:
             torch.cuda.empty_cache()
 
 
-def _one_line(e: BaseException) -> str:
+def _first_line_and_type(e: BaseException) -> str:
     """The first line of an exception's message; the type too unless it is one of ours
     (whose messages already say what is wrong and where)."""
     lines = str(e).strip().splitlines()
@@ -311,7 +311,7 @@ def check_channels_last(probe: Probe) -> Row:
     """NCHW vs channels_last training speed here, and the format the config picks."""
     cfg = probe.cfg
     chosen = resolve_channels_last(cfg.train.channels_last, probe.device)
-    nchw, nhwc = probe.images_per_s(False), probe.images_per_s(True)
+    nchw, nhwc = probe.images_per_s(channels_last=False), probe.images_per_s(channels_last=True)
     gain = nhwc / nchw - 1
     setting = f"train.channels_last={_yaml(cfg.train.channels_last)}"
     msg = (
@@ -438,9 +438,11 @@ def check_encoder_weights(probe: Probe) -> Row:
         try:
             create_model(m)  # the model is built without weights, then the file is loaded
         except WeightsError as e:
-            return Row("encoder weights", "fail", _one_line(e))
+            return Row("encoder weights", "fail", _first_line_and_type(e))
         except Exception as e:  # e.g. a corrupt file: name it
-            return Row("encoder weights", "fail", f"model.encoder_weights={w}: {_one_line(e)}")
+            return Row(
+                "encoder weights", "fail", f"model.encoder_weights={w}: {_first_line_and_type(e)}"
+            )
         return Row("encoder weights", "ok", f"{w} loads into {m.encoder}")
     try:
         with hub_offline():
@@ -449,11 +451,11 @@ def check_encoder_weights(probe: Probe) -> Row:
             "encoder weights", "ok", f"imagenet {m.encoder}: in the local Hugging Face cache"
         )
     except WeightsError as e:  # not cached, and the hub is unreachable: says what to do
-        return Row("encoder weights", "fail", _one_line(e))
+        return Row("encoder weights", "fail", _first_line_and_type(e))
     except Exception:
         pass  # not cached (the hub was reachable, but we asked for the cache only)
     host = hub_host()
-    if reachable(host, 443, 3.0):
+    if reachable(host, port=443, timeout=3.0):
         return Row(
             "encoder weights",
             "ok",

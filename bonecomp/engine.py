@@ -41,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss; the message names the batch and its images."""
 
 
-class GroundTruth(Protocol):
+class TruthByIndex(Protocol):
     """Where validation finds each item's truth: its polygons and source (H, W).
 
     The training cache is one (``TrainCache``); any table of images and JSONs can be.
@@ -472,7 +472,7 @@ class Validation:
 def validate(
     model: nn.Module,
     loader: DataLoader,
-    truth: GroundTruth,
+    truth: TruthByIndex,
     loss_fn: LossFn,
     ctx: StepContext,
     thresholds: float | Sequence[float] = 0.5,

@@ -1,8 +1,10 @@
 """User code that extends the pipeline: the modules named by the config's ``extensions``.
 
-A loss term, TTA view, architecture or metric is registered by a call in the user's own
-module (``register_loss``, ``register_view``, ``register_arch``, ``register_metric``;
-see docs/extending.md). Listing that module under ``extensions`` makes every script
+A loss term, TTA view, architecture, metric, tracker, preprocessing step, clean-up rule
+or fold stratifier is registered by a call in the user's own module (``register_loss``,
+``register_view``, ``register_arch``, ``register_metric``, ``register_tracker``,
+``register_preprocess``, ``register_cleanup``, ``register_stratifier``; see
+docs/extending.md). Listing that module under ``extensions`` makes every script
 import it before the config check, and inference imports a checkpoint's extensions
 before it rebuilds the model, so a registered name works through the normal config with
 no edit of the library. An entry is a dotted module name on ``sys.path`` or a ``.py``
@@ -24,6 +26,7 @@ from types import ModuleType
 from bonecomp.config import ConfigError
 
 KEY = "extensions"
+FILE_MODULE_PREFIX = "bonecomp_extension_"  # the module name of an entry loaded from a file
 
 
 def import_extensions(names: Sequence[str]) -> list[ModuleType]:
@@ -79,7 +82,7 @@ def _import_file(path: Path, key: str) -> ModuleType:
     path = path.expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"{key}: no file {str(path)!r}", key)
-    module_name = f"bonecomp_extension_{path.stem}_{abs(hash(str(path))):x}"
+    module_name = f"{FILE_MODULE_PREFIX}{path.stem}_{abs(hash(str(path))):x}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)

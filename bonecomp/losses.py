@@ -10,9 +10,9 @@ dataset (a distance map, a boundary band, an ignore mask) is a sample field
 validation then carries it as ``batch["distance"]``, and only while a configured term
 reads it.
 
-``TERMS`` is the registry of term builders ``(LossConfig) -> term``; ``register_loss``
-adds one, from the package or from user code, and the config check, training and the
-summary log (``loss_<name>``) take it with no other edit::
+``TERMS`` is the registry of terms (each a builder ``(LossConfig) -> term`` and the
+fields it reads); ``register_loss`` adds one, from the package or from user code, and the
+config check, training and the summary log (``loss_<name>``) take it with no other edit::
 
     @register_loss("weighted_bce")
     def weighted_bce(cfg: LossConfig):
@@ -30,12 +30,14 @@ logits); each reads ``batch["mask"]``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
 from bonecomp.config import ConfigError, LossConfig
+from bonecomp.registry import Registry
 
 Batch = Mapping[str, torch.Tensor]
 Term = Callable[[torch.Tensor, Batch], torch.Tensor]  # (logits, batch) -> scalar
@@ -93,10 +95,17 @@ class _Plain(nn.Module):
         return self.fn(logits, batch)
 
 
-# name -> builder from the loss config. An unknown name lists these keys.
-TERMS: dict[str, TermBuilder] = {}
-# name -> the sample fields (``bonecomp.data.sample.FIELDS``) the term reads
-TERM_FIELDS: dict[str, tuple[str, ...]] = {}
+@dataclass(frozen=True)
+class LossTerm:
+    """A registered loss term: its builder from the loss config and the sample fields
+    (``bonecomp.data.sample.FIELDS``) it reads besides image, mask and index."""
+
+    build: TermBuilder
+    fields: tuple[str, ...] = ()
+
+
+# name -> term (``loss.terms``); an unknown name lists these.
+TERMS: Registry[LossTerm] = Registry("loss term", "loss.terms")
 
 
 def register_loss(
@@ -120,10 +129,7 @@ def register_loss(
         raise TypeError(f"loss term {name!r}: fields must be a sequence of names, got {fields!r}")
 
     def add(b: TermBuilder) -> TermBuilder:
-        if name in TERMS and not replace:
-            raise ValueError(f"loss term {name!r} is already registered (pass replace=True)")
-        TERMS[name] = b
-        TERM_FIELDS[name] = tuple(fields)
+        TERMS.register(name, LossTerm(b, tuple(fields)), replace=replace)
         return b
 
     return add if builder is None else add(builder)
@@ -131,7 +137,11 @@ def register_loss(
 
 def term_fields(cfg: LossConfig) -> dict[str, tuple[str, ...]]:
     """{term: the sample fields it reads} of the configured terms (weight > 0)."""
-    return {name: TERM_FIELDS.get(name, ()) for name, w in cfg.terms.items() if w > 0}
+    return {
+        name: TERMS.get(name).fields if name in TERMS else ()
+        for name, w in cfg.terms.items()
+        if w > 0
+    }
 
 
 def loss_fields(cfg: LossConfig) -> tuple[str, ...]:
@@ -159,11 +169,8 @@ register_loss(
 
 def check_loss_config(cfg: LossConfig) -> None:
     """Raise ``ConfigError`` (key ``loss.terms``) for an unknown or unusable term."""
-    unknown = sorted(set(cfg.terms) - set(TERMS))
-    if unknown:
-        raise ConfigError(
-            f"loss.terms: unknown term(s) {unknown}; valid: {sorted(TERMS)}", "loss.terms"
-        )
+    for name in cfg.terms:
+        TERMS.get(name)  # an unknown one: the registry's one line
     if any(w < 0 for w in cfg.terms.values()) or not any(w > 0 for w in cfg.terms.values()):
         raise ConfigError(
             f"loss.terms: weights must be >= 0 and one > 0, got {cfg.terms}", "loss.terms"
@@ -183,7 +190,7 @@ class WeightedLoss(nn.Module):
         cfg = cfg or LossConfig()
         check_loss_config(cfg)
         self.weights = {name: float(w) for name, w in cfg.terms.items() if w > 0}
-        built = {name: TERMS[name](cfg) for name in self.weights}
+        built = {name: TERMS.get(name).build(cfg) for name in self.weights}
         self.terms = nn.ModuleDict(
             {n: t if isinstance(t, nn.Module) else _Plain(t) for n, t in built.items()}
         )

@@ -21,6 +21,7 @@ import torch
 
 from bonecomp.classes import CLASSES
 from bonecomp.distributed import all_reduce_sum
+from bonecomp.registry import Registry
 
 SMOOTH = 1e-4
 
@@ -131,7 +132,7 @@ class Scores:
 Metric = Callable[[Scores], float]
 
 # name -> metric; validation returns each (in this order), the summary log as val_<name>
-METRICS: dict[str, Metric] = {}
+METRICS: Registry[Metric] = Registry("validation metric", "metrics")
 
 
 def register_metric(name: str, fn: Metric | None = None, *, replace: bool = False):
@@ -142,14 +143,7 @@ def register_metric(name: str, fn: Metric | None = None, *, replace: bool = Fals
     ``val_<name>``. A name already registered is refused (``ValueError``) unless
     ``replace=True``.
     """
-
-    def add(f: Metric) -> Metric:
-        if name in METRICS and not replace:
-            raise ValueError(f"metric {name!r} is already registered (pass replace=True)")
-        METRICS[name] = f
-        return f
-
-    return add if fn is None else add(fn)
+    return METRICS.register(name, fn, replace=replace)
 
 
 def compute_metrics(scores: Scores) -> dict[str, float]:

@@ -109,7 +109,7 @@ class PlateauScheduler:
             optimizer, mode="max", factor=cfg.decay_rate, patience=cfg.patience_epochs,
             min_lr=floor,
         )  # fmt: skip
-        self.step_update(0)
+        self.step_update(num_updates=0)
 
     def step_update(self, num_updates: int, metric: float | None = None) -> None:
         self.num_updates = num_updates

@@ -11,12 +11,15 @@ the built-in ones are (docs/extending.md).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar, overload
 
 from bonecomp.config import ConfigError
 
 T = TypeVar("T")
+
+_LIVE: weakref.WeakSet[Registry] = weakref.WeakSet()  # every registry, for ``restore_point``
 
 
 class Registry(Generic[T]):
@@ -26,6 +29,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, key: str, *, fold_case: bool = False) -> None:
         self.kind, self.key, self.fold_case = kind, key, fold_case
         self._entries: dict[str, T] = {}
+        _LIVE.add(self)
 
     def _norm(self, name: str) -> str:
         return name.lower() if self.fold_case else name
@@ -98,3 +102,15 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.key!r}: {', '.join(self._entries)})"
+
+
+def restore_point() -> Callable[[], None]:
+    """The entries of every registry as they are now; calling the result puts them back
+    (tests that register temporary entries, or import an extension module, undo it so)."""
+    saved = [(reg, dict(reg._entries)) for reg in list(_LIVE)]
+
+    def restore() -> None:
+        for reg, entries in saved:
+            reg._entries = dict(entries)
+
+    return restore

@@ -206,7 +206,10 @@ def write_ensemble_report(
             items = oof_items(members, truth, progress=False, class_weights=table)
             dice, n = grid_dice(items, [0.5, ts])
         except RunError as e:  # e.g. a member without OOF files: the rest of the page helps
-            tv = ThresholdView(str(tpath), "", tuned_on, [], 0.0, 0.0, (None, None))
+            tv = ThresholdView(
+                str(tpath), scope="", tuned_on=tuned_on, rows=[], before=0.0, after=0.0,
+                recorded=(None, None),
+            )  # fmt: skip
             tv.note = f"OOF Dice not computed: {e}"
         else:
             before, after = dice[:, 0], dice[:, 1]

@@ -350,7 +350,7 @@ def ensemble_members(
         own = sorted((root / cfg.train.experiment).glob(f"fold*/{BEST}"))
         if not ensemble:
             own = own[:1]
-        found = [MemberSpec(p) for p in own] or [MemberSpec(run_dir(cfg, 0).best)]
+        found = [MemberSpec(p) for p in own] or [MemberSpec(run_dir(cfg, fold=0).best)]
     _check_exist(found, root)
     return found
 

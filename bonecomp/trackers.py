@@ -1,7 +1,8 @@
 """Experiment trackers (``train.trackers``): TensorBoard, Weights & Biases, MLflow.
 
-One small interface (``Tracker``), one class per library and a dict as the registry
-(``TRACKERS``). ``training.records.SummaryLog`` is the only caller: each ``summary.csv``
+One small interface (``Tracker``), one class per library, and the registry ``TRACKERS``
+(``register_tracker`` adds a class of the user's own, from a module under ``extensions``:
+docs/extending.md). ``training.records.SummaryLog`` is the only caller: each ``summary.csv``
 row reaches every tracker from the place that writes the row, so the trackers and the
 file cannot drift. Every tracker gets the resolved config, each epoch's summary columns
 (numbers as metrics, text such as the ``stop`` note as text), the best epoch's per-class
@@ -27,6 +28,7 @@ import yaml
 
 from bonecomp.config import ConfigError
 from bonecomp.models.encoder_weights import reachable
+from bonecomp.registry import Registry
 from bonecomp.runs import MLFLOW_ARTIFACTS, MLFLOW_DB, RunDir
 
 INSTALL = 'pip install -e ".[track]"'
@@ -260,7 +262,23 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-TRACKERS: dict[str, type[Tracker]] = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
+TRACKERS: Registry[type[Tracker]] = Registry("tracker", "train.trackers")
+
+
+def register_tracker(name: str, cls: type[Tracker] | None = None, *, replace: bool = False):
+    """Add the tracker ``name`` (``train.trackers: [name]``): ``register_tracker(name, cls)``,
+    or ``@register_tracker(name)`` over a subclass of ``Tracker``. Returns the class.
+
+    Each fold makes one instance (no arguments) and calls ``start``, then ``log`` with every
+    ``summary.csv`` row, ``log_final``, ``artifact`` and ``finish``. A name already
+    registered is refused (``ValueError``) unless ``replace=True``.
+    """
+    return TRACKERS.register(name, cls, replace=replace)
+
+
+register_tracker("tensorboard", TensorBoard)
+register_tracker("wandb", WandB)
+register_tracker("mlflow", MLflow)
 
 
 def check_trackers(names: list[str]) -> None:
@@ -270,20 +288,19 @@ def check_trackers(names: list[str]) -> None:
     a wrong list is the same error on every machine."""
     for i, name in enumerate(names):
         key = f"train.trackers[{i}]"
-        if name not in TRACKERS:
-            raise ConfigError(f"{key}: unknown tracker {name!r}; valid: {', '.join(TRACKERS)}", key)
+        TRACKERS.get(name, key)  # an unknown one: the registry's one line
         if name in names[:i]:
             raise ConfigError(f"{key}: lists {name!r} twice", key)
     for i, name in enumerate(names):
         key = f"train.trackers[{i}]"
-        missing = TRACKERS[name].missing()
+        missing = TRACKERS.get(name).missing()
         if missing:
             raise ConfigError(
                 f"{key}: {name} needs {', '.join(missing)}, which is not installed: "
-                f"{INSTALL} (or pip install {TRACKERS[name].packages})",
+                f"{INSTALL} (or pip install {TRACKERS.get(name).packages})",
                 key,
             )
-        why = TRACKERS[name].unreachable()
+        why = TRACKERS.get(name).unreachable()
         if why:
             raise ConfigError(f"{key}: {name}: {why}", key)
 
@@ -294,7 +311,7 @@ class Trackers:
     def __init__(self, names: list[str], config: dict[str, Any], run: RunDir) -> None:
         self.started: list[Tracker] = []
         for i, name in enumerate(names):
-            tracker = TRACKERS[name]()
+            tracker = TRACKERS.get(name)()
             try:
                 tracker.start(config, run)
             except BaseException as e:

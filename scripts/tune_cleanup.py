@@ -4,9 +4,12 @@ raises that class's OOF Dice.
 
     python scripts/tune_cleanup.py                     # after tune_thresholds / tune_ensemble
     python scripts/tune_cleanup.py --areas 100 500 2000 --rules largest fill_holes
+    python scripts/tune_cleanup.py infer.cleanup_rules=[largest,open3]   # open3: your own
     python scripts/tune_cleanup.py --checkpoints runs/a/fold0/best.pt --out thr.json
 
-The members are resolved exactly as scripts/infer.py resolves them; the masks are
+The kinds of rule tried are --rules, else infer.cleanup_rules (null: every registered
+one, a rule of a module under ``extensions`` too: docs/extending.md). The members are
+resolved exactly as scripts/infer.py resolves them; the masks are
 thresholded with the thresholds file in use (infer.thresholds, else
 runs/thresholds_<infer.name>.json; without one, infer.threshold) and its class weights.
 The chosen rules are added to that file (or a copy at --out) as its ``cleanup`` table,
@@ -18,14 +21,14 @@ from __future__ import annotations
 import sys
 
 from bonecomp import cli
-from bonecomp.inference.cleanup import AREAS, MIN_GAIN, RULES, candidates, tune_cleanup
+from bonecomp.inference.cleanup import AREAS, MIN_GAIN, candidates, tune_cleanup
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = cli.parser(__doc__)
     cli.add_members(ap)
     ap.add_argument("--out", help="write here instead of the thresholds file in use")
-    ap.add_argument("--rules", nargs="+", default=RULES, help="kinds of rule to try")
+    ap.add_argument("--rules", nargs="+", help="kinds of rule to try (infer.cleanup_rules)")
     ap.add_argument(
         "--areas", nargs="+", type=int, default=AREAS, help="min_area grid (source pixels)"
     )
@@ -35,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def tune(args) -> int:
-    candidates(args.areas, args.rules)  # a bad rule or area: one line, before any work
     cli.check_out_file(args.out)
     cli.check_min_gain(args.min_gain)
-    cfg = cli.load(args)
+    cfg = cli.load(args)  # imports the recipe's extensions: their rules are known after it
+    if args.rules is not None:
+        candidates(args.areas, args.rules)  # a bad rule or area: one line, before any work
     members = cli.members(args, cfg)
     print(f"tuning on {len(members)} fold(s): " + ", ".join(str(m.run) for m in members))
     res, path = tune_cleanup(

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bonecomp import losses
-from bonecomp.data.sample import FIELDS
+from bonecomp.registry import restore_point
 from bonecomp.testing import tiny_phantom
 
 
@@ -30,22 +29,20 @@ def tiny_copy(tiny_root: Path, tmp_path: Path) -> Path:
     return dst
 
 
+# ----------------------------------------------------------------------- isolation
 @pytest.fixture
-def sample_registries(monkeypatch: pytest.MonkeyPatch):
-    """Loss terms and sample fields registered by a test are undone (copies of the loss
-    terms, their fields and the sample fields; extension modules the test imported are
-    forgotten, so the next test imports them again)."""
-    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))
-    monkeypatch.setattr(losses, "TERM_FIELDS", dict(losses.TERM_FIELDS))
-    monkeypatch.setattr(FIELDS, "_entries", dict(FIELDS._entries))
+def registries():
+    """What a test registers (itself, or by importing an extension module) is undone
+    afterwards in every registry, and the extension modules it imported are forgotten."""
+    restore = restore_point()
     before = set(sys.modules)
     yield
+    restore()
     for name in set(sys.modules) - before:
         if name.startswith("bonecomp_extension_"):
             del sys.modules[name]
 
 
-# ----------------------------------------------------------------------- isolation
 REPO = Path(__file__).resolve().parents[1]
 GUARDED = ("runs", "submissions", "cache", "data")  # what `make demo` writes
 

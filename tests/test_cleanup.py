@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from bonecomp.checks import check_config
 from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
@@ -45,6 +46,7 @@ from bonecomp.testing import (
     tiny_overrides,
 )
 from bonecomp.training import run_training
+from tests.test_extending import _module_source
 
 C = len(CLASSES)
 EIGHT = np.ones((3, 3), bool)  # 8-connectivity for scipy's labelling (the reference)
@@ -136,9 +138,17 @@ def test_only_the_classes_the_table_names_are_cleaned(bones):
 
 def test_unknown_rules_are_refused():
     assert parse_rule("min_area:12") == Rule.make("min_area", 12)
-    for bad in ("biggest", "min_area", "min_area:0", "min_area:-3", "largest:2", 5, None):
-        with pytest.raises(ValueError, match="unknown clean-up rule"):
+    for bad in ("biggest", 5, None):
+        with pytest.raises(ConfigError) as e:
+            parse_rule(bad, "cleanup.Lunate")
+        assert str(e.value) == (
+            f"cleanup.Lunate: unknown clean-up rule {bad!r}; valid: largest, min_area, fill_holes"
+        )
+    for bad in ("min_area", "min_area:0", "min_area:-3"):
+        with pytest.raises(ValueError, match=r"'min_area' is written min_area:<pixels>"):
             parse_rule(bad)
+    with pytest.raises(ValueError, match=r"'largest' takes no argument, got 'largest:2'"):
+        parse_rule("largest:2")
 
 
 # --------------------------------------------------------------------------- tuning
@@ -274,6 +284,43 @@ def test_inference_applies_exactly_the_table(trained, tmp_path, tiny_root):
     assert changed > 0
 
 
+def _open3_reference(mask: np.ndarray) -> np.ndarray:
+    """A 3x3 opening of a whole mask, background beyond the image (not the page's code)."""
+    m = np.pad(mask.astype(np.uint8), 2)
+    m = cv2.dilate(cv2.erode(m, np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8))
+    return m[2:-2, 2:-2].astype(bool)
+
+
+def test_inference_applies_the_pages_registered_rule(trained, tmp_path, tiny_root, registries):
+    """docs/extending.md's ``open3``, from the module a recipe names under ``extensions``:
+    the submission whose thresholds file names it holds exactly the opened masks."""
+    cfg, _ = trained
+    module = tmp_path / "my_extensions.py"
+    module.write_text(_module_source())
+    check_config(cfg.model_copy(update={"extensions": [str(module)]}), training=False)
+    members = ensemble_members(cfg)
+    shapes = png_shapes(discover(tiny_root, "test"))
+    table = {name: ["open3"] for name in CLASSES}
+    try:
+        cfg.infer.thresholds = str(write_thresholds(tmp_path / "plain.json", [0.2] * C))
+        base = predict_submission(cfg, members, tmp_path / "plain.csv", progress=False)
+        f = write_thresholds(tmp_path / "clean.json", [0.2] * C, cleanup=table)
+        cfg.infer.thresholds = str(f)
+        res = predict_submission(cfg, members, tmp_path / "clean.csv", progress=False)
+    finally:
+        cfg.infer.thresholds = None
+    assert res.report.ok and "open3" in res.cleanup_from
+    changed = 0
+    for (img, cls, r), (img2, cls2, r2) in zip(
+        _rows(base.path)[1:], _rows(res.path)[1:], strict=True
+    ):
+        assert (img, cls) == (img2, cls2)
+        want = _open3_reference(classic_decode(r, *shapes[img]))
+        np.testing.assert_array_equal(classic_decode(r2, *shapes[img]).astype(bool), want)
+        changed += r2 != r
+    assert changed > 0, "open3 changed no mask: the test would prove little"
+
+
 def test_bad_tables_are_refused_in_one_line(trained, tmp_path, capsys):
     cfg, work = trained
     sys.path.insert(0, str(REPO / "scripts"))
@@ -360,15 +407,22 @@ def _hand_run(trained_work, tiny_root, runs, name: str, island: float):
     return run
 
 
-def _tune_cleanup(tiny_root, work, thresholds_file, experiments, capsys) -> dict:
-    """``tune_cleanup.py --rules largest`` with the thresholds file and an ensemble of
+def _tune_cleanup(
+    tiny_root, work, thresholds_file, experiments, capsys, rules: list[str] | None = None
+) -> dict:
+    """``tune_cleanup.py --rules largest`` (or, with ``rules``, no ``--rules`` and
+    ``infer.cleanup_rules=rules``) with the thresholds file and an ensemble of
     ``experiments`` set as a user sets them; the clean-up table it writes."""
     sys.path.insert(0, str(REPO / "scripts"))
     import tune_cleanup as script
 
     keys = {"infer.ensemble": [{"experiment": e, "folds": [0]} for e in experiments],
             "infer.thresholds": str(thresholds_file)}  # fmt: skip
-    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet", "--rules", "largest"]
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
+    if rules is None:
+        args += ["--rules", "largest"]
+    else:
+        keys["infer.cleanup_rules"] = rules
     out = work / "out.json"
     over = tiny_overrides(tiny_root, work, **keys)
     assert script.main([*args, "--out", str(out), *over]) == 0, capsys.readouterr().err
@@ -407,3 +461,20 @@ def test_the_clean_up_is_chosen_on_the_maps_of_the_class_weights_in_use(
     thr = write_thresholds(tmp_path / "thr.json", [0.5] * C, class_weights=table,
                            runs=[str(r) for r in runs])  # fmt: skip
     assert _tune_cleanup(tiny_root, tmp_path, thr, ["a", "b"], capsys) == {"Radius": ["largest"]}
+
+
+@pytest.mark.parametrize(("rules", "kept"), [
+    (["largest"], {"Radius": ["largest"], "Ulna": ["largest"]}),
+    (["fill_holes"], {}),
+])  # fmt: skip
+def test_infer_cleanup_rules_are_the_kinds_the_tuning_tries(
+    trained, tiny_root, tmp_path, capsys, rules, kept
+):
+    """``infer.cleanup_rules`` set as a user sets it (no ``--rules``) is what
+    ``tune_cleanup.py`` tries: hand-made OOF maps with an island at p = 0.6 beside the
+    Radius and the Ulna keep ``largest`` for both when it may try it, and nothing when it
+    may only fill holes (which never removes an island)."""
+    _, work = trained
+    run = _hand_run(work, tiny_root, tmp_path / "runs", "hand", 0.6)
+    thr = write_thresholds(tmp_path / "thr.json", [0.5] * C, runs=[str(run)])
+    assert _tune_cleanup(tiny_root, tmp_path, thr, ["hand"], capsys, rules=rules) == kept

@@ -120,7 +120,7 @@ def test_imagenet_weights_ok_when_reachable_else_fail_with_advice(
     tiny_root, tmp_path, monkeypatch, online
 ):
     for module in (weights_mod, doctor):  # the hub cache is empty in tests: no download
-        monkeypatch.setattr(module, "reachable", lambda *a: online)
+        monkeypatch.setattr(module, "reachable", lambda *a, **kw: online)
     cfg = load_config(DEMO, overrides(tiny_root, tmp_path, **{"model.encoder_weights": "imagenet"}))
     row = doctor.check_encoder_weights(doctor.Probe(cfg, torch.device("cpu")))
     if online:
@@ -164,9 +164,7 @@ def test_gpu_table_checks_amp_rle_and_nccl(tiny_root, tmp_path):
     assert "identical" in rows["cuda rle"].message and "nccl" in rows["process group"].message
 
 
-def test_a_patch_recipe_steps_on_patch_items_with_the_loss_fields(
-    tiny_root, tmp_path, sample_registries
-):
+def test_a_patch_recipe_steps_on_patch_items_with_the_loss_fields(tiny_root, tmp_path, registries):
     """The doctor's step is training's: patch-size items of the training dataset, with
     the sample field the recipe's loss reads (docs/extending.md's distance example)."""
     example = distance_example(tmp_path)

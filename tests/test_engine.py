@@ -21,7 +21,6 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bonecomp import losses
 from bonecomp.config import LossConfig
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.cache import open_cache
@@ -231,10 +230,9 @@ def test_metrics_hold_every_loss_part():
     assert out["num_updates"] == 3
 
 
-def test_a_registered_term_reads_a_key_only_the_dataset_names(monkeypatch):
+def test_a_registered_term_reads_a_key_only_the_dataset_names(registries):
     """A term from outside the package reads ``batch["weight"]``: train_step moves it with
     the batch, re-cuts it (and a list key) with the micro-batch, and logs the term."""
-    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # the registration is undone
     seen = []
 
     @register_loss("weighted_bce")

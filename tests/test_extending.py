@@ -1,26 +1,46 @@
 """docs/extending.md runs: its code blocks are the extension module a recipe names, a fold
-is trained and a submission written with them through the normal config, and the config
-key example behaves as the page says. Also the ``extensions`` key's one-line refusals."""
+is trained and a submission written with them through the normal config (each registered
+entry is shown used where it lands: the loss in summary.csv, the metric, the architecture
+built, the view run, the tracker's rows, the preprocessed cache and test images, the
+stratified folds, the clean-up on the submission's masks and its choice by tuning), and
+the config key example behaves as the page says. Also the ``extensions`` key's one-line
+refusals, and every registry's one wording of an unknown name."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from bonecomp import losses, metrics, models
 from bonecomp.checks import check_config
+from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError, base_yaml, check_values, from_dict, resume_may_change
+from bonecomp.data.cache import data_cache_dir, find_cache
+from bonecomp.data.folds import STRATIFIERS, folds_path
+from bonecomp.data.images import read_image
+from bonecomp.data.layout import discover
+from bonecomp.data.preprocess import STEPS, register_preprocess
 from bonecomp.inference import tta
+from bonecomp.inference.cleanup import CLEANUP_RULES, candidates, choose_cleanup, cleanup_dice
 from bonecomp.inference.predict import predict_submission
 from bonecomp.runs import ensemble_members
-from bonecomp.testing import REPO, as_overrides, tiny_config, tiny_overrides
+from bonecomp.testing import (
+    REPO,
+    as_overrides,
+    tiny_config,
+    tiny_overrides,
+)
+from bonecomp.trackers import TRACKERS
 from bonecomp.training import run_training
 
 PAGE = REPO / "docs" / "extending.md"
@@ -33,7 +53,10 @@ def _blocks(lang: str) -> list[str]:
 def _module_source() -> str:
     """The page's ``# my_extensions.py`` blocks, in order: the module its recipe names."""
     parts = [b for b in _blocks("python") if b.startswith("# my_extensions.py")]
-    assert len(parts) == 4, "the page shows a loss term, a view, an architecture, a metric"
+    assert len(parts) == 8, (
+        "the page shows a loss term, a view, an architecture, a metric, a tracker, a "
+        "preprocessing step, a clean-up rule and a fold stratifier"
+    )
     return "\n".join(parts)
 
 
@@ -53,18 +76,11 @@ def _dotted(d: dict, prefix: str = "") -> dict:
 
 
 @pytest.fixture
-def registries(monkeypatch: pytest.MonkeyPatch):
-    """Registrations made by a test are undone afterwards (copies of the four registries;
-    the extension modules imported by the test are forgotten)."""
-    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))
-    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
-    monkeypatch.setattr(tta, "_VIEWS", dict(tta._VIEWS))
-    monkeypatch.setattr(models, "_ARCHS", dict(models._ARCHS))
-    before = set(sys.modules)
+def registries(registries):
+    """Registrations made by a test are undone afterwards (conftest), and the package
+    ``my_ext_pkg`` a test imports is forgotten too."""
     yield
-    for name in set(sys.modules) - before:
-        if name.startswith("bonecomp_extension_") or name == "my_ext_pkg":
-            del sys.modules[name]
+    sys.modules.pop("my_ext_pkg", None)
 
 
 def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_path, registries):
@@ -72,13 +88,16 @@ def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_pat
     module.write_text(_module_source())
     recipe = _recipe()
     assert recipe.pop("extends") == "demo.yaml" and recipe.pop("extensions") == [module.name]
-    extra = {**_dotted(recipe), "extensions": [module.name], "train.epochs": 1}
+    # five patients: two folds leave each bin of the stratifier enough of them
+    extra = {**_dotted(recipe), "extensions": [module.name], "train.epochs": 1, "data.n_splits": 2}
     cfg = tiny_config(tiny_root, tmp_path, **extra)  # the working folder is tmp_path
     built = []
 
-    check_config(cfg)  # imports the module: the four names are registered
+    check_config(cfg)  # imports the module: the eight names are registered
     assert {"edge_bce"} <= set(losses.TERMS) and "worst_dice" in metrics.METRICS
     assert "rot180" in tta.view_names() and "unet_slim" in models.arch_names()
+    assert "jsonl" in TRACKERS and "gamma07" in STEPS
+    assert "open3" in CLEANUP_RULES and "exposure" in STRATIFIERS
     arch = models.get_arch("unet_slim")
     arch_build = arch.build
 
@@ -98,6 +117,40 @@ def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_pat
     # the registered architecture is what was trained: its decoder is the slim one
     assert built and built[0].decoder.blocks[-1].conv2[0].out_channels == 8
 
+    # the tracker received every summary.csv row, then the per-class Dice and the report
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [x for x in lines if "epoch" in x]
+    assert [r["epoch"] for r in rows] == summary["epoch"].tolist()
+    for col in ("loss", "loss_edge_bce", "val_dice", "val_worst_dice", "lr"):
+        assert [r[col] for r in rows] == pytest.approx(summary[col].tolist(), rel=1e-6), col
+    (final,) = [x["final_dice"] for x in lines if "final_dice" in x]
+    assert list(final) == list(CLASSES)
+    assert final == pytest.approx(dict(zip(per_class["class"], per_class["dice"], strict=True)))
+
+    # the cache holds the preprocessed PNGs (built by spawned workers that imported the
+    # module), in a folder of its own
+    cache = find_cache(cfg.data)
+    assert cache is not None and cache.dir.name == "train_64_gamma07"
+    train = discover(tiny_root).set_index("rel")
+    gamma = STEPS.get("gamma07").apply
+    for i in (0, 5, 9):
+        png = read_image(train.loc[cache.index["rel"].iloc[i], "image_path"])
+        want = cv2.resize(gamma(png, None), (64, 64), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(cache.image(i), want)
+        assert not np.array_equal(want, cv2.resize(png, (64, 64), interpolation=cv2.INTER_AREA))
+
+    # the folds the run used are the stratifier's: its column, both bins in each fold, and
+    # the run validated on fold 0 of that file
+    folds = pd.read_csv(
+        folds_path(data_cache_dir(cfg.data.cache_dir, cfg.data.root), 2, None, "exposure")
+    )
+    assert list(folds.columns) == ["image", "patient", "fold", "exposure", "stratum"]
+    measured = STRATIFIERS.get("exposure").measure(discover(tiny_root))
+    assert folds["exposure"].tolist() == pytest.approx(measured[folds["image"]].tolist())
+    assert folds.groupby("fold")["stratum"].nunique().tolist() == [2, 2]
+    validated = pd.read_csv(result.run_dir / "oof_index.csv")
+    assert sorted(validated["rel"]) == sorted(folds.loc[folds["fold"] == 0, "image"])
+
     views_seen = []
     rot180 = tta.get_view("rot180")
 
@@ -106,10 +159,85 @@ def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_pat
         return rot180.augment(x)
 
     tta.register_view("rot180", seen, rot180.deaugment, replace=True)
+    pngs_seen = []
+
+    def preprocessed(image, p):
+        pngs_seen.append(image.copy())
+        return gamma(image, p)
+
+    register_preprocess("gamma07", preprocessed, replace=True)
     res = predict_submission(cfg, ensemble_members(cfg), tmp_path / "sub.csv", progress=False)
     assert res.report.ok and res.rows == 4 * 29
     assert res.views == ["none", "hflip", "rot180"] and views_seen  # used, not only listed
     assert len(built) == 2  # inference rebuilt the member through the registry
+    test = discover(tiny_root, "test")  # every test PNG went through the step
+    assert len(pngs_seen) == len(test)
+    for png, path in zip(pngs_seen, test["image_path"], strict=True):
+        np.testing.assert_array_equal(png, read_image(path))
+    # the clean-up rule on the submission's masks: tests/test_cleanup.py (a model trained
+    # long enough to predict bones); its choice by tuning: below
+
+
+def test_tuning_chooses_the_pages_cleanup_rule_where_it_gains(tiny_root, tmp_path, registries):
+    """Hand-made OOF maps: every class predicted as its truth, but one class with a
+    one-pixel spur stuck to its bone, which neither largest, min_area nor fill_holes
+    removes; tuning (with every registered rule) keeps open3 there and nowhere else."""
+    module = tmp_path / "my_extensions.py"
+    module.write_text(_module_source())
+    check_config(tiny_config(tiny_root, tmp_path, extensions=[module.name]))
+    side, c = 32, 4
+    truth = np.zeros((len(CLASSES), side, side), bool)
+    for k in range(len(CLASSES)):
+        y, x = 2 + (k % 5) * 5, 2 + (k // 5) * 5
+        truth[k, y : y + 4, x : x + 4] = True
+    pred = truth.copy()
+    y, x = 2 + (c % 5) * 5, 2 + (c // 5) * 5
+    pred[c, y + 1, x + 4 : x + 8] = True  # the spur: 2 px wide at 64 px
+    probs = torch.from_numpy(np.where(pred, 0.9, 0.1).astype(np.float32))
+    up = np.repeat(np.repeat(truth, 2, 1), 2, 2)  # the truth at 64 px
+    items = [(probs, [(0, 0, up[k].astype(np.uint8)) for k in range(len(CLASSES))], (64, 64))]
+    combos = candidates(areas=(8,))  # every registered kind, open3 too
+    assert any(r.name == "open3" for combo in combos for r in combo)
+    dice, _ = cleanup_dice(items, [0.5] * len(CLASSES), combos)
+    res = choose_cleanup(dice, combos)
+    assert res.cleanup.table == {CLASSES[c]: ["open3"]}
+    assert res.after.per_class[c] == pytest.approx(1.0) and res.before.per_class[c] < 0.95
+
+
+def test_an_unknown_name_is_one_line_naming_the_valid_ones_at_every_point(
+    tiny_root, tmp_path, registries
+):
+    """The one wording, for each key that names registry entries, with the page's module
+    imported: its names are among the valid ones."""
+    module = tmp_path / "my_extensions.py"
+    module.write_text(_module_source())
+    check_config(tiny_config(tiny_root, tmp_path, extensions=[module.name]))
+    cases = {  # key: (value, the key named, kind, the unknown name, the page's name)
+        "loss.terms": ({"bce": 0.5, "edge_bc": 0.5}, "loss.terms", "loss term", "edge_bc",
+                       "edge_bce"),
+        "infer.tta": (["none", "rot18"], "infer.tta[1]", "TTA view", "rot18", "rot180"),
+        "model.arch": ("unet_slm", "model.arch", "architecture", "unet_slm", "unet_slim"),
+        "train.trackers": (["jsnol"], "train.trackers[0]", "tracker", "jsnol", "jsonl"),
+        "data.preprocess": (["gama07"], "data.preprocess[0]", "preprocessing step", "gama07",
+                            "gamma07"),
+        "infer.cleanup_rules": (["open"], "infer.cleanup_rules[0]", "clean-up rule", "open",
+                                "open3"),
+        "data.fold_stratify": ("exposur", "data.fold_stratify", "fold stratifier", "exposur",
+                               "exposure"),
+    }  # fmt: skip
+    for key, (value, where, kind, bad, mine) in cases.items():
+        cfg = tiny_config(tiny_root, tmp_path, extensions=[module.name], **{key: value})
+        with pytest.raises(ConfigError) as e:
+            check_config(cfg)
+        head = f"command line: {where}: unknown {kind} {bad!r}; valid: "
+        msg = str(e.value)
+        assert msg.startswith(head) and "\n" not in msg and e.value.key == where, msg
+        assert mine in msg[len(head) :].split(", "), msg
+    with pytest.raises(ConfigError) as e:  # no key names a metric: the registry's own
+        metrics.METRICS.get("worst_dic")
+    assert str(e.value) == (
+        "metrics: unknown validation metric 'worst_dic'; valid: loss, dice, worst_dice"
+    )
 
 
 def test_the_config_key_example_is_one_declaration(tmp_path, monkeypatch):
@@ -206,7 +334,7 @@ def test_the_scripts_import_the_recipes_extensions(tiny_root, tmp_path):
     cmd = [*cmd[:6], "--quiet", *bad]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
-    assert "loss.terms: unknown term(s) ['plain_bce']" in done.stderr
+    assert "loss.terms: unknown loss term 'plain_bce'; valid: bce, dice," in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs" / "other").exists()
 

@@ -225,12 +225,11 @@ def test_memory_fraction_is_the_margin_the_probe_keeps(tiny_root, tmp_path):
         assert plan.micro_batch == micro, fraction
 
 
-def test_the_probe_gives_the_loss_the_keys_the_dataset_yields(tiny_root, tmp_path, monkeypatch):
+def test_the_probe_gives_the_loss_the_keys_the_dataset_yields(tiny_root, tmp_path, registries):
     """The probe's batches repeat a real training item: a term reading a key the dataset
     adds gets it (a random image/mask batch would raise KeyError)."""
     from bonecomp import losses
 
-    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # the registration is undone
     seen = []
 
     def weighted(cfg):

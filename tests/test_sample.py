@@ -57,7 +57,8 @@ def distance_example(folder: Path) -> dict:
 def record_term(name: str, seen: list) -> None:
     """Re-register the term ``name`` (same builder and fields) so that every batch it is
     called with lands in ``seen`` (on the CPU), with whether it was a training forward."""
-    builder, fields = losses.TERMS[name], losses.TERM_FIELDS[name]
+    registered = losses.TERMS.get(name)
+    builder, fields = registered.build, registered.fields
 
     def recording(cfg):
         term = builder(cfg)
@@ -114,7 +115,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_distance_example_reaches_the_loss(
-    tiny_root, tmp_path, sample_registries, pseudo_folder, case
+    tiny_root, tmp_path, registries, pseudo_folder, case
 ):
     extra = dict(CASES[case])
     if extra.pop("train.pseudo_labels", False):
@@ -122,7 +123,7 @@ def test_the_distance_example_reaches_the_loss(
     keys = {**distance_example(tmp_path), **extra, "train.epochs": 1, "train.val_every": 1}
     cfg = tiny_config(tiny_root, tmp_path, **keys)
     check_config(cfg)  # imports the example: the field and the term are registered
-    assert "distance" in FIELDS and losses.TERM_FIELDS["boundary"] == ("distance",)
+    assert "distance" in FIELDS and losses.TERMS.get("boundary").fields == ("distance",)
     clip = FIELDS.get("distance").make.__globals__["CLIP"]
     seen: list[dict] = []
     record_term("boundary", seen)
@@ -162,7 +163,7 @@ def _epoch(cfg, folder) -> tuple[list[dict], list[dict], object]:
 
 
 def test_a_field_costs_nothing_until_a_term_reads_it_and_keeps_the_stream(
-    tiny_root, tmp_path, sample_registries, pseudo_folder
+    tiny_root, tmp_path, registries, pseudo_folder
 ):
     keys = distance_example(tmp_path)
     mixed = {"data.patch_size": PATCH, "train.pseudo_labels": str(pseudo_folder)}
@@ -194,7 +195,7 @@ def test_a_field_costs_nothing_until_a_term_reads_it_and_keeps_the_stream(
 
 
 def test_a_term_reading_an_unknown_field_is_one_line_at_the_config_check(
-    tiny_root, tmp_path, sample_registries
+    tiny_root, tmp_path, registries
 ):
     losses.register_loss("ghostly", lambda cfg: lambda y, b: b["ghost"].mean(), fields=["ghost"])
     cfg = tiny_config(tiny_root, tmp_path, **{"loss.terms": {"bce": 1.0, "ghostly": 0.5}})
@@ -210,7 +211,7 @@ def test_a_term_reading_an_unknown_field_is_one_line_at_the_config_check(
         Sample(["ghost"])
 
 
-def test_synthetic_items_go_through_the_contract(sample_registries):
+def test_synthetic_items_go_through_the_contract(registries):
     """The probe's and the doctor's random items (no data) carry every field too."""
     from bonecomp.data.sample import register_field
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bonecomp import engine, losses, metrics
+from bonecomp import engine, metrics
 from bonecomp.checkpoint import load_checkpoint
 from bonecomp.config import load_config
 from bonecomp.data.dataset import BoneDataset
@@ -220,13 +220,11 @@ class WeightedItems(BoneDataset):
 
 
 def test_a_term_a_metric_and_a_dataset_key_from_user_code_reach_summary_csv(
-    tiny_root, tmp_path, monkeypatch
+    tiny_root, tmp_path, monkeypatch, registries
 ):
     """Registered outside the package, with no other edit: the config check accepts the
     term, training and validation hand it the dataset's extra key, and summary.csv logs
     it as loss_<name> and the metric as val_<name>."""
-    monkeypatch.setattr(losses, "TERMS", dict(losses.TERMS))  # registrations are undone
-    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
     monkeypatch.setattr(training_data, "BoneDataset", WeightedItems)
     weights_seen = set()
 

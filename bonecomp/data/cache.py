@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import cv2
 import numpy as np
@@ -63,12 +64,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.config import DataConfig
+from bonecomp.config import DataConfig, OnBadImage
 from bonecomp.data.annotations import AnnotationError, Polygons, load_annotation
 from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
 from bonecomp.data.layout import discover
 from bonecomp.data.preprocess import NONE, Preprocess
+from bonecomp.extensions import import_extensions
 from bonecomp.fileio import file_hash, preallocate, remove_stale_temps, replace_dir
 from bonecomp.workers import end_with_parent, spawn_context
 
@@ -76,7 +78,7 @@ CACHE_VERSION = 2  # 2: no masks.npy; per-image crc32 in crc.npy
 _ARRAYS = ("images.npy", "crc.npy", "points.npy", "offsets.npy")
 _BIG = ("images.npy",)  # hashed on open only with verify=True
 _DAMAGED = "DAMAGED"  # marker written when a read finds damage: the next open rebuilds
-ON_BAD_IMAGE = ("error", "skip")  # what a build does with an unusable training image
+ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)  # of an unusable training image
 
 
 class CacheError(RuntimeError):
@@ -406,7 +408,10 @@ def _build_into(
             results = map(_cache_item, jobs)
         else:
             pool = ProcessPoolExecutor(  # ends with us, also while it imports
-                workers, spawn_context(), initializer=_worker_init, initargs=(os.getpid(),)
+                workers,
+                spawn_context(),
+                initializer=_worker_init,
+                initargs=(os.getpid(), preprocess.modules),
             )
             results = pool.map(_cache_item, jobs, chunksize=4)
         try:
@@ -506,8 +511,9 @@ def _data_root(df: pd.DataFrame) -> Path:
     return first.parents[len(Path(df["rel"].iloc[0]).parts) + 1]
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, modules: tuple[str, ...] = ()) -> None:
     end_with_parent(parent)  # killed with its parent, even mid-image (bonecomp.workers)
+    import_extensions(modules)  # a spawned process: the user's preprocessing steps
     # One thread per process: the pool already uses every core.
     cv2.setNumThreads(1)
     import numba

@@ -7,11 +7,16 @@ validation holds its share of bent hands. The rule is in the file's name
 (``folds_5split_seednone_wrist_angle.csv``) and in its columns (``wrist_angle``, the
 measured degrees, and ``stratum``, the bin used), so a plain file is never reused for a
 stratified request or the other way round.
+
+The rules are a registry, ``STRATIFIERS``: ``register_stratifier`` adds one (a per-image
+measure and its bins), also from a user's module under ``extensions``
+(docs/extending.md); ``data.fold_stratify`` names one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +24,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from bonecomp.data import wrist
 from bonecomp.fileio import atomic_write
+from bonecomp.registry import Registry
 
 COLUMNS = ["image", "patient", "fold"]
 STRATA_COLUMNS = ["stratum"]  # after the measured value's column (named after the rule)
@@ -29,12 +35,52 @@ class FoldsError(ValueError):
     """A folds file that does not match the data it is meant to split."""
 
 
-# rule name -> (per-image measure of a layout table indexed by rel, value -> bin, bin names,
-# name of bins 1.. merged into one)
-STRATIFIERS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], Callable, tuple[str, ...], str]]
-STRATIFIERS = {
-    "wrist_angle": (wrist.table_angles, wrist.angle_bin, wrist.BIN_NAMES, wrist.BENT_NAME),
-}
+@dataclass(frozen=True)
+class Stratifier:
+    """A registered rule: ``measure(table)``, one value per image of a layout table
+    (``layout.discover``: rel, patient, image_path, json_path), indexed by ``rel``;
+    ``to_bin(value)``, its bin (0, 1, ...; 0 also for a value that could not be measured);
+    ``names``, the bins' names; ``merged``, the name of bins 1.. merged into one when
+    they are too sparse for the folds."""
+
+    measure: Callable[[pd.DataFrame], pd.Series]
+    to_bin: Callable[[float], int]
+    names: tuple[str, ...]
+    merged: str
+
+
+STRATIFIERS: Registry[Stratifier] = Registry("fold stratifier", KEY)
+
+
+def register_stratifier(
+    name: str,
+    measure: Callable[[pd.DataFrame], pd.Series] | None = None,
+    *,
+    to_bin: Callable[[float], int],
+    names: tuple[str, ...],
+    merged: str | None = None,
+    replace: bool = False,
+):
+    """Add the rule ``name`` (``data.fold_stratify: name``): ``register_stratifier(name,
+    measure, to_bin=..., names=...)``, or ``@register_stratifier(name, to_bin=...,
+    names=...)`` over ``measure``; see ``Stratifier``. Returns ``measure``. A name already
+    registered is refused (``ValueError``) unless ``replace=True``."""
+
+    def add(fn: Callable[[pd.DataFrame], pd.Series]):
+        together = merged or " + ".join(names[1:])
+        STRATIFIERS.register(name, Stratifier(fn, to_bin, tuple(names), together), replace=replace)
+        return fn
+
+    return add if measure is None else add(measure)
+
+
+register_stratifier(
+    "wrist_angle",
+    wrist.table_angles,
+    to_bin=wrist.angle_bin,
+    names=wrist.BIN_NAMES,
+    merged=wrist.BENT_NAME,
+)
 
 
 def stratify_table(df: pd.DataFrame, rule: str, n_splits: int) -> pd.DataFrame:
@@ -47,17 +93,15 @@ def stratify_table(df: pd.DataFrame, rule: str, n_splits: int) -> pd.DataFrame:
     names ``data.fold_stratify``. Cheap (annotation JSONs only): call it before expensive
     work.
     """
-    if rule not in STRATIFIERS:
-        raise FoldsError(f"{KEY}: unknown rule {rule!r}; known: {', '.join(STRATIFIERS)}, null")
-    measure, to_bin, names, merged = STRATIFIERS[rule]
-    values = measure(df)
-    strata = values.map(to_bin).astype(int)
+    s = STRATIFIERS.get(rule)  # an unknown one: the registry's one line
+    values = s.measure(df)
+    strata = values.map(s.to_bin).astype(int)
     patients = pd.Series(df["patient"].to_numpy(), index=df["rel"].to_numpy())
     have = patients.groupby(strata).nunique().to_dict()
-    labels = dict(enumerate(names))
+    labels = dict(enumerate(s.names))
     if any(n < n_splits for b, n in have.items() if b > 0):
         strata[strata > 0] = 1
-        labels[1] = merged
+        labels[1] = s.merged
         have = patients.groupby(strata).nunique().to_dict()
     described = ", ".join(f"{labels[b]}: {n}" for b, n in sorted(have.items()))
     if len(have) < 2 or min(have.values()) < n_splits:

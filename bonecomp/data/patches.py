@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 
+from bonecomp.config import PatchBalance
 from bonecomp.data.annotations import Polygons
 
-BALANCES = ("area", "uniform")
+BALANCES: tuple[str, ...] = get_args(PatchBalance)
 
 
 def polygon_areas(polys: Polygons) -> np.ndarray:

@@ -27,7 +27,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import albumentations as A
 import numpy as np
@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
+from bonecomp.config import PseudoRule
 from bonecomp.data.augment import draw_geometry
 from bonecomp.data.patches import PatchSampler
 from bonecomp.data.sample import Item, Sample
@@ -50,7 +51,7 @@ from bonecomp.fileio import (
 from bonecomp.runs import PSEUDO_CRC, PSEUDO_IMAGES, PSEUDO_INDEX, PSEUDO_PROBS, PseudoDir
 
 PSEUDO_VERSION = 1
-RULES = ("soft", "sharpen")
+PSEUDO_RULES: tuple[str, ...] = get_args(PseudoRule)
 _BIG = (PSEUDO_IMAGES, PSEUDO_PROBS)  # checked by size and header on open, not hashed
 INDEX_COLUMNS = ["rel", "patient", "name", "src_h", "src_w"]
 
@@ -243,7 +244,7 @@ def pseudo_target(
     if rule == "soft":
         return probs
     if rule != "sharpen":
-        raise ValueError(f"pseudo rule must be one of {RULES}, got {rule!r}")
+        raise ValueError(f"pseudo rule must be one of {PSEUDO_RULES}, got {rule!r}")
     out = probs.copy()  # stored p = round(255 x prob): compare on the same grid
     out[probs >= math.ceil(confidence * 255 - 1e-6)] = 255
     out[probs <= math.floor((1 - confidence) * 255 + 1e-6)] = 0
@@ -274,8 +275,8 @@ class PseudoDataset(Dataset):
         self.sample = sample or Sample(patch=patch is not None)
         if self.sample.patch != (patch is not None) or not self.sample.compact:
             raise ValueError(f"{self.sample!r} does not fit patch={patch} (compact items)")
-        if rule not in RULES:
-            raise ValueError(f"pseudo rule must be one of {RULES}, got {rule!r}")
+        if rule not in PSEUDO_RULES:
+            raise ValueError(f"pseudo rule must be one of {PSEUDO_RULES}, got {rule!r}")
         self.pseudo, self.transform, self.rule = pseudo, transform, rule
         self.confidence, self.soft, self.offset = confidence, soft, offset
         self.patch = patch

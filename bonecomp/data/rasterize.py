@@ -65,8 +65,8 @@ def rasterize(
         polygons.offsets,
         (h, w),
         outline(src_hw, out_hw),
-        1,
-        out,
+        k=1,
+        out=out,
     )
 
 

@@ -212,7 +212,7 @@ def load_crop_stage(cfg: Config, device: torch.device) -> CarpalStage | None:
         )
     margin = spec.margin if spec.margin is not None else data.crop_margin
     weights = [spec.weight] * len(CARPALS) if isinstance(spec.weight, float) else list(spec.weight)
-    models = [load_member(m.checkpoint, 1.0, device, crop=True) for m in members]
+    models = [load_member(m.checkpoint, weight=1.0, device=device, crop=True) for m in members]
     return CarpalStage(infer_ensemble(models, cfg.infer), margin, spec.threshold, weights)
 
 
@@ -276,7 +276,7 @@ def crop_oof_dice(
         cmap = sum(oof.probs(r) for oof, r in rows) / len(rows)
         probs = weighted_mean(maps, weight)
         base = upsample_threshold(probs, hw, thresholds, logits=False)
-        p, q = carpal_probs(probs, hw, False, box, cmap, False)
+        p, q = carpal_probs(probs, hw, logits=False, box=box, crop=cmap, crop_logits=False)
         truth_c = [crops_truth[c] for c in CARPALS]
         for j, w in enumerate(grid):
             masks = blend(base, p, q, box, thresholds, [w] * len(CARPALS))

@@ -141,7 +141,7 @@ def choose_weights(
     rows = np.arange(C)
     better = dice[rows, k, g] - dice[rows, 0, t0] > min_gain
     k, g = np.where(better, k, 0), np.where(better, g, t0)
-    return k, g, base.before, base.after, DiceTable(dice[rows, k, g], 0)
+    return k, g, base.before, base.after, DiceTable(dice[rows, k, g], n_images=0)
 
 
 def tune_ensemble(

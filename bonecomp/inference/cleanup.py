@@ -8,18 +8,22 @@ cross-validation, plus two relatives):
 - ``min_area:<pixels>``: drop the components smaller than that many source pixels;
 - ``fill_holes``: fill the background enclosed by the mask (4-connected background).
 
-A class's rules apply in that order (components first, then holes). Each works on the
+The rules are a registry, ``CLEANUP_RULES``, in their order of application (components
+first, then holes, then the ones registered later): ``register_cleanup`` adds one, also
+from a user's module under ``extensions`` (docs/extending.md), and ``infer.cleanup_rules``
+(or ``tune_cleanup.py --rules``) names the ones tuning tries. Each works on the
 class's ``SparseMask`` crop, its bounding box: the mask is empty outside it, so its
 components are those of the whole image, and background touching the box's edge reaches
 the image's edge through the empty outside, so the holes are those of the whole image too.
 At 2048 px the cost is a connected-component pass over a bone's box, not over the image.
 
 Tuning (``tune_cleanup``) scores every combination of (nothing | largest | min_area per
-area of the grid) x (fill_holes or not) on each OOF image, at its source size, with the
-thresholds and class weights of the thresholds file in use, exactly as the thresholds
-tuning scores Dice (``thresholds.image_dice``). A class takes the best combination whose
-every rule gains more than ``min_gain`` over the same combination without it; otherwise
-none. No rule is the first candidate, so tuning never lowers the OOF Dice.
+area of the grid) x (fill_holes or not) x (each other registered rule or not) on each OOF
+image, at its source size, with the thresholds and class weights of the thresholds file
+in use, exactly as the thresholds tuning scores Dice (``thresholds.image_dice``). A class
+takes the best combination whose every rule gains more than ``min_gain`` over the same
+combination without it; otherwise none. No rule is the first candidate, so tuning never
+lowers the OOF Dice.
 
 The choice lives in the thresholds file as ``cleanup: {class name: [rule, ...]}`` (only
 the classes with rules), beside the thresholds and class weights it was tuned with. Re-
@@ -30,7 +34,7 @@ the old masks): run the clean-up tuning again after them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,47 +56,102 @@ from bonecomp.inference.postprocess import (
 )
 from bonecomp.inference.thresholds import oof_items, read_thresholds_doc, resolve_thresholds
 from bonecomp.metrics import DiceTable, dice_from_counts
+from bonecomp.registry import Registry
 from bonecomp.runs import MemberSpec, RunError, thresholds_in_use
 
-RULES = ("largest", "min_area", "fill_holes")
-RULES_HELP = "largest, min_area:<pixels>, fill_holes"
 AREAS: tuple[int, ...] = (64, 256, 1024, 4096)  # source pixels (images are ~2048 px)
 MIN_GAIN = 1e-3  # as the thresholds tuning
 
 
+@dataclass(frozen=True)
+class CleanupRule:
+    """A registered clean-up rule: ``apply(mask)`` maps a class's bool box crop to a bool
+    mask of the same shape (``apply(mask, pixels)`` when ``sized``: written
+    ``<name>:<pixels>``, tuned at each area of the grid). Tuning crosses the rules of
+    different ``group``s and tries the rules of one group as alternatives (None: a group
+    of its own)."""
+
+    apply: Callable[..., np.ndarray]
+    sized: bool = False
+    group: str | None = None
+
+
+CLEANUP_RULES: Registry[CleanupRule] = Registry("clean-up rule", "infer.cleanup_rules")
+
+
+def register_cleanup(
+    name: str,
+    apply: Callable[..., np.ndarray] | None = None,
+    *,
+    sized: bool = False,
+    group: str | None = None,
+    replace: bool = False,
+):
+    """Add the clean-up rule ``name``: ``register_cleanup(name, apply)``, or
+    ``@register_cleanup(name)`` over ``apply(mask) -> mask``; see ``CleanupRule``. Returns
+    ``apply``. Rules apply in registration order. A name already registered is refused
+    (``ValueError``) unless ``replace=True``."""
+
+    def add(fn: Callable[..., np.ndarray]):
+        CLEANUP_RULES.register(name, CleanupRule(fn, sized, group), replace=replace)
+        return fn
+
+    return add if apply is None else add(apply)
+
+
 @dataclass(frozen=True, order=True)
 class Rule:
-    """One clean-up rule; ``area`` only for ``min_area``. Sorting gives the order of
-    application (``RULES``)."""
+    """One clean-up rule in use; ``area`` only for a sized one (``min_area``). Sorting
+    gives the order of application (the rule's place in ``CLEANUP_RULES``)."""
 
     rank: int
     area: int = 0
 
     @property
     def name(self) -> str:
-        return RULES[self.rank]
+        return CLEANUP_RULES.names()[self.rank]
+
+    @property
+    def kind(self) -> CleanupRule:
+        return CLEANUP_RULES.get(self.name)
 
     @property
     def label(self) -> str:
-        return f"min_area:{self.area}" if self.name == "min_area" else self.name
+        return f"{self.name}:{self.area}" if self.kind.sized else self.name
 
     @classmethod
-    def make(cls, name: str, area: int = 0) -> Rule:
-        return cls(RULES.index(name), area if name == "min_area" else 0)
+    def make(cls, name: str, area: int = 0, key: str | None = None) -> Rule:
+        """The rule ``name`` (an unknown one: the registry's ``ConfigError`` naming ``key``)."""
+        kind = CLEANUP_RULES.get(name, key)
+        return cls(CLEANUP_RULES.names().index(name), area if kind.sized else 0)
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` (a class's bool box crop) with this rule applied."""
+        kind = self.kind
+        out = kind.apply(mask, self.area) if kind.sized else kind.apply(mask)
+        out = np.asarray(out, dtype=bool)
+        if out.shape != mask.shape:
+            raise ValueError(
+                f"clean-up rule {self.name!r} returned a {out.shape} mask for a {mask.shape} one"
+            )
+        return out
 
 
-LARGEST, FILL = Rule.make("largest"), Rule.make("fill_holes")
-
-
-def parse_rule(text: object) -> Rule:
-    """``largest``, ``min_area:<pixels>`` (an integer >= 1) or ``fill_holes``; anything
-    else is a ``ValueError`` saying what is allowed."""
-    name, _, arg = str(text).partition(":") if isinstance(text, str) else ("", "", "")
-    if name in ("largest", "fill_holes") and not arg:
-        return Rule.make(name)
-    if name == "min_area" and arg.isdigit() and int(arg) >= 1:
+def parse_rule(text: object, key: str | None = None) -> Rule:
+    """A rule as the thresholds file writes it: ``<name>``, or ``<name>:<pixels>`` (an
+    integer >= 1) for a sized one (``min_area:64``). An unknown name is the registry's
+    ``ConfigError`` naming ``key``; a missing or extra argument a ``ValueError``."""
+    name, _, arg = text.partition(":") if isinstance(text, str) else (text, "", "")
+    rule = Rule.make(name, key=key)  # type: ignore[arg-type]
+    where = f"{key}: " if key else ""
+    if rule.kind.sized:
+        if not (arg.isdigit() and int(arg) >= 1):
+            raise ValueError(f"{where}clean-up rule {name!r} is written {name}:<pixels> "
+                             f"(an integer >= 1), got {text!r}")  # fmt: skip
         return Rule.make(name, int(arg))
-    raise ValueError(f"unknown clean-up rule {text!r} (rules: {RULES_HELP})")
+    if arg:
+        raise ValueError(f"{where}clean-up rule {name!r} takes no argument, got {text!r}")
+    return rule
 
 
 def clean_crop(crop: np.ndarray, rules: Sequence[Rule]) -> np.ndarray:
@@ -100,15 +159,27 @@ def clean_crop(crop: np.ndarray, rules: Sequence[Rule]) -> np.ndarray:
     return _variants(crop, [tuple(rules)])[0]
 
 
+def _largest(mask: np.ndarray) -> np.ndarray:
+    return _variants(mask, [(LARGEST,)])[0]
+
+
+def _min_area(mask: np.ndarray, pixels: int) -> np.ndarray:
+    return _variants(mask, [(Rule.make("min_area", pixels),)])[0]
+
+
 def _variants(crop: np.ndarray, combos: Sequence[tuple[Rule, ...]]) -> list[np.ndarray]:
-    """``crop`` cleaned by each combination of rules; the components are labelled once
-    (OpenCV), so trying many combinations costs one labelling pass."""
+    """``crop`` cleaned by each combination of rules. The built-in component rules
+    (``largest``, ``min_area``) that come first share one labelling (OpenCV), so trying
+    many combinations costs one labelling pass; every other rule is called."""
     crop = np.ascontiguousarray(crop, dtype=bool)
     labels = area = None
     out = []
     for combo in combos:
         mask = crop
-        comp = sorted(r for r in combo if r != FILL)
+        rest = sorted(combo)
+        comp = []
+        while rest and rest[0].kind.apply in _COMPONENTS:
+            comp.append(rest.pop(0))
         if comp and crop.any():
             if labels is None:
                 _, labels, stats, _ = cv2.connectedComponentsWithStats(
@@ -118,15 +189,16 @@ def _variants(crop: np.ndarray, combos: Sequence[tuple[Rule, ...]]) -> list[np.n
                 area[0] = 0  # label 0 is the background
             keep = area > 0
             for r in comp:
-                if r.name == "min_area":
+                if r.kind.apply is _min_area:
                     keep &= area >= r.area
                 elif keep.any():  # largest (of what is left); ties: the first label
                     biggest = int(np.argmax(np.where(keep, area, -1)))
                     keep = np.zeros_like(keep)
                     keep[biggest] = True
             mask = keep[labels]
-        if FILL in combo and mask.any():
-            mask = fill_holes(mask)
+        for r in rest:
+            if mask.any():
+                mask = r(mask)
         out.append(mask)
     return out
 
@@ -144,6 +216,13 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     outside[edge] = True
     outside[0] = True  # label 0: the mask itself
     return mask | ~outside[labels]
+
+
+_COMPONENTS = (_largest, _min_area)  # the rules ``_variants`` runs on one labelling
+register_cleanup("largest", _largest, group="components")
+register_cleanup("min_area", _min_area, sized=True, group="components")
+register_cleanup("fill_holes", fill_holes, group="holes")
+LARGEST, FILL = Rule.make("largest"), Rule.make("fill_holes")
 
 
 def clean_mask(mask: SparseMask, rules: Sequence[Rule]) -> SparseMask:
@@ -180,28 +259,35 @@ class Cleanup:
         for name, labels in table.items():
             if name not in CLASSES:
                 raise ValueError(f"{name!r} is not a class of bonecomp/classes.py")
-            rules[CLASSES.index(name)] = tuple(sorted(parse_rule(v) for v in labels))
+            key = f"cleanup.{name}"
+            rules[CLASSES.index(name)] = tuple(sorted(parse_rule(v, key) for v in labels))
         return cls(rules)
 
 
 # --------------------------------------------------------------------------- tuning
 def candidates(
-    areas: Sequence[int] = AREAS, rules: Sequence[str] = RULES
+    areas: Sequence[int] = AREAS, rules: Sequence[str] | None = None, key: str = "--rules"
 ) -> list[tuple[Rule, ...]]:
-    """Every combination tried per class: () first, then (component rule,) x (fill or not).
-    ``rules`` restricts the kinds tried; an unknown kind is a ``ConfigError``."""
-    bad = [r for r in rules if r not in RULES]
-    if bad:
-        raise ConfigError(f"--rules: unknown clean-up rule(s) {bad}; choose from {list(RULES)}")
-    if "min_area" in rules and (not areas or any(int(a) < 1 for a in areas)):
-        raise ConfigError(f"--areas: min_area needs areas >= 1 pixel, got {list(areas)}")
-    comps: list[tuple[Rule, ...]] = [()]
-    if "largest" in rules:
-        comps.append((LARGEST,))
-    if "min_area" in rules:
-        comps += [(Rule.make("min_area", int(a)),) for a in sorted(set(areas))]
-    fills = [(), (FILL,)] if "fill_holes" in rules else [()]
-    return [c + f for f in fills for c in comps]
+    """Every combination tried per class: () first, then the groups of ``CleanupRule``
+    crossed, each as nothing or one of its rules (a sized one at each of ``areas``): (nothing
+    | largest | min_area per area) x (fill_holes or not) x (each other rule or not).
+    ``rules``: the kinds tried (None: every registered one); an unknown one is the registry's
+    ``ConfigError`` naming ``key``."""
+    names = CLEANUP_RULES.names() if rules is None else list(rules)
+    CLEANUP_RULES.check(names, key)
+    names = [n for n in CLEANUP_RULES.names() if n in names]  # in the order of application
+    sized = [n for n in names if CLEANUP_RULES.get(n).sized]
+    if sized and (not areas or any(int(a) < 1 for a in areas)):
+        raise ConfigError(f"--areas: {', '.join(sized)} needs areas >= 1 pixel, got {list(areas)}")
+    groups: dict[str, list[tuple[Rule, ...]]] = {}
+    for name in names:
+        kind = CLEANUP_RULES.get(name)
+        sizes = sorted({int(a) for a in areas}) if kind.sized else [0]
+        groups.setdefault(kind.group or name, []).extend((Rule.make(name, a),) for a in sizes)
+    combos: list[tuple[Rule, ...]] = [()]
+    for options in groups.values():
+        combos = [c + o for o in [(), *options] for c in combos]
+    return combos
 
 
 def image_cleanup_dice(
@@ -283,7 +369,11 @@ def choose_cleanup(
                 break
     rows = np.arange(len(dice))
     return CleanupResult(
-        list(combos), dice, pick, DiceTable(dice[:, 0], 0), DiceTable(dice[rows, pick], 0)
+        list(combos),
+        dice,
+        pick,
+        DiceTable(dice[:, 0], n_images=0),
+        DiceTable(dice[rows, pick], n_images=0),
     )
 
 
@@ -291,15 +381,18 @@ def tune_cleanup(
     cfg: Config,
     members: Sequence[MemberSpec],
     areas: Sequence[int] = AREAS,
-    rules: Sequence[str] = RULES,
+    rules: Sequence[str] | None = None,
     min_gain: float = MIN_GAIN,
     out: Path | str | None = None,
     progress: bool = True,
 ) -> tuple[CleanupResult, Path]:
     """Choose each class's clean-up on the members' OOF maps, with the thresholds and
     class weights inference would use (the thresholds file in use, else
-    ``infer.threshold``), and store it in that file (or a copy at ``out``)."""
-    combos = candidates(areas, rules)  # a bad rule or area: before reading any OOF map
+    ``infer.threshold``), and store it in that file (or a copy at ``out``). ``rules``: the
+    kinds tried (None: ``infer.cleanup_rules``, where null is every registered one)."""
+    key = "--rules" if rules is not None else "infer.cleanup_rules"
+    rules = list(rules if rules is not None else cfg.infer.cleanup_rules or CLEANUP_RULES)
+    combos = candidates(areas, rules, key)  # a bad rule or area: before reading any OOF map
     src = thresholds_in_use(cfg)
     thresholds, _ = resolve_thresholds(cfg, members)
     _, table, _ = resolve_class_weights(cfg, members)
@@ -351,9 +444,9 @@ def read_cleanup(path: Path | str) -> Cleanup | None:
     for name, labels in table.items():
         for v in labels:
             try:
-                parse_rule(v)
-            except ValueError as e:
-                raise RunError(f"thresholds file {path}: cleanup.{name}: {e}") from e
+                parse_rule(v, f"cleanup.{name}")
+            except ValueError as e:  # names the key: cleanup.<class>
+                raise RunError(f"thresholds file {path}: {e}") from e
     return Cleanup.from_table(table)
 
 

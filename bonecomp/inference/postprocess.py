@@ -293,7 +293,7 @@ def _up(v: int, g: int) -> int:
 
 
 def _empty(device: torch.device) -> SparseMask:
-    return SparseMask(0, 0, torch.zeros((0, 0), dtype=torch.bool, device=device))
+    return SparseMask(y0=0, x0=0, crop=torch.zeros((0, 0), dtype=torch.bool, device=device))
 
 
 def _nonzero(a: np.ndarray | torch.Tensor) -> tuple:

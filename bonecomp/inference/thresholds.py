@@ -83,7 +83,11 @@ def choose(dice: np.ndarray, grid: Sequence[float] = GRID, min_gain: float = 1e-
     thresholds = [float(grid[i]) for i in pick]
     rows = np.arange(len(dice))
     return TuneResult(
-        grid, dice, thresholds, DiceTable(dice[:, k], 0), DiceTable(dice[rows, pick], 0)
+        grid,
+        dice,
+        thresholds,
+        DiceTable(dice[:, k], n_images=0),
+        DiceTable(dice[rows, pick], n_images=0),
     )
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bonecomp.registry import Registry
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -37,32 +39,29 @@ class ViewPair:
     deaugment: Transform
 
 
-_VIEWS: dict[str, ViewPair] = {}
+VIEWS: Registry[ViewPair] = Registry("TTA view", "infer.tta")
 
 
 def register_view(
     name: str, augment: Transform, deaugment: Transform, *, replace: bool = False
-) -> None:
+) -> ViewPair:
     """Register ``infer.tta: [name]``: ``augment`` maps the (B, 3, H, W) input, ``deaugment``
     maps the model's (B, C, ., .) output back (it must undo ``augment``'s geometry).
 
     A name already registered is refused unless ``replace=True``.
     """
-    if name in _VIEWS and not replace:
-        raise ValueError(f"TTA view {name!r} is already registered (pass replace=True)")
-    _VIEWS[name] = ViewPair(name, augment, deaugment)
+    return VIEWS.register(name, ViewPair(name, augment, deaugment), replace=replace)
 
 
 def view_names() -> list[str]:
     """The valid ``infer.tta`` names, in registration order."""
-    return list(_VIEWS)
+    return VIEWS.names()
 
 
-def get_view(name: str) -> ViewPair:
-    """The registered view; an unknown name is a ``ValueError`` listing the valid ones."""
-    if name not in _VIEWS:
-        raise ValueError(f"unknown view {name!r}; valid: {view_names()}")
-    return _VIEWS[name]
+def get_view(name: str, key: str | None = None) -> ViewPair:
+    """The registered view; an unknown name is the registry's ``ConfigError`` naming
+    ``key`` (default ``infer.tta``) and the valid ones."""
+    return VIEWS.get(name, key)
 
 
 @dataclass(frozen=True)

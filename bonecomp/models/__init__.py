@@ -40,6 +40,7 @@ from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import ConfigError, ModelConfig
 from bonecomp.models.encoder_weights import load_encoder_weights, with_imagenet_weights
 from bonecomp.models.fcn import FCN, STRIDES
+from bonecomp.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +70,7 @@ class Arch:
         return int(s(cfg) if callable(s) else s)
 
 
-_ARCHS: dict[str, Arch] = {}
+ARCHS: Registry[Arch] = Registry("architecture", "model.arch", fold_case=True)
 
 
 def register_arch(
@@ -89,24 +90,19 @@ def register_arch(
         return functools.partial(
             register_arch, name, output_stride=output_stride, check=check, replace=replace
         )
-    key = name.lower()
-    if key in _ARCHS and not replace:
-        raise ValueError(f"model.arch {name!r} is already registered (pass replace=True)")
-    _ARCHS[key] = Arch(key, build, output_stride, check)
+    ARCHS.register(name, Arch(name.lower(), build, output_stride, check), replace=replace)
     return build
 
 
 def arch_names() -> list[str]:
     """The valid ``model.arch`` values, in registration order."""
-    return list(_ARCHS)
+    return ARCHS.names()
 
 
 def get_arch(name: str) -> Arch:
-    """The registered architecture; an unknown name is a ``ConfigError`` listing the valid."""
-    arch = _ARCHS.get(name.lower())
-    if arch is None:
-        raise ConfigError(f"model.arch: unknown {name!r}; valid: {arch_names()}", "model.arch")
-    return arch
+    """The registered architecture; an unknown name is the registry's ``ConfigError``
+    naming ``model.arch`` and the valid ones."""
+    return ARCHS.get(name)
 
 
 class SegModel(nn.Module):
@@ -158,9 +154,9 @@ def create_model(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> SegModel:
         return arch.build(cfg, num_classes, w)
 
     if weights == "imagenet":
-        net = with_imagenet_weights(lambda: build("imagenet"), cfg.encoder)
+        net = with_imagenet_weights(lambda: build(weights="imagenet"), cfg.encoder)
     else:
-        net = build(None)
+        net = build(weights=None)
     if weights not in (None, "imagenet"):
         load_encoder_weights(net.encoder, weights)
     model = SegModel(net)
@@ -238,7 +234,7 @@ def _fcn_encoder(name: str, arch: str) -> nn.Module:
         "tu-convnext_*, tu-swin_*, mit_b*) or another model.arch"
     )
     try:
-        enc = _get_encoder(name, None)
+        enc = _get_encoder(name, weights=None)
     except ValueError as e:  # smp: "Unsupported model downsampling pattern" (ViT, DeiT...)
         raise ValueError(f"{advice} ({e})") from None
     chans = list(enc.out_channels)

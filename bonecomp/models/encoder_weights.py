@@ -34,7 +34,7 @@ def with_imagenet_weights(build: Callable[[], T], encoder: str, timeout: float =
     except Exception:  # not cached, or the cache is unusable: try the network
         pass
     host = hub_host()
-    if not reachable(host, 443, timeout):
+    if not reachable(host, port=443, timeout=timeout):
         raise WeightsError(
             f"model.encoder_weights=imagenet: the ImageNet weights of {encoder!r} are not in "
             f"the local cache and {host} is unreachable (offline?). Use "

@@ -13,12 +13,15 @@ earlier stand-alone FCN, so old checkpoints load unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import nn
+
+from bonecomp.config import FcnUpsample
 
 STRIDES = {"fcn32s": (32,), "fcn16s": (32, 16), "fcn8s": (32, 16, 8)}
 
@@ -73,7 +76,7 @@ class FCNDecoder(nn.Module):
         super().__init__()
         if variant not in STRIDES:
             raise ValueError(f"unknown FCN variant {variant!r}; valid: {sorted(STRIDES)}")
-        if upsample not in ("bilinear", "learned"):
+        if upsample not in get_args(FcnUpsample):
             raise ValueError(f"fcn_upsample must be 'bilinear' or 'learned', got {upsample!r}")
         channels = dict(zip((2**i for i in range(6)), encoder_channels, strict=True))
         self.strides = STRIDES[variant]

@@ -259,8 +259,8 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd, epoch) if t.save_oof else None
             val = validate(
-                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx, 0.5, oof,
-                cfg.data.patch_size, cfg.infer.overlap,
+                state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx,
+                thresholds=0.5, oof=oof, window=cfg.data.patch_size, overlap=cfg.infer.overlap,
             )  # fmt: skip
             if oof is not None:
                 gather_oof(oof, dd)  # the other ranks' rows to rank 0's staged file
@@ -328,8 +328,8 @@ def _average(f: FoldRun, prog: Progress) -> float | None:
     model.load_state_dict(weights)
     d = f.cfg.data  # validated as best.pt is: windows of a patch run's side
     val = validate(
-        model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, 0.5, None,
-        d.patch_size, f.cfg.infer.overlap,
+        model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, thresholds=0.5,
+        oof=None, window=d.patch_size, overlap=f.cfg.infer.overlap,
     )  # fmt: skip
     asked = {k: v for k, v in (("last", t.average.last), ("best", t.average.best)) if v}
     how = {**asked, "epochs": chosen, "bn_forwards": forwards}

@@ -113,7 +113,14 @@ def planned_stats(
     if bent_patients is not None:
         jobs = concentrate_bends(jobs, seed, bent_patients)
     images = [
-        ImageStats(job.split, hand.pose.bent, tuple(hand.artefacts.kinds()), 0, 0, 0)
+        ImageStats(
+            job.split,
+            hand.pose.bent,
+            tuple(hand.artefacts.kinds()),
+            multi_pixels=0,
+            bone_pixels=0,
+            size=0,
+        )
         for job in jobs
         for hand in sample_patient(job, seed).hands
     ]
