@@ -96,13 +96,12 @@ def hand_count(side: int) -> tuple[int, int]:
     return total, first
 
 
-def test_flops_match_a_hand_count_of_a_convolution_stack(monkeypatch):
+def test_flops_match_a_hand_count_of_a_convolution_stack(registries):
     """Training: forward + each layer's weight gradient + each layer's input gradient
     but the first's (the image needs none), each the forward's cost; inference: the
     forward per TTA view. torch's own formula (2.14) counts the depthwise layer's
     weight gradient 16 times over."""
-    arch = models.Arch("convstack", lambda *a: ConvStack())
-    monkeypatch.setitem(models._ARCHS, "convstack", arch)
+    models.register_arch("convstack", lambda *a: ConvStack())
     cfg = small(**{"model.arch": "convstack", "data.image_size": 64})
     fwd, first = hand_count(64)
     tracer = StepTracer(cfg)
