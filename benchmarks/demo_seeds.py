@@ -2,10 +2,10 @@
 for each seed in this checkout, then the mean and range of the best validation Dice and
 of the submission's test Dice.
 
-    python benchmarks/demo_seeds.py                  # seeds 42 (the recipe's), 43, 44: ~25 min
-    python benchmarks/demo_seeds.py --seeds 42 7     # any seeds
+    make setup && .venv/bin/python benchmarks/demo_seeds.py   # seeds 42 (the recipe's), 43, 44: ~30 min
+    .venv/bin/python benchmarks/demo_seeds.py --seeds 42 7    # any seeds
 
-Run it in a fresh clone (the first `make demo` creates .venv; the others reuse it). Each
+Run it in a fresh clone, from its .venv (`make setup` creates it). Each
 run is the README's `make demo` with only ``train.seed`` changed, so a user's plain
 `make demo` is the first seed's run. A run whose schedule followed the clock (its time
 budget bound: ``clock_from`` in summary.csv) is flagged: its figures depend on the
