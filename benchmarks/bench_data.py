@@ -49,9 +49,9 @@ from _common import (
 )
 
 from bonecomp.classes import CLASS_TO_INDEX, CLASSES
-from bonecomp.config import AugmentConfig
+from bonecomp.config import augment_from_preset
 from bonecomp.data.annotations import Polygons, load_annotation
-from bonecomp.data.augment import train_transform
+from bonecomp.data.augment import build_augmentation
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
@@ -146,7 +146,7 @@ def patch_rows(df, args) -> list[Row]:
     allocator's fresh pages (121 MiB each), not the loader. Float items are the last row.
     """
     n, big, side = len(df), args.native, args.patch
-    aug = train_transform(AugmentConfig())
+    aug = build_augmentation(augment_from_preset({}))
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
         native = open_cache(df, Path(tmp) / "native", big, progress=False)
         whole = open_cache(df, Path(tmp) / "whole", side, progress=False)
@@ -258,7 +258,7 @@ def main() -> None:
             plain = BoneDataset(cache)
             compact = BoneDataset(cache, compact=True)
             train = BoneDataset(
-                cache, transform=train_transform(AugmentConfig()), soft_targets=True
+                cache, transform=build_augmentation(augment_from_preset({})), soft_targets=True
             )
             old = BaselineDataset(list(df["image_path"]), list(df["json_path"]), s)
 

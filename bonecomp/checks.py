@@ -2,8 +2,9 @@
 
 ``load_config`` already checks types and ranges; ``check_config`` imports the user's
 ``extensions`` (where their registrations live) and adds the names that need a registry
-(fold stratifier, preprocessing steps, architecture, encoder and input size, loss terms
-and the sample fields they read, optimizer, TTA views, clean-up rules, trackers: each
+(fold stratifier, preprocessing steps, the albumentations of ``data.augment``,
+architecture, encoder and input size, loss terms and the sample fields they read, optimizer,
+TTA views, clean-up rules, trackers: each
 against its ``bonecomp.registry``, the config holding plain names), the output folders
 and the packages of the experiment trackers, in milliseconds and without building a model
 (a ``tu-`` encoder is built on the meta device, ~0.5 s, to read the input size it takes:
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from bonecomp.checkpoint import init_checkpoint
 from bonecomp.config import Config, ConfigError, LossConfig, check_values, source_of
+from bonecomp.data.augment import check_augment
 from bonecomp.data.folds import STRATIFIERS
 from bonecomp.data.preprocess import check_preprocess
 from bonecomp.data.sample import FIELDS
@@ -43,6 +45,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
         lambda: _check_patches(cfg),
         lambda: _check_fold_stratify(cfg.data.fold_stratify),
         lambda: check_preprocess(cfg.data),
+        lambda: check_augment(cfg.data),
         lambda: check_model_config(cfg.model, cfg.data.image_size, cfg.data.patch_size),
         lambda: check_loss_config(cfg.loss),
         lambda: _check_loss_fields(cfg.loss),

@@ -145,27 +145,31 @@ FcnUpsample = Literal["bilinear", "learned"]
 PseudoRule = Literal["soft", "sharpen"]
 
 
-class AugmentConfig(Section):
-    """Training augmentation (albumentations); validation uses none."""
+AUGMENT_NAME = "__class_fullname__"  # albumentations' key for a transform's class
 
-    hflip: Prob = 0.5
-    """probability of a horizontal flip"""
-    vflip: Prob = 0.0
-    """probability of a vertical flip"""
-    shift: float = Field(0.06, ge=0, lt=1)
-    """fraction of the side"""
-    scale: float = Field(0.1, ge=0, lt=1)
-    """+- fraction"""
-    rotate: float = Field(20.0, ge=0, le=180, json_schema_extra=want("be in [0, 180] degrees"))
-    """+- degrees: test hands are often bent at the wrist"""
-    affine_p: Prob = 0.7
-    """probability of the shift-scale-rotate above"""
-    brightness_contrast: float = Field(0.2, ge=0, le=1)
-    """+- fraction of brightness and of contrast"""
-    brightness_contrast_p: Prob = 0.5
-    """probability of the brightness/contrast change"""
-    clahe_p: Prob = 0.0
-    """probability of a random CLAHE (local contrast); data.preprocess applies it always"""
+
+def augment_from_preset(old: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``data.augment`` list that trains as the preset of earlier versions (a mapping:
+    hflip, vflip, shift, scale, rotate, affine_p, brightness_contrast(_p), clahe_p) did,
+    random stream included (a transform of p 0 draws nothing, so it is left out)."""
+    p = {"hflip": 0.5, "vflip": 0.0, "shift": 0.06, "scale": 0.1, "rotate": 20.0,
+         "affine_p": 0.7, "brightness_contrast": 0.2, "brightness_contrast_p": 0.5,
+         "clahe_p": 0.0} | old  # fmt: skip
+    bc = p["brightness_contrast"]
+    # fmt: off
+    entries = [
+        {AUGMENT_NAME: "HorizontalFlip", "p": p["hflip"]},
+        {AUGMENT_NAME: "VerticalFlip", "p": p["vflip"]},
+        {AUGMENT_NAME: "Affine", "translate_percent": [-p["shift"], p["shift"]],
+         "scale": [1 - p["scale"], 1 + p["scale"]], "rotate": [-p["rotate"], p["rotate"]],
+         "interpolation": 1, "mask_interpolation": 1, "border_mode": 0, "fill": 0,
+         "p": p["affine_p"]},
+        {AUGMENT_NAME: "RandomBrightnessContrast", "brightness_limit": bc, "contrast_limit": bc,
+         "p": p["brightness_contrast_p"]},
+        {AUGMENT_NAME: "CLAHE", "p": p["clahe_p"]},
+    ]
+    # fmt: on
+    return [e for e in entries if e["p"] > 0]
 
 
 class DataConfig(Section):
@@ -219,8 +223,19 @@ class DataConfig(Section):
     """preprocess clahe: histogram clip limit"""
     clahe_grid: int = Field(8, ge=1, le=64)
     """preprocess clahe: tiles per side of the image"""
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    """training only (albumentations); probabilities in [0, 1]"""
+    augment: list[dict[str, Any]] = Field(default_factory=lambda: augment_from_preset({}))
+    """training only: albumentations transforms in their to_dict form, applied in order
+    (docs/techniques.md#augmentation); [] for none"""
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_is_a_list(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            raise ValueError(
+                "is now a list of albumentations transforms (e.g. [{__class_fullname__: "
+                "HorizontalFlip, p: 0.5}]); the old preset's keys are entries of configs/base.yaml"
+            )
+        return v
 
 
 class ModelConfig(Section):
@@ -554,6 +569,9 @@ def config_from_saved(raw: dict[str, Any], where: str) -> Config:
     if isinstance(train, dict) and ({"tensorboard", "wandb"} & set(train)):
         old = [name for name in ("tensorboard", "wandb") if train.pop(name, False)]
         train.setdefault("trackers", old)
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("augment"), dict):
+        data["augment"] = augment_from_preset(data["augment"])
     return from_dict(Config, raw, where=where)
 
 
@@ -736,6 +754,8 @@ def _problem(cls: type[Section], error: ValidationError) -> tuple[str, str]:
             x["key"] for x in errors if (x["type"], x["key"].rpartition(".")[0]) == (kind, parent)
         )
         return unknown[0], f"unknown key(s) {unknown}; valid: {sorted(e['owner'].model_fields)}"
+    if kind == "value_error":  # a validator's own words
+        return key, f"{key} {e['msg'].removeprefix('Value error, ')}"
     if kind in _RANGE:
         floats = not e["deep"] and float in _options(field.annotation)
         return key, f"{key} {_want(e)}, got {float(got) if floats and type(got) is int else got!r}"
@@ -936,6 +956,10 @@ def _yaml_lines(cls: type[Section], depth: int) -> Iterator[str]:
             yield from _yaml_lines(f.annotation, depth + 1)
         else:
             default = f.get_default(call_default_factory=True)
+            if default and isinstance(default, list) and isinstance(default[0], dict):
+                yield from _commented(f"{pad}{name}:", doc)  # one entry per line
+                yield from (f"{pad}  - {_yaml_value(x)}" for x in default)
+                continue
             yield from _commented(f"{pad}{name}: {_yaml_value(default)}", doc)
 
 

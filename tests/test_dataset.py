@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bonecomp.config import AugmentConfig
+from bonecomp.config import augment_from_preset
 from bonecomp.data.annotations import load_annotation
-from bonecomp.data.augment import train_transform
+from bonecomp.data.augment import Augmentation, build_augmentation
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image, to_float_mask
 from bonecomp.data.layout import discover
@@ -51,8 +51,10 @@ def test_soft_targets_agree_with_hard_masks(cache):
 
 
 def test_train_augmentation_changes_image_and_mask_together(cache):
-    cfg = AugmentConfig(hflip=1.0, affine_p=0.0, brightness_contrast_p=0.0)
-    ds = BoneDataset(cache, [0], train_transform(cfg), soft_targets=False)
+    aug = build_augmentation(
+        augment_from_preset(dict(hflip=1.0, affine_p=0.0, brightness_contrast_p=0.0))
+    )
+    ds = BoneDataset(cache, [0], aug, soft_targets=False)
     plain = BoneDataset(cache, [0], None, soft_targets=False)[0]
     flipped = ds[0]
     assert torch.equal(flipped["image"], plain["image"].flip(-1))
@@ -60,7 +62,7 @@ def test_train_augmentation_changes_image_and_mask_together(cache):
 
 
 def test_augmentation_is_seedable(cache):
-    t = train_transform(AugmentConfig(affine_p=1.0))
+    t = build_augmentation(augment_from_preset(dict(affine_p=1.0)))
     ds = BoneDataset(cache, [1], t, soft_targets=True)
     t.set_random_seed(7)
     a = ds[0]
@@ -77,7 +79,7 @@ def test_masks_drawn_at_the_augmented_pose_match_the_warped_image(cache):
         keypoint_params=A.KeypointParams(format="xy", remove_invisible=False),
     )
     plain = BoneDataset(cache, [2], None, soft_targets=True)[0]["mask"]
-    ds = BoneDataset(cache, [2], warp, soft_targets=True)
+    ds = BoneDataset(cache, [2], Augmentation(warp), soft_targets=True)
     moved = ds[0]["mask"]
     warped = warp(image=plain.permute(1, 2, 0).numpy(), keypoints=np.zeros((0, 2)))["image"]
     warped = torch.from_numpy(warped).permute(2, 0, 1)

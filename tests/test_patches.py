@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bonecomp.config import AugmentConfig
-from bonecomp.data.augment import train_transform
+from bonecomp.config import augment_from_preset
+from bonecomp.data.augment import build_augmentation
 from bonecomp.data.cache import open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
@@ -74,8 +74,10 @@ def test_a_patch_is_the_cut_of_the_image_and_of_every_mask(cache, soft):
 @pytest.mark.parametrize(
     "aug",
     [
-        AugmentConfig(hflip=1.0, affine_p=1.0, rotate=20, brightness_contrast_p=0.0),
-        AugmentConfig(hflip=0.5, vflip=0.5, affine_p=1.0, rotate=30, brightness_contrast_p=1.0),
+        augment_from_preset(dict(hflip=1.0, affine_p=1.0, rotate=20, brightness_contrast_p=0.0)),
+        augment_from_preset(
+            dict(hflip=0.5, vflip=0.5, affine_p=1.0, rotate=30, brightness_contrast_p=1.0)
+        ),
     ],
     ids=["flip+affine", "all"],
 )
@@ -83,21 +85,27 @@ def test_an_augmented_patch_is_the_cut_of_the_augmented_image(cache, aug):
     """The patch's window alone is warped, with the draw albumentations makes for the
     whole image (same seed): it equals the cut of the whole augmented image."""
     sites = corners(cache.size) * 2
-    whole = BoneDataset(cache, [2], train_transform(aug), True, 4, compact=True)
+    whole = BoneDataset(cache, [2], build_augmentation(aug), True, 4, compact=True)
     cut = BoneDataset(
-        cache, [2], train_transform(aug), True, 4, compact=True, patch=Fixed(P, sites)
+        cache,
+        [2],
+        build_augmentation(aug, patch=True),
+        True,
+        4,
+        compact=True,
+        patch=Fixed(P, sites),
     )
     flipped, bone = set(), False
     for k, (y0, x0) in enumerate(list(sites)):
         whole.transform.set_random_seed(k)
         cut.transform.set_random_seed(k)
         a, b = whole[0], cut[0]
-        flipped.add(tuple(type(t).__name__ for t in whole.transform.transforms if t.params))
+        flipped.add(tuple(type(t).__name__ for t in whole.transform.head.transforms if t.params))
         assert_same_warp(b["image"], a["image"][y0 : y0 + P, x0 : x0 + P], 0.005)
         assert_same_warp(b["mask"], a["mask"][:, y0 : y0 + P, x0 : x0 + P], 0.005, None)
         bone |= bool(b["mask"].any())
     assert bone  # not only comparisons of empty masks
-    assert len(flipped) > 1 or aug.hflip == 1  # "all": flipped and unflipped were drawn
+    assert len(flipped) > 1 or aug[0]["p"] == 1  # "all": flipped and unflipped were drawn
 
 
 def test_foreground_patches_hold_the_bone_they_were_centred_on(cache):

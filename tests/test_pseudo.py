@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.config import AugmentConfig, ConfigError
-from bonecomp.data.augment import train_transform
+from bonecomp.config import ConfigError, augment_from_preset
+from bonecomp.data.augment import build_augmentation
 from bonecomp.data.dataset import to_float_image
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
@@ -281,11 +281,14 @@ def test_dataset_targets_follow_the_rule_and_move_with_the_image(trained, tmp_pa
     hard = PseudoDataset(pseudo, None, soft=False)[0]["mask"].numpy()
     assert hard.any() and (~hard.astype(bool)).any()  # both values: the check can fail
     np.testing.assert_array_equal(hard, probs / 255 > 0.5)
-    flip = train_transform(AugmentConfig(hflip=1.0, affine_p=0, brightness_contrast_p=0))
+    flip = build_augmentation(
+        augment_from_preset(dict(hflip=1.0, affine_p=0, brightness_contrast_p=0))
+    )
     item = PseudoDataset(pseudo, flip)[0]
     np.testing.assert_array_equal(item["mask"].numpy(), probs[:, :, ::-1])
     np.testing.assert_array_equal(item["image"].numpy(), image[:, ::-1])
-    moved = PseudoDataset(pseudo, train_transform(AugmentConfig(affine_p=1.0)))[0]["mask"]
+    moved = PseudoDataset(pseudo, build_augmentation(augment_from_preset(dict(affine_p=1.0))))
+    moved = moved[0]["mask"]
     assert moved.shape == (NUM_CLASSES, 64, 64) and moved.dtype == torch.uint8
     # patch training: a uniform 32 px cut of image and target, with the real items' keys
     sampler = PatchSampler(32, 0.0, np.ones(NUM_CLASSES))
@@ -299,9 +302,9 @@ def test_dataset_targets_follow_the_rule_and_move_with_the_image(trained, tmp_pa
         np.testing.assert_array_equal(cut["image"].numpy(), image[y0 : y0 + 32, x0 : x0 + 32])
     assert len(origins) > 1  # placed at random, not always the corner
     # augmented patches: only the window is warped, the crop of the whole warp (same seed)
-    aug = AugmentConfig(hflip=1.0, affine_p=1.0, rotate=25, brightness_contrast_p=1.0)
-    whole_ds = PseudoDataset(pseudo, train_transform(aug))
-    cut_ds = PseudoDataset(pseudo, train_transform(aug), patch=sampler)
+    aug = augment_from_preset(dict(hflip=1.0, affine_p=1.0, rotate=25, brightness_contrast_p=1.0))
+    whole_ds = PseudoDataset(pseudo, build_augmentation(aug))
+    cut_ds = PseudoDataset(pseudo, build_augmentation(aug, patch=True), patch=sampler)
     for seed in range(4):
         whole_ds.transform.set_random_seed(seed)
         cut_ds.transform.set_random_seed(seed)
@@ -373,7 +376,7 @@ def test_train_script_refusal_is_one_line_exit_2(trained, tiny_root, tmp_path, c
 
 
 # ------------------------------------------------------- the keys, in the training batches
-NO_AUGMENT = {"data.augment.hflip": 0.0, "data.augment.affine_p": 0.0}  # masks as stored
+NO_AUGMENT = {"data.augment": []}  # masks as stored
 THRESHOLDS = [0.2 + 0.02 * c + 0.001 for c in range(NUM_CLASSES)]  # per class, off the grid
 
 

@@ -161,12 +161,15 @@ def test_n_splits_fold_seed_and_cache_dir_reach_the_folds_training_uses(tiny_roo
 
 
 # -------------------------------------------------------------------- training batches
-OFF = {  # every augmentation off (its probability 0): the items as cached
-    "data.augment.hflip": 0.0, "data.augment.vflip": 0.0, "data.augment.affine_p": 0.0,
-    "data.augment.brightness_contrast_p": 0.0, "data.augment.clahe_p": 0.0,
-    "data.augment.rotate": 30.0,  # ... so affine_p 0 must keep this rotation away
-}  # fmt: skip
-ZERO_AFFINE = {"data.augment.shift": 0.0, "data.augment.scale": 0.0, "data.augment.rotate": 0.0}
+OFF = {"data.augment": []}  # no augmentation: the items as cached
+
+
+def aug(name: str, **args) -> dict:
+    """``data.augment`` set to one transform, drawn every time unless ``p`` says otherwise."""
+    return {"data.augment": [{"__class_fullname__": name, "p": 1.0, **args}]}
+
+
+ZERO_AFFINE = {"translate_percent": [0.0, 0.0], "scale": [1.0, 1.0], "rotate": [0.0, 0.0]}
 
 
 @pytest.fixture(scope="module")
@@ -197,35 +200,36 @@ def _same(a: dict, b: dict, part: int) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[i][part], b[i][part]) for i in a)
 
 
-def test_each_augmentation_key_reaches_the_training_batches(items):
+def test_each_augmentation_entry_reaches_the_training_batches(items):
     off = items()
     assert len(off) == 8  # fold 0's training images, each once
-    for keys, axis in (({"data.augment.hflip": 1.0}, -1), ({"data.augment.vflip": 1.0}, -2)):
+    for keys, axis in ((aug("HorizontalFlip"), -1), (aug("VerticalFlip"), -2)):
         flipped = items(**keys)
         for i, (image, mask) in off.items():  # always flipped, image and masks alike
             np.testing.assert_array_equal(flipped[i][0], np.flip(image, axis), err_msg=str(keys))
             assert (flipped[i][1] != np.flip(mask, axis)).mean() < 0.002, keys
-    # the shift-scale-rotate with every range 0 is the identity: affine_p 0 kept the
-    # rotation of OFF away
-    same = items(**{"data.augment.affine_p": 1.0, **ZERO_AFFINE})
+    # an entry's p is read: 0 draws nothing, even with a rotation in its ranges
+    assert _same(items(**aug("Affine", rotate=[30.0, 30.0], p=0.0)), off, 0)
+    same = items(**aug("Affine", **ZERO_AFFINE))  # every range 0: the identity
     assert _same(same, off, 0) and _same(same, off, 1)
     carpals = list(CARPALS)  # in the middle of the image: never cut by its edge
-    for key, value in (("data.augment.shift", 0.1), ("data.augment.scale", 0.3),
-                       ("data.augment.rotate", 30.0)):  # fmt: skip
-        moved = items(**{"data.augment.affine_p": 1.0, **ZERO_AFFINE, key: value})
-        assert not _same(moved, off, 0) and not _same(moved, off, 1), key
+    for arg, value in (("translate_percent", [0.1, 0.1]), ("scale", [1.3, 1.3]),
+                       ("rotate", [30.0, 30.0])):  # fmt: skip
+        moved = items(**aug("Affine", **{**ZERO_AFFINE, arg: value}))
+        assert not _same(moved, off, 0) and not _same(moved, off, 1), arg
         area = {i: moved[i][1][carpals].sum() / off[i][1][carpals].sum() for i in off}
-        if key == "data.augment.scale":  # scaled by up to 1.3 per side: the area by s^2
-            assert max(abs(r - 1) for r in area.values()) > 0.1, area
+        if arg == "scale":  # scaled by 1.3 per side: the area by about 1.69
+            assert all(1.4 < r < 1.8 for r in area.values()), area  # 64 px: edge pixels
         else:  # a shift or a rotation keeps the carpals' area
-            assert all(abs(r - 1) < 0.05 for r in area.values()), (key, area)
-    # intensity only: the masks stay
-    bright = {"data.augment.brightness_contrast_p": 1.0, "data.augment.brightness_contrast": 0.3}
-    for keys in (bright, {"data.augment.clahe_p": 1.0}):
+            assert all(abs(r - 1) < 0.05 for r in area.values()), (arg, area)
+    # a warped transform moves image and masks; intensity only: the masks stay
+    bent = items(**aug("GridDistortion", num_steps=4, distort_limit=0.4))
+    assert not _same(bent, off, 0) and not _same(bent, off, 1)
+    bright = aug("RandomBrightnessContrast", brightness_limit=0.3, contrast_limit=0.3)
+    for keys in (bright, aug("CLAHE"), aug("RandomGamma", gamma_limit=[50, 60])):
         changed = items(**keys)
         assert not _same(changed, off, 0) and _same(changed, off, 1), keys
-    flat = items(**{"data.augment.brightness_contrast_p": 1.0,
-                    "data.augment.brightness_contrast": 0.0})  # fmt: skip
+    flat = items(**aug("RandomBrightnessContrast", brightness_limit=0.0, contrast_limit=0.0))
     assert _same(flat, off, 0)
 
 

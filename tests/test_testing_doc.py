@@ -56,7 +56,7 @@ def missing_rows(cls: type = Config) -> list[str]:
 
 
 def test_every_config_key_has_a_row():
-    assert len(leaf_keys()) > 100  # the walk reaches every section and list entry
+    assert len(leaf_keys()) > 90  # the walk reaches every section and list entry
     assert missing_rows() == [], "add a row to docs/testing.md for each"
 
 

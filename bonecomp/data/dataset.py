@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bonecomp.data.augment import draw_geometry
+from bonecomp.data.augment import Augmentation, draw_geometry
 from bonecomp.data.cache import TrainCache
 from bonecomp.data.images import read_image
 from bonecomp.data.patches import PatchSampler
@@ -30,8 +29,9 @@ class BoneDataset(Dataset):
     ``rasterize``), or with ``soft_targets`` each class's fractional pixel coverage
     (``soft_k`` x ``soft_k`` sub-samples; compact: 0..255, so 0 or 255 for ``soft_k`` 1,
     as ``StepContext.soft_targets`` reads them). With a ``transform`` (see
-    ``augment.train_transform``) the polygons move with the image as keypoints and the
-    masks are drawn at the new pose. With ``compact`` the image stays uint8 (S, S) and the
+    ``augment.build_augmentation``) the polygons move with the image as keypoints, the
+    masks are drawn at the new pose, and a warped transform (elastic, ...) then moves
+    image and masks together. With ``compact`` the image stays uint8 (S, S) and the
     mask uint8 (C, S, S), and ``to_float_image`` / ``to_float_mask`` convert them on the
     device (training does).
 
@@ -49,7 +49,7 @@ class BoneDataset(Dataset):
         self,
         cache: TrainCache,
         indices: Sequence[int] | None = None,
-        transform: A.Compose | None = None,
+        transform: Augmentation | None = None,
         soft_targets: bool = False,
         soft_k: int = 4,
         compact: bool = False,
@@ -79,7 +79,7 @@ class BoneDataset(Dataset):
         y0, x0, p = 0, 0, s
         if self.patch is not None:  # the augmentation drawn, the patch's window warped alone
             p = self.patch.size
-            geometry = draw_geometry(self.transform, (s, s))
+            geometry = draw_geometry(self.transform and self.transform.head, (s, s))
             points = geometry.points(points)
             (y0, x0), _ = self.patch.origin(s, points, polys.offsets, self._rng())
             image = geometry.window(self.cache.image(idx, copy=False), y0, x0, p)
@@ -87,7 +87,7 @@ class BoneDataset(Dataset):
         else:
             image = self.cache.image(idx)
             if self.transform is not None:
-                out = self.transform(image=image, keypoints=points)
+                out = self.transform.head(image=image, keypoints=points)
                 image, points = out["image"], np.asarray(out["keypoints"])[:, :2]
         if self.transform is None and k == 1:  # cv2.fillPoly where s is the source size
             mask = rasterize(polys, src_hw, (s, s), window=(y0, x0, p, p))
@@ -96,6 +96,8 @@ class BoneDataset(Dataset):
             mask = draw(shifted, polys.offsets, (p, p), outline(src_hw, (s, s)), k)
         if self.soft_targets and k == 1:  # one sub-sample: coverage is 0 or 255, as soft
             mask *= 255  # masks are read (engine.to_device divides them by 255)
+        if self.transform is not None:  # warped transforms move image and masks together
+            image, mask = self.transform.finish(image, mask)
         origin = (y0, x0) if self.patch is not None else None
         # compact: uint8 through worker IPC and to the device, 4-12x fewer bytes
         item = Item(image, mask, index=idx, soft=self.soft_targets, origin=origin)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-import albumentations as A
 import numpy as np
 import pandas as pd
 import torch
@@ -37,7 +36,7 @@ from torch.utils.data import Dataset
 
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import PseudoRule
-from bonecomp.data.augment import draw_geometry
+from bonecomp.data.augment import Augmentation, draw_geometry
 from bonecomp.data.patches import PatchSampler
 from bonecomp.data.sample import Item, Sample
 from bonecomp.fileio import (
@@ -264,7 +263,7 @@ class PseudoDataset(Dataset):
     def __init__(
         self,
         pseudo: PseudoSet,
-        transform: A.Compose | None,
+        transform: Augmentation | None,
         rule: str = "soft",
         confidence: float = 0.9,
         soft: bool = True,
@@ -290,7 +289,7 @@ class PseudoDataset(Dataset):
         mask = pseudo_target(probs, self.rule, self.confidence, self.soft, thr)
         if self.patch is not None:  # no polygons: the patch is placed uniformly
             p, s = self.patch.size, image.shape[-1]
-            geometry = draw_geometry(self.transform, (s, s))  # only the window is warped
+            geometry = draw_geometry(self.transform and self.transform.head, (s, s))
             rng = getattr(self.transform, "random_generator", None)
             rng = rng or np.random.default_rng(np.random.randint(2**31))  # noqa: NPY002
             y0, x0 = (int(v) for v in rng.integers(0, s - p + 1, size=2))
@@ -298,8 +297,10 @@ class PseudoDataset(Dataset):
             mask = geometry.window(mask.transpose(1, 2, 0), y0, x0, p, mask=True)
             mask = mask.reshape(p, p, -1).transpose(2, 0, 1)
         elif self.transform is not None:
-            out = self.transform(image=image, mask=mask.transpose(1, 2, 0))
+            out = self.transform.head(image=image, mask=mask.transpose(1, 2, 0))
             image, mask = out["image"], np.asarray(out["mask"]).transpose(2, 0, 1)
+        if self.transform is not None:
+            image, mask = self.transform.finish(image, mask)
         origin = (y0, x0) if self.patch is not None else None
         item = Item(image, mask, index=self.offset + j, soft=self.soft, origin=origin, pseudo=True)
         return self.sample.item(item)

@@ -25,7 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from bonecomp.config import Config, ConfigError, source_of
 from bonecomp.data.annotations import AnnotationError
-from bonecomp.data.augment import train_transform
+from bonecomp.data.augment import build_augmentation
 from bonecomp.data.cache import CacheError, TrainCache, content_digest, data_cache_dir, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds, stratify_table
@@ -268,8 +268,11 @@ def build_loaders(
     jitter = d.crop_jitter if d.crop else 0.0
     patch = patch_sampler(cfg, cache, train_idx)
     train_contract, val_contract = train_sample(cfg), val_sample(cfg)
+    augment = build_augmentation(
+        d.augment, crop_jitter=jitter, soft=d.soft_targets, patch=patch is not None
+    )
     train_ds = BoneDataset(
-        cache, train_idx, train_transform(d.augment, jitter), soft_targets=d.soft_targets,
+        cache, train_idx, augment, soft_targets=d.soft_targets,
         soft_k=d.soft_k, compact=True, patch=patch, sample=train_contract,
     )  # fmt: skip
     val_ds = BoneDataset(
