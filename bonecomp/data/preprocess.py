@@ -16,7 +16,7 @@ The steps are a registry, ``STEPS`` (name -> ``Step``: a function of the image a
 ``Preprocess``, whose fields are the steps' parameters); ``register_preprocess`` adds one,
 also from a user's module under ``extensions`` (docs/extending.md). A step with parameters
 of its own in the config adds its keys to ``DataConfig`` and ``Preprocess``. The random
-training augmentation ``data.augment.clahe_p`` is a separate thing (albumentations,
+training augmentation (a ``CLAHE`` entry of ``data.augment``) is a separate thing (albumentations,
 training only).
 """
 
