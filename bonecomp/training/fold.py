@@ -260,7 +260,7 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             oof = stage_oof(cfg, run, data.cache, data.val_idx, dd, epoch) if t.save_oof else None
             val = validate(
                 state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx,
-                thresholds=0.5, oof=oof, window=cfg.data.patch_size, overlap=cfg.infer.overlap,
+                thresholds=0.5, oof=oof, window=cfg.data.patch_size, overlap=t.val_overlap,
             )  # fmt: skip
             if oof is not None:
                 gather_oof(oof, dd)  # the other ranks' rows to rank 0's staged file
@@ -329,7 +329,7 @@ def _average(f: FoldRun, prog: Progress) -> float | None:
     d = f.cfg.data  # validated as best.pt is: windows of a patch run's side
     val = validate(
         model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, thresholds=0.5,
-        oof=None, window=d.patch_size, overlap=f.cfg.infer.overlap,
+        oof=None, window=d.patch_size, overlap=t.val_overlap,
     )  # fmt: skip
     asked = {k: v for k, v in (("last", t.average.last), ("best", t.average.best)) if v}
     how = {**asked, "epochs": chosen, "bn_forwards": forwards}
