@@ -105,7 +105,8 @@ def patch_experiment(args) -> dict[str, dict]:
     its resolution), validated, OOF-mapped and predicted in windows at overlap 0.5."""
     s = args.size
     keys = {"model.arch": "unet", "data.image_size": 2 * s, "data.patch_size": s}
-    return {"unet_patch": {**keys, "infer.overlap": 0.5, "train.oof_size": 2 * s}}
+    overlap = {"train.val_overlap": 0.5, "infer.overlap": 0.5}
+    return {"unet_patch": {**keys, **overlap, "train.oof_size": 2 * s}}
 
 
 def patch_study(args) -> dict[str, dict]:

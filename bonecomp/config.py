@@ -208,7 +208,7 @@ class DataConfig(Section):
     patch_size: int | None = Field(None, gt=0, multiple_of=32)
     """null: train on the whole data.image_size image; int: on random squares of this side cut from
     it (a multiple of 32, <= data.image_size), validated and predicted with Gaussian windows of
-    it (infer.overlap)"""
+    it (train.val_overlap, infer.overlap)"""
     patch_foreground: float = Field(0.33, ge=0, le=1)
     """patch training: share of patches centred on a bone (data.patch_balance); the rest are placed
     uniformly"""
@@ -344,6 +344,9 @@ class TrainConfig(Section):
     schedule: progressive resizing; same arch, encoder and classes"""
     val_every: int = Field(1, ge=1)
     """validate every n epochs (and after the last)"""
+    val_overlap: float = Field(0.25, ge=0, lt=1)
+    """patch runs: overlap of validation's windows, in [0, 1) (what picks best.pt: --resume keeps
+    it; infer.overlap is inference's)"""
     device: Device = Field("auto", json_schema_extra=RESUME)
     """auto, cpu, cuda, cuda:1"""
     dist_timeout: float = Field(300.0, gt=0, json_schema_extra=want("be > 0 (seconds)", True))

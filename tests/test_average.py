@@ -25,7 +25,7 @@ from bonecomp.models import create_model
 from bonecomp.runs import RunDir, RunError, ensemble_members
 from bonecomp.testing import DEMO_CONFIG, tiny_config, tiny_overrides
 from bonecomp.training import fold as training
-from bonecomp.training import run_training
+from bonecomp.training import hooks, run_training
 from bonecomp.training.average import Averager
 from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 
@@ -39,7 +39,7 @@ SCORES = [0.5, 0.1, 0.3, 0.2]  # the val Dice each epoch is told it reached: bes
 def _copying_save_last(copies: Path):
     """``save_last`` that also keeps a copy of each epoch's last.pt (its model is the
     epoch's weights: no EMA in these runs)."""
-    real = training.save_last
+    real = hooks.save_last
 
     def save(run, cfg, fold, state, progress):
         real(run, cfg, fold, state, progress)
@@ -78,7 +78,7 @@ def averaged_run(tiny_root, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training, "validate", scripted)
-        mp.setattr(training, "save_last", _copying_save_last(copies))
+        mp.setattr(hooks, "save_last", _copying_save_last(copies))
         result = run_training(cfg, 0, progress=False)
     return SimpleNamespace(cfg=cfg, run=RunDir(result.run_dir), copies=copies, result=result)
 
@@ -173,14 +173,14 @@ def test_averaging_survives_a_resume(tiny_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # like kill -9 before last.pt of epoch 1
         copying(run, cfg, fold, state, progress)
 
-    monkeypatch.setattr(training, "save_last", killed_at_epoch_1)
+    monkeypatch.setattr(hooks, "save_last", killed_at_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, 0, progress=False)
     run = RunDir(tmp_path / "runs" / "tiny" / "fold0")
     assert run.pooled(1).is_file() and not run.averaged.exists()
     with pytest.raises(RunError, match=r"train\.average\.last: 2 -> 1"):
         run_training(config(1), 0, resume=True, progress=False)
-    monkeypatch.setattr(training, "save_last", copying)
+    monkeypatch.setattr(hooks, "save_last", copying)
     run_training(cfg, 0, resume=True, progress=False)
     ckpt = load_checkpoint(run.averaged)
     assert ckpt["averaged"]["epochs"] == [0, 1]

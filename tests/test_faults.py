@@ -55,8 +55,9 @@ if fault == "slow-infer":
         time.sleep(120)
     submission.SubmissionWriter.add = slow_add
 if fault == "slow-commit":  # every validation beats the one before (epoch 1 is a new
-    from bonecomp.training import fold  # best); the kill lands after epoch 1's best.pt,
-    real_validate, real_commit, seen = fold.validate, fold.commit_oof, []  # before its maps
+    # best); the kill lands after epoch 1's best.pt, before its maps are committed
+    from bonecomp.training import fold, hooks
+    real_validate, real_commit, seen = fold.validate, hooks.commit_oof, []
     def better(*args, **kwargs):
         val = real_validate(*args, **kwargs)
         seen.append(1)
@@ -67,7 +68,7 @@ if fault == "slow-commit":  # every validation beats the one before (epoch 1 is 
             open(os.environ["FAULT_MARK"], "w").close()
             time.sleep(120)
         real_commit(run)
-    fold.validate, fold.commit_oof = better, slow_commit
+    fold.validate, hooks.commit_oof = better, slow_commit
 if __name__ == "__main__":  # worker processes (spawn) re-import this file
     import {script} as script
     sys.exit(script.main(sys.argv[1:]))

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bonecomp import models
+from bonecomp import engine, models
 from bonecomp.checkpoint import load_checkpoint, save_checkpoint
 from bonecomp.checks import check_config
 from bonecomp.config import ConfigError
@@ -22,8 +22,9 @@ from bonecomp.data.layout import discover
 from bonecomp.distributed import Dist
 from bonecomp.inference.ensemble import load_member
 from bonecomp.inference.predict import predict_submission
-from bonecomp.runs import ensemble_members
+from bonecomp.runs import RunError, ensemble_members
 from bonecomp.testing import dense_truth, tiny_config
+from bonecomp.training import fold as fold_module
 from bonecomp.training import state as state_mod
 from bonecomp.training.data import build_loaders, fold_split, prepare_cache
 from bonecomp.training.fold import run_training
@@ -99,6 +100,44 @@ def test_an_older_checkpoint_without_the_geometry_takes_it_from_its_config(patch
     ckpt["config"]["data"].pop("patch_size")  # and a config from before the key
     save_checkpoint(tmp_path / "older.pt", {k: v for k, v in ckpt.items() if k != "format"})
     assert load_member(tmp_path / "older.pt").patch_size is None  # whole image, as then
+
+
+def test_val_overlap_reaches_validation_and_resume_keeps_it(tiny_root, tmp_path, monkeypatch):
+    """``train.val_overlap`` is the overlap of every validation's windows (best.pt's and
+    averaged.pt's), not ``infer.overlap``; ``--resume`` refuses to change it in one line
+    naming it, and a resume that changes ``infer.overlap`` validates as before."""
+    seen: list[tuple[int, float]] = []
+    real_sliding = engine.sliding_window
+
+    def recording(forward, image, window, overlap):
+        seen.append((window, overlap))
+        return real_sliding(forward, image, window, overlap)
+
+    real_train, trained = fold_module.train_one_epoch, []
+
+    def killed_in_epoch_1(*args, **kwargs):
+        trained.append(1)
+        if len(trained) == 2:
+            raise KeyboardInterrupt  # last.pt is epoch 0's
+        return real_train(*args, **kwargs)
+
+    def config(**extra):
+        keys = {**PATCH, "train.epochs": 2, "train.val_overlap": 0.5, "infer.overlap": 0.25}
+        return tiny_config(tiny_root, tmp_path, **{**keys, **extra})
+
+    monkeypatch.setattr(engine, "sliding_window", recording)
+    monkeypatch.setattr(fold_module, "train_one_epoch", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config(), 0, progress=False)
+    assert seen and set(seen) == {(32, 0.5)}  # epoch 0's validation
+    monkeypatch.setattr(fold_module, "train_one_epoch", real_train)
+    with pytest.raises(RunError) as e:
+        run_training(config(**{"train.val_overlap": 0.75}), 0, resume=True, progress=False)
+    assert "\n" not in str(e.value) and "train.val_overlap: 0.5 -> 0.75" in str(e.value)
+    seen.clear()
+    result = run_training(config(**{"infer.overlap": 0.75}), 0, resume=True, progress=False)
+    assert result.epochs_done == 2 and result.averaged_dice is not None
+    assert seen and set(seen) == {(32, 0.5)}  # epoch 1's and averaged.pt's validations
 
 
 # ------------------------------------------------------------------ progressive resizing

@@ -45,5 +45,7 @@ def test_other_keys_are_refused_naming_the_change(tmp_path):
     run = _run(tmp_path, Config())
     with pytest.raises(RunError, match=r"different config \(train\.epochs: 40 -> 41\); resume"):
         check_resumable(_with(Config(), "train", epochs=41, device="cpu"), run)
+    with pytest.raises(RunError, match=r"train\.val_overlap: 0\.25 -> 0\.5\); resume"):
+        check_resumable(_with(Config(), "train", val_overlap=0.5), run)  # picks best.pt
     with pytest.raises(RunError, match=r"loss\.terms\.focal: None -> 0\.5"):
         check_resumable(_with(Config(), "loss", terms={"bce": 0.5, "dice": 0.5, "focal": 0.5}), run)

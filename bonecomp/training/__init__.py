@@ -3,7 +3,9 @@
 - ``data``: table -> folds -> cache -> loaders (``build_loaders`` is what benchmarks use)
 - ``state``: model, optimiser, schedule, scaler, EMA; resume; ``best.pt`` / ``last.pt``
 - ``records``: ``summary.csv`` and the out-of-fold probabilities
-- ``fold``: ``run_training``, the orchestration
+- ``hooks``: the epoch loop's extras (summary and trackers, checkpoints, OOF maps,
+  averaging), each an ``EpochHook``; ``run_training(..., hooks=[...])`` adds one
+- ``fold``: ``run_training``, the orchestration and the epoch loop
 
 Works on CPU (float32) and CUDA (AMP, channels_last), on one device or under torchrun
 (DistributedDataParallel; rank 0 writes files, metrics are reduced across ranks). The

@@ -1,16 +1,17 @@
 """Train one fold: the orchestration over the builders of this package.
 
 check config -> find data -> lock the run folder -> folds + cache -> loaders
--> model/optimiser/schedule/EMA -> (resume) -> epochs of train, validate, save
+-> model/optimiser/schedule/EMA -> (resume) -> epochs of train and validate, with the
+extras (summary and trackers, checkpoints, OOF maps, averaging) as epoch hooks
+(``bonecomp.training.hooks``)
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from bonecomp.fileio import OutputError, remove_stale_temps
 from bonecomp.losses import build_loss
 from bonecomp.memory import device_meter
 from bonecomp.runs import RunDir, RunError, run_dir
-from bonecomp.training.average import clear_pool, recompute_bn
+from bonecomp.training.average import clear_pool
 from bonecomp.training.batch_plan import batch_planner, plan_batch, save_plan
 from bonecomp.training.data import (
     DATA_ERRORS,
@@ -42,14 +43,15 @@ from bonecomp.training.data import (
     open_pseudo_labels,
     prepare_cache,
 )
-from bonecomp.training.records import (
-    SummaryLog,
-    commit_oof,
-    discard_staged_oof,
-    gather_oof,
-    settle_oof,
-    stage_oof,
+from bonecomp.training.hooks import (
+    AveragingHook,
+    CheckpointHook,
+    EpochHook,
+    EpochRecord,
+    OOFHook,
+    TrackingHook,
 )
+from bonecomp.training.records import SummaryLog, discard_staged_oof, settle_oof
 from bonecomp.training.state import (
     Progress,
     TrainState,
@@ -57,9 +59,6 @@ from bonecomp.training.state import (
     check_fresh,
     check_resumable,
     load_last,
-    save_averaged,
-    save_best,
-    save_last,
     updates_per_epoch,
     weights_digest,
 )
@@ -112,6 +111,7 @@ def run_training(
     progress: bool = True,
     on_best: Callable[[RunDir], None] | None = None,
     on_end: Callable[[RunDir], Path | None] | None = None,
+    hooks: Sequence[EpochHook] = (),
 ) -> TrainResult:
     """Train ``fold`` of ``cfg``; ``resume`` continues from the run's ``last.pt``.
 
@@ -119,7 +119,8 @@ def run_training(
     folder (held by another process, already trained, not resumable). ``on_best(run)`` is
     called on rank 0 after each new best epoch is saved; ``on_end(run)`` on rank 0 after
     the last epoch, before the trackers finish: the file it returns (the report) is
-    logged to them as an artifact.
+    logged to them as an artifact. ``hooks`` are called on every rank after the run's own
+    (``bonecomp.training.hooks``).
     """
     check_config(cfg)
     if not 0 <= fold < cfg.data.n_splits:
@@ -173,14 +174,22 @@ def run_training(
                     tqdm.write(settled)
         log = SummaryLog(cfg, run, start.epoch if resume else -1) if dd.main else None
         state.ctx.image_names = data.image_names  # the non-finite message names images
+        averaging = AveragingHook(state.average) if state.average is not None else None
+        own = [
+            TrackingHook(log) if log is not None else None, CheckpointHook(),
+            OOFHook() if cfg.train.save_oof else None, averaging,
+        ]  # fmt: skip
         fold_run = FoldRun(
             cfg=cfg, fold=fold, run=run, data=data, state=state, loss_fn=loss_fn, dd=dd,
-            log=log, progress=progress and dd.main, on_best=on_best,
+            hooks=[h for h in own if h is not None] + list(hooks),
+            progress=progress and dd.main, on_best=on_best,
         )  # fmt: skip
         ok = False
         try:
             prog = _epochs(fold_run, start)
-            averaged_dice = _average(fold_run, prog)
+            for hook in fold_run.hooks:
+                hook.on_train_end(fold_run, prog)
+            averaged_dice = averaging.dice if averaging is not None else None
             if log is not None:
                 log.final(run, on_end(run) if on_end is not None else None)
             ok = True
@@ -208,13 +217,14 @@ class FoldRun:
     state: TrainState
     loss_fn: LossFn
     dd: Dist
-    log: SummaryLog | None  # rank 0 only
+    hooks: list[EpochHook]  # in order: see bonecomp.training.hooks
     progress: bool = True
     on_best: Callable[[RunDir], None] | None = None  # rank 0, after a new best.pt
 
 
 def _epochs(f: FoldRun, prog: Progress) -> Progress:
-    """The epoch loop: train, validate every ``val_every`` epochs, save best and last.
+    """The epoch loop: train, validate every ``val_every`` epochs (and after the last, or
+    when the time budget is spent), and call ``f.hooks`` at each point of the epoch.
 
     The summary row takes every key of the training pass and every validation metric,
     prefixed ``val_`` (``val_loss``, ``val_dice``, ...).
@@ -244,8 +254,9 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             state.ctx, Epoch(epoch, prog.num_updates, budget),
         )  # fmt: skip
         prog.num_updates = int(row.pop("num_updates"))
-        if state.average is not None:
-            state.average.after_epoch(epoch, state.eval_model, run, dd.main)
+        record = EpochRecord(epoch, row)
+        for hook in f.hooks:
+            hook.after_train_pass(f, prog, record)
         out_of_time = False
         if budget is not None:
             position, out_of_time = budget.position(prog.num_updates)
@@ -257,30 +268,29 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
                 prog.budget_takeover = budget.takeover
         metric = None
         if (epoch + 1) % t.val_every == 0 or epoch == t.epochs - 1 or out_of_time:
-            oof = stage_oof(cfg, run, data.cache, data.val_idx, dd, epoch) if t.save_oof else None
-            val = validate(
+            for hook in f.hooks:
+                hook.before_validation(f, prog, record)
+            val = record.val = validate(
                 state.eval_model, data.val_loader, data.cache, f.loss_fn, state.ctx,
-                thresholds=0.5, oof=oof, window=cfg.data.patch_size, overlap=cfg.infer.overlap,
+                thresholds=0.5, oof=record.oof, window=cfg.data.patch_size,
+                overlap=t.val_overlap,
             )  # fmt: skip
-            if oof is not None:
-                gather_oof(oof, dd)  # the other ranks' rows to rank 0's staged file
             metric = val.metrics["dice"]
             row.update({f"val_{k}": v for k, v in val.metrics.items()})
-            improved = metric > prog.best_dice
-            if improved:
+            record.improved = metric > prog.best_dice
+            if record.improved:
                 prog.best_dice, prog.best_epoch = metric, epoch
             say(
                 f"epoch {epoch}: val Dice {metric:.4f} (best {prog.best_dice:.4f} at epoch "
                 f"{prog.best_epoch})\n" + val.table.format_compact()
             )
-            if state.average is not None:
-                state.average.after_validation(epoch, metric, state.eval_model, run, dd.main)
-            if dd.main and improved:
-                save_best(run, cfg, f.fold, epoch, state.eval_model, val)
-                if oof is not None:
-                    commit_oof(run)
+            for hook in f.hooks:
+                hook.after_validation(f, prog, record)
+            if record.improved:
+                for hook in f.hooks:
+                    hook.on_best(f, prog, record)
             dd.barrier()
-            if dd.main and improved and f.on_best is not None:
+            if dd.main and record.improved and f.on_best is not None:
                 f.on_best(run)
         state.scheduler.step(epoch + 1, metric)  # epoch-based schedules (plateau needs metric)
         prog.epoch = epoch
@@ -289,11 +299,9 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
         if out_of_time and epoch < t.epochs - 1:
             prog.cut = cut_note(t.max_train_minutes, epoch + 1, t.epochs)
             row["stop"] = prog.cut
-        if dd.main:
-            f.log.log({"epoch": epoch, **row, "elapsed": time.monotonic() - start})
-            save_last(run, cfg, f.fold, state, prog)
-            if state.average is not None:
-                state.average.after_save(run)  # pool files last.pt no longer names
+        record.row = {"epoch": epoch, **row, "elapsed": time.monotonic() - start}
+        for hook in f.hooks:
+            hook.on_epoch_end(f, prog, record)
         dd.barrier()
         if prog.cut:
             say(
@@ -302,47 +310,6 @@ def _epochs(f: FoldRun, prog: Progress) -> Progress:
             )
             break
     return prog
-
-
-def _average(f: FoldRun, prog: Progress) -> float | None:
-    """``train.average``: the mean of the chosen epochs' weights (rank 0, sent to every
-    rank), BatchNorm statistics recomputed on rank 0's training batches, validated on
-    every rank, saved as ``averaged.pt`` by rank 0; returns its val Dice (None: off, or
-    no epoch was collected)."""
-    avg, state, t, dd = f.state.average, f.state, f.cfg.train, f.dd
-    if avg is None:
-        return None
-    say = tqdm.write if dd.main else (lambda *_: None)
-    model = copy.deepcopy(state.eval_model)
-    chosen = avg.epochs_chosen()
-    weights, forwards = None, 0
-    if dd.main and chosen:
-        weights = avg.mean_weights(model, f.run)
-        model.load_state_dict(weights)
-        forwards = recompute_bn(model, f.data.train_loader, state.ctx)
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    weights, forwards = distributed.broadcast_object((weights, forwards))
-    if weights is None:
-        say("no averaged.pt: train.average kept no epoch")  # cannot happen: a guard
-        return None
-    model.load_state_dict(weights)
-    d = f.cfg.data  # validated as best.pt is: windows of a patch run's side
-    val = validate(
-        model, f.data.val_loader, f.data.cache, f.loss_fn, state.ctx, thresholds=0.5,
-        oof=None, window=d.patch_size, overlap=f.cfg.infer.overlap,
-    )  # fmt: skip
-    asked = {k: v for k, v in (("last", t.average.last), ("best", t.average.best)) if v}
-    how = {**asked, "epochs": chosen, "bn_forwards": forwards}
-    if dd.main:
-        save_averaged(f.run, f.cfg, f.fold, model, val, how)
-    dd.barrier()
-    dice = val.metrics["dice"]
-    bn = f", BatchNorm statistics recomputed over {forwards} training batches" if forwards else ""
-    say(
-        f"averaged.pt: mean of epochs {chosen} ({', '.join(f'{k} {v}' for k, v in asked.items())}"
-        f"{bn}): val Dice {dice:.4f} (best.pt {prog.best_dice:.4f})"
-    )
-    return dice
 
 
 def _device(pref: str, dd: Dist) -> torch.device:
