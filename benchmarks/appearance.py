@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from techniques import SEED, config, seed_suffix, test_dice
 
 from bonecomp.classes import CLASSES
+from bonecomp.config import augment_from_preset
 from bonecomp.data.cache import data_cache_dir
 from bonecomp.data.folds import folds_path
 from bonecomp.inference.thresholds import write_thresholds
@@ -57,12 +58,8 @@ def _t(name: str, **args) -> dict:
     return {"__class_fullname__": name, **args}
 
 
-FLIP = _t("HorizontalFlip", p=0.5)
-AFFINE = _t(
-    "Affine", translate_percent=[-0.06, 0.06], scale=[0.9, 1.1], rotate=[-20.0, 20.0],
-    interpolation=1, border_mode=0, fill=0, p=0.7,
-)  # fmt: skip
-CONTRAST = _t("RandomBrightnessContrast", brightness_limit=0.2, contrast_limit=0.2, p=0.5)
+PRESET = augment_from_preset({})  # this version's default list
+FLIP, AFFINE, CONTRAST = PRESET
 INTENSITY = [
     _t("RandomBrightnessContrast", brightness_limit=0.3, contrast_limit=0.3, p=0.7),
     _t("RandomGamma", gamma_limit=[70, 150], p=0.5),
@@ -72,7 +69,7 @@ INTENSITY = [
 ]
 ELASTIC = _t("ElasticTransform", alpha=30.0, sigma=5.0, p=0.3)
 SETS = {
-    "preset": [FLIP, AFFINE, CONTRAST],
+    "preset": PRESET,
     "intensity": [FLIP, AFFINE, *INTENSITY],
     "elastic": [FLIP, AFFINE, CONTRAST, ELASTIC],
     "mix": [FLIP, AFFINE, *INTENSITY, ELASTIC],
@@ -130,8 +127,9 @@ def train_sets(args) -> None:
                 continue
             t0 = time.perf_counter()
             res = run_training(cfg, 0, progress=False)
+            cut = f", CUT: {res.cut}" if res.cut else ""  # a cut run's figures are the clock's
             print(f"  trained {cfg.train.experiment}: val Dice {res.best_dice:.4f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+                  f"({time.perf_counter() - t0:.0f} s{cut})", flush=True)  # fmt: skip
 
 
 def score_sets(args, roots: dict[str, Path]) -> dict[str, list[Scores]]:
