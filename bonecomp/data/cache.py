@@ -102,7 +102,7 @@ class CacheSpec:
     """
 
     size: int
-    on_bad_image: str = "error"
+    on_bad_image: OnBadImage = "error"
     crop_margin: float | None = None
     preprocess: Preprocess = NONE
 
