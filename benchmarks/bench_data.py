@@ -52,7 +52,7 @@ from bonecomp.classes import CLASS_TO_INDEX, CLASSES
 from bonecomp.config import augment_from_preset
 from bonecomp.data.annotations import Polygons, load_annotation
 from bonecomp.data.augment import build_augmentation
-from bonecomp.data.cache import open_cache
+from bonecomp.data.cache import CacheSpec, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
 from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
@@ -148,8 +148,8 @@ def patch_rows(df, args) -> list[Row]:
     n, big, side = len(df), args.native, args.patch
     aug = build_augmentation(augment_from_preset({}))
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
-        native = open_cache(df, Path(tmp) / "native", big, progress=False)
-        whole = open_cache(df, Path(tmp) / "whole", side, progress=False)
+        native = open_cache(df, Path(tmp) / "native", CacheSpec(big), progress=False)
+        whole = open_cache(df, Path(tmp) / "whole", CacheSpec(side), progress=False)
         areas = np.stack([polygon_areas(native.polygons(i)) for i in range(n)])
         sampler = PatchSampler(side, 0.33, class_weights(areas, "area"))
 
@@ -250,7 +250,7 @@ def main() -> None:
                 finish(failures)
                 return
             t0 = time.perf_counter()
-            cache = open_cache(df, Path(cache_dir), s, progress=False)
+            cache = open_cache(df, Path(cache_dir), CacheSpec(s), progress=False)
             print(f"cache at {s} px built in {time.perf_counter() - t0:.2f} s (not timed below)")
             per_image = sum(f.stat().st_size for f in cache.dir.iterdir()) / n
             print(f"cache at {s} px: {per_image / 2**20:.3f} MiB per image "

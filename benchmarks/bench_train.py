@@ -31,7 +31,7 @@ import torch
 from _common import Row, base_parser, phantom_root, print_machine, print_table
 
 from bonecomp.config import load_config
-from bonecomp.data.cache import open_cache
+from bonecomp.data.cache import CacheSpec, open_cache
 from bonecomp.data.layout import discover
 from bonecomp.device import amp_dtype
 from bonecomp.engine import Epoch, StepContext, train_one_epoch
@@ -140,7 +140,9 @@ def loader_rate(cfg, root: Path, cache_dir: Path, batches: int) -> float:
     """Samples/s of the training loader the trainer builds (``build_loaders``), over
     as many epochs of the phantom as ``batches`` needs."""
     cfg.data.num_workers = min(cfg.data.num_workers, os.cpu_count() or 1)
-    cache = open_cache(discover(root, "train"), cache_dir, cfg.data.image_size, progress=False)
+    cache = open_cache(
+        discover(root, "train"), cache_dir, CacheSpec(cfg.data.image_size), progress=False
+    )
     rows = np.arange(len(cache))
     loader = build_loaders(cfg, cache, rows, rows[:1]).train_loader
     seen, t0 = 0, None

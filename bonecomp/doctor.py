@@ -36,7 +36,7 @@ from torch import nn
 
 from bonecomp.classes import NUM_CLASSES
 from bonecomp.config import Config, ConfigError
-from bonecomp.data.cache import bytes_per_image, data_cache_dir, open_cache
+from bonecomp.data.cache import CacheSpec, bytes_per_image, cache_folder, open_cache
 from bonecomp.data.layout import DataLayoutError, discover
 from bonecomp.data.sample import IMAGE
 from bonecomp.device import amp_dtype, pick_device, resolve_channels_last
@@ -121,7 +121,8 @@ class Probe:
         df = discover(d.root, "train", d.exclude)
         n = min(len(df), 8 if self.quick else 16)
         tmp = self._files.enter_context(tempfile.TemporaryDirectory(prefix="bonecomp-doctor-"))
-        cache = open_cache(df.iloc[:n], tmp, d.image_size, workers=1, progress=False)
+        spec = CacheSpec.from_config(self.cfg)  # the recipe's cache, as training builds it
+        cache = open_cache(df.iloc[:n], tmp, spec, workers=1, progress=False)
         rows = np.arange(len(cache))
         with _no_worker_warning():
             return build_loaders(self.cfg, cache, rows, rows[:1], pin_memory=self.cuda)
@@ -473,7 +474,7 @@ def check_encoder_weights(probe: Probe) -> Row:
 def check_cache_disk(probe: Probe) -> Row:
     """Free disk at data.cache_dir vs the cache this recipe will build there."""
     d = probe.cfg.data
-    folder = data_cache_dir(d.cache_dir, d.root) / f"train_{d.image_size}"
+    folder = cache_folder(d)  # the folder training builds (crop and preprocessing named)
     if (folder / "manifest.json").is_file():
         return Row("cache disk", "ok", f"{folder} already built")
     try:

@@ -14,7 +14,7 @@ import torch
 from bonecomp.checks import check_config
 from bonecomp.config import ConfigError, augment_from_preset, config_from_saved, load_config
 from bonecomp.data.augment import EXACT, NAME, WARPED, build_augmentation, kind
-from bonecomp.data.cache import open_cache
+from bonecomp.data.cache import CacheSpec, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
 from bonecomp.data.patches import PatchSampler
@@ -32,7 +32,7 @@ def t(name: str, **args) -> dict:
 @pytest.fixture(scope="module")
 def cache(tiny_root, tmp_path_factory):
     return open_cache(
-        discover(tiny_root), tmp_path_factory.mktemp("c"), S, workers=1, progress=False
+        discover(tiny_root), tmp_path_factory.mktemp("c"), CacheSpec(S), workers=1, progress=False
     )
 
 

@@ -18,15 +18,22 @@ from bonecomp.data import cache as cache_mod
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.cache import (
     CacheError,
+    CacheSpec,
     bytes_per_image,
+    cache_folder,
     check_cache,
     data_cache_dir,
+    find_cache,
     open_cache,
     source_fingerprint,
 )
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
+from bonecomp.distributed import Dist
+from bonecomp.testing import tiny_config
+from bonecomp.training import data as training_data
+from bonecomp.training.data import prepare_cache
 
 SIZE = 64
 
@@ -34,7 +41,7 @@ SIZE = 64
 @pytest.fixture
 def built(tiny_copy, tmp_path):
     df = discover(tiny_copy)
-    cache = open_cache(df, tmp_path / "cache", SIZE, workers=1, progress=False)
+    cache = open_cache(df, tmp_path / "cache", CacheSpec(SIZE), workers=1, progress=False)
     return df, cache, tmp_path / "cache"
 
 
@@ -83,14 +90,14 @@ def test_an_annotation_is_checked_once_on_its_way_in(tiny_copy, tmp_path, monkey
     monkeypatch.setattr(annotations, "check_annotation", counted)
     monkeypatch.setattr(cache_mod, "check_annotation", counted, raising=False)
     df = discover(tiny_copy)
-    open_cache(df, tmp_path / "cache", SIZE, workers=1, progress=False)
+    open_cache(df, tmp_path / "cache", CacheSpec(SIZE), workers=1, progress=False)
     assert calls == [(128, 128)] * len(df)  # once each, with the PNG's frame
 
 
 def test_reused_when_unchanged(built, monkeypatch):
     df, _, folder = built
     calls = _counting(monkeypatch)
-    open_cache(df, folder, SIZE, workers=1, progress=False)
+    open_cache(df, folder, CacheSpec(SIZE), workers=1, progress=False)
     assert calls == []
 
 
@@ -100,9 +107,9 @@ def test_rebuilt_when_a_source_changes_or_size_differs(built, monkeypatch):
     js = df["json_path"].iloc[3]
     st = os.stat(js)
     os.utime(js, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    open_cache(df, folder, SIZE, workers=1, progress=False)
+    open_cache(df, folder, CacheSpec(SIZE), workers=1, progress=False)
     assert calls == [1]
-    open_cache(df, folder, 32, workers=1, progress=False)
+    open_cache(df, folder, CacheSpec(32), workers=1, progress=False)
     assert (
         calls == [1, 1] and (folder / "train_32").is_dir() and (folder / f"train_{SIZE}").is_dir()
     )
@@ -112,7 +119,7 @@ def test_rebuilt_when_a_source_changes_or_size_differs(built, monkeypatch):
 def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
     df, _, folder = built
     sub = folder / f"train_{SIZE}"
-    fp = source_fingerprint(df, SIZE)
+    fp = source_fingerprint(df, CacheSpec(SIZE))
     assert check_cache(sub, fp) is None and check_cache(sub, fp, verify=True) is None
     images = sub / "images.npy"
     if damage == "truncate":
@@ -129,7 +136,7 @@ def test_damaged_cache_is_detected_and_rebuilt(built, monkeypatch, damage):
     assert check_cache(sub, fp, verify=True) is not None
     assert (check_cache(sub, fp) is None) == (damage == "flip")
     calls = _counting(monkeypatch)
-    cache = open_cache(df, folder, SIZE, workers=1, progress=False, verify=True)
+    cache = open_cache(df, folder, CacheSpec(SIZE), workers=1, progress=False, verify=True)
     assert calls == [1] and check_cache(sub, fp) is None and len(cache) == 10
 
 
@@ -143,7 +150,9 @@ def test_flipped_bytes_inside_images_are_found_on_read_and_rebuilt(built, monkey
         byte = f.read(1)[0]
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte ^ 0x10]))  # one bit, deep inside one image row
-    damaged = open_cache(df, folder, SIZE, workers=1, progress=False)  # cheap open: passes
+    damaged = open_cache(
+        df, folder, CacheSpec(SIZE), workers=1, progress=False
+    )  # cheap open: passes
     for i in range(len(damaged)):
         if i != row:
             damaged.image(i)  # other rows read fine
@@ -152,12 +161,12 @@ def test_flipped_bytes_inside_images_are_found_on_read_and_rebuilt(built, monkey
     with pytest.raises(CacheError):  # through the Dataset, as DataLoader workers read it
         BoneDataset(damaged, [row])[0]
     calls = _counting(monkeypatch)
-    fresh = open_cache(df, folder, SIZE, workers=1, progress=False)
+    fresh = open_cache(df, folder, CacheSpec(SIZE), workers=1, progress=False)
     assert calls == [1] and not (sub / "DAMAGED").exists()
     png = read_image(df["image_path"][row])
     want = cv2.resize(png, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     assert np.array_equal(fresh.image(row), want)
-    assert check_cache(sub, source_fingerprint(df, SIZE)) is None
+    assert check_cache(sub, source_fingerprint(df, CacheSpec(SIZE))) is None
 
 
 def test_crash_during_build_leaves_nothing_valid(tiny_copy, tmp_path, monkeypatch):
@@ -173,18 +182,18 @@ def test_crash_during_build_leaves_nothing_valid(tiny_copy, tmp_path, monkeypatc
 
     monkeypatch.setattr(cache_mod, "_cache_item", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)
+        open_cache(df, tmp_path / "c", CacheSpec(SIZE), workers=1, progress=False)
     sub = tmp_path / "c" / f"train_{SIZE}"
-    assert check_cache(sub, source_fingerprint(df, SIZE)) is not None
+    assert check_cache(sub, source_fingerprint(df, CacheSpec(SIZE))) is not None
     assert not [p for p in (tmp_path / "c").iterdir() if "tmp" in p.name]  # cleaned up
     monkeypatch.setattr(cache_mod, "_cache_item", real)
-    assert len(open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)) == 10
+    assert len(open_cache(df, tmp_path / "c", CacheSpec(SIZE), workers=1, progress=False)) == 10
 
 
 def test_parallel_build_equals_serial(tiny_copy, tmp_path):
     df = discover(tiny_copy)
-    a = open_cache(df, tmp_path / "a", SIZE, workers=1, progress=False)
-    b = open_cache(df, tmp_path / "b", SIZE, workers=2, progress=False)
+    a = open_cache(df, tmp_path / "a", CacheSpec(SIZE), workers=1, progress=False)
+    b = open_cache(df, tmp_path / "b", CacheSpec(SIZE), workers=2, progress=False)
     for name in ("images.npy", "crc.npy", "points.npy", "offsets.npy"):
         assert (a.dir / name).read_bytes() == (b.dir / name).read_bytes()
     meta = json.loads((b.dir / "manifest.json").read_text())
@@ -200,10 +209,36 @@ def test_cache_dirs_differ_by_data_root(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"data.crop": "carpal"}, {"data.preprocess": ["clahe"]}, {"data.on_bad_image": "skip"}],
+    ids=["whole", "crop", "clahe", "skip"],
+)
+def test_training_opens_the_cache_spec_of_its_config(tiny_root, tmp_path, monkeypatch, extra):
+    """``CacheSpec.from_config`` is the one identity of the cache training opens, and
+    ``cache_folder`` (what the doctor and ``find_cache`` look at) is its folder."""
+    cfg = tiny_config(tiny_root, tmp_path, **extra)
+    specs, real = [], training_data.open_cache
+
+    def spy(df, cache_dir, spec, **kw):
+        specs.append(spec)
+        return real(df, cache_dir, spec, **kw)
+
+    monkeypatch.setattr(training_data, "open_cache", spy)
+    _, cache = prepare_cache(cfg, discover(tiny_root, "train"), Dist(), False)
+    assert specs == [CacheSpec.from_config(cfg)] == [CacheSpec.from_config(cfg.data)]
+    assert cache.dir == cache_folder(cfg.data)
+    found = find_cache(cfg.data)
+    assert found is not None and found.dir == cache.dir
+    with pytest.raises(ValueError, match="on_bad_image must be one of"):
+        CacheSpec(SIZE, on_bad_image="ignore")
+
+
 # ------------------------------------------------------------------ kill -9 mid-build
 _SLOW_BUILDER = """
 import os, sys, time
 from bonecomp.data import cache as cache_mod
+from bonecomp.data.cache import CacheSpec
 from bonecomp.data.layout import discover
 
 real = cache_mod._cache_item
@@ -217,7 +252,7 @@ def slow_item(job):  # the test's own slowdown: each image takes a second in a w
 if __name__ == "__main__":
     cache_mod._cache_item = slow_item
     data, cache = sys.argv[1:]
-    cache_mod.open_cache(discover(data), cache, 64, workers=2, progress=False)
+    cache_mod.open_cache(discover(data), cache, CacheSpec(64), workers=2, progress=False)
 """
 
 
@@ -266,9 +301,9 @@ def test_kill_9_mid_build_ends_the_workers_and_the_next_run_cleans_up(tiny_root,
         time.sleep(0.05)
     assert not [w for w in workers if _alive(w)], "workers outlived their killed parent"
     df = discover(tiny_root)
-    cache = open_cache(df, tmp_path / "c", 64, workers=1, progress=False)
+    cache = open_cache(df, tmp_path / "c", CacheSpec(64), workers=1, progress=False)
     assert not stale.exists() and len(cache) == 10
-    assert check_cache(cache.dir, source_fingerprint(df, 64)) is None
+    assert check_cache(cache.dir, source_fingerprint(df, CacheSpec(64))) is None
 
 
 def _cmdline(pid: int) -> str:

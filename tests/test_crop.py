@@ -16,7 +16,7 @@ import yaml
 from bonecomp.classes import CARPALS, CLASSES
 from bonecomp.config import ConfigError
 from bonecomp.data.annotations import load_annotation
-from bonecomp.data.cache import data_cache_dir, open_cache
+from bonecomp.data.cache import CacheSpec, data_cache_dir, open_cache
 from bonecomp.data.carpal_box import crop_image, grid_box, square_box, truth_box
 from bonecomp.data.images import read_image
 from bonecomp.data.layout import discover
@@ -281,7 +281,7 @@ def test_the_crop_cache_holds_the_carpal_boxes(carpal_run, tiny_root):
     _, crop_cfg, _ = carpal_run
     df = discover(tiny_root, "train")
     folder = data_cache_dir(crop_cfg.data.cache_dir, tiny_root)
-    cache = open_cache(df, folder, 64, workers=1, progress=False, crop_margin=0.25)
+    cache = open_cache(df, folder, CacheSpec(64, crop_margin=0.25), workers=1, progress=False)
     assert cache.dir.name == "train_64_carpal-m0.25"
     for i in (0, len(cache) - 1):
         row = cache.index.iloc[i]

@@ -10,7 +10,7 @@ import torch
 from bonecomp.config import augment_from_preset
 from bonecomp.data.annotations import load_annotation
 from bonecomp.data.augment import Augmentation, build_augmentation
-from bonecomp.data.cache import open_cache
+from bonecomp.data.cache import CacheSpec, open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image, to_float_mask
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import rasterize
@@ -20,7 +20,7 @@ from bonecomp.testing import dense_truth
 @pytest.fixture(scope="module")
 def cache(tiny_root, tmp_path_factory):
     return open_cache(
-        discover(tiny_root), tmp_path_factory.mktemp("c"), 64, workers=1, progress=False
+        discover(tiny_root), tmp_path_factory.mktemp("c"), CacheSpec(64), workers=1, progress=False
     )
 
 
@@ -100,7 +100,7 @@ def test_cached_polygons_give_the_exact_source_truth(cache, tiny_root):
 def test_hard_masks_at_the_source_size_are_cv2_fillpoly(tiny_root, tmp_path):
     """A cache at the source size (the 2048 recipe) gives the exact truth as training masks."""
     df = discover(tiny_root)
-    full = open_cache(df, tmp_path, 128, workers=1, progress=False)
+    full = open_cache(df, tmp_path, CacheSpec(128), workers=1, progress=False)
     mask = BoneDataset(full, [4], None, soft_targets=False, compact=True)[0]["mask"]
     want = dense_truth(load_annotation(df["json_path"][4]), (128, 128))
     assert torch.equal(mask, torch.from_numpy(want))

@@ -13,8 +13,12 @@ import torch
 from bonecomp import doctor
 from bonecomp.checks import check_config
 from bonecomp.config import load_config
+from bonecomp.data.layout import discover
+from bonecomp.distributed import Dist
 from bonecomp.models import create_model
 from bonecomp.models import encoder_weights as weights_mod
+from bonecomp.testing import tiny_config
+from bonecomp.training.data import prepare_cache
 from tests.test_sample import distance_example, record_term
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +146,27 @@ def test_cache_disk_compares_free_space_with_the_need(
     assert "10 training images" in row.message
     if status == "fail":
         assert "data.cache_dir" in row.message
+
+
+# A crop recipe and a CLAHE recipe: their caches are not ``train_<size>``.
+RECIPES = {
+    "crop": ({"data.crop": "carpal", "data.crop_margin": 0.3}, "train_64_carpal-m0.3"),
+    "clahe": ({"data.preprocess": ["clahe"], "data.clahe_clip": 3.0}, "train_64_clahe-3-8"),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_cache_disk_names_the_folder_training_builds(tiny_root, tmp_path, recipe):
+    """The disk check looks at the folder training builds for the recipe (crop and
+    preprocessing in its name): once training built it, the row says so, naming it."""
+    extra, name = RECIPES[recipe]
+    cfg = tiny_config(tiny_root, tmp_path, **extra)
+    probe = doctor.Probe(cfg, torch.device("cpu"))
+    assert "already built" not in doctor.check_cache_disk(probe).message
+    _, cache = prepare_cache(cfg, discover(tiny_root, "train"), Dist(), False)
+    assert cache.dir.name == name  # the folder names of existing caches stay
+    row = doctor.check_cache_disk(probe)
+    assert (row.status, row.message) == ("ok", f"{cache.dir} already built")
 
 
 def test_channels_last_warns_when_the_configured_format_is_slower(tiny_root, tmp_path):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from bonecomp.config import LossConfig
 from bonecomp.data.annotations import load_annotation
-from bonecomp.data.cache import open_cache
+from bonecomp.data.cache import CacheSpec, open_cache
 from bonecomp.data.dataset import BoneDataset, to_float_image
 from bonecomp.data.layout import discover
 from bonecomp.data.rasterize import coverage
@@ -165,7 +165,7 @@ def test_validation_dice_equals_the_dense_leaderboard_dice(tiny_root, tmp_path):
     """validate's sparse upsample + bounding-box truth == full-size upsample, sigmoid > 0.5,
     cv2.fillPoly masks, per (image, class) Dice, mean over images then classes."""
     df = discover(tiny_root)
-    cache = open_cache(df, tmp_path / "cache", 64, workers=1, progress=False)
+    cache = open_cache(df, tmp_path / "cache", CacheSpec(64), workers=1, progress=False)
     indices = [0, 3, 4, 7, 9]
     loader = DataLoader(BoneDataset(cache, indices, None, compact=True), batch_size=2)
     model = NearTruth(cache, indices)

@@ -11,7 +11,7 @@ from torch import nn
 
 from bonecomp.config import augment_from_preset
 from bonecomp.data.augment import build_augmentation
-from bonecomp.data.cache import open_cache
+from bonecomp.data.cache import CacheSpec, open_cache
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.layout import discover
 from bonecomp.data.patches import PatchSampler, class_weights, polygon_areas
@@ -28,7 +28,11 @@ def cache(request, tiny_root, tmp_path_factory):
     """The tiny phantom (128 px PNGs) cached at its native size (``cv2.fillPoly`` path)
     and at half of it (the sub-pixel drawing path)."""
     return open_cache(
-        discover(tiny_root), tmp_path_factory.mktemp("c"), request.param, workers=1, progress=False
+        discover(tiny_root),
+        tmp_path_factory.mktemp("c"),
+        CacheSpec(request.param),
+        workers=1,
+        progress=False,
     )
 
 

@@ -16,7 +16,7 @@ from bonecomp.checks import check_config
 from bonecomp.classes import CARPALS, CLASSES, NUM_CLASSES
 from bonecomp.config import ConfigError, load_config, to_dict
 from bonecomp.data.cache import (
-    cache_name,
+    CacheSpec,
     check_cache,
     content_digest,
     open_cache,
@@ -58,7 +58,9 @@ def plain(png: np.ndarray, size: int) -> np.ndarray:
 # ------------------------------------------------------------------ cache == inference
 def test_cache_row_and_inference_input_are_the_same_clahe_pixels(tiny_root, tmp_path):
     df = discover(tiny_root)
-    cache = open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False, preprocess=CLAHE)
+    cache = open_cache(
+        df, tmp_path / "c", CacheSpec(SIZE, preprocess=CLAHE), workers=1, progress=False
+    )
     items = InferenceImages(df, [(SIZE, CLAHE), SIZE])  # the training PNGs, as inference reads them
     for i in (0, 5, 9):
         j = int(np.flatnonzero(df["rel"].to_numpy() == cache.index["rel"].iloc[i])[0])
@@ -74,7 +76,11 @@ def test_cache_row_and_inference_input_are_the_same_clahe_pixels(tiny_root, tmp_
 def test_crop_cache_cuts_the_clahe_image_of_the_whole_png(tiny_root, tmp_path):
     df = discover(tiny_root)
     cache = open_cache(
-        df, tmp_path / "c", SIZE, workers=1, progress=False, crop_margin=0.25, preprocess=CLAHE
+        df,
+        tmp_path / "c",
+        CacheSpec(SIZE, crop_margin=0.25, preprocess=CLAHE),
+        workers=1,
+        progress=False,
     )
     row = cache.index.iloc[3]
     png = read_image(df.set_index("rel").loc[row["rel"], "image_path"])
@@ -88,17 +94,25 @@ def test_crop_cache_cuts_the_clahe_image_of_the_whole_png(tiny_root, tmp_path):
 # ------------------------------------------------------------------------- cache key
 def test_a_cache_without_clahe_is_never_reused_for_a_clahe_run(tiny_root, tmp_path):
     df = discover(tiny_root)
-    flat = open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False)
+    flat = open_cache(df, tmp_path / "c", CacheSpec(SIZE), workers=1, progress=False)
     other = Preprocess(("clahe",), 2.0, 8)
-    clahe = open_cache(df, tmp_path / "c", SIZE, workers=1, progress=False, preprocess=other)
+    clahe = open_cache(
+        df, tmp_path / "c", CacheSpec(SIZE, preprocess=other), workers=1, progress=False
+    )
     assert flat.dir != clahe.dir and clahe.dir.name == "train_64_clahe-2-8"
-    assert cache_name(SIZE, None, CLAHE) != cache_name(SIZE, None, other)  # parameters too
+    assert (
+        CacheSpec(SIZE, preprocess=CLAHE).dirname != CacheSpec(SIZE, preprocess=other).dirname
+    )  # parameters too
     assert not np.array_equal(flat.images[0], clahe.images[0])
-    fingerprints = {source_fingerprint(df, SIZE, preprocess=p) for p in (NONE, CLAHE, other)}
+    fingerprints = {
+        source_fingerprint(df, CacheSpec(SIZE, preprocess=p)) for p in (NONE, CLAHE, other)
+    }
     assert len(fingerprints) == 3
     # even in the plain cache's folder, the CLAHE fingerprint does not accept it
-    assert check_cache(flat.dir, source_fingerprint(df, SIZE)) is None
-    assert check_cache(flat.dir, source_fingerprint(df, SIZE, preprocess=other)) is not None
+    assert check_cache(flat.dir, source_fingerprint(df, CacheSpec(SIZE))) is None
+    assert (
+        check_cache(flat.dir, source_fingerprint(df, CacheSpec(SIZE, preprocess=other))) is not None
+    )
     assert content_digest(flat.dir) != content_digest(clahe.dir)
 
 

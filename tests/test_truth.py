@@ -10,7 +10,7 @@ import pytest
 
 from bonecomp.data import truth as truth_mod
 from bonecomp.data.annotations import AnnotationError, load_annotation
-from bonecomp.data.cache import data_cache_dir, find_cache, open_cache
+from bonecomp.data.cache import CacheSpec, data_cache_dir, find_cache, open_cache
 from bonecomp.data.carpal_box import crop_polygons, index_boxes
 from bonecomp.data.layout import annotation_path, discover
 from bonecomp.data.truth import GroundTruth, as_truth
@@ -24,11 +24,9 @@ def _same(a, b) -> bool:
 def _built(root, work, **extra):
     """A config's data section and the cache training would open for it."""
     data = tiny_config(root, work, **extra).data
-    margin = data.crop_margin if data.crop else None
-    cache = open_cache(
-        discover(data.root), data_cache_dir(data.cache_dir, data.root), data.image_size,
-        workers=1, progress=False, crop_margin=margin,
-    )  # fmt: skip
+    folder = data_cache_dir(data.cache_dir, data.root)
+    spec = CacheSpec.from_config(data)
+    cache = open_cache(discover(data.root), folder, spec, workers=1, progress=False)
     return data, cache
 
 

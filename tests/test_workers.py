@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from bonecomp.data.cache import check_cache, open_cache, source_fingerprint
+from bonecomp.data.cache import CacheSpec, check_cache, open_cache, source_fingerprint
 from bonecomp.data.layout import discover
 from bonecomp.testing import REPO
 
@@ -56,7 +56,8 @@ if __name__ == "__main__":  # spawn workers re-import this file as __mp_main__
         from bonecomp.data import cache as cache_mod
 
         cache_mod._cache_item = busy
-        cache_mod.open_cache(cache_mod.discover(data), work, 64, workers=2, progress=False)
+        spec = cache_mod.CacheSpec(64)
+        cache_mod.open_cache(cache_mod.discover(data), work, spec, workers=2, progress=False)
     elif kind == "phantom":
         from bonecomp.data.phantom import write
 
@@ -65,14 +66,15 @@ if __name__ == "__main__":  # spawn workers re-import this file as __mp_main__
     elif kind == "train":
         import numpy as np
 
-        from bonecomp.data.cache import open_cache
+        from bonecomp.data.cache import CacheSpec, open_cache
         from bonecomp.data.dataset import BoneDataset
         from bonecomp.data.layout import discover
         from bonecomp.testing import tiny_config
         from bonecomp.training.data import build_loaders
 
         cfg = tiny_config(data, work, **{"data.num_workers": 2, "train.batch_size": 2})
-        cache = open_cache(discover(data), Path(work) / "c", 64, workers=1, progress=False)
+        c = Path(work) / "c"
+        cache = open_cache(discover(data), c, CacheSpec(64), workers=1, progress=False)
         rows = np.arange(len(cache))
         BoneDataset.__getitem__ = busy  # the forked workers inherit it
         next(iter(build_loaders(cfg, cache, rows[2:], rows[:2]).train_loader))
@@ -158,9 +160,9 @@ def test_cache_pool_workers_and_tracker_die_with_their_parent_mid_item(tiny_root
     stale = list(work.glob(".train_64.tmp-*"))
     assert len(stale) == 1  # the killed builder's partial cache ...
     df = discover(tiny_root)
-    cache = open_cache(df, work, 64, workers=1, progress=False)
+    cache = open_cache(df, work, CacheSpec(64), workers=1, progress=False)
     assert not stale[0].exists() and len(cache) == 10  # ... the next run removes
-    assert check_cache(cache.dir, source_fingerprint(df, 64)) is None
+    assert check_cache(cache.dir, source_fingerprint(df, CacheSpec(64))) is None
 
 
 @pytest.mark.parametrize("kind", ["train", "infer", "phantom"])

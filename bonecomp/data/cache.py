@@ -16,6 +16,10 @@ The cache is reused while the sources' (size, mtime), the resolution and the
 preprocessing (``data.preprocess``: its steps and parameters are in the folder name and
 the fingerprint, so a cache built without CLAHE never serves a CLAHE run) match, and
 rebuilt otherwise; ``data_cache_dir`` keeps one data root's caches apart from another's.
+A cache's identity (size, ``on_bad_image``, crop margin, preprocessing) is one
+``CacheSpec``, made from the config (``CacheSpec.from_config``): the folder name and the
+fingerprint come from it alone, and every function that builds, names, opens or checks a
+cache takes it.
 It is built in a temporary folder and moved into place whole, with the manifest written
 last, so a crash never leaves a cache that loads as valid.
 
@@ -64,7 +68,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bonecomp.classes import NUM_CLASSES
-from bonecomp.config import DataConfig, OnBadImage
+from bonecomp.config import Config, DataConfig, OnBadImage
 from bonecomp.data.annotations import AnnotationError, Polygons, load_annotation
 from bonecomp.data.carpal_box import BOX_COLUMNS, crop_image, crop_polygons, truth_box
 from bonecomp.data.images import ImageReadError, read_image
@@ -83,6 +87,61 @@ ON_BAD_IMAGE: tuple[str, ...] = get_args(OnBadImage)  # of an unusable training 
 
 class CacheError(RuntimeError):
     """A cache that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache holds besides its sources: the one identity of a cache. Its folder
+    name and its fingerprint come from here only, so training, the doctor and the readers
+    of the truth (``find_cache``) always name the same folder for a recipe.
+
+    ``crop_margin``: a carpal crop cache with this margin (None: whole images).
+    ``preprocess``: the ``data.preprocess`` steps, applied to each PNG before it is cut
+    and resized. ``on_bad_image``: "error" stops at an unusable training image, "skip"
+    leaves it out (in the fingerprint, not the name: such a cache may lack images).
+    """
+
+    size: int
+    on_bad_image: OnBadImage = "error"
+    crop_margin: float | None = None
+    preprocess: Preprocess = NONE
+
+    def __post_init__(self) -> None:
+        if self.on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(
+                f"on_bad_image must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}"
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Config | DataConfig) -> CacheSpec:
+        """The cache a config's ``data`` section trains on (a whole ``Config`` or its
+        ``data``)."""
+        data = cfg.data if isinstance(cfg, Config) else cfg
+        return cls(
+            size=data.image_size,
+            on_bad_image=data.on_bad_image,
+            crop_margin=data.crop_margin if data.crop else None,  # carpal: carpal boxes
+            preprocess=Preprocess.of(data),
+        )
+
+    @property
+    def dirname(self) -> str:
+        """The cache folder's name: ``train_<size>``, or ``train_<size>_carpal-m<margin>``,
+        then ``_<preprocess label>`` when there is preprocessing (``train_512_clahe-2-8``)."""
+        size, margin = self.size, self.crop_margin
+        name = f"train_{size}" if margin is None else f"train_{size}_carpal-m{margin:g}"
+        return f"{name}_{self.preprocess.label}" if self.preprocess else name
+
+    @property
+    def key(self) -> str:
+        """The spec's part of the source fingerprint: the cache version, the resolution,
+        and ``on_bad_image`` when it is "skip", the crop and the preprocessing when set
+        (unchanged from before the spec, so existing caches are reused)."""
+        extra = "" if self.on_bad_image == "error" else f" on_bad_image={self.on_bad_image}"
+        margin, prep = self.crop_margin, self.preprocess
+        extra += "" if margin is None else f" crop=carpal margin={margin!r}"
+        extra += f" preprocess={prep.label}" if prep else ""
+        return f"v{CACHE_VERSION} size={self.size}{extra}"
 
 
 @dataclass
@@ -128,44 +187,33 @@ class TrainCache:
 def open_cache(
     df: pd.DataFrame,
     cache_dir: Path | str,
-    size: int,
+    spec: CacheSpec,
     workers: int | None = None,
     progress: bool = True,
     verify: bool = False,
-    on_bad_image: str = "error",
-    crop_margin: float | None = None,
-    preprocess: Preprocess = NONE,
 ) -> TrainCache:
-    """The cache of ``df`` (a training table from ``layout.discover``) at ``size``.
+    """The cache ``spec`` of ``df`` (a training table from ``layout.discover``), in
+    ``cache_dir/<spec.dirname>``.
 
-    Loads it when valid for these sources and this size, else (re)builds it. A lock
+    Loads it when valid for these sources and this spec, else (re)builds it. A lock
     file serialises jobs sharing the folder; under it, the temporary folders of builders
     that died (kill -9) are removed. In a read-only folder (a shared mount) a complete
     cache is used without a lock; an incomplete one is a ``CacheError``. ``verify``
     re-hashes the big arrays too (seconds per GB); by default their sizes and headers are
-    checked. ``on_bad_image``: "error" stops
-    at an unusable training image, "skip" leaves it out (the cache's index then lacks it).
-    ``crop_margin``: a carpal crop cache with this margin (None: whole images).
-    ``preprocess``: the ``data.preprocess`` steps, applied to each PNG before it is cut
-    and resized.
+    checked.
     """
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
-    folder = Path(cache_dir) / cache_name(size, crop_margin, preprocess)
+    folder = Path(cache_dir) / spec.dirname
     with _locked(folder.with_name(f".{folder.name}.lock")) as locked:
         if not locked:  # a read-only folder: nothing can be built or cleaned there
-            return _read_only_cache(df, folder, size, on_bad_image, crop_margin, preprocess)
+            return _read_only_cache(df, folder, spec)
         for stale in remove_stale_temps(folder.parent):
             print(f"cache: cleaned up {stale}, left by a build that was killed", file=sys.stderr)
-        fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin, preprocess)
+        fingerprint = source_fingerprint(df, spec)
         problem = check_cache(folder, fingerprint, verify)
         if problem is not None:
             if folder.exists():
                 print(f"cache {folder}: {problem}; rebuilding")
-            build_cache(
-                df, folder, size, fingerprint, workers, progress, on_bad_image, crop_margin,
-                preprocess,
-            )  # fmt: skip
+            build_cache(df, folder, spec, fingerprint, workers=workers, progress=progress)
         return load_cache(folder)
 
 
@@ -173,14 +221,12 @@ def find_cache(data: DataConfig) -> TrainCache | None:
     """The built training cache of a ``data`` section (the folder training opens), when
     it is complete and matches the current sources; None otherwise. Never builds, never
     waits for a builder: readers of the truth fall back to the JSON instead."""
-    margin = data.crop_margin if data.crop else None
-    prep = Preprocess.of(data)
-    folder = data_cache_dir(data.cache_dir, data.root) / cache_name(data.image_size, margin, prep)
+    spec = CacheSpec.from_config(data)
+    folder = cache_folder(data)
     if not (folder / "manifest.json").is_file():
         return None
     try:
-        df = discover(data.root, "train", data.exclude)
-        fingerprint = source_fingerprint(df, data.image_size, data.on_bad_image, margin, prep)
+        fingerprint = source_fingerprint(discover(data.root, "train", data.exclude), spec)
     except OSError:  # the data root moved or is incomplete (DataLayoutError is one)
         return None
     if check_cache(folder, fingerprint) is not None:
@@ -191,11 +237,11 @@ def find_cache(data: DataConfig) -> TrainCache | None:
         return None
 
 
-def cache_name(size: int, crop_margin: float | None = None, preprocess: Preprocess = NONE) -> str:
-    """The cache folder's name: ``train_<size>``, or ``train_<size>_carpal-m<margin>``,
-    then ``_<preprocess label>`` when there is preprocessing (``train_512_clahe-2-8``)."""
-    name = f"train_{size}" if crop_margin is None else f"train_{size}_carpal-m{crop_margin:g}"
-    return f"{name}_{preprocess.label}" if preprocess else name
+def cache_folder(data: DataConfig) -> Path:
+    """The folder training builds and opens for a ``data`` section (``open_cache`` of
+    ``data_cache_dir`` and ``CacheSpec.from_config``): what the doctor and ``find_cache``
+    look at."""
+    return data_cache_dir(data.cache_dir, data.root) / CacheSpec.from_config(data).dirname
 
 
 def data_cache_dir(cache_dir: Path | str, root: Path | str) -> Path:
@@ -232,19 +278,11 @@ def _locked(path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read_only_cache(
-    df: pd.DataFrame,
-    folder: Path,
-    size: int,
-    on_bad_image: str,
-    crop_margin: float | None,
-    preprocess: Preprocess,
-) -> TrainCache:
+def _read_only_cache(df: pd.DataFrame, folder: Path, spec: CacheSpec) -> TrainCache:
     """The cache in a folder that cannot be written (a shared or input mount): used as it
     is when complete for these sources, else one ``CacheError`` saying why it cannot be
     built there and what to do."""
-    fingerprint = source_fingerprint(df, size, on_bad_image, crop_margin, preprocess)
-    problem = check_cache(folder, fingerprint)
+    problem = check_cache(folder, source_fingerprint(df, spec))
     if problem is None:
         return load_cache(folder)
     raise CacheError(
@@ -253,20 +291,9 @@ def _read_only_cache(
     )
 
 
-def source_fingerprint(
-    df: pd.DataFrame,
-    size: int,
-    on_bad_image: str = "error",
-    crop_margin: float | None = None,
-    preprocess: Preprocess = NONE,
-) -> str:
-    """Hash of the sources' paths, sizes and mtimes, the resolution and the cache version
-    (and ``on_bad_image`` when it is "skip": such a cache may lack images; the crop; the
-    preprocessing)."""
-    skip = "" if on_bad_image == "error" else f" on_bad_image={on_bad_image}"
-    skip += "" if crop_margin is None else f" crop=carpal margin={crop_margin!r}"
-    skip += f" preprocess={preprocess.label}" if preprocess else ""
-    h = hashlib.sha256(f"v{CACHE_VERSION} size={size}{skip}".encode())
+def source_fingerprint(df: pd.DataFrame, spec: CacheSpec) -> str:
+    """Hash of the sources' paths, sizes and mtimes and of the spec (``CacheSpec.key``)."""
+    h = hashlib.sha256(spec.key.encode())
     for rel, img, js in zip(df["rel"], df["image_path"], df["json_path"], strict=True):
         si, sj = os.stat(img), os.stat(js)
         h.update(f"|{rel}:{si.st_size}:{si.st_mtime_ns}:{sj.st_size}:{sj.st_mtime_ns}".encode())
@@ -341,34 +368,29 @@ def load_cache(folder: Path) -> TrainCache:
 def build_cache(
     df: pd.DataFrame,
     folder: Path,
-    size: int,
+    spec: CacheSpec,
     fingerprint: str,
     workers: int | None = None,
     progress: bool = True,
-    on_bad_image: str = "error",
-    crop_margin: float | None = None,
-    preprocess: Preprocess = NONE,
 ) -> None:
-    """Build the cache into a temporary folder, then move it into place whole.
+    """Build the cache ``spec`` into a temporary folder, then move it into place whole.
 
     Any failure (a bad training image with ``on_bad_image="error"``, a full disk, an
     interrupt) removes the temporary folder and ends the workers before it propagates.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(folder, len(df), size)
+    check_free_space(folder, len(df), spec.size)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        _build_into(
-            tmp, df, size, fingerprint, workers, progress, on_bad_image, crop_margin, preprocess
-        )
+        _build_into(tmp, df, spec, fingerprint, workers, progress)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing behind
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise CacheError(
                 f"cache {folder}: the disk is full ({e.strerror}); the partial cache was "
-                f"removed. Free {_gb(_cache_bytes(len(df), size))} in {folder.parent} "
+                f"removed. Free {_gb(_cache_bytes(len(df), spec.size))} in {folder.parent} "
                 "or set data.cache_dir to a disk with room"
             ) from e
         raise
@@ -378,16 +400,14 @@ def build_cache(
 def _build_into(
     tmp: Path,
     df: pd.DataFrame,
-    size: int,
+    spec: CacheSpec,
     fingerprint: str,
     workers: int | None,
     progress: bool,
-    on_bad_image: str,
-    crop_margin: float | None = None,
-    preprocess: Preprocess = NONE,
 ) -> None:
     """Write every file of the cache into ``tmp``; the workers are ended before it returns
     or raises."""
+    size, preprocess = spec.size, spec.preprocess
     n = len(df)
     images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, size, size))
     preallocate(tmp / "images.npy")  # a full disk fails here, not as a SIGBUS mid-write
@@ -397,10 +417,7 @@ def _build_into(
     boxes: list[tuple[int, int, int, int]] = []
     kept: list[int] = []
     skipped: list[str] = []
-    jobs = [
-        (img, js, size, crop_margin, preprocess)
-        for img, js in zip(df["image_path"], df["json_path"], strict=True)
-    ]
+    jobs = [(img, js, spec) for img, js in zip(df["image_path"], df["json_path"], strict=True)]
     workers = max(1, min(workers or os.cpu_count() or 1, n))
     pool = None
     with tqdm(total=n, desc=f"cache {size}px", unit="img", disable=not progress) as bar:
@@ -418,7 +435,7 @@ def _build_into(
             for i, result in enumerate(results):
                 bar.update()
                 if isinstance(result, str):  # the problem of an unusable image
-                    if on_bad_image == "error":
+                    if spec.on_bad_image == "error":
                         raise CacheError(
                             f"{result}; run `python scripts/verify_data.py {_data_root(df)}` "
                             "to list every problem (or set data.on_bad_image=skip)"
@@ -455,7 +472,7 @@ def _build_into(
     np.save(tmp / "points.npy", np.concatenate([p.points for p in polys]))
     index = df[["rel", "patient", "name"]].iloc[kept].copy()
     index["src_h"], index["src_w"] = zip(*src_hw, strict=True)
-    if crop_margin is not None:
+    if spec.crop_margin is not None:
         for col, values in zip(BOX_COLUMNS, zip(*boxes, strict=True), strict=True):
             index[col] = values
     index.to_csv(tmp / "index.csv", index=False)
@@ -464,7 +481,7 @@ def _build_into(
         for name in (*_ARRAYS, "index.csv")
     }
     meta = {"version": CACHE_VERSION, "size": size, "fingerprint": fingerprint, "n": n}
-    meta["crop_margin"] = crop_margin
+    meta["crop_margin"] = spec.crop_margin
     meta["preprocess"] = preprocess.label
     meta["skipped"] = skipped
     (tmp / "manifest.json").write_text(json.dumps({**meta, "files": files}, indent=1))
@@ -521,12 +538,12 @@ def _worker_init(parent: int, modules: tuple[str, ...] = ()) -> None:
     numba.set_num_threads(1)
 
 
-def _cache_item(job: tuple[str, str, int, float | None, Preprocess]) -> tuple | str:
+def _cache_item(job: tuple[str, str, CacheSpec]) -> tuple | str:
     """One training image at ``size`` with its polygons, source size and box (the whole
     image, or with a crop margin the carpal box, to which image, polygons and size are
     cut; ``data.preprocess`` is applied to the whole PNG first), or, when the PNG or JSON
     is unusable, the problem as one line naming both files and the PNG's size."""
-    image_path, json_path, size, crop_margin, preprocess = job
+    image_path, json_path, spec = job
     try:
         img = read_image(image_path)
         hw = img.shape[:2]
@@ -541,12 +558,12 @@ def _cache_item(job: tuple[str, str, int, float | None, Preprocess]) -> tuple | 
             f"{json_path}: " + "; ".join(e.problems[:2]) + more
             + f" (its image {image_path} is {hw[1]}x{hw[0]} px)"
         )  # fmt: skip
-    img = preprocess(img)  # at the source size, as at inference (data.preprocess)
+    img = spec.preprocess(img)  # at the source size, as at inference (data.preprocess)
     box = (0, hw[0], 0, hw[1])
-    if crop_margin is not None:
-        box = truth_box(polys, hw, crop_margin)
+    if spec.crop_margin is not None:
+        box = truth_box(polys, hw, spec.crop_margin)
         polys, hw = crop_polygons(polys, box), (box[1] - box[0], box[3] - box[2])
-    small = crop_image(img, box, size)
+    small = crop_image(img, box, spec.size)
     return small, zlib.crc32(small), polys, hw, box
 
 

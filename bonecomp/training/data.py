@@ -26,7 +26,14 @@ from torch.utils.data.distributed import DistributedSampler
 from bonecomp.config import Config, ConfigError, source_of
 from bonecomp.data.annotations import AnnotationError
 from bonecomp.data.augment import build_augmentation
-from bonecomp.data.cache import CacheError, TrainCache, content_digest, data_cache_dir, open_cache
+from bonecomp.data.cache import (
+    CacheError,
+    CacheSpec,
+    TrainCache,
+    content_digest,
+    data_cache_dir,
+    open_cache,
+)
 from bonecomp.data.dataset import BoneDataset
 from bonecomp.data.folds import FoldsError, folds_path, load_or_make_folds, stratify_table
 from bonecomp.data.images import ImageReadError
@@ -107,16 +114,7 @@ def prepare_cache(
         strata = None  # measured before the cache: too few bent hands is one line, at once
         if d.fold_stratify and not fpath.exists():
             strata = stratify_table(table, d.fold_stratify, d.n_splits)
-        margin = d.crop_margin if d.crop else None  # carpal: a cache of carpal boxes
-        cache = open_cache(
-            table,
-            cache_dir,
-            d.image_size,
-            progress=progress,
-            on_bad_image=d.on_bad_image,
-            crop_margin=margin,
-            preprocess=Preprocess.of(d),
-        )
+        cache = open_cache(table, cache_dir, CacheSpec.from_config(cfg), progress=progress)
         kept = table[table["rel"].isin(set(cache.index["rel"]))]  # minus skipped images
         folds = load_or_make_folds(kept, fpath, d.n_splits, d.fold_seed, d.fold_stratify, strata)
         return folds, cache
