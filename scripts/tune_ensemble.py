@@ -58,6 +58,8 @@ def tune(args) -> int:
         f"{len(res.candidates)} weightings x {len(res.grid)} thresholds on "
         f"{res.after.n_images} images in {res.seconds:.1f} s; wrote {path}"
     )
+    if res.file_note:  # what re-tuning kept or dropped of the file it rewrote
+        print(res.file_note)
     return 0
 
 
