@@ -8,7 +8,9 @@ out-of-fold probabilities saved by training.
 The members are resolved exactly as scripts/infer.py resolves them. Writes
 runs/thresholds_<infer.name>.json with a class_weights table (which infer.py applies)
 and prints the per-class OOF Dice before (configured weights, 0.5), with tuned
-thresholds only, and with tuned weights and thresholds.
+thresholds only, and with tuned weights and thresholds. Re-tuning an existing file keeps
+its clean-up only at the same thresholds, weights and models, and says in one line what
+it kept or dropped.
 """
 
 from __future__ import annotations
