@@ -8,7 +8,9 @@ out-of-fold probabilities saved by training.
 The members are resolved exactly as scripts/infer.py resolves them. Writes
 runs/thresholds_<infer.name>.json with a class_weights table (which infer.py applies)
 and prints the per-class OOF Dice before (configured weights, 0.5), with tuned
-thresholds only, and with tuned weights and thresholds.
+thresholds only, and with tuned weights and thresholds. Re-tuning an existing file keeps
+its clean-up only at the same thresholds, weights and models, and says in one line what
+it kept or dropped.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def tune(args) -> int:
         f"{len(res.candidates)} weightings x {len(res.grid)} thresholds on "
         f"{res.after.n_images} images in {res.seconds:.1f} s; wrote {path}"
     )
+    if res.file_note:  # what re-tuning kept or dropped of the file it rewrote
+        print(res.file_note)
     return 0
 
 

@@ -6,7 +6,8 @@
 
 The members are resolved exactly as scripts/infer.py resolves them. Writes
 runs/thresholds_<infer.name>.json (which infer.py picks up) and prints the per-class OOF
-Dice before (0.5) and after.
+Dice before (0.5) and after. Re-tuning an existing file keeps its still-valid parts and
+says in one line what it kept or dropped (a clean-up tuned at other thresholds).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def tune(args) -> int:
     print(res.before.format(res.after, labels=("at 0.5", "tuned")))
     print("thresholds: " + " ".join(f"{t:.2f}" for t in res.thresholds))
     print(f"OOF mean Dice {res.before.mean:.4f} -> {res.after.mean:.4f}; wrote {path}")
+    if res.file_note:  # what re-tuning kept or dropped of the file it rewrote
+        print(res.file_note)
     return 0
 
 

@@ -11,11 +11,11 @@ weights at 0.5 are always a candidate, so tuning never lowers the OOF Dice.
 Each OOF image is read once (every experiment's map and the truth crops); every
 (weights, threshold) candidate is then scored on it, so memory stays one image.
 
-The result lives in the thresholds file (``runs.thresholds_path``) as a ``class_weights``
+The result lives in the thresholds file (``postfile.PostFile``) as a ``class_weights``
 table ``{experiment: [one weight per class]}``: thresholds and weights are tuned
-together and must travel together (``tune_thresholds`` rewrites the file without a
-table, as its thresholds were tuned on the configured weights). Inference applies the
-table when present; a table for other experiments than the ensemble's is refused.
+together and must travel together (``tune_thresholds`` drops the table, saying so, as its
+thresholds were tuned on the configured weights). Inference applies the table when
+present; a table for other experiments than the ensemble's is refused.
 """
 
 from __future__ import annotations
@@ -34,15 +34,14 @@ import torch
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config
 from bonecomp.data.truth import GroundTruth
+from bonecomp.inference.postfile import PostFile, retuned
 from bonecomp.inference.thresholds import (
     DEFAULT,
     GRID,
     choose,
     image_dice,
     oof_maps,
-    read_thresholds_doc,
     weighted_mean,
-    write_thresholds,
 )
 from bonecomp.metrics import DiceTable
 from bonecomp.runs import MemberSpec, RunError, thresholds_in_use, thresholds_path
@@ -65,6 +64,7 @@ class EnsembleTuneResult:
     thresholds_only: DiceTable  # configured weights, tuned thresholds
     after: DiceTable  # tuned weights and thresholds
     seconds: float = 0.0
+    file_note: str = ""  # what re-tuning kept or dropped of the file it rewrote
 
     @property
     def class_weights(self) -> dict[str, list[float]]:
@@ -156,10 +156,13 @@ def tune_ensemble(
 ) -> tuple[EnsembleTuneResult, Path]:
     """Tune per-class weights of each experiment and per-class thresholds on the members'
     OOF probabilities; write them to the thresholds file inference reads
-    (``runs.thresholds_path(cfg)`` unless ``out``)."""
+    (``runs.thresholds_path(cfg)`` unless ``out``), keeping its still-valid parts
+    (``result.file_note`` says which: ``postfile.retuned``)."""
     grid = tuple(grid)
     if DEFAULT not in grid:
         raise ValueError(f"the threshold grid must contain {DEFAULT}")
+    path = Path(out) if out else thresholds_path(cfg)
+    old = PostFile.read(path) if path.is_file() else None  # a bad file: before the work
     configured: dict[str, float] = {}
     for m in members:
         configured.setdefault(m.run.experiment, m.weight)
@@ -193,10 +196,11 @@ def tune_ensemble(
         after,
         time.monotonic() - t0,
     )
-    path = Path(out) if out else thresholds_path(cfg)
-    write_thresholds(
+    post, result.file_note = retuned(
+        old,
         path,
         result.thresholds,
+        runs=[str(m.run) for m in members],
         class_weights=result.class_weights,
         grid=list(grid),
         weight_step=step,
@@ -205,35 +209,15 @@ def tune_ensemble(
         dice_before=before.mean,
         dice_thresholds_only=thr_only.mean,
         dice_after=after.mean,
-        runs=[str(m.run) for m in members],
     )
+    post.write(path)
     return result, path
 
 
 def read_class_weights(path: Path | str) -> dict[str, list[float]] | None:
     """The ``class_weights`` table of a thresholds file, or None when it has none; a
-    damaged table is a ``RunError`` naming the file."""
-    doc = read_thresholds_doc(path)
-    table = doc.get("class_weights")
-    if table is None:
-        return None
-    bad = f"thresholds file {path}: class_weights must map experiments to {len(CLASSES)} "
-    if not isinstance(table, dict) or not table:
-        raise RunError(bad + "weights each")
-    arr = []
-    for e, ws in table.items():
-        if not (isinstance(ws, list) and len(ws) == len(CLASSES)):
-            raise RunError(
-                bad + f"weights each; {e!r} has {len(ws) if isinstance(ws, list) else ws!r}"
-            )
-        arr.append(ws)
-    try:
-        a = np.asarray(arr, np.float64)
-    except (TypeError, ValueError) as e:
-        raise RunError(bad + f"numbers each ({e})") from e
-    if not np.isfinite(a).all() or (a < 0).any() or (a.sum(axis=0) <= 0).any():
-        raise RunError(bad + "weights >= 0, with a positive sum for every class")
-    return {e: [float(v) for v in ws] for e, ws in table.items()}
+    damaged file is a ``RunError`` naming it (``PostFile.read``)."""
+    return PostFile.read(path).class_weights
 
 
 def resolve_class_weights(

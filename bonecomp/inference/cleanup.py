@@ -25,15 +25,15 @@ takes the best combination whose every rule gains more than ``min_gain`` over th
 combination without it; otherwise none. No rule is the first candidate, so tuning never
 lowers the OOF Dice.
 
-The choice lives in the thresholds file as ``cleanup: {class name: [rule, ...]}`` (only
-the classes with rules), beside the thresholds and class weights it was tuned with. Re-
-tuning thresholds or weights rewrites the file without it (the clean-up was chosen for
-the old masks): run the clean-up tuning again after them.
+The choice lives in the thresholds file (``postfile.PostFile``) as ``cleanup: {class
+name: [rule, ...]}`` (only the classes with rules), beside the thresholds, class weights
+and runs it was tuned at. Re-tuning thresholds or weights keeps it only where they come
+out the same, else drops it and the tuning script says so in one line: run the clean-up
+tuning again after them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +45,8 @@ import torch
 from bonecomp.classes import CLASSES
 from bonecomp.config import Config, ConfigError
 from bonecomp.data.truth import GroundTruth
-from bonecomp.fileio import write_text
 from bonecomp.inference.class_weights import resolve_class_weights
+from bonecomp.inference.postfile import PostFile
 from bonecomp.inference.postprocess import (
     SparseMask,
     SparseMasks,
@@ -54,10 +54,10 @@ from bonecomp.inference.postprocess import (
     trim,
     upsample_threshold,
 )
-from bonecomp.inference.thresholds import oof_items, read_thresholds_doc, resolve_thresholds
+from bonecomp.inference.thresholds import oof_items, resolve_thresholds
 from bonecomp.metrics import DiceTable, dice_from_counts
 from bonecomp.registry import Registry
-from bonecomp.runs import MemberSpec, RunError, thresholds_in_use
+from bonecomp.runs import MemberSpec, thresholds_in_use
 
 AREAS: tuple[int, ...] = (64, 256, 1024, 4096)  # source pixels (images are ~2048 px)
 MIN_GAIN = 1e-3  # as the thresholds tuning
@@ -400,13 +400,11 @@ def tune_cleanup(
     dice, n = cleanup_dice(items, thresholds, combos)
     result = choose_cleanup(dice, combos, min_gain)
     result.before.n_images = result.after.n_images = n
-    if src.is_file():
-        doc = read_thresholds_doc(src)
-    else:
-        doc = {"classes": list(CLASSES), "thresholds": thresholds}
-        doc["runs"] = [str(m.run) for m in members]
-    doc.update(
-        cleanup=result.cleanup.table,
+    runs = [str(m.run) for m in members]
+    post = PostFile.read(src) if src.is_file() else PostFile(list(thresholds), runs)
+    post = post.with_cleanup(
+        result.cleanup.table,
+        runs,
         cleanup_tried={"rules": list(rules), "areas": sorted({int(a) for a in areas})},
         cleanup_min_gain=min_gain,
         cleanup_oof_images=n,
@@ -414,40 +412,16 @@ def tune_cleanup(
         cleanup_dice_after=result.after.mean,
     )
     path = Path(out) if out else src
-    write_text(path, json.dumps(doc, indent=1))
-    return result, path
+    return result, post.write(path)
 
 
 # ------------------------------------------------------------------------- inference
 def read_cleanup(path: Path | str) -> Cleanup | None:
     """The ``cleanup`` table of a thresholds file, or None when it has none. A damaged
     table, an unknown rule or classes other than ``CLASSES`` is a ``RunError`` naming the
-    file and the key."""
-    doc = read_thresholds_doc(path)
-    if doc.get("cleanup") is None:
-        return None
-    retune = "re-tune it with scripts/tune_cleanup.py"
-    if doc.get("classes") != list(CLASSES):
-        raise RunError(
-            f"thresholds file {path}: its 'classes' differ from bonecomp/classes.py, so its "
-            f"cleanup was tuned for other classes; {retune}"
-        )
-    table = doc["cleanup"]
-    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
-        raise RunError(f"thresholds file {path}: cleanup must map class names to rule lists")
-    others = [k for k in table if k not in CLASSES]
-    if others:
-        raise RunError(
-            f"thresholds file {path}: cleanup names {others}, not classes of "
-            f"bonecomp/classes.py (tuned for other classes); {retune}"
-        )
-    for name, labels in table.items():
-        for v in labels:
-            try:
-                parse_rule(v, f"cleanup.{name}")
-            except ValueError as e:  # names the key: cleanup.<class>
-                raise RunError(f"thresholds file {path}: {e}") from e
-    return Cleanup.from_table(table)
+    file and the key (``PostFile.read``)."""
+    table = PostFile.read(path).cleanup
+    return None if table is None else Cleanup.from_table(table)
 
 
 def resolve_cleanup(cfg: Config) -> tuple[Cleanup | None, str]:

@@ -10,7 +10,6 @@ lowers the OOF Dice.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from bonecomp.classes import CLASSES
 from bonecomp.config import Config
 from bonecomp.data.rasterize import truth_crops
 from bonecomp.data.truth import GroundTruth, as_truth
-from bonecomp.fileio import loads_json, write_text
 from bonecomp.inference.oof import OofRow, RunOOF, open_oof
+from bonecomp.inference.postfile import PostFile, retuned
 from bonecomp.inference.postprocess import as_thresholds, overlap_counts, upsample_threshold
 from bonecomp.metrics import DiceTable, dice_from_counts
-from bonecomp.runs import MemberSpec, RunError, run_name, thresholds_in_use, thresholds_path
+from bonecomp.runs import MemberSpec, run_name, thresholds_in_use, thresholds_path
 
 GRID: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 DEFAULT = 0.5
@@ -42,6 +41,7 @@ class TuneResult:
     thresholds: list[float]
     before: DiceTable
     after: DiceTable
+    file_note: str = ""  # what re-tuning kept or dropped of the file it rewrote
 
 
 def grid_dice(
@@ -178,52 +178,39 @@ def tune_thresholds(
     progress: bool = True,
 ) -> tuple[TuneResult, Path]:
     """Tune per-class thresholds on the members' OOF probabilities and write the file
-    inference reads (``runs.thresholds_path(cfg)`` unless ``out``)."""
+    inference reads (``runs.thresholds_path(cfg)`` unless ``out``). Re-tuning an existing
+    file keeps its still-valid parts; ``result.file_note`` says what (``postfile.retuned``)."""
+    path = Path(out) if out else thresholds_path(cfg)
+    old = PostFile.read(path) if path.is_file() else None  # a bad file: before the work
     dice, n = grid_dice(oof_items(members, GroundTruth.of(cfg.data), progress), grid)
     result = choose(dice, grid, min_gain)
     result.before.n_images = result.after.n_images = n
-    path = Path(out) if out else thresholds_path(cfg)
-    write_thresholds(
+    post, result.file_note = retuned(
+        old,
         path,
         result.thresholds,
+        runs=[str(m.run) for m in members],
         grid=list(grid),
         oof_images=n,
         dice_before=result.before.mean,
         dice_after=result.after.mean,
-        runs=[str(m.run) for m in members],
     )
+    post.write(path)
     return result, path
 
 
-def write_thresholds(path: Path, thresholds: Sequence[float], **info) -> Path:
-    """Thresholds file (JSON: classes, thresholds, and what they were tuned on), atomic."""
-    doc = {"classes": list(CLASSES), "thresholds": [float(t) for t in thresholds], **info}
-    return write_text(path, json.dumps(doc, indent=1, default=lambda v: np.asarray(v).tolist()))
-
-
-def read_thresholds_doc(path: Path | str) -> dict:
-    """A thresholds file's JSON object, read by every reader of the file (thresholds,
-    class weights, clean-up); unreadable, not JSON, a key given twice or not an object is
-    a ``RunError`` naming the file."""
-    try:
-        doc = loads_json(Path(path).read_text())
-    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8, a key twice
-        raise RunError(f"thresholds file {path}: cannot read ({e})") from e
-    if not isinstance(doc, dict):
-        raise RunError(f"thresholds file {path}: not a JSON object")
-    return doc
+def write_thresholds(path: Path | str, thresholds: Sequence[float], **info) -> Path:
+    """A thresholds file of ``thresholds`` and ``info`` (``runs``, ``class_weights``,
+    ``cleanup``, records), written as given (tests write bad ones); see ``PostFile``."""
+    parts = {k: info.pop(k) for k in ("runs", "class_weights", "cleanup") if k in info}
+    return PostFile([float(t) for t in thresholds], **parts, info=info).write(path)
 
 
 def read_thresholds(path: Path | str) -> tuple[list[float], list[str]]:
     """(per-class thresholds, the run folders they were tuned on) from a thresholds file;
     a damaged file is a ``RunError`` naming it."""
-    doc = read_thresholds_doc(path)
-    if doc.get("classes") != list(CLASSES):
-        raise RunError(f"thresholds file {path}: classes differ from the competition's 29")
-    try:
-        return as_thresholds(doc["thresholds"], len(CLASSES)), list(doc.get("runs", []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise RunError(f"thresholds file {path}: bad thresholds ({e})") from e
+    post = PostFile.read(path)
+    return post.thresholds, post.runs
 
 
 def resolve_thresholds(cfg: Config, members: Sequence[MemberSpec] = ()) -> tuple[list[float], str]:
