@@ -162,35 +162,46 @@ def _cell(values: list[float]) -> str:
 
 def table(scores: dict[str, list[Scores]]) -> str:
     """Markdown: per set, same / cross Dice and the gap (mean and range over seeds), the
-    gap's change against the preset and its verdict against the preset gap's range."""
+    gap's change against the preset and its verdict against the preset gap's range, and
+    the same for the cross-appearance Dice itself (a gap can close by losing same-appearance
+    Dice: only a gain in cross-appearance Dice makes a set worth adopting)."""
     ref = [s.gap for s in scores["preset"]]
     noise = max(ref) - min(ref) if len(ref) > 1 else None
+    ref_cross = [s.cross for s in scores["preset"]]
+    cross_noise = max(ref_cross) - min(ref_cross) if len(ref_cross) > 1 else None
     lines = [
         "| augmentation | same appearance | cross appearance | gap (same - cross) | "
-        "gap vs preset | verdict |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "gap vs preset | verdict on the gap | cross vs preset | verdict on cross |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, rows in scores.items():
-        gaps = [s.gap for s in rows]
+        gaps, cross = [s.gap for s in rows], [s.cross for s in rows]
         change = float(np.mean(gaps) - np.mean(ref))
+        gain = float(np.mean(cross) - np.mean(ref_cross))
         if name == "preset":
-            verdict = f"reference: gap range over seeds {noise:.4f}" if noise else "reference"
-            delta = "-"
+            verdict = f"reference: range over seeds {noise:.4f}" if noise else "reference"
+            cross_verdict = (
+                f"reference: range over seeds {cross_noise:.4f}" if cross_noise else "reference"
+            )
+            delta = cross_delta = "-"
         else:
-            delta = f"{change:+.4f}"
-            if noise is None:
-                verdict = "no spread measured"
-            elif -change > noise:
-                verdict = "closes the gap (beyond the spread)"
-            elif change > noise:
-                verdict = "widens the gap (beyond the spread)"
-            else:
-                verdict = "within noise"
+            delta, cross_delta = f"{change:+.4f}", f"{gain:+.4f}"
+            verdict = _verdict(-change, noise, "closes the gap", "widens the gap")
+            cross_verdict = _verdict(gain, cross_noise, "gain", "loss")
         lines.append(
-            f"| {name} | {_cell([s.same for s in rows])} | {_cell([s.cross for s in rows])} | "
-            f"{_cell(gaps)} | {delta} | {verdict} |"
+            f"| {name} | {_cell([s.same for s in rows])} | {_cell(cross)} | {_cell(gaps)} | "
+            f"{delta} | {verdict} | {cross_delta} | {cross_verdict} |"
         )
     return "\n".join(lines)
+
+
+def _verdict(better: float, noise: float | None, up: str, down: str) -> str:
+    """``up`` / ``down`` when ``better`` exceeds the reference's range over seeds."""
+    if noise is None:
+        return "no spread measured"
+    if abs(better) <= noise:
+        return "within noise"
+    return f"{up if better > 0 else down} (beyond the spread)"
 
 
 def main(argv: list[str] | None = None) -> int:
