@@ -1,7 +1,7 @@
 """How robust each augmentation set is to the way an X-ray looks: train on one appearance
 of the phantom, validate on the same hands drawn with another.
 
-    python benchmarks/appearance.py            # ~30 min on 2 idle CPU cores
+    python benchmarks/appearance.py            # ~19 min on 2 idle CPU cores
     python benchmarks/appearance.py --quick    # ~3 min: wiring only, figures meaningless
 
 The phantom of ``benchmarks/techniques.py`` (16 + 8 patients, 2048 px, seed 0) is drawn
