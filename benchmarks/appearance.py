@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from techniques import SEED, config, seed_suffix, test_dice
+from techniques import SEED, config, seed_suffix, test_dice, verdict
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import augment_from_preset
@@ -179,29 +179,27 @@ def table(scores: dict[str, list[Scores]]) -> str:
         change = float(np.mean(gaps) - np.mean(ref))
         gain = float(np.mean(cross) - np.mean(ref_cross))
         if name == "preset":
-            verdict = f"reference: range over seeds {noise:.4f}" if noise else "reference"
+            gap_verdict = f"reference: range over seeds {noise:.4f}" if noise else "reference"
             cross_verdict = (
                 f"reference: range over seeds {cross_noise:.4f}" if cross_noise else "reference"
             )
             delta = cross_delta = "-"
         else:
             delta, cross_delta = f"{change:+.4f}", f"{gain:+.4f}"
-            verdict = _verdict(-change, noise, "closes the gap", "widens the gap")
-            cross_verdict = _verdict(gain, cross_noise, "gain", "loss")
+            gap_verdict = _beyond(verdict(-change, noise), "closes the gap", "widens the gap")
+            cross_verdict = _beyond(verdict(gain, cross_noise), "gain", "loss")
         lines.append(
             f"| {name} | {_cell([s.same for s in rows])} | {_cell(cross)} | {_cell(gaps)} | "
-            f"{delta} | {verdict} | {cross_delta} | {cross_verdict} |"
+            f"{delta} | {gap_verdict} | {cross_delta} | {cross_verdict} |"
         )
     return "\n".join(lines)
 
 
-def _verdict(better: float, noise: float | None, up: str, down: str) -> str:
-    """``up`` / ``down`` when ``better`` exceeds the reference's range over seeds."""
-    if noise is None:
-        return "no spread measured"
-    if abs(better) <= noise:
-        return "within noise"
-    return f"{up if better > 0 else down} (beyond the spread)"
+def _beyond(word: str, gain: str, loss: str) -> str:
+    """techniques.verdict's gain / loss in this table's words."""
+    return {"gain": f"{gain} (beyond the spread)", "loss": f"{loss} (beyond the spread)"}.get(
+        word, word
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
