@@ -57,8 +57,12 @@ smoke: $(STAMP)
 doctor: $(STAMP)
 	$(BIN)/python scripts/doctor.py --config configs/demo.yaml --quick
 
+# The suite in parallel (pytest-xdist): one worker per core, each test file kept in one
+# worker so its module fixtures (a trained tiny model) are built once. TEST_WORKERS=0 runs
+# it in one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # configs/base.yaml and configs/schema.json from bonecomp/config.py (their only source).
 base-config: $(STAMP)
