@@ -1,7 +1,7 @@
 """What each leaderboard technique gains on the phantom: 3-fold OOF and test-set Dice.
 
-    python benchmarks/techniques.py                     # ~33 min on 2 idle CPU cores
-    python benchmarks/techniques.py --quick             # ~3 min: wiring only, figures meaningless
+    python benchmarks/techniques.py                     # ~64 min on 2 idle CPU cores
+    python benchmarks/techniques.py --quick             # ~6 min: wiring only, figures meaningless
 
 One run builds the table of docs/techniques.md: two small experiments (U-Net and FCN-8s
 on ResNet-18, from scratch) trained on every fold of a phantom, then, row by row, the
