@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from bonecomp.data import wrist
 from bonecomp.fileio import atomic_write
@@ -136,6 +135,10 @@ def make_folds(
     ``seed=None`` is sklearn's deterministic split; an int shuffles patients.
     Returns columns image (relative path), patient, fold (and the strata's columns).
     """
+    # imported here: scikit-learn takes ~1.6 s to import, and only the first run on a data
+    # root splits it (every script imports this module for its errors)
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
     check_patients(df, n_splits)
     kw = {"shuffle": True, "random_state": seed} if seed is not None else {}
     folds = pd.Series(-1, index=df.index, dtype=int)
