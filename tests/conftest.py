@@ -16,8 +16,8 @@ from bonecomp.testing import tiny_phantom
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``make test`` runs ``-n auto``) each worker takes its share of
-    the cores for torch, here and in the scripts the tests start: N workers that each ran
-    torch on every core would fight for them and run slower than one."""
+    the cores for torch, here and in the scripts the tests start, so that N workers do not
+    each run a thread per core (N times more threads than cores)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
