@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from techniques import SEED, config, seed_suffix, test_dice, verdict
+from techniques import SEED, config, seed_suffix, spread, test_dice, verdict
 
 from bonecomp.classes import CLASSES
 from bonecomp.config import augment_from_preset
@@ -166,9 +166,8 @@ def table(scores: dict[str, list[Scores]]) -> str:
     the same for the cross-appearance Dice itself (a gap can close by losing same-appearance
     Dice: only a gain in cross-appearance Dice makes a set worth adopting)."""
     ref = [s.gap for s in scores["preset"]]
-    noise = max(ref) - min(ref) if len(ref) > 1 else None
     ref_cross = [s.cross for s in scores["preset"]]
-    cross_noise = max(ref_cross) - min(ref_cross) if len(ref_cross) > 1 else None
+    noise, cross_noise = spread(ref), spread(ref_cross)
     lines = [
         "| augmentation | same appearance | cross appearance | gap (same - cross) | "
         "gap vs preset | verdict on the gap | cross vs preset | verdict on cross |",
@@ -179,10 +178,7 @@ def table(scores: dict[str, list[Scores]]) -> str:
         change = float(np.mean(gaps) - np.mean(ref))
         gain = float(np.mean(cross) - np.mean(ref_cross))
         if name == "preset":
-            gap_verdict = f"reference: range over seeds {noise:.4f}" if noise else "reference"
-            cross_verdict = (
-                f"reference: range over seeds {cross_noise:.4f}" if cross_noise else "reference"
-            )
+            gap_verdict, cross_verdict = _reference(noise), _reference(cross_noise)
             delta = cross_delta = "-"
         else:
             delta, cross_delta = f"{change:+.4f}", f"{gain:+.4f}"
@@ -193,6 +189,10 @@ def table(scores: dict[str, list[Scores]]) -> str:
             f"{delta} | {gap_verdict} | {cross_delta} | {cross_verdict} |"
         )
     return "\n".join(lines)
+
+
+def _reference(noise: float | None) -> str:
+    return "reference" if noise is None else f"reference: range over seeds {noise:.4f}"
 
 
 def _beyond(word: str, gain: str, loss: str) -> str:

@@ -155,8 +155,12 @@ class Noise:
         seeds = row.seeds or [row]
         oof = [r.oof.mean for r in seeds if r.oof is not None]
         test = [r.test for r in seeds if r.test is not None]
-        spread = lambda v: max(v) - min(v) if len(v) > 1 else None  # noqa: E731
         return cls(spread(oof), spread(test), len(seeds))
+
+
+def spread(values: list[float]) -> float | None:
+    """The range (max - min) of a figure over seeds; None for fewer than two."""
+    return max(values) - min(values) if len(values) > 1 else None
 
 
 def verdict(delta: float, noise: float | None) -> str:
