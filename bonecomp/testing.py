@@ -75,9 +75,14 @@ def dense_validation_dice(
     logits: torch.Tensor, polygons: Polygons, src_hw: tuple[int, int], threshold: float = 0.5
 ) -> np.ndarray:
     """The baseline's validation Dice of one image, per class (C,): logits (C, h, w)
-    upsampled bilinearly to the full size, sigmoid > threshold, against ``dense_truth``."""
-    up = F.interpolate(logits[None].float().cpu(), size=tuple(src_hw), mode="bilinear",
-                       align_corners=False)[0]  # fmt: skip
+    upsampled bilinearly to the full size, sigmoid > threshold, against ``dense_truth``.
+
+    Each class is upsampled on its own, which rounds alike at any thread count (see
+    ``inference.postprocess.reference_masks``)."""
+    up = torch.cat([
+        F.interpolate(c[None, None], size=tuple(src_hw), mode="bilinear", align_corners=False)[0]
+        for c in logits.float().cpu()
+    ])  # fmt: skip
     pred = (torch.sigmoid(up) > threshold).numpy()
     return dense_dice(pred, dense_truth(polygons, src_hw))
 

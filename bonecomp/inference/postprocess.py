@@ -1,11 +1,11 @@
 """Exact, sparse "bilinear upsample to (H, W), then sigmoid > threshold".
 
-The result equals ``torch.sigmoid(F.interpolate(x, (H, W), mode="bilinear",
-align_corners=False)) > t`` bit for bit (or ``F.interpolate(p) > t`` for probabilities),
-but the full float maps are never made: bilinear interpolation is a convex combination of
-the four neighbouring inputs, so only inputs near or above the threshold can produce
-foreground. Per class we upsample just the bounding box of those inputs (plus one pixel)
-and decide each output pixel there.
+For each class c the result equals ``torch.sigmoid(F.interpolate(x[c], (H, W),
+mode="bilinear", align_corners=False)) > t`` bit for bit (or ``F.interpolate(p) > t`` for
+probabilities; ``reference_masks`` says why per class), but the full float maps are never
+made: bilinear interpolation is a convex combination of the four neighbouring inputs, so
+only inputs near or above the threshold can produce foreground. Per class we upsample just
+the bounding box of those inputs (plus one pixel) and decide each output pixel there.
 
 Exactness: values from a crop match the full upsample in exact arithmetic (crops are
 aligned to the grid on which the output offset is an integer, and we use the same size
@@ -171,10 +171,16 @@ def reference_masks(
     thresholds: float | Sequence[float] = 0.5,
     logits: bool = True,
 ) -> torch.Tensor:
-    """The dense definition (full float maps); the baseline that tests and benchmarks use."""
+    """The dense definition (full float maps); the baseline that tests and benchmarks use.
+
+    Each class is upsampled on its own: that result is the same at any thread count,
+    while torch's CPU kernel rounds a multi-channel call in one thread differently in the
+    last bit (seen with torch 2.14 on x86 AVX2), which moves pixels within an ulp of
+    the threshold.
+    """
     ts = torch.tensor(as_thresholds(thresholds, x.shape[0]), device=x.device)
-    up = F.interpolate(x.detach().float()[None], size=out_hw, mode="bilinear", align_corners=False)
-    p = torch.sigmoid(up[0]) if logits else up[0]
+    up = torch.cat([_upsample(xc, out_hw)[None] for xc in x.detach().float()])
+    p = torch.sigmoid(up) if logits else up
     return p > ts.float()[:, None, None]
 
 
