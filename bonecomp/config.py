@@ -978,22 +978,9 @@ def _commented(left: str, doc: str) -> Iterator[str]:
 
 
 def _yaml_value(v: Any) -> str:
-    """``v`` in YAML flow style; floats as PyYAML reads them back (``1.0e-3``)."""
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return ".nan" if math.isnan(v) else ".inf" if v > 0 else "-.inf"
-        if v == 0 or (abs(v) >= 1e-2 and "e" not in repr(v)):
-            return repr(v)
-        for digits in range(1, 18):  # the shortest mantissa that reads back exactly
-            mantissa, exp = f"{v:.{digits}e}".split("e")
-            if float(f"{mantissa}e{exp}") == v:
-                break
-        return f"{mantissa}e{int(exp):+d}"  # 1.0e-3: PyYAML reads 1e-3 as a string
-    if isinstance(v, list):
-        return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_yaml_value(k)}: {_yaml_value(x)}" for k, x in v.items()) + "}"
-    return yaml.safe_dump(v, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+    """``v`` in YAML flow style on one line, as PyYAML reads it back (``1.0e-06``)."""
+    text = yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=math.inf)
+    return text.removesuffix("\n").removesuffix("\n...")
 
 
 def write_base_yaml(path: Path = BASE_YAML) -> bool:
