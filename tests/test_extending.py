@@ -25,6 +25,7 @@ from bonecomp import losses, metrics, models
 from bonecomp.checks import check_config
 from bonecomp.classes import CLASSES
 from bonecomp.config import ConfigError, base_yaml, check_values, from_dict, resume_may_change
+from bonecomp.data import cache as cache_mod
 from bonecomp.data.cache import data_cache_dir, find_cache
 from bonecomp.data.folds import STRATIFIERS, folds_path
 from bonecomp.data.images import read_image
@@ -83,7 +84,12 @@ def registries(registries):
     sys.modules.pop("my_ext_pkg", None)
 
 
-def test_the_page_trains_and_infers_through_the_normal_config(tiny_root, tmp_path, registries):
+def test_the_page_trains_and_infers_through_the_normal_config(
+    tiny_root, tmp_path, registries, monkeypatch
+):
+    # the cache is built by spawned workers, however few the images: they must import the
+    # module that registers the preprocessing step
+    monkeypatch.setattr(cache_mod, "_IMAGES_PER_WORKER", 1)
     module = tmp_path / "my_extensions.py"
     module.write_text(_module_source())
     recipe = _recipe()
