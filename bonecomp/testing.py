@@ -145,7 +145,10 @@ def tiny_phantom(root: Path | str) -> Path:
 # ------------------------------------------------------------------------------ configs
 def tiny_overrides(data_root: Path | str, work: Path | str, **extra) -> list[str]:
     """Dotted overrides for a seconds-long CPU run of ``configs/demo.yaml`` on ``data_root``:
-    64 px U-Net/ResNet-18 from scratch, 2 epochs, everything written under ``work``.
+    64 px U-Net on timm's ``test_resnet`` (2.3 M parameters, a sixth of the demo's ResNet-18:
+    a third of the time per run, a sixth of the checkpoint bytes) from scratch, 2 epochs at
+    lr 1e-2 (at the demo's 3e-3 this net predicts no foreground yet), everything written
+    under ``work``.
     ``extra`` adds or replaces keys (``**{"train.epochs": 3}``)."""
     work = Path(work)
     values = {
@@ -154,11 +157,12 @@ def tiny_overrides(data_root: Path | str, work: Path | str, **extra) -> list[str
         "data.image_size": 64,
         "data.num_workers": 0,
         "model.arch": "unet",
-        "model.encoder": "resnet18",
+        "model.encoder": "tu-test_resnet",
         "model.encoder_weights": None,
         "train.output_dir": str(work / "runs"),
         "train.experiment": "tiny",
         "train.epochs": 2,
+        "train.lr": 1e-2,
         "train.batch_size": 4,
         "train.oof_size": 32,
         "train.val_every": 1,

@@ -104,12 +104,12 @@ def test_batchnorm_statistics_are_recomputed_on_the_training_batches(averaged_ru
     weights = load_checkpoint(r.run.averaged)["model"]
     chosen = load_checkpoint(r.run.averaged)["averaged"]["epochs"]
     mean = _mean_of(r.copies, chosen)
-    key = "net.encoder.bn1.running_mean"
+    key = "net.encoder.model.conv1.1.running_mean"  # test_resnet's stem: conv, BN, ...
     assert not torch.allclose(weights[key].double(), mean[key], atol=1e-4)
     for e in chosen:
         own = load_checkpoint(r.copies / f"epoch{e}.pt")["model"][key]
         assert not torch.allclose(weights[key], own, atol=1e-4)
-    # independently: the first BatchNorm's running mean is the mean of conv1's output over
+    # independently: the first BatchNorm's running mean is the mean of its conv's output over
     # the fold's 8 training images (2 equal batches of 4, no augmentation)
     cfg = r.cfg
     folds, cache = prepare_cache(cfg, discover(tiny_root, "train"), Dist(), False)
@@ -121,9 +121,10 @@ def test_batchnorm_statistics_are_recomputed_on_the_training_batches(averaged_ru
     model = create_model(cfg.model)
     model.load_state_dict(weights)
     with torch.no_grad():
-        expected = model.net.encoder.conv1((x - model.mean) / model.std).mean(dim=(0, 2, 3))
+        stem = model.net.encoder.model.conv1[0]
+        expected = stem((x - model.mean) / model.std).mean(dim=(0, 2, 3))
     torch.testing.assert_close(weights[key], expected, atol=1e-4, rtol=1e-4)
-    assert int(weights["net.encoder.bn1.num_batches_tracked"]) == 2
+    assert int(weights[key.replace("running_mean", "num_batches_tracked")]) == 2
 
 
 def test_averaged_pt_is_scored_and_self_describing(averaged_run):

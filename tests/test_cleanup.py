@@ -235,7 +235,7 @@ def test_candidates_refuse_unknown_rules():
 @pytest.fixture(scope="module")
 def trained(tiny_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("work")
-    cfg = tiny_config(tiny_root, work, **{"train.epochs": 2, "train.lr": 3e-3})
+    cfg = tiny_config(tiny_root, work, **{"train.epochs": 2})
     run_training(cfg, 0, progress=False)
     return cfg, work
 

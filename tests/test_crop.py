@@ -218,10 +218,10 @@ def test_the_crop_checkpoint_and_margin_keys_reach_the_csv(trained, tiny_root, t
     assert (best["rle"] == plain["rle"]).all()
     sure, _ = csv("sure.csv", threshold=1e-6, checkpoint="sure.pt")
     assert (sure["rle"][carpal] == "1 16384").all() and (sure["rle"] == plain["rle"])[~carpal].all()
-    # at 0.03 these barely trained models' carpal pixels mark boxes inside the image
+    # at 0.06 these barely trained models' carpal pixels mark boxes inside the image
     sides = {}
     for m in (0.0, 0.2):
-        _, boxes = csv(f"m{m}.csv", threshold=0.03, margin=m)
+        _, boxes = csv(f"m{m}.csv", threshold=0.06, margin=m)
         sides[m] = {n: b[1] - b[0] for n, b in boxes.items() if b is not None}
     assert sides[0.0] and sides[0.0].keys() == sides[0.2].keys()
     for n, side in sides[0.0].items():

@@ -198,9 +198,9 @@ def test_a_full_disk_under_the_oof_memory_map_is_one_line_not_a_sigbus(
 def test_a_full_disk_while_saving_last_pt_is_one_line_not_torchs_error(
     tiny_root, tmp_path, small_disk, capsys
 ):
-    """best.pt (57 MB) fits a 100 MB disk, last.pt (model + optimiser, 171 MB) does not:
+    """best.pt (9 MB) fits a 20 MB disk, last.pt (model + optimiser, 28 MB) does not:
     torch's own writer meets the kernel's ENOSPC (not a fake file object)."""
-    runs = small_disk(100)
+    runs = small_disk(20)
     args = ["--config", str(DEMO_CONFIG), "--fold", "0", "--quiet"]
     extra = {"train.epochs": 1, "train.report": False, "train.output_dir": str(runs)}
     assert train_script.main(args + tiny_overrides(tiny_root, tmp_path, **extra)) == 2

@@ -165,7 +165,7 @@ def test_init_from_refuses_another_model_in_one_line(patch_run, tiny_root, tmp_p
     src = str(result.run_dir / "best.pt")
     for key, value, words in (
         ("model.arch", "fcn8s", ["model.arch 'unet' there, 'fcn8s' here"]),
-        ("model.encoder", "resnet34", ["model.encoder 'resnet18' there, 'resnet34' here"]),
+        ("model.encoder", "resnet34", ["model.encoder 'tu-test_resnet' there, 'resnet34' here"]),
     ):
         cfg = tiny_config(tiny_root, tmp_path, **{"train.init_from": src, key: value})
         with pytest.raises(ConfigError) as e:

@@ -50,7 +50,7 @@ from bonecomp.training.data import (
 )
 from tests.test_distributed import free_port
 
-KEYS = {"train.epochs": 2, "train.lr": 3e-3}
+KEYS = {"train.epochs": 2}
 
 
 @pytest.fixture(scope="module")

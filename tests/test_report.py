@@ -50,14 +50,14 @@ def trained(tiny_root, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("work")
     args = ["--config", str(REPO / "configs" / "demo.yaml"), "--quiet"]
-    over = tiny_overrides(tiny_root, work, **{"train.lr": 3e-3})
+    over = tiny_overrides(tiny_root, work)
     assert train_script.main([*args, "--fold", "0", *over]) == 0
     page = work / "runs" / "tiny" / REPORT
     after_fold0 = page.read_text()
     assert train_script.main([*args, "--fold", "1", *over, "train.report=false"]) == 0
     after_fold1 = page.read_text()
     both = [{"experiment": "tiny", "folds": [0, 1]}]
-    cfg = tiny_config(tiny_root, work, **{"train.lr": 3e-3, "infer.ensemble": both})
+    cfg = tiny_config(tiny_root, work, **{"infer.ensemble": both})
     return cfg, work / "runs" / "tiny", after_fold0, after_fold1
 
 

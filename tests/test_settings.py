@@ -43,7 +43,9 @@ def _state(tiny_root, work, **keys):
 
 # ----------------------------------------------------------------------------- model
 def test_the_model_keys_shape_the_model_training_builds(tiny_root, tmp_path):
-    unet = _state(tiny_root, tmp_path, **{"model.init_bias": -2.5}).model
+    unet = _state(
+        tiny_root, tmp_path, **{"model.init_bias": -2.5, "model.encoder": "resnet18"}
+    ).model
     assert type(unet.net).__name__ == "Unet"
     bias = unet.output_bias
     assert bias.shape == (29,) and torch.equal(bias, torch.full((29,), -2.5))
