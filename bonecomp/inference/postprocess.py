@@ -176,10 +176,15 @@ def reference_masks(
     Each class is upsampled on its own: that result is the same at any thread count,
     while torch's CPU kernel rounds a multi-channel call in one thread differently in the
     last bit (seen with torch 2.14 on x86 AVX2), which moves pixels within an ulp of
-    the threshold.
+    the threshold. It calls ``F.interpolate`` itself, not ``_upsample``: a reference that
+    shared the helper under test could not catch a fault in it.
     """
     ts = torch.tensor(as_thresholds(thresholds, x.shape[0]), device=x.device)
-    up = torch.cat([_upsample(xc, out_hw)[None] for xc in x.detach().float()])
+    each = [
+        F.interpolate(xc[None, None], size=out_hw, mode="bilinear", align_corners=False)
+        for xc in x.detach().float()
+    ]
+    up = torch.cat(each)[:, 0]
     p = torch.sigmoid(up) if logits else up
     return p > ts.float()[:, None, None]
 
