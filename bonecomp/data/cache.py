@@ -537,7 +537,7 @@ def _data_root(df: pd.DataFrame) -> Path:
 def _worker_init(parent: int, modules: tuple[str, ...] = ()) -> None:
     end_with_parent(parent)  # killed with its parent, even mid-image (bonecomp.workers)
     import_extensions(modules)  # a spawned process: the user's preprocessing steps
-    # One thread per process: the pool already uses every core.
+    # One thread per process: the pool's workers (at most one per core) are the parallelism.
     cv2.setNumThreads(1)
     import numba
 
