@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -57,10 +58,20 @@ def phantom_root(data: Path | None, patients: int, seed: int = 0) -> Iterator[Pa
         yield root
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture: another CPU model runs other
+    float kernels, so trainings and timings differ beyond the last digit."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.machine()
+
+
 def print_machine(extra: str = "") -> None:
-    """CPU count and load average: other work on the machine makes timings noisy."""
+    """CPU model, count and load average: other work on the machine makes timings noisy."""
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"machine: {os.cpu_count()} CPUs, load average {load} (1/5/15 min){extra}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, load average {load} (1/5/15 min){extra}")
 
 
 def status_mib(key: str) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _common import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE = re.compile(r"^mean Dice ([0-9.]+) over (\d+) images$", re.MULTILINE)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         check=False,
     ).stdout.strip()  # fmt: skip
     print(
-        f"{date.today()}, commit {commit or '?'}, {platform.machine()} with "
+        f"{date.today()}, commit {commit or '?'}, {cpu_model()} with "
         f"{os.cpu_count()} CPU threads, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
