@@ -2,7 +2,7 @@
 for each seed in this checkout, then the mean and range of the best validation Dice and
 of the submission's test Dice.
 
-    make setup && .venv/bin/python benchmarks/demo_seeds.py  # seeds 42, 43, 44: ~30 min
+    make setup && .venv/bin/python benchmarks/demo_seeds.py  # seeds 42, 43, 44: 20-45 min
     .venv/bin/python benchmarks/demo_seeds.py --seeds 42 7    # any seeds
 
 Run it in a fresh clone, from its .venv (`make setup` creates it). Each
