@@ -10,6 +10,7 @@ the two can fail. Nothing in the library imports this module.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -21,6 +22,7 @@ import yaml
 from bonecomp.config import Config, load_config
 from bonecomp.data.annotations import Polygons
 from bonecomp.data.phantom import make_phantom
+from bonecomp.inference.postprocess import as_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
@@ -71,19 +73,38 @@ def dense_dice(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return (2 * inter + 1e-4) / (p.sum(axis=(-2, -1)) + t.sum(axis=(-2, -1)) + 1e-4)
 
 
+def reference_masks(
+    x: torch.Tensor,
+    out_hw: tuple[int, int],
+    thresholds: float | Sequence[float] = 0.5,
+    logits: bool = True,
+) -> torch.Tensor:
+    """The dense definition of ``inference.postprocess.upsample_threshold`` (full float
+    maps): each class of ``x`` (C, h, w) upsampled bilinearly to ``out_hw``, sigmoid (for
+    logits), > its threshold; (C, H, W) bool.
+
+    Each class is upsampled on its own: that result is the same at any thread count,
+    while torch's CPU kernel rounds a multi-channel call in one thread differently in the
+    last bit (seen with torch 2.14 on x86 AVX2), which moves pixels within an ulp of
+    the threshold. It calls ``F.interpolate`` itself, not the library's ``_upsample``: a
+    reference that shared the helper under test could not catch a fault in it.
+    """
+    ts = torch.tensor(as_thresholds(thresholds, x.shape[0]), device=x.device)
+    each = [
+        F.interpolate(xc[None, None], size=out_hw, mode="bilinear", align_corners=False)
+        for xc in x.detach().float()
+    ]
+    up = torch.cat(each)[:, 0]
+    p = torch.sigmoid(up) if logits else up
+    return p > ts.float()[:, None, None]
+
+
 def dense_validation_dice(
     logits: torch.Tensor, polygons: Polygons, src_hw: tuple[int, int], threshold: float = 0.5
 ) -> np.ndarray:
-    """The baseline's validation Dice of one image, per class (C,): logits (C, h, w)
-    upsampled bilinearly to the full size, sigmoid > threshold, against ``dense_truth``.
-
-    Each class is upsampled on its own, which rounds alike at any thread count (see
-    ``inference.postprocess.reference_masks``)."""
-    up = torch.cat([
-        F.interpolate(c[None, None], size=tuple(src_hw), mode="bilinear", align_corners=False)[0]
-        for c in logits.float().cpu()
-    ])  # fmt: skip
-    pred = (torch.sigmoid(up) > threshold).numpy()
+    """The baseline's validation Dice of one image, per class (C,): ``reference_masks`` of
+    the logits (C, h, w) at the full size, against ``dense_truth``."""
+    pred = reference_masks(logits.cpu(), tuple(src_hw), threshold).numpy()
     return dense_dice(pred, dense_truth(polygons, src_hw))
 
 

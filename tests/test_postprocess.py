@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from bonecomp import rle
-from bonecomp.inference.postprocess import reference_masks, upsample_threshold
+from bonecomp.inference.postprocess import upsample_threshold
+from bonecomp.testing import reference_masks
 
 
 def _cases():

@@ -2,10 +2,11 @@
 
 For each class c the result equals ``torch.sigmoid(F.interpolate(x[c], (H, W),
 mode="bilinear", align_corners=False)) > t`` bit for bit (or ``F.interpolate(p) > t`` for
-probabilities; ``reference_masks`` says why per class), but the full float maps are never
-made: bilinear interpolation is a convex combination of the four neighbouring inputs, so
-only inputs near or above the threshold can produce foreground. Per class we upsample just
-the bounding box of those inputs (plus one pixel) and decide each output pixel there.
+probabilities; ``bonecomp.testing.reference_masks``, the dense definition, says why per
+class), but the full float maps are never made: bilinear interpolation is a convex
+combination of the four neighbouring inputs, so only inputs near or above the threshold
+can produce foreground. Per class we upsample just the bounding box of those inputs (plus
+one pixel) and decide each output pixel there.
 
 Exactness: values from a crop match the full upsample in exact arithmetic (crops are
 aligned to the grid on which the output offset is an integer, and we use the same size
@@ -163,30 +164,6 @@ def upsample_threshold(
             mask[ys, xs] = decided.numpy() if on_cpu else decided
         masks.append(trim(mask, y0, x0))
     return SparseMasks((H, W), masks)
-
-
-def reference_masks(
-    x: torch.Tensor,
-    out_hw: tuple[int, int],
-    thresholds: float | Sequence[float] = 0.5,
-    logits: bool = True,
-) -> torch.Tensor:
-    """The dense definition (full float maps); the baseline that tests and benchmarks use.
-
-    Each class is upsampled on its own: that result is the same at any thread count,
-    while torch's CPU kernel rounds a multi-channel call in one thread differently in the
-    last bit (seen with torch 2.14 on x86 AVX2), which moves pixels within an ulp of
-    the threshold. It calls ``F.interpolate`` itself, not ``_upsample``: a reference that
-    shared the helper under test could not catch a fault in it.
-    """
-    ts = torch.tensor(as_thresholds(thresholds, x.shape[0]), device=x.device)
-    each = [
-        F.interpolate(xc[None, None], size=out_hw, mode="bilinear", align_corners=False)
-        for xc in x.detach().float()
-    ]
-    up = torch.cat(each)[:, 0]
-    p = torch.sigmoid(up) if logits else up
-    return p > ts.float()[:, None, None]
 
 
 def upsampled_rows(xc: torch.Tensor, y0: int, y1: int, out_hw: tuple[int, int]) -> torch.Tensor:
