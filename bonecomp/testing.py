@@ -9,8 +9,9 @@ the two can fail. Nothing in the library imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -97,6 +98,18 @@ def reference_masks(
     up = torch.cat(each)[:, 0]
     p = torch.sigmoid(up) if logits else up
     return p > ts.float()[:, None, None]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, then put back: some CPU
+    kernels round differently at one thread than at several."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def dense_validation_dice(
@@ -247,17 +260,13 @@ def measured_cpu_step(cfg: Config, micro_batch: int) -> tuple[int, dict[str, int
         "mask": torch.randint(0, top, (micro_batch, 29, side, side), dtype=torch.uint8),
         "index": torch.arange(micro_batch),
     }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with torch_threads(2):
         train_step(model, [batch], optimizer, loss_fn, ctx)  # the optimiser's state
         with profile(
             activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
             with_stack=True,
         ) as prof:  # fmt: skip
             train_step(model, [batch], optimizer, loss_fn, ctx)
-    finally:
-        torch.set_num_threads(threads)
     memory = prof._memory_profile()
     live: dict[str, int] = defaultdict(int)
     total = peak = 0

@@ -7,7 +7,7 @@ import torch
 
 from bonecomp import rle
 from bonecomp.inference.postprocess import upsample_threshold
-from bonecomp.testing import reference_masks
+from bonecomp.testing import reference_masks, torch_threads
 
 
 def _cases():
@@ -31,10 +31,8 @@ def _cases():
 def threads(request):
     """torch's thread count for one test: its CPU upsample rounds a multi-channel call
     differently with one thread (as under pytest-xdist) than with several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with torch_threads(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize(
